@@ -1,0 +1,83 @@
+"""mqtt_persist: an asyncio MQTT client whose session survives crashes, outages and restarts.
+
+Quick start::
+
+    from mqtt_persist import FileStore, PersistentClient
+
+    async with PersistentClient("127.0.0.1", client_id="sensor-17",
+                                store=FileStore("./mqtt_sessions")) as client:
+        await client.subscribe("persistent/test", qos=1)
+        delivery = await client.publish("persistent/test", b"hello", qos=1)
+        await delivery  # optional: the broker acknowledged it
+        async for message in client.messages:
+            print(message.topic, message.payload)
+"""
+
+from mqtt_persist.backoff import Backoff
+from mqtt_persist.client import ClientStats, PersistentClient
+from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
+from mqtt_persist.errors import (
+    ClientClosed,
+    ConnectionLost,
+    ConnectionRefused,
+    InvalidClientId,
+    InvalidInput,
+    InvalidQoS,
+    InvalidTopic,
+    InvalidTopicFilter,
+    KeepaliveTimeout,
+    MalformedPacket,
+    MqttPersistError,
+    PayloadTooLarge,
+    ProtocolError,
+    QueueFull,
+    SessionCorrupt,
+    SessionExpired,
+    SessionLocked,
+    StoreError,
+    SubscriptionRefused,
+    UnsupportedFormatVersion,
+)
+from mqtt_persist.message import DeliveryOutcome, Message
+from mqtt_persist.protocol.packets import Will
+from mqtt_persist.stores import FileStore, MemoryStore, SessionInfo, SessionStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backoff",
+    "ClientClosed",
+    "ClientStats",
+    "Completion",
+    "ConnectionLost",
+    "ConnectionRefused",
+    "Delivery",
+    "DeliveryOutcome",
+    "FileStore",
+    "InvalidClientId",
+    "InvalidInput",
+    "InvalidQoS",
+    "InvalidTopic",
+    "InvalidTopicFilter",
+    "KeepaliveTimeout",
+    "MalformedPacket",
+    "MemoryStore",
+    "Message",
+    "MqttPersistError",
+    "PayloadTooLarge",
+    "PersistentClient",
+    "ProtocolError",
+    "QueueFull",
+    "SessionCorrupt",
+    "SessionExpired",
+    "SessionInfo",
+    "SessionLocked",
+    "SessionStore",
+    "StoreError",
+    "SubscribeRequest",
+    "SubscriptionRefused",
+    "UnsubscribeRequest",
+    "UnsupportedFormatVersion",
+    "Will",
+    "__version__",
+]

@@ -1,0 +1,136 @@
+"""Awaitable handles for things the broker finishes later: deliveries and subscriptions.
+
+A handle creates its future only when somebody awaits it. Most deliveries are never awaited
+(fire-and-forget publishing at tens of thousands per second), and a future per message would cost
+time, memory and, for failures nobody looked at, "exception was never retrieved" noise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator
+from typing import Any, Generic, TypeVar
+
+from mqtt_persist.errors import SubscriptionRefused
+from mqtt_persist.message import DeliveryOutcome
+from mqtt_persist.protocol.packets import SUBACK_FAILURE
+
+T = TypeVar("T")
+
+_PENDING: Any = object()
+
+
+class Completion(Generic[T]):
+    """Something that completes once, with a value or an error; ``await`` it for the value."""
+
+    __slots__ = ("_error", "_value", "_waiters")
+
+    def __init__(self) -> None:
+        self._value: T = _PENDING
+        self._error: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def done(self) -> bool:
+        """True once the value or the error is known."""
+        return self._value is not _PENDING or self._error is not None
+
+    def result(self) -> T:
+        """The value; raises the error, or ``asyncio.InvalidStateError`` while pending."""
+        if self._error is not None:
+            raise self._error
+        if self._value is _PENDING:
+            raise asyncio.InvalidStateError("not completed yet")
+        return self._value
+
+    def _set_result(self, value: T) -> None:
+        if self.done():
+            return
+        self._value = value
+        self._wake()
+
+    def _set_exception(self, error: BaseException) -> None:
+        if self.done():
+            return
+        self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters = None
+
+    async def _wait(self) -> T:
+        if not self.done():
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            await waiter
+        return self.result()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._wait().__await__()
+
+
+class Delivery(Completion[DeliveryOutcome]):
+    """The delivery of one published message; ``await`` it for its :class:`DeliveryOutcome`.
+
+    Awaiting it never raises because the broker is unreachable: it waits, across reconnects,
+    until the broker acknowledged the message. It raises :class:`~mqtt_persist.errors.ClientClosed`
+    if the client closes first (the message stays in the store and goes out after the next
+    connect of a client with the same id and store).
+    """
+
+    __slots__ = ("qos", "seq", "topic")
+
+    def __init__(self, seq: int, topic: str, qos: int) -> None:
+        super().__init__()
+        self.seq = seq
+        self.topic = topic
+        self.qos = qos
+
+    @property
+    def outcome(self) -> DeliveryOutcome | None:
+        """The outcome once known, else None."""
+        return self._value if self._value is not _PENDING else None
+
+    def __repr__(self) -> str:
+        state = self.outcome.value if self.outcome else ("failed" if self._error else "pending")
+        return f"<Delivery seq={self.seq} topic={self.topic!r} qos={self.qos} {state}>"
+
+
+class SubscribeRequest(Completion[tuple[int, ...]]):
+    """A subscribe call; ``await`` it for the QoS the broker granted per filter.
+
+    Raises :class:`~mqtt_persist.errors.SubscriptionRefused` if the broker refused any filter
+    (return code 0x80); refused filters are removed from the stored session.
+    """
+
+    __slots__ = ("filters",)
+
+    def __init__(self, filters: list[str]) -> None:
+        super().__init__()
+        self.filters = filters
+
+    def _complete(self, return_codes: tuple[int, ...]) -> None:
+        refused = [
+            f for f, code in zip(self.filters, return_codes, strict=True) if code == SUBACK_FAILURE
+        ]
+        if refused:
+            self._set_exception(
+                SubscriptionRefused(f"the broker refused the subscription to {refused!r}")
+            )
+        else:
+            self._set_result(return_codes)
+
+
+class UnsubscribeRequest(Completion[None]):
+    """An unsubscribe call; ``await`` it to know the broker dropped the filters."""
+
+    __slots__ = ("filters",)
+
+    def __init__(self, filters: list[str]) -> None:
+        super().__init__()
+        self.filters = filters

@@ -1,0 +1,89 @@
+"""The contract every session store keeps.
+
+The client never reads or writes session data except through this protocol, so a new medium
+(SQLite, Redis, ...) plugs in without the client changing. The write path is
+:meth:`SessionStore.apply`: the client hands over the operations of one event-loop burst and sends
+the packets they protect only after ``apply`` returned (write-ahead). ``apply`` must therefore be
+durable when it returns (as durable as the store promises: a MemoryStore survives nothing but a
+client restart inside one process) and atomic: after a crash at any point, a later ``load`` sees
+either all of a batch or none of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from mqtt_persist.session.state import Operation, SessionState
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One stored session, as :meth:`SessionStore.list_sessions` reports it."""
+
+    client_id: str
+    #: Unix timestamps.
+    created_at: float
+    last_access: float
+    #: None when the session never expires.
+    expires_at: float | None
+    #: QoS 1/2 messages that reached the in-flight window (have a packet ID).
+    inflight: int
+    #: QoS 1/2 messages still waiting for the window.
+    queued: int
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """Async storage of client sessions. Every method is safe to call from concurrent tasks."""
+
+    #: True when a committed :meth:`apply` survives the process (a crash, a power cut with
+    #: fsync). ``publish()`` waits for the commit only then; a store that keeps nothing beyond
+    #: the process (MemoryStore) says False and saves every publish that wait.
+    durable: bool
+
+    async def open(self) -> None:
+        """Prepare the medium (create directories, connect). Idempotent."""
+
+    async def close(self) -> None:
+        """Release every lease this store holds and close the medium. Idempotent."""
+
+    async def acquire(self, client_id: str) -> None:
+        """Take the ownership lease of ``client_id``'s session.
+
+        Raises :class:`~mqtt_persist.errors.SessionLocked` when another process (or another
+        client in this process) holds it, so two clients never drive one stored session.
+        """
+
+    async def release(self, client_id: str) -> None:
+        """Give the lease back. Idempotent."""
+
+    async def load(self, client_id: str) -> SessionState | None:
+        """The stored session, or None when there is none.
+
+        Raises :class:`~mqtt_persist.errors.SessionExpired` for an expired session (which is
+        then removed) and :class:`~mqtt_persist.errors.SessionCorrupt` for unreadable data
+        (which is moved aside, never deleted).
+        """
+
+    async def save(self, state: SessionState) -> None:
+        """Replace the stored session with this snapshot, atomically."""
+
+    async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
+        """Append operations to the session's journal: durable and atomic when it returns."""
+
+    async def delete(self, client_id: str) -> None:
+        """Remove the stored session. Idempotent; a missing session is not an error."""
+
+    async def exists(self, client_id: str) -> bool:
+        """True when a (non-expired) session is stored for ``client_id``."""
+
+    async def list_sessions(self) -> list[SessionInfo]:
+        """Every stored session, expired ones included until :meth:`cleanup_expired` runs."""
+
+    async def update_ttl(self, client_id: str, seconds: float | None) -> None:
+        """Expire the session ``seconds`` after its last access (None or 0: never)."""
+
+    async def cleanup_expired(self) -> int:
+        """Remove every expired session; returns how many were removed."""

@@ -1,0 +1,185 @@
+"""An in-process session store: survives a client restart, not a process restart.
+
+Give the same :class:`MemoryStore` object to a new client (in the same process) and it restores
+the session the previous client left. Nothing is written anywhere, so a crash or a process exit
+loses everything; use :class:`~mqtt_persist.stores.file.FileStore` for that.
+"""
+
+from __future__ import annotations
+
+import time
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from mqtt_persist.errors import SessionExpired, SessionLocked
+from mqtt_persist.session.state import Operation, SessionState
+from mqtt_persist.stores.base import SessionInfo
+
+__all__ = ["MemoryStore"]
+
+_OPERATION_TYPES = frozenset(typing.get_args(Operation))
+
+
+@dataclass(slots=True)
+class _Entry:
+    state: SessionState
+    created_at: float
+    last_access: float
+    #: Seconds after ``last_access`` at which the session expires; None: never.
+    ttl: float | None = None
+
+    def expires_at(self) -> float | None:
+        return None if self.ttl is None else self.last_access + self.ttl
+
+
+class MemoryStore:
+    """A :class:`~mqtt_persist.stores.base.SessionStore` that keeps sessions in a dict.
+
+    Every method completes without yielding to the event loop, so concurrent tasks are
+    serialized by asyncio itself and need no lock. The store keeps its own copies:
+    :meth:`apply` replays operations (immutable values) onto a state no caller can reach, and
+    :meth:`load` returns a :meth:`~mqtt_persist.session.state.SessionState.copy`.
+
+    Leases are per store object: a second :meth:`acquire` of the same client id raises
+    :class:`~mqtt_persist.errors.SessionLocked` until :meth:`release` (or :meth:`close`).
+    :meth:`close` releases leases but keeps the data, so a closed store can be re-opened by the
+    next client. ``clock`` (seconds, like :func:`time.time`) drives last access and expiry.
+    """
+
+    #: Nothing survives the process, so the client need not wait for :meth:`apply`.
+    durable = False
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        """Create an empty store; ``clock`` returns the current Unix time in seconds."""
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._leases: set[str] = set()
+
+    async def __aenter__(self) -> MemoryStore:
+        """``async with MemoryStore() as store``: open on entry."""
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close on exit (releases leases; the sessions stay)."""
+        await self.close()
+
+    async def open(self) -> None:
+        """Nothing to prepare. Idempotent."""
+
+    async def close(self) -> None:
+        """Release every lease; the sessions stay for the next client. Idempotent."""
+        self._leases.clear()
+
+    async def acquire(self, client_id: str) -> None:
+        """Take the lease of ``client_id``; :class:`SessionLocked` if this store already has."""
+        if client_id in self._leases:
+            raise SessionLocked(f"session {client_id!r} is already held by a client of this store")
+        self._leases.add(client_id)
+
+    async def release(self, client_id: str) -> None:
+        """Give the lease back. Idempotent."""
+        self._leases.discard(client_id)
+
+    def _live_entry(self, client_id: str) -> _Entry | None:
+        """The entry, or None; an expired entry is removed and reported as SessionExpired."""
+        entry = self._entries.get(client_id)
+        if entry is not None and self._expired(entry, self._clock()):
+            del self._entries[client_id]
+            raise SessionExpired(f"session {client_id!r} expired and was removed")
+        return entry
+
+    @staticmethod
+    def _expired(entry: _Entry, now: float) -> bool:
+        expires_at = entry.expires_at()
+        return expires_at is not None and now >= expires_at
+
+    async def load(self, client_id: str) -> SessionState | None:
+        """A copy of the stored session, or None; updates its last access."""
+        entry = self._live_entry(client_id)
+        if entry is None:
+            return None
+        entry.last_access = self._clock()
+        return entry.state.copy()
+
+    async def save(self, state: SessionState) -> None:
+        """Replace the stored session with a copy of ``state`` (keeps created_at and TTL)."""
+        now = self._clock()
+        entry = self._entries.get(state.client_id)
+        if entry is None:
+            self._entries[state.client_id] = _Entry(state.copy(), now, now)
+        else:
+            entry.state = state.copy()
+            entry.last_access = now
+
+    async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
+        """Replay ``ops`` onto the stored session, creating it if there is none.
+
+        An empty batch only counts as an access. Like every store, ``apply`` does not check
+        expiry: the caller holds the session.
+        """
+        # Check the whole batch before touching the state, so a bad one applies nothing.
+        for op in ops:
+            if type(op) not in _OPERATION_TYPES:
+                raise TypeError(f"not a session operation: {op!r}")
+        now = self._clock()
+        entry = self._entries.get(client_id)
+        if entry is None:
+            if not ops:
+                return
+            entry = self._entries[client_id] = _Entry(SessionState(client_id), now, now)
+        state = entry.state
+        for op in ops:
+            state.apply(op)
+        entry.last_access = now
+
+    async def delete(self, client_id: str) -> None:
+        """Remove the stored session (the lease, if held, stays held). Idempotent."""
+        self._entries.pop(client_id, None)
+
+    async def exists(self, client_id: str) -> bool:
+        """True when a non-expired session is stored."""
+        entry = self._entries.get(client_id)
+        return entry is not None and not self._expired(entry, self._clock())
+
+    async def list_sessions(self) -> list[SessionInfo]:
+        """Every stored session, expired ones included."""
+        infos = []
+        for client_id, entry in self._entries.items():
+            inflight = sum(1 for m in entry.state.messages.values() if m.packet_id is not None)
+            infos.append(
+                SessionInfo(
+                    client_id=client_id,
+                    created_at=entry.created_at,
+                    last_access=entry.last_access,
+                    expires_at=entry.expires_at(),
+                    inflight=inflight,
+                    queued=len(entry.state.messages) - inflight,
+                )
+            )
+        return infos
+
+    async def update_ttl(self, client_id: str, seconds: float | None) -> None:
+        """Expire the session ``seconds`` after its last access (None or 0: never).
+
+        Creates an empty session when none is stored (an expired one counts as none), so the
+        expiry is in force from now on even before the first operation is applied.
+        """
+        now = self._clock()
+        entry = self._entries.get(client_id)
+        if entry is None or self._expired(entry, now):
+            entry = self._entries[client_id] = _Entry(SessionState(client_id), now, now)
+        entry.ttl = float(seconds) if seconds else None
+
+    async def cleanup_expired(self) -> int:
+        """Remove every expired session not held by a lease; returns how many were removed."""
+        now = self._clock()
+        expired = [
+            client_id
+            for client_id, entry in self._entries.items()
+            if client_id not in self._leases and self._expired(entry, now)
+        ]
+        for client_id in expired:
+            del self._entries[client_id]
+        return len(expired)

@@ -1,0 +1,47 @@
+"""A child process for crash tests: publishes numbered messages and reports each accepted one.
+
+Usage: python -m tests.support.publisher_child HOST PORT STORE_DIR CLIENT_ID START COUNT [--drain]
+
+Message i (START <= i < COUNT) goes to ``kill/q1`` at QoS 1 when i is even and to ``kill/q2`` at
+QoS 2 when odd, with payload ``str(i)``. After ``publish()`` returned, the child prints
+``OK i`` and flushes, so the parent knows exactly which messages the library accepted before it
+killed the child with SIGKILL. With ``--drain`` it waits for every acknowledgement, prints
+``DRAINED`` and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from mqtt_persist import Backoff, FileStore, PersistentClient
+
+
+def topic_and_qos(i: int) -> tuple[str, int]:
+    return ("kill/q1", 1) if i % 2 == 0 else ("kill/q2", 2)
+
+
+async def main(argv: list[str]) -> None:
+    host, port, store_dir, client_id = argv[0], int(argv[1]), argv[2], argv[3]
+    start, count = int(argv[4]), int(argv[5])
+    drain = "--drain" in argv
+    async with PersistentClient(
+        host,
+        port,
+        client_id=client_id,
+        store=FileStore(store_dir),
+        backoff=Backoff(initial=0.05, maximum=0.5),
+    ) as client:
+        print("STARTED", flush=True)
+        for i in range(start, count):
+            topic, qos = topic_and_qos(i)
+            await client.publish(topic, str(i).encode(), qos=qos)
+            sys.stdout.write(f"OK {i}\n")
+            sys.stdout.flush()
+        if drain:
+            await client.drain(timeout=60)
+            print("DRAINED", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))
