@@ -412,15 +412,18 @@ class PersistentClient:
     @property
     def is_connected(self) -> bool:
         """True while the connection is up and the session restored on the broker."""
-        return self._ready.is_set()
+        return self._ready.is_set() and self._fatal is None
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the connection is up (subscriptions restored); TimeoutError otherwise."""
         self._require_open()
         with anyio.fail_after(timeout):
-            while not self._ready.is_set():
+            # _fail() sets _ready too, to wake this wait: check the fatal error first.
+            while True:
                 if self._fatal is not None:
                     raise self._fatal
+                if self._ready.is_set():
+                    return
                 await self._ready.wait()
 
     async def drain(self, timeout: float | None = None) -> None:
