@@ -60,6 +60,7 @@ from mqtt_persist.stores.serialization import (
     encode_operation,
     encode_operations,
 )
+from mqtt_persist.stores.sqlite import SQLiteStore
 
 T0 = 1_700_000_000.0
 REPO_ROOT = Path(mqtt_persist.__file__).resolve().parent.parent
@@ -92,8 +93,8 @@ class StoreKind:
 STORE_KINDS = [
     StoreKind("memory", lambda path, clock: MemoryStore(clock=clock), persistent=False),
     StoreKind("file", lambda path, clock: FileStore(path / "sessions", clock=clock), True),
-    # StoreKind("sqlite", lambda path, clock: SQLiteStore(path / "s.db", clock=clock), True),
-    # StoreKind("redis", lambda path, clock: RedisStore(prefix=path.name, clock=clock), True),
+    StoreKind("sqlite", lambda path, clock: SQLiteStore(path / "s.db", clock=clock), True),
+    StoreKind("redis", __import__("tests.support.redis_server").support.redis_server.make, True),
 ]
 
 
@@ -149,6 +150,21 @@ def replay(client_id: str, batches: Sequence[Sequence[Operation]]) -> SessionSta
     for batch in batches:
         state.apply_all(list(batch))
     return state
+
+
+def queued_of(state: SessionState) -> list[StoredMessage]:
+    """The queued messages (no packet ID) of a full state, ascending."""
+    return [m for m in state.messages.values() if m.packet_id is None]
+
+
+def restricted(state: SessionState, queued_limit: int) -> SessionState:
+    """What ``load(queued_limit=...)`` gives for a store holding the full ``state``."""
+    keep = {m.seq for m in queued_of(state)[: max(0, queued_limit)]}
+    limited = state.copy()
+    limited.messages = {
+        seq: m for seq, m in state.messages.items() if m.packet_id is not None or seq in keep
+    }
+    return limited
 
 
 def every_operation() -> list[Operation]:
@@ -577,6 +593,130 @@ def test_random_batches_survive_reopen(
             store = await harness.reopen()
             expected = replay(client_id, batches) if batches else None
             assert await store.load(client_id) == expected
+        finally:
+            await harness.store.close()
+
+    with tempfile.TemporaryDirectory() as path:
+        asyncio.run(scenario(Path(path)))
+
+
+# --- conformance: queued messages left in the store (queued_limit, read_queued) ---------------
+
+
+def window_and_queue() -> list[Operation]:
+    """Sequence numbers 1..13: 3, 6, 9 and 12 in flight (with packet IDs), nine queued."""
+    return [MessageAdded(msg(s, packet_id=s if s % 3 == 0 else None)) for s in range(1, 14)]
+
+
+async def test_load_with_queued_limit(harness: Harness) -> None:
+    rest: list[Operation] = [SubscriptionSet("s", 1), InboundReceived(4)]
+    await harness.store.apply("c", window_and_queue())
+    await harness.store.apply("c", rest)
+    full = replay("c", [window_and_queue(), rest])
+    queued = [1, 2, 4, 5, 7, 8, 10, 11, 13]
+    for reopen in (False, True):
+        store = await harness.reopen() if reopen else harness.store
+        for limit, left in ((0, 9), (4, 5), (9, 0), (100, 0)):
+            state = await store.load("c", queued_limit=limit)
+            assert state is not None
+            assert list(state.messages) == sorted([3, 6, 9, 12, *queued[:limit]])
+            assert state == restricted(full, limit)
+            assert state.queued_not_loaded == left
+            assert state.last_seq == 13
+            state.messages.clear()  # an independent copy
+        state = await store.load("c")
+        assert state == full
+        assert state.queued_not_loaded == 0 and state.last_seq == 13
+
+
+async def test_read_queued_pages_in_order(harness: Harness) -> None:
+    assert await harness.store.read_queued("c", 0, 10) == []  # no such session
+    await harness.store.apply("c", window_and_queue())
+    queued = [msg(s) for s in (1, 2, 4, 5, 7, 8, 10, 11, 13)]
+    for reopen in (False, True):
+        store = await harness.reopen() if reopen else harness.store
+        assert await store.read_queued("c", 0, 100) == queued
+        assert await store.read_queued("c", -5, 2) == queued[:2]
+        assert await store.read_queued("c", 2, 3) == [msg(4), msg(5), msg(7)]
+        assert await store.read_queued("c", 3, 1) == [msg(4)]  # after an in-flight number
+        assert await store.read_queued("c", 11, 10) == [msg(13)]
+        assert await store.read_queued("c", 13, 10) == []
+        assert await store.read_queued("c", 5, 0) == []
+        pages: list[list[int]] = []
+        after = 0
+        while page := await store.read_queued("c", after, 4):
+            pages.append([m.seq for m in page])
+            after = page[-1].seq
+        assert pages == [[1, 2, 4, 5], [7, 8, 10, 11], [13]]
+
+
+async def test_read_queued_reflects_every_commit(harness: Harness) -> None:
+    store = harness.store
+    await store.apply("c", window_and_queue())
+    await store.apply("c", [MessageAdded(msg(14))])
+    assert [m.seq for m in await store.read_queued("c", 11, 10)] == [13, 14]
+    await store.apply("c", [PacketIdAssigned(1, 100), MessageRemoved(2)])  # sent; dropped
+    assert [m.seq for m in await store.read_queued("c", 0, 3)] == [4, 5, 7]
+    await store.apply("c", [MessageRequeued(3), MessageRequeued(1)])  # the broker lost them
+    assert await store.read_queued("c", 0, 3) == [msg(1), msg(3), msg(4)]
+    await store.apply("c", [MessageReleased(4)])  # odd, but a replay keeps it
+    released_4 = StoredMessage(4, "t/4", b"x" * 64, 1, released=True)
+    for reopen in (False, True):
+        store = await harness.reopen() if reopen else harness.store
+        assert await store.read_queued("c", 3, 1) == [released_4]
+        state = await store.load("c", queued_limit=2)
+        assert state is not None and list(state.messages) == [1, 3, 6, 9, 12]
+        assert state.queued_not_loaded == 8 and state.last_seq == 14
+
+
+async def test_last_seq_covers_every_stored_message(harness: Harness) -> None:
+    await harness.store.apply("c", [MessageAdded(msg(s)) for s in (5, 1, 9, 3)])
+    state = await harness.store.load("c", queued_limit=1)
+    assert state is not None and list(state.messages) == [1] and state.last_seq == 9
+    await harness.store.apply("c", [MessageRemoved(9)])
+    for reopen in (False, True):
+        store = await harness.reopen() if reopen else harness.store
+        state = await store.load("c", queued_limit=0)
+        assert state is not None and not state.messages and state.queued_not_loaded == 3
+        # At least the highest number stored; a store may also remember the removed 9.
+        assert 5 <= state.last_seq <= 9
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS, ids=lambda kind: kind.name)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(st.lists(store_ops, min_size=1, max_size=10), min_size=1, max_size=10),
+    reopen_after=st.sets(st.integers(0, 9)),
+    probes=st.lists(st.tuples(st.integers(-1, 13), st.integers(0, 14)), min_size=1, max_size=4),
+)
+def test_random_batches_queued_reads(
+    kind: StoreKind,
+    batches: list[list[Operation]],
+    reopen_after: set[int],
+    probes: list[tuple[int, int]],
+) -> None:
+    """After every batch, read_queued and load(queued_limit) are slices of the replay."""
+
+    async def scenario(path: Path) -> None:
+        harness = Harness(kind, path, FakeClock())
+        store = harness.store
+        await store.open()
+        try:
+            for i, batch in enumerate(batches):
+                await store.apply("c", batch)
+                if i in reopen_after:
+                    store = await harness.reopen()
+                expected = replay("c", batches[: i + 1])
+                queued = queued_of(expected)
+                for after_seq, limit in probes:
+                    want = [m for m in queued if m.seq > after_seq][:limit]
+                    assert await store.read_queued("c", after_seq, limit) == want
+                    state = await store.load("c", queued_limit=limit)
+                    assert state is not None
+                    assert state == restricted(expected, limit)
+                    assert list(state.messages) == sorted(state.messages)
+                    assert state.queued_not_loaded == max(0, len(queued) - limit)
+                    assert max([0, *expected.messages]) <= state.last_seq <= expected.last_seq
         finally:
             await harness.store.close()
 

@@ -149,12 +149,20 @@ class SessionState:
     subscriptions: dict[str, StoredSubscription] = field(default_factory=dict)
     #: Filters removed locally whose UNSUBSCRIBE the broker has not yet acknowledged.
     pending_unsubscribes: set[str] = field(default_factory=set)
+    #: Highest sequence number the store has seen for this session (0: none). New messages get
+    #: higher ones, also when the queued messages holding it were not loaded.
+    last_seq: int = field(default=0, compare=False)
+    #: Queued messages the store holds beyond those in ``messages``: a load with
+    #: ``queued_limit`` leaves them in the store, to be read with ``read_queued`` when due.
+    queued_not_loaded: int = field(default=0, compare=False)
 
     def apply(self, op: Operation) -> None:
         """Replay one operation. Idempotent: applying an operation twice changes nothing more."""
         messages = self.messages
         if type(op) is MessageAdded:
             message = op.message
+            if message.seq > self.last_seq:
+                self.last_seq = message.seq
             if message.seq not in messages:
                 if messages and message.seq < next(reversed(messages)):
                     # Keep ascending order even if a store hands operations back out of order.
@@ -211,6 +219,8 @@ class SessionState:
             inbound_qos2=set(self.inbound_qos2),
             subscriptions=dict(self.subscriptions),
             pending_unsubscribes=set(self.pending_unsubscribes),
+            last_seq=self.last_seq,
+            queued_not_loaded=self.queued_not_loaded,
         )
 
     def to_operations(self) -> list[Operation]:

@@ -7,5 +7,22 @@ process, :class:`FileStore` in crash-safe journal files.
 from mqtt_persist.stores.base import SessionInfo, SessionStore
 from mqtt_persist.stores.file import FileStore
 from mqtt_persist.stores.memory import MemoryStore
+from mqtt_persist.stores.sqlite import SQLiteStore
 
-__all__ = ["FileStore", "MemoryStore", "SessionInfo", "SessionStore"]
+__all__ = ["FileStore", "MemoryStore", "SQLiteStore", "SessionInfo", "SessionStore"]
+
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    # For type checkers only; at run time __getattr__ below imports it on first use.
+    from mqtt_persist.stores.redis import RedisStore as RedisStore
+
+
+def __getattr__(name: str) -> object:
+    # RedisStore needs redis-py, an optional extra: it is imported on first use, so that
+    # ``import mqtt_persist`` never requires redis-py.
+    if name == "RedisStore":
+        from mqtt_persist.stores.redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

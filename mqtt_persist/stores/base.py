@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from mqtt_persist.session.state import Operation, SessionState
+from mqtt_persist.session.state import Operation, SessionState, StoredMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,16 +59,35 @@ class SessionStore(Protocol):
     async def release(self, client_id: str) -> None:
         """Give the lease back. Idempotent."""
 
-    async def load(self, client_id: str) -> SessionState | None:
+    async def load(self, client_id: str, *, queued_limit: int | None = None) -> SessionState | None:
         """The stored session, or None when there is none.
+
+        With ``queued_limit``, at most that many *queued* messages (no packet ID yet) are
+        included: those with the lowest sequence numbers. In-flight messages (with a packet ID)
+        are always included. ``state.queued_not_loaded`` then counts the queued messages left
+        in the store, and ``state.last_seq`` is the highest sequence number stored either way,
+        so a client's memory grows with its in-flight window, not with its queue.
 
         Raises :class:`~mqtt_persist.errors.SessionExpired` for an expired session (which is
         then removed) and :class:`~mqtt_persist.errors.SessionCorrupt` for unreadable data
         (which is moved aside, never deleted).
         """
 
+    async def read_queued(self, client_id: str, after_seq: int, limit: int) -> list[StoredMessage]:
+        """Queued messages (no packet ID) with ``seq > after_seq``, ascending, at most ``limit``.
+
+        Reflects every committed :meth:`apply` (read-after-write). An unknown session gives [].
+        It counts as an access of the session (like :meth:`apply`, it does not check expiry:
+        the caller holds the session's lease).
+        """
+
     async def save(self, state: SessionState) -> None:
-        """Replace the stored session with this snapshot, atomically."""
+        """Replace the stored session with this snapshot, atomically.
+
+        The snapshot is the whole session: queued messages it does not contain (for example
+        those a ``queued_limit`` load left in the store) are gone afterwards. The client never
+        calls it (its journal is always complete); it is for tools and migrations.
+        """
 
     async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
         """Append operations to the session's journal: durable and atomic when it returns."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 import typing
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mqtt_persist.errors import SessionExpired, SessionLocked
-from mqtt_persist.session.state import Operation, SessionState
+from mqtt_persist.session.state import Operation, SessionState, StoredMessage
 from mqtt_persist.stores.base import SessionInfo
 
 __all__ = ["MemoryStore"]
@@ -39,7 +40,9 @@ class MemoryStore:
     Every method completes without yielding to the event loop, so concurrent tasks are
     serialized by asyncio itself and need no lock. The store keeps its own copies:
     :meth:`apply` replays operations (immutable values) onto a state no caller can reach, and
-    :meth:`load` returns a :meth:`~mqtt_persist.session.state.SessionState.copy`.
+    :meth:`load` returns a new state (sharing only the immutable messages). Holding everything
+    in memory is what this store is for, so ``load(queued_limit=...)`` and :meth:`read_queued`
+    only shape what a caller gets back; they save the caller memory, not the store.
 
     Leases are per store object: a second :meth:`acquire` of the same client id raises
     :class:`~mqtt_persist.errors.SessionLocked` until :meth:`release` (or :meth:`close`).
@@ -95,22 +98,77 @@ class MemoryStore:
         expires_at = entry.expires_at()
         return expires_at is not None and now >= expires_at
 
-    async def load(self, client_id: str) -> SessionState | None:
-        """A copy of the stored session, or None; updates its last access."""
+    async def load(self, client_id: str, *, queued_limit: int | None = None) -> SessionState | None:
+        """A copy of the stored session, or None; updates its last access.
+
+        With ``queued_limit``, only the first ``queued_limit`` queued messages (lowest sequence
+        numbers) are in the copy, and ``queued_not_loaded`` counts the others.
+        """
         entry = self._live_entry(client_id)
         if entry is None:
             return None
         entry.last_access = self._clock()
-        return entry.state.copy()
+        state = entry.state
+        if queued_limit is None:
+            return state.copy()
+        messages: dict[int, StoredMessage] = {}
+        queued = loaded = 0
+        for seq, message in state.messages.items():
+            if message.packet_id is None:
+                queued += 1
+                if loaded >= queued_limit:
+                    continue
+                loaded += 1
+            messages[seq] = message
+        return SessionState(
+            client_id,
+            messages,
+            set(state.inbound_qos2),
+            dict(state.subscriptions),
+            set(state.pending_unsubscribes),
+            last_seq=state.last_seq,
+            queued_not_loaded=queued - loaded,
+        )
+
+    async def read_queued(self, client_id: str, after_seq: int, limit: int) -> list[StoredMessage]:
+        """Queued messages with ``seq > after_seq``, ascending, at most ``limit``.
+
+        Like :meth:`apply` (and unlike :meth:`load`) this does not check expiry: the caller
+        holds the session. It counts as an access.
+        """
+        entry = self._entries.get(client_id)
+        if entry is None or limit <= 0:
+            return []
+        entry.last_access = self._clock()
+        messages = entry.state.messages
+        # The state keeps its messages in ascending order (save() sorts a snapshot's), so a
+        # bisection over the keys skips what the caller already has.
+        seqs = list(messages)
+        found: list[StoredMessage] = []
+        for seq in seqs[bisect_right(seqs, after_seq) :]:
+            message = messages[seq]
+            if message.packet_id is None:
+                found.append(message)
+                if len(found) >= limit:
+                    break
+        return found
 
     async def save(self, state: SessionState) -> None:
-        """Replace the stored session with a copy of ``state`` (keeps created_at and TTL)."""
+        """Replace the stored session with a copy of ``state`` (keeps created_at and TTL).
+
+        The copy holds exactly ``state``'s messages: queued messages a ``load`` with
+        ``queued_limit`` left out of ``state`` are not kept.
+        """
         now = self._clock()
+        stored = state.copy()
+        stored.messages = dict(sorted(stored.messages.items()))
+        stored.queued_not_loaded = 0
+        stored.last_seq = max(stored.last_seq, next(reversed(stored.messages), 0))
         entry = self._entries.get(state.client_id)
         if entry is None:
-            self._entries[state.client_id] = _Entry(state.copy(), now, now)
+            self._entries[state.client_id] = _Entry(stored, now, now)
         else:
-            entry.state = state.copy()
+            entry.state = stored
             entry.last_access = now
 
     async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
