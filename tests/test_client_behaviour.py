@@ -20,6 +20,7 @@ from mqtt_persist import (
     MemoryStore,
     PersistentClient,
     QueueFull,
+    SessionCorrupt,
     SubscriptionRefused,
     Will,
 )
@@ -297,3 +298,106 @@ async def test_inbound_qos2_resent_after_client_restart_is_not_delivered_twice(
                 async for message in client.messages:
                     raise AssertionError(f"delivered twice: {message}")
         assert not fake.errors
+
+
+# --- a queue longer than memory, expiry, corruption (stores issue) -----------------------------
+
+
+async def test_a_long_offline_queue_lives_in_the_store_and_drains_in_order(
+    broker: MosquittoBroker, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy = await proxy_factory(broker)
+    proxy.refuse(True)
+    store_dir = tmp_path / "s"
+    total = 3000
+    async with PahoObserver(broker.host, broker.port, "long/#", qos=1) as observer:
+        async with PersistentClient(
+            proxy.host, proxy.port, client_id="long-queue", store=FileStore(store_dir),
+            queue_memory_limit=100, backoff=FAST,
+        ) as client:  # fmt: skip
+            await asyncio.gather(
+                *(client.publish("long/t", str(i).encode(), qos=1) for i in range(total // 2))
+            )
+        # A restart in the middle: the new client loads only a prefix of the queue.
+        async with PersistentClient(
+            proxy.host, proxy.port, client_id="long-queue", store=FileStore(store_dir),
+            queue_memory_limit=100, backoff=FAST,
+        ) as client:  # fmt: skip
+            assert client.stats.queued == total // 2
+            await asyncio.gather(
+                *(
+                    client.publish("long/t", str(i).encode(), qos=1)
+                    for i in range(total // 2, total)
+                )
+            )
+            assert client._session is not None and client._session.queued_in_memory <= 100
+            proxy.refuse(False)
+            peak = 0
+            with anyio.fail_after(60):
+                while not client._session.is_idle:
+                    peak = max(peak, client._session.queued_in_memory)
+                    await anyio.sleep(0.005)
+            assert peak <= 100
+        assert await observer.await_count(total, 20)
+    assert observer.payloads("long/t") == [str(i).encode() for i in range(total)]
+
+
+async def test_an_expired_session_is_not_restored(tmp_path: Path) -> None:
+    store_dir = tmp_path / "s"
+    async with PersistentClient(
+        "127.0.0.1", 9, client_id="expiring", store=FileStore(store_dir), session_expiry=0.2
+    ) as client:
+        await client.publish("x", b"old", qos=1)
+        await client.subscribe("old/#", qos=1)
+    await asyncio.sleep(0.4)
+    async with PersistentClient(
+        "127.0.0.1", 9, client_id="expiring", store=FileStore(store_dir)
+    ) as client:
+        assert client.session_status == "expired"
+        assert client.stats.queued == 0
+
+
+async def test_background_cleanup_removes_expired_sessions(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s")
+    async with PersistentClient(
+        "127.0.0.1", 9, client_id="stale", store=store, session_expiry=0.1
+    ) as client:
+        await client.publish("x", b"1", qos=1)
+    await asyncio.sleep(0.2)
+    async with PersistentClient(
+        "127.0.0.1", 9, client_id="cleaner", store=store, cleanup_interval=0.05
+    ):
+        infos: list[object] = []
+        for _ in range(100):
+            infos = [i for i in await store.list_sessions() if i.client_id == "stale"]
+            if not infos:
+                break
+            await asyncio.sleep(0.02)
+        assert infos == []
+
+
+async def test_corrupt_session_raises_or_starts_clean(tmp_path: Path) -> None:
+    store_dir = tmp_path / "s"
+    async with PersistentClient(
+        "127.0.0.1", 9, client_id="damaged", store=FileStore(store_dir)
+    ) as client:
+        await client.publish("x", b"1", qos=1)
+        await client.publish("x", b"2", qos=1)
+    (journal,) = store_dir.glob("*.journal")
+    data = bytearray(journal.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damage in the middle: not a torn tail
+    journal.write_bytes(bytes(data))
+    with pytest.raises(SessionCorrupt):
+        async with PersistentClient(
+            "127.0.0.1", 9, client_id="damaged", store=FileStore(store_dir)
+        ):
+            pass
+    quarantined = [p for p in store_dir.iterdir() if ".corrupt-" in p.name]
+    assert quarantined, "the damaged journal must be kept aside"
+    journal.write_bytes(bytes(data))  # damage it again; quarantine moved the first copy
+    async with PersistentClient(
+        "127.0.0.1", 9, client_id="damaged", store=FileStore(store_dir), on_corrupt="start_clean"
+    ) as client:
+        assert client.session_status == "corrupt"
+        assert client.stats.queued == 0
+    assert len([p for p in store_dir.iterdir() if ".corrupt-" in p.name]) == 2

@@ -41,7 +41,7 @@ from mqtt_persist.session.events import (
 )
 from mqtt_persist.session.machine import ConnectionState, Outbox, Session, SessionConfig
 from mqtt_persist.session.packet_ids import PacketIdAllocator, PacketIdsExhausted
-from mqtt_persist.session.state import SessionState
+from mqtt_persist.session.state import SessionState, StoredMessage
 
 CID = "dev-1"
 
@@ -79,12 +79,41 @@ class Harness:
         """A new process: a fresh machine restored from what the store holds."""
         merged = {**self._config_kwargs(), **config}
         successor = Harness(self.journal, **merged)
+        limit = successor.config.queue_memory_limit
+        if limit:
+            # As a store's load(queued_limit=...) would: in-flight all, queued only a prefix.
+            partial = self.journal.copy()
+            queued = [m for m in partial.messages.values() if m.packet_id is None]
+            for m in queued[limit:]:
+                del partial.messages[m.seq]
+            partial.queued_not_loaded = max(0, len(queued) - limit)
+            successor.session = Session(successor.config, partial)
         successor.wire = self.wire
         return successor
 
     def _config_kwargs(self) -> dict[str, object]:
         c = self.config
-        return {"max_inflight": c.max_inflight, "keepalive": c.keepalive}
+        return {
+            "max_inflight": c.max_inflight,
+            "keepalive": c.keepalive,
+            "queue_memory_limit": c.queue_memory_limit,
+        }
+
+    def assert_store_consistent(self) -> None:
+        """With a memory limit the machine holds a prefix of the queue; the store holds all."""
+        if not self.config.queue_memory_limit:
+            self.assert_journal_consistent()
+            return
+        snapshot = self.session.snapshot()
+        for seq, message in snapshot.messages.items():
+            assert self.journal.messages.get(seq) == message
+        stored_queued = sum(1 for m in self.journal.messages.values() if m.packet_id is None)
+        in_memory_qos0 = sum(
+            1 for o in (*self.session._queue, *self.session._overflow_qos0) if o.qos == 0
+        )
+        assert stored_queued == self.session.queued - in_memory_qos0
+        assert snapshot.inbound_qos2 == self.journal.inbound_qos2
+        assert snapshot.subscriptions == self.journal.subscriptions
 
     def assert_journal_consistent(self) -> None:
         assert self.journal == self.session.snapshot()
@@ -470,9 +499,11 @@ _actions = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(_actions)
-def test_any_event_sequence_replays_to_the_same_state(actions: list[tuple[object, ...]]) -> None:
-    h = Harness(max_inflight=3)
+@given(_actions, st.sampled_from([0, 2]))
+def test_any_event_sequence_replays_to_the_same_state(
+    actions: list[tuple[object, ...]], memory_limit: int
+) -> None:
+    h = Harness(max_inflight=3, queue_memory_limit=memory_limit)
     h.connect(session_present=False)
     sent_order: dict[str, list[bytes]] = {}
     counter = 0
@@ -518,7 +549,9 @@ def test_any_event_sequence_replays_to_the_same_state(actions: list[tuple[object
             if action[1]:
                 h.connect(session_present=True)
         h.take()
-        h.assert_journal_consistent()
+        refill_from(h)
+        h.take()
+        h.assert_store_consistent()
         # Packet IDs of open flows are unique and never reused while open (G2).
         ids = [o.packet_id for o in h.session._inflight.values()]
         assert len(ids) == len(set(ids))
@@ -529,3 +562,97 @@ def test_any_event_sequence_replays_to_the_same_state(actions: list[tuple[object
     for payloads in sent_order.values():
         first_seen = list(dict.fromkeys(payloads))
         assert first_seen == sorted(first_seen, key=int)
+
+
+# --- queued messages that live in the store only ----------------------------------------------
+
+
+def read_queued(journal: SessionState, after_seq: int, limit: int) -> list[StoredMessage]:
+    """What every store's read_queued returns, computed from the replayed journal."""
+    queued = [m for m in journal.messages.values() if m.packet_id is None and m.seq > after_seq]
+    return queued[:limit]
+
+
+def refill_from(h: Harness) -> None:
+    request = h.session.want_refill()
+    if request is not None:
+        h.session.refill(read_queued(h.journal, *request))
+
+
+def test_queue_beyond_the_memory_limit_lives_in_the_store_and_comes_back_in_order() -> None:
+    h = Harness(max_inflight=2, queue_memory_limit=4)
+    for i in range(20):
+        h.session.publish("t", str(i).encode(), 1 + i % 2)
+    h.session.publish("t", b"qos0", 0)  # published while spilled: must not overtake
+    h.take()
+    assert h.session.queued == 21 and h.session.queued_in_memory == 5
+    assert len(h.journal.messages) == 20
+    h.connect(session_present=False)
+    for _ in range(200):
+        refill_from(h)
+        h.take()
+        for packet_id, o in list(h.session._inflight.items()):
+            if o.qos == 1:
+                h.session.receive(PubAck(packet_id))
+            elif o.released:
+                h.session.receive(PubComp(packet_id))
+            else:
+                h.session.receive(PubRec(packet_id))
+        if h.session.is_idle:
+            break
+        assert h.session.queued_in_memory <= 4 + 1
+    h.take()
+    sent = [p.payload for p in h.wire if isinstance(p, Publish)]
+    assert sent == [str(i).encode() for i in range(20)] + [b"qos0"]
+    assert h.journal.messages == {}
+
+
+def test_restore_with_a_partial_queue_continues_after_the_last_stored_seq() -> None:
+    h = Harness(queue_memory_limit=0)
+    for i in range(10):
+        h.session.publish("t", str(i).encode(), 1)
+    h.take()
+    partial = h.journal.copy()
+    partial.messages = dict(list(partial.messages.items())[:3])
+    partial.queued_not_loaded = 7
+    restored = Session(SessionConfig(client_id=CID, queue_memory_limit=3), partial)
+    assert restored.queued == 10 and restored.queued_in_memory == 3
+    seq = restored.publish("t", b"new", 1)
+    assert seq == 11  # above the seqs that were not loaded
+    assert restored.want_refill() is None  # memory still holds 3 > 3 // 2
+    restored._queue.popleft()
+    restored._queue.popleft()
+    assert restored.want_refill() == (3, 2)
+
+
+def test_drop_oldest_when_only_spilled_messages_remain() -> None:
+    h = Harness(max_queued=3, queue_full="drop_oldest", queue_memory_limit=1)
+    h.session.publish("t", b"0", 1)
+    h.session.publish("t", b"1", 1)
+    h.session.publish("t", b"2", 1)
+    h.take()
+    h.session._queue.clear()  # as if the memory part had drained into a window elsewhere
+    h.session._spilled = 3
+    h.session._spill_after = 0
+    h.session.publish("t", b"3", 1)
+    assert h.session.queued == 3
+    h.take()
+    refill_from(h)
+    out = h.take()
+    assert completed(out) == {1: DeliveryOutcome.DROPPED}
+    assert [m.payload for m in h.journal.messages.values()] == [b"1", b"2", b"3"]
+
+
+def test_an_outbox_never_shares_lists_with_later_output() -> None:
+    """Regression: take() once handed out its own (empty) lists, so output produced while the
+    shell awaited the commit left with that batch, before its operations were committed."""
+    h = Harness(max_inflight=1)
+    h.connect(session_present=False)
+    h.session.publish("t", b"a", 2)
+    (pub,) = publishes(h.take())
+    h.session.publish("t", b"b", 2)  # window full: an operation, no packet
+    out = h.session.take(h.now)
+    assert out.packets == []
+    h.session.receive(PubRec(pub.packet_id))  # arrives while the shell commits `out`
+    assert out.packets == [] and out.events == []
+    assert h.session.take(h.now).packets == [PubRel(pub.packet_id)]

@@ -106,6 +106,10 @@ class SessionConfig:
     max_inflight: int = 20
     #: Messages waiting for the in-flight window (0: unbounded).
     max_queued: int = 0
+    #: Queued messages kept in memory (0: all). Beyond it, QoS 1/2 messages live only in the
+    #: store and are read back (``want_refill``/``refill``) when the window is about to need
+    #: them, so memory grows with this bound and the in-flight window, not with the queue.
+    queue_memory_limit: int = 0
     queue_full: QueueFullPolicy = "block"
     #: How long to wait for PINGRESP (and CONNACK is the shell's business).
     ping_timeout: float | None = None
@@ -169,6 +173,14 @@ class Session:
         self._packets: list[Packet] = []
         self._events: list[Event] = []
         self._queue: deque[_Outgoing] = deque()
+        # Spilled: QoS 1/2 messages with seq > _spill_after that are queued in the store only.
+        self._spilled = 0
+        self._spill_after = 0
+        self._refill_pending = False
+        # QoS 0 messages published while spilled: never stored, merged back in by seq.
+        self._overflow_qos0: deque[_Outgoing] = deque()
+        # drop_oldest found only spilled messages to drop: dropped when they are read back.
+        self._pending_drops = 0
         # Insertion order is send order: a flow enters the window in sequence order.
         self._inflight: dict[int, _Outgoing] = {}
         self._inbound_qos2: set[int] = set()
@@ -206,10 +218,13 @@ class Session:
             out = _Outgoing(m.seq, m.topic, m.payload, m.qos, m.retain, m.packet_id, m.released)
             if m.packet_id is None:
                 self._queue.append(out)
+                self._spill_after = m.seq
             else:
                 self._inflight[m.packet_id] = out
                 self._ids.reserve(m.packet_id)
             self._next_seq = max(self._next_seq, m.seq + 1)
+        self._next_seq = max(self._next_seq, state.last_seq + 1)
+        self._spilled = state.queued_not_loaded
         self._inbound_qos2 = set(state.inbound_qos2)
         self._subs = dict(state.subscriptions)
         self._pending_unsubs = set(state.pending_unsubscribes)
@@ -235,7 +250,12 @@ class Session:
     @property
     def queued(self) -> int:
         """Messages waiting for the in-flight window (or for a connection)."""
-        return len(self._queue)
+        return len(self._queue) + self._spilled + len(self._overflow_qos0) - self._pending_drops
+
+    @property
+    def queued_in_memory(self) -> int:
+        """Queued messages held in memory (the rest are read back from the store when due)."""
+        return len(self._queue) + len(self._overflow_qos0)
 
     @property
     def inflight(self) -> int:
@@ -245,7 +265,7 @@ class Session:
     @property
     def queue_is_full(self) -> bool:
         limit = self.config.max_queued
-        return bool(limit) and len(self._queue) >= limit
+        return bool(limit) and self.queued >= limit
 
     @property
     def subscriptions(self) -> dict[str, int]:
@@ -255,7 +275,7 @@ class Session:
     @property
     def is_idle(self) -> bool:
         """Nothing left to deliver: no queued or in-flight messages."""
-        return not self._queue and not self._inflight
+        return not self._inflight and not self.queued
 
     def has_output(self) -> bool:
         return bool(self._ops or self._packets or self._events)
@@ -265,11 +285,11 @@ class Session:
         outbox = Outbox(self._ops, self._packets, self._events, self.generation)
         if self._packets:
             self._last_sent = now
-            self._packets = []
-        if self._ops:
-            self._ops = []
-        if self._events:
-            self._events = []
+        # Always fresh lists: the outbox must not share one with what comes after it, or a
+        # packet produced while the shell awaits the commit would ride out with this batch.
+        self._ops = []
+        self._packets = []
+        self._events = []
         return outbox
 
     # --- application requests ----------------------------------------------------------------
@@ -288,20 +308,77 @@ class Session:
             self._drop_oldest()
         seq = self._next_seq
         self._next_seq = seq + 1
-        out = _Outgoing(seq, topic, payload, qos, retain)
         if qos:
             self._ops.append(MessageAdded(StoredMessage(seq, topic, payload, qos, retain)))
+            memory_limit = self.config.queue_memory_limit
+            if self._spilled or (memory_limit and len(self._queue) >= memory_limit):
+                # Lives in the store only until the window needs it (want_refill). Every
+                # message before it is in memory, in flight or done: the store's queue
+                # beyond seq - 1 is exactly what is spilled.
+                if not self._spilled:
+                    self._spill_after = seq - 1
+                self._spilled += 1
+                return seq
+        out = _Outgoing(seq, topic, payload, qos, retain)
+        if self._spilled:
+            self._overflow_qos0.append(out)  # must not overtake the spilled messages
+            return seq
         self._queue.append(out)
         if self.state is ConnectionState.READY:
             self._pump()
         return seq
 
     def _drop_oldest(self) -> None:
-        victim = self._queue.popleft()
+        if not self._queue:
+            # Every queued message is in the store only; drop the oldest once it is read back.
+            self._pending_drops += 1
+            return
+        self._drop(self._queue.popleft())
+
+    def _drop(self, victim: _Outgoing) -> None:
         if victim.qos:
             self._ops.append(MessageRemoved(victim.seq))
         self.dropped += 1
         self._events.append(PublishCompleted(victim.seq, DeliveryOutcome.DROPPED))
+
+    # --- queued messages that live in the store only ------------------------------------------
+
+    def want_refill(self) -> tuple[int, int] | None:
+        """``(after_seq, limit)`` to read from the store's queue, or None.
+
+        Call it only after every operation taken so far has been committed, then pass what
+        ``store.read_queued(client_id, after_seq, limit)`` returned to :meth:`refill`.
+        """
+        if not self._spilled or self._refill_pending:
+            return None
+        limit = self.config.queue_memory_limit or 1000
+        if len(self._queue) > limit // 2 and not self._pending_drops:
+            return None
+        self._refill_pending = True
+        return self._spill_after, max(1, limit - len(self._queue))
+
+    def refill(self, messages: list[StoredMessage]) -> None:
+        """Queued messages read back from the store (ascending seq, all > the after_seq asked)."""
+        self._refill_pending = False
+        for m in messages:
+            if m.seq <= self._spill_after or m.packet_id is not None:
+                continue  # a stale read; never queue a message twice
+            while self._overflow_qos0 and self._overflow_qos0[0].seq < m.seq:
+                self._queue.append(self._overflow_qos0.popleft())
+            out = _Outgoing(m.seq, m.topic, m.payload, m.qos, m.retain)
+            self._spill_after = m.seq
+            self._spilled -= 1
+            if self._pending_drops:
+                self._pending_drops -= 1
+                self._drop(out)
+            else:
+                self._queue.append(out)
+        if self._spilled <= 0:
+            self._spilled = 0
+            self._queue.extend(self._overflow_qos0)
+            self._overflow_qos0.clear()
+        if self.state is ConnectionState.READY:
+            self._pump()
 
     def subscribe(self, subscriptions: list[tuple[str, int]]) -> int:
         """Record subscriptions (already validated); returns a token for SubscribeCompleted."""

@@ -1,7 +1,8 @@
 """A child process for crash tests: publishes numbered messages and reports each accepted one.
 
-Usage: python -m tests.support.publisher_child HOST PORT STORE_DIR CLIENT_ID START COUNT [--drain]
+Usage: python -m tests.support.publisher_child HOST PORT STORE CLIENT_ID START COUNT [--drain]
 
+STORE names a durable store: ``file:DIR``, ``sqlite:PATH`` or ``redis:URL#PREFIX``.
 Message i (START <= i < COUNT) goes to ``kill/q1`` at QoS 1 when i is even and to ``kill/q2`` at
 QoS 2 when odd, with payload ``str(i)``. After ``publish()`` returned, the child prints
 ``OK i`` and flushes, so the parent knows exactly which messages the library accepted before it
@@ -14,22 +15,38 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from mqtt_persist import Backoff, FileStore, PersistentClient
+from mqtt_persist import Backoff, FileStore, PersistentClient, SessionStore
 
 
 def topic_and_qos(i: int) -> tuple[str, int]:
     return ("kill/q1", 1) if i % 2 == 0 else ("kill/q2", 2)
 
 
+def make_store(spec: str) -> SessionStore:
+    kind, _, where = spec.partition(":")
+    if kind == "file":
+        return FileStore(where)
+    if kind == "sqlite":
+        from mqtt_persist.stores.sqlite import SQLiteStore
+
+        return SQLiteStore(where)
+    if kind == "redis":
+        from mqtt_persist.stores.redis import RedisStore
+
+        url, _, prefix = where.partition("#")
+        return RedisStore(url, prefix=prefix or "mqtt_persist")
+    raise SystemExit(f"unknown store spec {spec!r}")
+
+
 async def main(argv: list[str]) -> None:
-    host, port, store_dir, client_id = argv[0], int(argv[1]), argv[2], argv[3]
+    host, port, store_spec, client_id = argv[0], int(argv[1]), argv[2], argv[3]
     start, count = int(argv[4]), int(argv[5])
     drain = "--drain" in argv
     async with PersistentClient(
         host,
         port,
         client_id=client_id,
-        store=FileStore(store_dir),
+        store=make_store(store_spec),
         backoff=Backoff(initial=0.05, maximum=0.5),
     ) as client:
         print("STARTED", flush=True)

@@ -1,0 +1,136 @@
+"""SIGKILL cycles of a publishing child process, counted by an independent paho subscriber.
+
+Shared by the crash tests and ``benchmarks/crash_figures.py``. One run: start the child on a
+durable store, kill it with SIGKILL at a random moment, start it again on the same store from
+the message after the last one it reported accepted, ``cycles`` times; then let a last child
+finish and drain. Every message ``publish()`` returned for must arrive (QoS 1 at least once,
+QoS 2 exactly once), in order per topic.
+
+Exactly one message per kill may legitimately be published twice *by the test*: the one whose
+``publish()`` had stored it but not yet returned when the kill landed; the next child, starting
+from the last reported message, publishes it again as a new message. Those kill-boundary
+indices are excluded from the duplicate count and reported separately.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from tests.support.observer import PahoObserver
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class CrashFigures:
+    """What one run of kill cycles measured."""
+
+    store: str
+    kills: int = 0
+    accepted: int = 0
+    arrived: int = 0
+    lost: list[int] = field(default_factory=list)
+    qos2_duplicates: list[int] = field(default_factory=list)
+    boundary_repeats: int = 0
+    out_of_order: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.lost and not self.qos2_duplicates and not self.out_of_order
+
+
+def _child(host: str, port: int, store: str, client_id: str, start: int, total: int,
+           *extra: str) -> list[str]:  # fmt: skip
+    return [sys.executable, "-m", "tests.support.publisher_child", host, str(port), store,
+            client_id, str(start), str(total), *extra]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    # gmqtt installs a top-level "tests" package; ours must win for the child.
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _collect(stream: IO[bytes], into: list[int]) -> None:
+    for raw in stream:
+        line = raw.decode().strip()
+        if line.startswith("OK "):
+            into.append(int(line[3:]))
+
+
+def _out_of_order(payloads: list[bytes]) -> int:
+    first_seen = list(dict.fromkeys(int(p) for p in payloads))
+    return sum(1 for a, b in itertools.pairwise(first_seen) if b < a)
+
+
+def run_kill_cycles(
+    host: str,
+    port: int,
+    store: str,
+    *,
+    cycles: int = 20,
+    total: int = 1000,
+    client_id: str = "killed-child",
+    seed: int = 1,
+    window: tuple[float, float] = (0.005, 0.06),
+) -> CrashFigures:
+    """Kill a publishing child ``cycles`` times (fewer if it finishes first); see the module."""
+    rng = random.Random(seed)
+    figures = CrashFigures(store=store.partition(":")[0])
+    accepted: set[int] = set()
+    boundary: set[int] = set()
+    with PahoObserver(host, port, "kill/#", qos=2) as observer:
+        start = 0
+        while figures.kills < cycles and start < total:
+            child = subprocess.Popen(
+                _child(host, port, store, client_id, start, total),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
+            )  # fmt: skip
+            assert child.stdout is not None and child.stderr is not None
+            first = child.stdout.readline().strip()
+            if first != b"STARTED":
+                child.kill()
+                raise RuntimeError(f"child did not start: {child.stderr.read().decode()}")
+            lines: list[int] = []
+            reader = threading.Thread(target=_collect, args=(child.stdout, lines), daemon=True)
+            reader.start()
+            reader.join(rng.uniform(*window))
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            reader.join()
+            child.stderr.close()
+            figures.kills += 1
+            accepted.update(lines)
+            last = max(lines, default=start - 1)
+            boundary.add(last + 1)
+            start = last + 1
+        final = subprocess.run(
+            _child(host, port, store, client_id, start, total, "--drain"),
+            capture_output=True, env=_env(), cwd=ROOT, timeout=180,
+        )  # fmt: skip
+        if final.returncode != 0 or b"DRAINED" not in final.stdout:
+            raise RuntimeError(f"final child failed: {final.stderr.decode()}")
+        accepted.update(
+            int(line.split()[1]) for line in final.stdout.decode().splitlines()
+            if line.startswith("OK ")
+        )  # fmt: skip
+        observer.wait_until(lambda: {int(p) for p in observer.payloads()} >= accepted, 30)
+        payloads = {t: observer.payloads(t) for t in ("kill/q1", "kill/q2")}
+    arrived = {int(p) for p in payloads["kill/q1"] + payloads["kill/q2"]}
+    q2 = Counter(int(p) for p in payloads["kill/q2"])
+    figures.accepted = len(accepted)
+    figures.arrived = len(arrived & accepted)
+    figures.lost = sorted(accepted - arrived)
+    figures.qos2_duplicates = sorted(i for i, n in q2.items() if n > 1 and i not in boundary)
+    figures.boundary_repeats = sum(1 for i, n in q2.items() if n > 1 and i in boundary)
+    figures.out_of_order = _out_of_order(payloads["kill/q1"]) + _out_of_order(payloads["kill/q2"])
+    return figures
