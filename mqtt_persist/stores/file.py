@@ -82,7 +82,7 @@ Leases
     :meth:`~FileStore.delete` and :meth:`~FileStore.cleanup_expired` take it only for the
     removal. :meth:`~FileStore.list_sessions` and :meth:`~FileStore.exists` only read.
     :meth:`~FileStore.cleanup_expired` spares sessions a client holds. A lock file is removed
-    (while still locked, see ``_lock``) when its session has no journal left.
+    (while still locked, see ``_files.flock``) when its session has no journal left.
 """
 
 from __future__ import annotations
@@ -90,10 +90,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
-import re
 import struct
 import time
 import zlib
@@ -126,6 +124,7 @@ from mqtt_persist.session.state import (
     SessionState,
     StoredMessage,
 )
+from mqtt_persist.stores._files import file_base, flock, unlock
 from mqtt_persist.stores.base import SessionInfo
 
 # The private names are the MessageAdded layout (part of the on-disk format, documented in
@@ -191,7 +190,6 @@ _INDEX_SLACK = 1024
 # whose length is a uint32), which "I" is on every platform CPython supports.
 _LENGTH_CODE = "I" if array("I").itemsize >= 4 else "L"
 
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 #: Upgrades of whole journal files, keyed by the version they upgrade FROM: each returns the
 #: file's bytes in the next version. Empty while version 1 is the only version; when version 2
@@ -1001,41 +999,6 @@ def _private_opener(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, 0o600)
 
 
-def _lock(path: str) -> int | None:
-    """``flock`` the lock file; its descriptor, or None while someone else holds it."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        # A releaser may have unlinked the file between our open and our flock: then we locked
-        # an orphan inode that nobody else will ever see, so start over on the current file.
-        try:
-            current = os.stat(path)
-        except FileNotFoundError:
-            os.close(fd)
-            continue
-        locked = os.fstat(fd)
-        if (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
-            return fd
-        os.close(fd)
-
-
-def _unlock(fd: int, path: str, remove: bool) -> None:
-    """Release a lock; ``remove`` unlinks the file first, while it is still held (see _lock)."""
-    try:
-        if remove:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-    finally:
-        os.close(fd)
-
-
 def _read_and_parse(path: str, decode: bool) -> _Parsed | _Damaged | None:
     """Lock-free read-only parse for listing: None if the file vanished."""
     try:
@@ -1053,8 +1016,8 @@ def _read_and_parse(path: str, decode: bool) -> _Parsed | _Damaged | None:
 _afsync = aiofiles.os.wrap(_fsync_fd)
 _awrite_and_sync = aiofiles.os.wrap(_write_and_sync)
 _afsync_directory = aiofiles.os.wrap(_fsync_directory)
-_alock = aiofiles.os.wrap(_lock)
-_aunlock = aiofiles.os.wrap(_unlock)
+_alock = aiofiles.os.wrap(flock)
+_aunlock = aiofiles.os.wrap(unlock)
 _aparse_fd = aiofiles.os.wrap(_parse_fd)
 _aread_and_parse = aiofiles.os.wrap(_read_and_parse)
 _aread_messages = aiofiles.os.wrap(_read_messages)
@@ -1193,14 +1156,8 @@ class FileStore:
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _file_base(client_id: str) -> str:
-        digest = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        readable = _UNSAFE_NAME_CHARS.sub("_", client_id[:40])
-        return f"{readable}-{digest}" if readable else digest
-
     def _paths(self, client_id: str) -> _Paths:
-        base = os.path.join(self._directory, self._file_base(client_id))
+        base = os.path.join(self._directory, file_base(client_id))
         return _Paths(base + ".journal", base + ".lock", base + ".tmp")
 
     def _lock_for(self, client_id: str) -> asyncio.Lock:
@@ -1711,7 +1668,7 @@ class FileStore:
         """Every stored session, expired ones included (reads only; damaged files are skipped)."""
         await self.open()
         infos: list[SessionInfo] = []
-        open_sessions = {self._file_base(cid): s for cid, s in self._sessions.items()}
+        open_sessions = {file_base(cid): s for cid, s in self._sessions.items()}
         with _io_errors():
             names = sorted(await aiofiles.os.listdir(str(self._directory)))
         for name in names:

@@ -90,13 +90,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import fcntl
 import functools
-import hashlib
 import itertools
 import logging
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -130,6 +127,7 @@ from mqtt_persist.session.state import (
     SubscriptionSet,
     UnsubscribeDone,
 )
+from mqtt_persist.stores._files import file_base, flock
 from mqtt_persist.stores.base import SessionInfo
 from mqtt_persist.stores.serialization import encode_operations
 
@@ -286,7 +284,6 @@ _SELECT_META = (
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _SQLITE_CORRUPT = 11
@@ -635,31 +632,6 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def _flock(path: str) -> int | None:
-    """``flock`` the lock file; its descriptor, or None while someone else holds it."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        # A releaser may have unlinked the file between our open and our flock: we would then
-        # hold an orphan inode nobody else can see, so start over on the current file.
-        try:
-            current = os.stat(path)
-        except FileNotFoundError:
-            os.close(fd)
-            continue
-        locked = os.fstat(fd)
-        if (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
-            return fd
-        os.close(fd)
-
-
 def _check_client_id(client_id: str) -> None:
     try:
         client_id.encode("utf-8")
@@ -727,7 +699,7 @@ class SQLiteStore:
 
     def lock_path(self, client_id: str) -> Path:
         """The lease file of ``client_id`` (whether or not it exists)."""
-        return Path(self._lock_directory, self._file_base(client_id) + ".lock")
+        return Path(self._lock_directory, file_base(client_id) + ".lock")
 
     async def __aenter__(self) -> SQLiteStore:
         """``async with SQLiteStore(...) as store``: open on entry."""
@@ -1003,17 +975,11 @@ class SQLiteStore:
         except _BadRow as bad:
             return self._quarantine_session(conn, row[0], client_id, bad.reason)
 
-    @staticmethod
-    def _file_base(client_id: str) -> str:
-        digest = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        readable = _UNSAFE_NAME_CHARS.sub("_", client_id[:40])
-        return f"{readable}-{digest}" if readable else digest
-
     def _take_lease(self, client_id: str, *, explicit: bool) -> None:
         if not os.path.isdir(self._lock_directory):
             os.makedirs(self._lock_directory, mode=0o700, exist_ok=True)
         path = str(self.lock_path(client_id))
-        fd = _flock(path)
+        fd = flock(path)
         if fd is None:
             raise SessionLocked(
                 f"session {client_id!r} is held by another process or store (lock file {path})"
@@ -1030,7 +996,7 @@ class SQLiteStore:
             return
         try:
             # A lock file without a session is litter; one with a session stays for next time.
-            # Unlinked while still locked: see _flock for why that is safe.
+            # Unlinked while still locked: see _files.flock for why that is safe.
             remove = False
             if self._conn is not None:
                 with contextlib.suppress(sqlite3.Error):

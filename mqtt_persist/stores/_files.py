@@ -1,0 +1,62 @@
+"""File-system pieces shared by the stores that live in local files (FileStore, SQLiteStore)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def file_base(client_id: str) -> str:
+    """A file name for any client id: readable, safe, and distinct.
+
+    Up to 40 characters of the id with everything outside ``[A-Za-z0-9_-]`` replaced, plus 32
+    hex digits of its SHA-256: safe for any Unicode, ``/``, ``..`` or very long ids, distinct on
+    case-insensitive file systems, and still recognisable in a directory listing.
+    """
+    digest = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    readable = _UNSAFE_NAME_CHARS.sub("_", client_id[:40])
+    return f"{readable}-{digest}" if readable else digest
+
+
+def flock(path: str) -> int | None:
+    """``flock`` the lock file at ``path``: its descriptor, or None while someone else holds it.
+
+    The lock dies with the process that holds it, which is what lets a SIGKILLed client's
+    successor take over at once.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        # A releaser may have unlinked the file between our open and our flock: we would then
+        # hold an orphan inode nobody else can see, so start over on the current file.
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        locked = os.fstat(fd)
+        if (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
+            return fd
+        os.close(fd)
+
+
+def unlock(fd: int, path: str, remove: bool) -> None:
+    """Release a lock; ``remove`` unlinks the file first, while it is still held (see flock)."""
+    try:
+        if remove:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    finally:
+        os.close(fd)
