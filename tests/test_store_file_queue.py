@@ -309,8 +309,10 @@ async def test_compaction_of_a_100k_queue(journal_copy: Path) -> None:
     try:
         assert await store.load("gw", queued_limit=0) is not None
         size = store.journal_path("gw").stat().st_size
+        # A compact journal counts as freshly rewritten when opened; forget that, so the
+        # threshold of 1 byte makes this apply rewrite the journal instead of appending.
+        store._sessions["gw"].snapshot_size = 0
         started = time.perf_counter()
-        # The threshold makes this apply rewrite the journal instead of appending.
         await store.apply("gw", [MessageAdded(big_message(QUEUED + 1)), MessageRemoved(1)])
         elapsed = time.perf_counter() - started
         print(f"compaction of {QUEUED} queued: {elapsed * 1000:.0f} ms")
@@ -406,9 +408,10 @@ async def test_failed_compaction_leaves_the_store_as_the_file_says(
     """The index took the batch before the rewrite failed: the store reads the file again."""
     async with FileStore(tmp_path / "s", fsync=False) as store:
         await store.apply("c", [MessageAdded(msg(s)) for s in range(1, 6)])
-    # Reopened, the journal's size after its last rewrite is unknown: the next apply compacts.
     async with FileStore(tmp_path / "s", fsync=False, compact_threshold_bytes=1) as store:
         before = await store.load("c")
+        # Forget the baseline a compact journal gets when opened: the next apply compacts.
+        store._sessions["c"].snapshot_size = 0
         real = file_module._write_snapshot
 
         def full_disk(fd: int, *args: object) -> object:
@@ -430,3 +433,31 @@ async def test_failed_compaction_leaves_the_store_as_the_file_says(
         state = await store.load("c")
         assert state is not None and list(state.messages) == [1, 3, 4, 5]
         assert state.messages[1].packet_id == 7
+
+
+async def test_reopening_a_compact_journal_does_not_rewrite_it(tmp_path: Path) -> None:
+    """Regression: a reopened store forgot the journal's size after its last rewrite and
+    compacted any journal over the threshold on the first append (~280 ms at 100k messages)."""
+    ops = [MessageAdded(StoredMessage(i, "t", b"x" * 64, 1)) for i in range(1, 30_001)]
+    store = FileStore(tmp_path, compact_threshold_bytes=64 * 1024)
+    for i in range(0, len(ops), 1000):
+        await store.apply("c", ops[i : i + 1000])
+    path = store.journal_path("c")
+    await store.close()
+    for k in range(2):
+        store = FileStore(tmp_path, compact_threshold_bytes=64 * 1024)
+        await store.load("c", queued_limit=10)
+        inode = os.stat(path).st_ino
+        await store.apply("c", [PacketIdAssigned(1 + k, 1 + k)])
+        assert os.stat(path).st_ino == inode, "a compact journal was rewritten on reopen"
+        await store.close()
+    # Mostly dead weight is still compacted by the first append after a reopen.
+    store = FileStore(tmp_path, compact_threshold_bytes=64 * 1024)
+    await store.apply("c", [MessageRemoved(seq) for seq in range(3, 30_001)])
+    await store.close()
+    store = FileStore(tmp_path, compact_threshold_bytes=64 * 1024)
+    await store.load("c")
+    inode = os.stat(path).st_ino
+    await store.apply("c", [PacketIdAssigned(1, 1)])
+    assert os.stat(path).st_ino != inode
+    await store.close()

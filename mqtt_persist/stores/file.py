@@ -265,6 +265,12 @@ class _Index:
         #: replay keeps it, so the index does too).
         self.q_released: set[int] = set()
 
+    def live_bytes(self) -> int:
+        """Bytes of the operations that still describe a live message (what a rewrite keeps)."""
+        q_off, q_len = self.q_off, self.q_len
+        queued = sum(q_len[i] for i in range(self.q_head, len(q_off)) if q_off[i] >= 0)
+        return queued + sum(entry[1] for entry in self.inflight.values())
+
     # --- queued entries --------------------------------------------------------------------
 
     def _find(self, seq: int) -> int:
@@ -1247,12 +1253,16 @@ class FileStore:
             raise
         last_access = _recorded_access(parsed)
         index = parsed.index
+        # A journal that is mostly live data counts as freshly rewritten, so reopening does
+        # not rewrite it on the first append; one that is mostly dead weight (more than twice
+        # its live bytes) gets the baseline 0 and is compacted by that first append.
+        mostly_live = parsed.good_end <= 2 * index.live_bytes()
         session = _Session(
             client_id,
             paths,
             f,
             parsed.good_end,
-            0,
+            parsed.good_end if mostly_live else 0,
             index,
             parsed.created_at,
             last_access,
