@@ -212,6 +212,9 @@ def _ours(store_kind: str, concurrent: bool) -> Driver:
 #: The in-flight window everyone gets by default (paho's default, and ours: mosquitto drops
 #: inbound QoS 2 flows beyond 20 per MQTT 3.1.1 client).
 WINDOW = 20
+#: Our client runs with its defaults: a window of 100, of which at most 19 QoS 2 flows (the
+#: rest of mosquitto's quota of 20 stays free for QoS 1; see PersistentClient's docstring).
+OURS_WINDOW = 100
 #: Loggers whose warnings are counted per run, per client family.
 LOGGERS = {"aiomqtt": "mqtt", "gmqtt": "gmqtt", "ours": "mqtt_persist"}
 
@@ -284,13 +287,13 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
         ]
         for store in ("memory", "file"):
             cases += [
-                Case("ours", f"ours/{store}", "sequential", qos, WINDOW, _ours(store, False)),
+                Case("ours", f"ours/{store}", "sequential", qos, OURS_WINDOW, _ours(store, False)),
                 Case(
                     "ours",
                     f"ours/{store}",
                     f"concurrent/{ours_chunk}",
                     qos,
-                    WINDOW,
+                    OURS_WINDOW,
                     _ours(store, True),
                     ours_chunk,
                 ),
@@ -302,18 +305,6 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
                     "aiomqtt", "aiomqtt", f"concurrent/{chunk}", 1, wide, aiomqtt_concurrent, chunk
                 )
             )
-            cases += [
-                Case(
-                    "ours",
-                    f"ours/{store}",
-                    f"concurrent/{ours_chunk}",
-                    1,
-                    wide,
-                    _ours(store, True),
-                    ours_chunk,
-                )
-                for store in ("memory", "file")
-            ]
     if args.only:
         cases = [c for c in cases if any(word in c.label for word in args.only)]
     return cases

@@ -130,9 +130,13 @@ class PersistentClient:
         tls: an :class:`ssl.SSLContext` for TLS (None: plain TCP).
         reconnect: reconnect with ``backoff`` whenever the connection is lost. With False,
             entering connects once and raises :class:`ConnectionLost` if it cannot.
-        max_inflight: QoS 1/2 messages sent and not yet acknowledged, at most. Keep it within
-            the broker's limit: mosquitto silently drops QoS 2 flows beyond its
-            ``max_inflight_messages`` (20) on MQTT 3.1.1.
+        max_inflight: QoS 1/2 messages sent and not yet acknowledged, at most. With a durable
+            store each refill of this window costs one commit, so it sets durable throughput.
+        max_inflight_qos2: QoS 2 flows among them, at most. Keep it below the broker's quota:
+            mosquitto allows ``max_inflight_messages`` (20) unacknowledged inbound flows per
+            client on MQTT 3.1.1 and silently drops what arrives past it while still
+            acknowledging it; QoS 2 flows hold a slot until PUBREL, and a QoS 1 message needs
+            one free slot as it arrives, hence 19.
         max_queued: messages waiting for the window, at most (None: no limit).
         queue_full: what ``publish()`` does at ``max_queued``: ``"block"`` until there is room,
             ``"error"`` (raise :class:`QueueFull`) or ``"drop_oldest"`` (counted and logged).
@@ -165,7 +169,8 @@ class PersistentClient:
         password: str | bytes | None = None,
         tls: ssl.SSLContext | None = None,
         reconnect: bool = True,
-        max_inflight: int = 20,
+        max_inflight: int = 100,
+        max_inflight_qos2: int = 19,
         max_queued: int | None = None,
         queue_full: QueueFullPolicy = "block",
         max_payload_size: int | None = None,
@@ -183,6 +188,10 @@ class PersistentClient:
             raise InvalidInput(f"keepalive must be an int in 0..65535 seconds, not {keepalive!r}")
         if not isinstance(max_inflight, int) or not 1 <= max_inflight <= 65535:
             raise InvalidInput(f"max_inflight must be in 1..65535, not {max_inflight!r}")
+        if not isinstance(max_inflight_qos2, int) or not 1 <= max_inflight_qos2 <= max_inflight:
+            raise InvalidInput(
+                f"max_inflight_qos2 must be in 1..max_inflight, not {max_inflight_qos2!r}"
+            )
         if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 1):
             raise InvalidInput(f"max_queued must be a positive int or None, not {max_queued!r}")
         if queue_full not in ("block", "drop_oldest", "error"):
@@ -234,6 +243,7 @@ class PersistentClient:
             password=password.encode() if isinstance(password, str) else password,
             will=will,
             max_inflight=max_inflight,
+            max_inflight_qos2=max_inflight_qos2,
             max_queued=max_queued or 0,
             queue_full=queue_full,
             queue_memory_limit=queue_memory_limit,

@@ -131,7 +131,7 @@ async def test_offline_publishes_reach_a_subscriber_in_order(
                 await client.publish(f"order/q{1 + i % 2}", str(i).encode(), qos=1 + i % 2)
             proxy.refuse(False)
             await client.drain(timeout=20)
-        assert await observer.await_count(100)
+        assert await observer.await_count(100), observer.count()
         # MQTT orders messages per topic and QoS (§4.6): the broker forwards a QoS 1 message
         # at PUBLISH but a QoS 2 one only at PUBREL, so the two levels interleave freely.
         assert observer.payloads("order/q1") == [str(i).encode() for i in range(0, 100, 2)]

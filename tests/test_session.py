@@ -95,6 +95,7 @@ class Harness:
         c = self.config
         return {
             "max_inflight": c.max_inflight,
+            "max_inflight_qos2": c.max_inflight_qos2,
             "keepalive": c.keepalive,
             "queue_memory_limit": c.queue_memory_limit,
         }
@@ -503,7 +504,7 @@ _actions = st.lists(
 def test_any_event_sequence_replays_to_the_same_state(
     actions: list[tuple[object, ...]], memory_limit: int
 ) -> None:
-    h = Harness(max_inflight=3, queue_memory_limit=memory_limit)
+    h = Harness(max_inflight=3, max_inflight_qos2=2, queue_memory_limit=memory_limit)
     h.connect(session_present=False)
     sent_order: dict[str, list[bytes]] = {}
     counter = 0
@@ -555,6 +556,9 @@ def test_any_event_sequence_replays_to_the_same_state(
         # Packet IDs of open flows are unique and never reused while open (G2).
         ids = [o.packet_id for o in h.session._inflight.values()]
         assert len(ids) == len(set(ids))
+        qos2 = sum(o.qos == 2 for o in h.session._inflight.values())
+        assert qos2 == h.session._inflight_qos2
+        # Only a restore may bring more QoS 2 flows than the limit; new ones never exceed it.
     # Order per topic: first transmissions leave in publish order (G5).
     for p in h.wire:
         if isinstance(p, Publish) and p.topic != "in":
@@ -656,3 +660,18 @@ def test_an_outbox_never_shares_lists_with_later_output() -> None:
     h.session.receive(PubRec(pub.packet_id))  # arrives while the shell commits `out`
     assert out.packets == [] and out.events == []
     assert h.session.take(h.now).packets == [PubRel(pub.packet_id)]
+
+
+def test_qos2_window_is_narrower_and_nothing_overtakes_a_waiting_qos2_message() -> None:
+    h = Harness(max_inflight=10, max_inflight_qos2=2)
+    h.connect(session_present=False)
+    for i, qos in enumerate([2, 2, 2, 1, 1]):
+        h.session.publish("t", str(i).encode(), qos)
+    out = h.take()
+    # The third QoS 2 message waits for a QoS 2 slot, and the QoS 1 ones wait behind it.
+    assert [p.payload for p in publishes(out)] == [b"0", b"1"]
+    first = publishes(out)[0]
+    h.feed(PubRec(first.packet_id))
+    out = h.feed(PubComp(first.packet_id))
+    assert [p.payload for p in publishes(out)] == [b"2", b"3", b"4"]
+    assert h.session._inflight_qos2 == 2

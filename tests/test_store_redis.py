@@ -11,12 +11,9 @@ import importlib
 import json
 import logging
 import os
-import random
-import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -28,7 +25,6 @@ pytest.importorskip("redis", reason="redis-py not installed (pip install mqtt-pe
 
 from redis.asyncio import Redis
 
-import mqtt_persist
 from mqtt_persist.errors import (
     InvalidInput,
     SessionCorrupt,
@@ -53,26 +49,15 @@ from mqtt_persist.stores import redis as redis_module
 from mqtt_persist.stores.redis import RedisStore
 from mqtt_persist.stores.serialization import EncodeError, encode_operation
 from tests.support.redis_server import shared_redis_url, unique_prefix
-
-REPO_ROOT = Path(mqtt_persist.__file__).resolve().parent.parent
-T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def msg(seq: int, *, packet_id: int | None = None, payload: bytes = b"x" * 64) -> StoredMessage:
-    return StoredMessage(seq, f"t/{seq}", payload, 1 + seq % 2, packet_id=packet_id)
+from tests.support.store_kill import (
+    VICTIM,
+    Batches,
+    child_env,
+    kill_rounds,
+    start_holder,
+    stop_holder,
+)
+from tests.test_stores import T0, FakeClock, msg
 
 
 @pytest.fixture
@@ -164,7 +149,7 @@ def test_import_mqtt_persist_does_not_import_redis() -> None:
         assert RedisStore.__module__ == "mqtt_persist.stores.redis"
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env=_child_env(), timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, env=child_env(), timeout=60)
 
 
 # --- atomicity ------------------------------------------------------------------------------------
@@ -688,46 +673,15 @@ def test_owner_is_dead_only_when_provably_so() -> None:
         assert redis_module._owner_is_dead(owner(pid=os.getppid(), start=-1))
 
 
-_HOLDER = textwrap.dedent(
-    """
-    import asyncio, sys
-    from mqtt_persist.stores.redis import RedisStore
-
-    async def main():
-        store = RedisStore(sys.argv[1], prefix=sys.argv[2])
-        await store.acquire("a")
-        print("locked", flush=True)
-        await asyncio.sleep(3600)
-
-    asyncio.run(main())
-    """
-)
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 async def test_lease_of_a_killed_process_is_taken_over_at_once(
     store: RedisStore, url: str, prefix: str
 ) -> None:
-    child = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block for long
-        [sys.executable, "-c", _HOLDER, url, prefix],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=_child_env(),
-    )
+    child = await asyncio.to_thread(start_holder, RedisStore, "a", url, prefix=prefix)
     try:
-        assert child.stdout is not None
-        line = await asyncio.to_thread(child.stdout.readline)
-        assert line == "locked\n"
         with pytest.raises(SessionLocked, match=f"pid {child.pid} "):
             await store.acquire("a")
     finally:
-        child.kill()
-        child.wait(10)
+        stop_holder(child, kill=True)
     began = time.monotonic()
     await store.acquire("a")  # the default lease_ttl is 15 s: no waiting for it
     assert time.monotonic() - began < 1.0
@@ -772,76 +726,29 @@ _BATCHES = textwrap.dedent(
     """
 )
 
-_WRITER = _BATCHES + textwrap.dedent(
+_WRITER = textwrap.dedent(
     """
-    import asyncio, sys
     from mqtt_persist.stores.redis import RedisStore
+    from tests.support.store_kill import write_batches
 
-    async def main():
-        store = RedisStore(sys.argv[1], prefix=sys.argv[2])
-        await store.acquire("victim")
-        n = int(sys.argv[3])
-        while True:
-            await store.apply("victim", make_batch(n))
-            sys.stdout.write(f"{n}\\n")
-            sys.stdout.flush()
-            n += 1
-
-    asyncio.run(main())
+    write_batches(lambda args: RedisStore(args[0], prefix=args[1]), make_batch)
     """
 )
 
 
-def test_sigkill_loses_nothing_acknowledged(tmp_path: Path, url: str, prefix: str) -> None:
-    namespace: dict[str, Any] = {}
-    exec(_BATCHES, namespace)
-    make_batch: Callable[[int], list[Operation]] = namespace["make_batch"]
-    script = tmp_path / "writer.py"
-    script.write_text(_WRITER)
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    states = [SessionState("victim")]  # states[k + 1]: batches 0..k applied
-
-    def state_after(k: int) -> SessionState:
-        while len(states) < k + 2:
-            state = states[-1].copy()
-            state.apply_all(make_batch(len(states) - 1))
-            states.append(state)
-        return states[k + 1]
+def test_sigkill_loses_nothing_acknowledged(url: str, prefix: str) -> None:
+    batches = Batches(_BATCHES)
 
     async def recover() -> SessionState | None:
         # The killed writer still "holds" the lease: same host, dead pid, so it is taken over.
         async with RedisStore(url, prefix=prefix) as store:
-            await store.acquire("victim")
-            return await store.load("victim")
+            await store.acquire(VICTIM)
+            return await store.load(VICTIM)
 
-    recovered = -1
-    for round_ in range(4):
-        child = subprocess.Popen(
-            [sys.executable, str(script), url, prefix, str(recovered + 1)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_child_env(),
-        )
-        assert child.stdout is not None
-        watchdog = threading.Timer(30, child.kill)
-        watchdog.start()
-        first = child.stdout.readline()
-        watchdog.cancel()
-        assert first, child.communicate()[1]
-        time.sleep(rng.uniform(0.0, 0.3))
-        child.send_signal(signal.SIGKILL)
-        rest, errors = child.communicate(timeout=10)
-        assert child.returncode == -signal.SIGKILL, errors
-        acknowledged = int((first + rest).split()[-1])
-        state = asyncio.run(recover())
-        assert state is not None
-        # The batch after the last printed one may have committed before the kill; no other.
-        matches = [k for k in (acknowledged, acknowledged + 1) if state_after(k) == state]
-        assert matches, f"seed {seed} round {round_}: no prefix >= batch {acknowledged} matches"
-        recovered = matches[0]
-        assert state.last_seq == max(s for k in range(recovered + 1) for s in _seqs(make_batch(k)))
+    # The batch after the last printed one may have committed before the kill; no other.
+    for round_ in kill_rounds(batches, _WRITER, [url, prefix], recover, rounds=4, max_delay=0.3):
+        seqs = [s for k in range(round_.recovered + 1) for s in _seqs(batches.make(k))]
+        assert round_.state.last_seq == max(seqs)
 
 
 def _seqs(ops: list[Operation]) -> list[int]:

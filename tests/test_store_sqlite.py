@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import re
-import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 import tempfile
 import textwrap
-import threading
 import time
 import typing
 from collections.abc import AsyncIterator, Callable
@@ -47,11 +42,13 @@ from mqtt_persist.session.state import (
 )
 from mqtt_persist.stores import SQLiteStore
 from mqtt_persist.stores import sqlite as sqlite_module
+from tests.support.store_kill import VICTIM, Batches, kill_rounds
 from tests.test_stores import (
     _BATCHES,
     T0,
     FakeClock,
-    _child_env,
+    cancel_applies,
+    check_lease_across_processes,
     every_operation,
     msg,
     replay,
@@ -186,17 +183,7 @@ async def test_a_failing_batch_applies_nothing(
 async def test_cancelled_applies_leave_a_consistent_store(db: Path) -> None:
     store = SQLiteStore(db)
     await store.apply("a", [MessageAdded(msg(0))])
-    cancelled = 0
-    for n in range(1, 20):
-        task = asyncio.ensure_future(store.apply("a", [MessageAdded(msg(n)), InboundReceived(n)]))
-        for _ in range(n % 4):
-            await asyncio.sleep(0)
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            cancelled += 1
-    assert cancelled
+    assert await cancel_applies(store, lambda n: [MessageAdded(msg(n)), InboundReceived(n)])
     in_store = await store.load("a")
     assert in_store is not None
     # Every batch is all or nothing: message n is there exactly when inbound n is.
@@ -674,138 +661,44 @@ async def test_a_second_store_in_this_process_is_locked_out(store: SQLiteStore, 
     await other.close()
 
 
-_HOLDER = textwrap.dedent(
-    """
-    import asyncio, sys
-    from mqtt_persist.stores.sqlite import SQLiteStore
-
-    async def main():
-        store = SQLiteStore(sys.argv[1])
-        await store.acquire(sys.argv[2])
-        print("locked", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        await store.close()
-
-    asyncio.run(main())
-    """
-)
-
-
-def _start_holder(db: Path, client_id: str) -> subprocess.Popen[str]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(db), client_id],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=_child_env(),
-    )
-    assert child.stdout is not None
-    assert child.stdout.readline() == "locked\n"
-    return child
-
-
 async def test_lease_across_processes(store: SQLiteStore, db: Path) -> None:
-    child = _start_holder(db, "a")
-    try:
-        with pytest.raises(SessionLocked):
-            await store.acquire("a")
-        with pytest.raises(SessionLocked):
-            await store.apply("a", [MessageAdded(msg(1))])
-        await store.acquire("b")
-    finally:
-        child.communicate("", timeout=10)
-    await store.acquire("a")  # released by the child's close()
-    await store.apply("a", [MessageAdded(msg(1))])
-    await store.release("a")
-    child = _start_holder(db, "a")
-    try:
-        with pytest.raises(SessionLocked):
-            await store.acquire("a")
-        with pytest.raises(SessionLocked):
-            await store.load("a")
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=10)
-    await store.acquire("a")  # a dead process holds nothing
-    assert await store.load("a") == replay("a", [[MessageAdded(msg(1))]])
+    await check_lease_across_processes(store, SQLiteStore, str(db))
 
 
 # --- SIGKILL ------------------------------------------------------------------------------------
 
-_WRITER = _BATCHES + textwrap.dedent(
+_WRITER = textwrap.dedent(
     """
-    import asyncio, sys
     from mqtt_persist.stores.sqlite import SQLiteStore
+    from tests.support.store_kill import write_batches
 
-    async def main():
-        store = SQLiteStore(sys.argv[1])
-        await store.acquire("victim")
+    async def checkpoint_often(store):
         # Checkpoint every few commits, so that kills also land in the middle of checkpoints.
         await store._run(lambda: store._db().execute("PRAGMA wal_autocheckpoint = 8"))
-        n = int(sys.argv[2])
-        while True:
-            await store.apply("victim", make_batch(n))
-            sys.stdout.write(f"{n}\\n")
-            sys.stdout.flush()
-            n += 1
 
-    asyncio.run(main())
+    write_batches(lambda args: SQLiteStore(args[0]), make_batch, prepare=checkpoint_often)
     """
 )
 
 
 def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    namespace: dict[str, typing.Any] = {}
-    exec(_BATCHES, namespace)
-    make_batch: Callable[[int], list[Operation]] = namespace["make_batch"]
-    batch_size: Callable[[int], int] = namespace["batch_size"]
-    script = tmp_path / "writer.py"
-    script.write_text(_WRITER)
     db = tmp_path / "s.db"
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    states = [SessionState("victim")]  # states[k + 1]: batches 0..k applied
+    batches = Batches(_BATCHES)
+    batch_size: Callable[[int], int] = batches.namespace["batch_size"]
+    partial: SessionState | None = None  # each recovery's load(queued_limit=3), checked below
 
-    def state_after(k: int) -> SessionState:
-        while len(states) < k + 2:
-            state = states[-1].copy()
-            state.apply_all(make_batch(len(states) - 1))
-            states.append(state)
-        return states[k + 1]
+    async def load() -> SessionState | None:
+        nonlocal partial
+        async with SQLiteStore(db) as store:
+            state = await store.load(VICTIM)
+            partial = await store.load(VICTIM, queued_limit=3)
+            return state
 
-    recovered = -1
-    for round_ in range(5):
-        child = subprocess.Popen(
-            [sys.executable, str(script), str(db), str(recovered + 1)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_child_env(),
-        )
-        assert child.stdout is not None
-        # A child that hangs before its first batch must fail the test, not stall it.
-        watchdog = threading.Timer(30, child.kill)
-        watchdog.start()
-        first = child.stdout.readline()
-        watchdog.cancel()
-        assert first, child.communicate()[1]
-        time.sleep(rng.uniform(0.0, 0.25))
-        child.send_signal(signal.SIGKILL)
-        rest, errors = child.communicate(timeout=10)
-        assert child.returncode == -signal.SIGKILL, errors
-        acknowledged = int((first + rest).split()[-1])
-
-        async def load() -> tuple[SessionState | None, SessionState | None]:
-            async with SQLiteStore(db) as store:
-                return await store.load("victim"), await store.load("victim", queued_limit=3)
-
-        state, partial = asyncio.run(load())
-        assert state is not None and partial is not None
-        # All or nothing per batch, and nothing acknowledged lost: the child may have
-        # committed one batch more than it lived to print.
-        matches = [k for k in (acknowledged, acknowledged + 1) if state_after(k) == state]
-        assert matches, f"seed {seed} round {round_}: no prefix >= batch {acknowledged} matches"
-        recovered = matches[0]
+    # All or nothing per batch, and nothing acknowledged lost: the child may have committed one
+    # batch more than it lived to print.
+    for round_ in kill_rounds(batches, _WRITER, [str(db)], load, rounds=5):
+        state, recovered = round_.state, round_.recovered
+        assert partial is not None
         assert state.last_seq == recovered * 100 + batch_size(recovered) - 1
         assert partial.last_seq == state.last_seq
         queued = sum(1 for m in state.messages.values() if m.packet_id is None)

@@ -7,16 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
-import signal
 import stat
 import struct
-import subprocess
-import sys
 import tempfile
 import textwrap
-import threading
-import time
 import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +20,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import mqtt_persist
 from mqtt_persist.errors import (
     SessionCorrupt,
     SessionExpired,
@@ -61,9 +54,9 @@ from mqtt_persist.stores.serialization import (
     encode_operations,
 )
 from mqtt_persist.stores.sqlite import SQLiteStore
+from tests.support.store_kill import VICTIM, Batches, kill_rounds, start_holder, stop_holder
 
 T0 = 1_700_000_000.0
-REPO_ROOT = Path(mqtt_persist.__file__).resolve().parent.parent
 
 
 class FakeClock:
@@ -1026,11 +1019,14 @@ async def test_second_store_in_the_same_process_is_locked_out(
     await other.close()
 
 
-async def test_cancelled_apply_leaves_a_consistent_store(file_store: FileStore) -> None:
-    await file_store.apply("a", [MessageAdded(msg(0))])
+async def cancel_applies(store: SessionStore, batch: Callable[[int], list[Operation]]) -> int:
+    """Apply ``batch(n)`` to "a" for n = 1..19, each cancelled after n % 4 turns of the loop.
+
+    Returns how many were cancelled (the others had finished first).
+    """
     cancelled = 0
     for n in range(1, 20):
-        task = asyncio.ensure_future(file_store.apply("a", [MessageAdded(msg(n))]))
+        task = asyncio.ensure_future(store.apply("a", batch(n)))
         for _ in range(n % 4):
             await asyncio.sleep(0)
         task.cancel()
@@ -1038,7 +1034,12 @@ async def test_cancelled_apply_leaves_a_consistent_store(file_store: FileStore) 
             await task
         except asyncio.CancelledError:
             cancelled += 1
-    assert cancelled
+    return cancelled
+
+
+async def test_cancelled_apply_leaves_a_consistent_store(file_store: FileStore) -> None:
+    await file_store.apply("a", [MessageAdded(msg(0))])
+    assert await cancel_applies(file_store, lambda n: [MessageAdded(msg(n))])
     in_memory = await file_store.load("a")
     await file_store.close()
     reopened = FileStore(file_store.directory)
@@ -1046,69 +1047,39 @@ async def test_cancelled_apply_leaves_a_consistent_store(file_store: FileStore) 
     await reopened.close()
 
 
-_HOLDER = textwrap.dedent(
+async def check_lease_across_processes(
+    store: SessionStore, store_class: type[SessionStore], *args: str
+) -> None:
+    """A lease held by ``store_class(*args)`` in another process locks ``store`` out of it.
+
+    Until that process closes its store, or dies: a dead process holds nothing.
     """
-    import asyncio, sys
-    from mqtt_persist.stores.file import FileStore
-
-    async def main():
-        store = FileStore(sys.argv[1])
-        await store.acquire(sys.argv[2])
-        print("locked", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        await store.close()
-
-    asyncio.run(main())
-    """
-)
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-def _start_holder(directory: Path, client_id: str) -> subprocess.Popen[str]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(directory), client_id],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=_child_env(),
-    )
-    assert child.stdout is not None
-    assert child.stdout.readline() == "locked\n"
-    return child
-
-
-def _stop_holder(child: subprocess.Popen[str], *, kill: bool) -> None:
-    if kill:
-        child.kill()
-    else:
-        child.communicate("", timeout=10)
-    child.wait(timeout=10)
+    child = start_holder(store_class, "a", *args)
+    try:
+        with pytest.raises(SessionLocked):
+            await store.acquire("a")
+        with pytest.raises(SessionLocked):
+            await store.apply("a", [MessageAdded(msg(1))])
+        await store.acquire("b")
+    finally:
+        stop_holder(child, kill=False)
+    await store.acquire("a")  # released by the child's close()
+    await store.apply("a", [MessageAdded(msg(1))])
+    await store.release("a")
+    child = start_holder(store_class, "a", *args)
+    try:
+        with pytest.raises(SessionLocked):
+            await store.acquire("a")
+        with pytest.raises(SessionLocked):
+            await store.load("a")
+    finally:
+        stop_holder(child, kill=True)
+    await store.acquire("a")  # a dead process holds nothing
+    assert await store.load("a") == replay("a", [[MessageAdded(msg(1))]])
 
 
 async def test_lease_across_processes(file_store: FileStore) -> None:
-    child = _start_holder(file_store.directory, "a")
-    try:
-        with pytest.raises(SessionLocked):
-            await file_store.acquire("a")
-        with pytest.raises(SessionLocked):
-            await file_store.apply("a", [MessageAdded(msg(1))])
-        await file_store.acquire("b")
-    finally:
-        _stop_holder(child, kill=False)
-    await file_store.acquire("a")  # released by the child's close()
-    await file_store.release("a")
-    child = _start_holder(file_store.directory, "a")
-    try:
-        with pytest.raises(SessionLocked):
-            await file_store.acquire("a")
-    finally:
-        _stop_holder(child, kill=True)
-    await file_store.acquire("a")  # a dead process holds nothing
+    await check_lease_across_processes(file_store, FileStore, str(file_store.directory))
 
 
 # --- FileStore under SIGKILL ------------------------------------------------------------------
@@ -1145,79 +1116,29 @@ _BATCHES = textwrap.dedent(
     """
 )
 
-_WRITER = _BATCHES + textwrap.dedent(
+_WRITER = textwrap.dedent(
     """
-    import asyncio, sys
     from mqtt_persist.stores.file import FileStore
+    from tests.support.store_kill import write_batches
 
-    async def main():
-        store = FileStore(sys.argv[1], compact_threshold_bytes=16384)
-        await store.acquire("victim")
-        n = int(sys.argv[2])
-        while True:
-            await store.apply("victim", make_batch(n))
-            sys.stdout.write(f"{n}\\n")
-            sys.stdout.flush()
-            n += 1
-
-    asyncio.run(main())
+    write_batches(lambda args: FileStore(args[0], compact_threshold_bytes=16384), make_batch)
     """
 )
 
 
 def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    namespace: dict[str, typing.Any] = {}
-    exec(_BATCHES, namespace)
-    make_batch: Callable[[int], list[Operation]] = namespace["make_batch"]
-    script = tmp_path / "writer.py"
-    script.write_text(_WRITER)
     directory = tmp_path / "sessions"
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    states = [SessionState("victim")]  # states[k + 1]: batches 0..k applied
+    batches = Batches(_BATCHES)
 
-    def state_after(k: int) -> SessionState:
-        while len(states) < k + 2:
-            state = states[-1].copy()
-            state.apply_all(make_batch(len(states) - 1))
-            states.append(state)
-        return states[k + 1]
+    async def load() -> SessionState | None:
+        async with FileStore(directory) as store:
+            return await store.load(VICTIM)
 
-    recovered = -1
+    journal = FileStore(directory).journal_path(VICTIM)
     compacted = False
-    for round_ in range(6):
-        child = subprocess.Popen(
-            [sys.executable, str(script), str(directory), str(recovered + 1)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_child_env(),
-        )
-        assert child.stdout is not None
-        # A child that hangs before its first batch must fail the test, not stall it.
-        watchdog = threading.Timer(30, child.kill)
-        watchdog.start()
-        first = child.stdout.readline()
-        watchdog.cancel()
-        assert first, child.communicate()[1]
-        time.sleep(rng.uniform(0.0, 0.25))
-        child.send_signal(signal.SIGKILL)
-        rest, errors = child.communicate(timeout=10)
-        assert child.returncode == -signal.SIGKILL, errors
-        acknowledged = int((first + rest).split()[-1])
-
-        async def load() -> SessionState | None:
-            async with FileStore(directory) as store:
-                return await store.load("victim")
-
-        state = asyncio.run(load())
-        assert state is not None
-        candidates = range(acknowledged, acknowledged + 3)
-        matches = [k for k in candidates if state_after(k) == state]
-        assert matches, f"seed {seed} round {round_}: no prefix >= batch {acknowledged} matches"
-        recovered = matches[0]
-        size = (directory / FileStore(directory).journal_path("victim").name).stat().st_size
+    for round_ in kill_rounds(batches, _WRITER, [str(directory)], load, rounds=6, unacknowledged=2):
+        size = journal.stat().st_size
         compacted = compacted or size < sum(
-            len(encode_operations(make_batch(k))) for k in range(recovered + 1)
+            len(encode_operations(batches.make(k))) for k in range(round_.recovered + 1)
         )
     assert compacted

@@ -243,6 +243,10 @@ class MosquittoBroker:
             if self.persistence:
                 lines.append("autosave_interval 1")
         lines += ["user root", "set_tcp_nodelay true", "log_dest stderr"]
+        # mosquitto drops messages queued for a slow subscriber beyond max_queued_messages
+        # (default 1000) without a word. A test's outside observer must not be where messages
+        # go missing, or it would blame the client under test; extra_config can still lower it.
+        lines.append("max_queued_messages 100000")
         # mosquitto's default log types, spelled out: log_type lines add up, so this keeps the
         # "... running" notice that start() waits for even if a user config narrowed them.
         lines += [f"log_type {t}" for t in ("error", "warning", "notice", "information")]
