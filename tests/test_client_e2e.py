@@ -21,12 +21,13 @@ from mqtt_persist import (
     DeliveryOutcome,
     FileStore,
     MemoryStore,
+    Message,
     PersistentClient,
     SessionLocked,
 )
-from tests.support.broker import MosquittoBroker
+from tests.support.broker import BrokerFactory, MosquittoBroker
 from tests.support.observer import PahoObserver, paho_publish_async
-from tests.support.proxy import FaultProxy
+from tests.support.proxy import FaultProxy, ProxyFactory
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.broker
@@ -42,7 +43,7 @@ def client_for(
     return PersistentClient(target.host, target.port, client_id=client_id, **kwargs)  # type: ignore[arg-type]
 
 
-async def next_message(client: PersistentClient, timeout: float = 10.0) -> object:
+async def next_message(client: PersistentClient, timeout: float = 10.0) -> Message:
     with anyio.fail_after(timeout):
         async for message in client.messages:
             return message
@@ -77,7 +78,7 @@ async def test_subscribe_and_receive_from_another_publisher(broker: MosquittoBro
         assert granted == (2,)
         await paho_publish_async(broker.host, broker.port, "in/x", [b"hello"], qos=2)
         message = await next_message(client)
-        assert (message.topic, message.payload, message.qos) == ("in/x", b"hello", 2)  # type: ignore[attr-defined]
+        assert (message.topic, message.payload, message.qos) == ("in/x", b"hello", 2)
 
 
 async def test_phase_1_to_3_offline_messages_arrive_after_reconnect(
@@ -89,7 +90,7 @@ async def test_phase_1_to_3_offline_messages_arrive_after_reconnect(
         await client.subscribe("persistent/test", qos=1)
         await client.publish("persistent/test", b"phase-1", qos=1)
         message = await next_message(client)
-        assert message.payload == b"phase-1"  # type: ignore[attr-defined]
+        assert message.payload == b"phase-1"
     # Phase 2: offline; somebody else publishes three messages.
     payloads = [b"offline-1", b"offline-2", b"offline-3"]
     await paho_publish_async(broker.host, broker.port, "persistent/test", payloads, qos=1)
@@ -105,9 +106,9 @@ async def test_phase_1_to_3_offline_messages_arrive_after_reconnect(
 
 
 async def test_publishing_while_broker_is_down_is_durable_and_sent_later(
-    broker_factory: object, tmp_path: Path
+    broker_factory: BrokerFactory, tmp_path: Path
 ) -> None:
-    broker: MosquittoBroker = broker_factory(start=False)  # type: ignore[operator]
+    broker = broker_factory(start=False)
     async with client_for(broker, "offline-pub", store=FileStore(tmp_path / "s")) as client:
         deliveries = [
             await client.publish("down/t", str(i).encode(), qos=1 + i % 2) for i in range(20)
@@ -121,9 +122,9 @@ async def test_publishing_while_broker_is_down_is_durable_and_sent_later(
 
 
 async def test_offline_publishes_reach_a_subscriber_in_order(
-    broker: MosquittoBroker, proxy_factory: object, tmp_path: Path
+    broker: MosquittoBroker, proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
-    proxy: FaultProxy = await proxy_factory(broker)  # type: ignore[operator]
+    proxy = await proxy_factory(broker)
     proxy.refuse(True)
     async with PahoObserver(broker.host, broker.port, "order/#") as observer:
         async with client_for(proxy, "order-pub", store=FileStore(tmp_path / "s")) as client:
@@ -142,9 +143,9 @@ async def test_offline_publishes_reach_a_subscriber_in_order(
 
 
 async def test_connection_cut_while_messages_in_flight_loses_nothing(
-    broker: MosquittoBroker, proxy_factory: object, tmp_path: Path
+    broker: MosquittoBroker, proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
-    proxy: FaultProxy = await proxy_factory(broker)  # type: ignore[operator]
+    proxy = await proxy_factory(broker)
     total = 400
     async with PahoObserver(broker.host, broker.port, "cut/#") as observer:
         async with client_for(proxy, "cut-pub", store=FileStore(tmp_path / "s")) as client:
@@ -166,9 +167,9 @@ async def test_connection_cut_while_messages_in_flight_loses_nothing(
 
 
 async def test_stalled_connection_is_detected_by_keepalive(
-    broker: MosquittoBroker, proxy_factory: object
+    broker: MosquittoBroker, proxy_factory: ProxyFactory
 ) -> None:
-    proxy: FaultProxy = await proxy_factory(broker)  # type: ignore[operator]
+    proxy = await proxy_factory(broker)
     async with client_for(proxy, "stall-pub", keepalive=1) as client:
         await client.wait_connected(10)
         proxy.stall(True)
@@ -204,7 +205,7 @@ async def test_broker_restart_without_persistence_restores_subscriptions(
 
 
 async def test_broker_restart_with_persistence_resumes_session(
-    persistent_broker: MosquittoBroker, proxy_factory: object, tmp_path: Path
+    persistent_broker: MosquittoBroker, proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
     broker = persistent_broker
     async with PahoObserver(
@@ -247,11 +248,9 @@ async def test_clean_session_deletes_the_stored_session(
 
 
 async def test_refused_connection_is_fatal_and_surfaces(
-    broker_factory: object,
+    broker_factory: BrokerFactory,
 ) -> None:
-    broker: MosquittoBroker = broker_factory(  # type: ignore[operator]
-        extra_config="allow_anonymous false\n"
-    )
+    broker = broker_factory(extra_config="allow_anonymous false\n")
     async with client_for(broker, "refused") as client:
         with pytest.raises(ConnectionRefused) as info, anyio.fail_after(10):
             async for _ in client.messages:
@@ -259,8 +258,10 @@ async def test_refused_connection_is_fatal_and_surfaces(
         assert info.value.return_code == 5
 
 
-async def test_reconnect_false_raises_when_broker_unreachable(broker_factory: object) -> None:
-    broker: MosquittoBroker = broker_factory(start=False)  # type: ignore[operator]
+async def test_reconnect_false_raises_when_broker_unreachable(
+    broker_factory: BrokerFactory,
+) -> None:
+    broker: MosquittoBroker = broker_factory(start=False)
     with pytest.raises(ConnectionLost):
         async with client_for(broker, "once", reconnect=False, connect_timeout=2):
             pass
