@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/publish_throughput.py [--count N] [--payload 64] [--quick]
 
 Every client publishes N messages (QoS 1/2; 2N at QoS 0) to a fresh topic on the same broker in
-the same process run, one client at a time. An outside paho-mqtt subscriber (QoS 2, its own
-thread) counts what really arrived. A run's msg/s is the number of distinct messages that
-arrived, divided by the time from the first publish until the publisher saw every acknowledgement
-AND the subscriber had all N (or until a timeout, then it is what arrived). See README.md.
+the same process run, one client at a time. An outside paho-mqtt subscriber (QoS 2, in a process
+of its own: ``_observer.py``) counts what really arrived. A run's msg/s is the number of distinct
+messages that arrived, divided by the time from the first publish until the publisher saw every
+acknowledgement AND the subscriber had all N (or until a timeout, then it is what arrived). See
+README.md.
 
 Exit status: 0 when every QoS 1/2 run delivered each of its N messages exactly once and no run
 errored; 1 when one of mqtt_persist's runs did not; 3 when only baseline runs did (gmqtt's
@@ -51,7 +52,8 @@ RUN_TIMEOUT = 60.0
 
 @dataclass
 class Context:
-    """What a driver needs for one run, and the timestamps it records."""
+    """What a driver needs for one run, and the timestamps it records: ``time.monotonic()``,
+    the clock of the observer's timestamps (its own process; one system-wide clock on Linux)."""
 
     port: int
     topic: str
@@ -68,21 +70,21 @@ class Context:
 
     def started(self) -> None:
         """Call immediately before the first publish."""
-        self.t_start = time.perf_counter()
+        self.t_start = time.monotonic()
 
     def acked(self) -> None:
         """Call as soon as the publisher knows every message was acknowledged (QoS 0: sent)."""
-        self.t_acked = time.perf_counter()
+        self.t_acked = time.monotonic()
 
     async def settle(self) -> None:
         """Stay connected until the subscriber has all N, nothing new came for a while, or
         the timeout; polling only starts after the publisher is done, and the end of the run
         is the subscriber's own timestamp, not this loop's."""
         observer = self.observer
-        deadline = time.perf_counter() + RUN_TIMEOUT
-        last_total, last_change = -1, time.perf_counter()
+        deadline = time.monotonic() + RUN_TIMEOUT
+        last_total, last_change = -1, time.monotonic()
         while not observer.complete:
-            now = time.perf_counter()
+            now = time.monotonic()
             total = observer.total
             if total != last_total:
                 last_total, last_change = total, now
@@ -245,6 +247,9 @@ class Result:
     error: str = ""
     warnings: int = 0
     first_warning: str = ""
+    #: Share of its arrivals' span the observer was running or runnable (``ArrivalCounter.busy``):
+    #: near 100 % it set the pace, so ``msg/s`` is a floor for the client; see ``acked msg/s``.
+    observer_busy: float | None = None
 
     @property
     def rate(self) -> float | None:
@@ -359,9 +364,12 @@ def measure(case: Case, port: int, n: int, payload_size: int) -> Result:
         shutil.rmtree(workdir, ignore_errors=True)
     unique, _total, duplicates, t_complete, t_last = observer.snapshot()
     result.unique, result.duplicates = unique, duplicates
+    result.observer_busy = observer.busy
     result.warnings, result.first_warning = counter.count, counter.first
     if ctx.note and not result.error:
         result.error = ctx.note
+    if observer.error and not result.error:
+        result.error = observer.error
     if ctx.t_start is not None:
         ends = [t for t in (ctx.t_acked, t_complete or t_last) if t is not None]
         if ends:
@@ -413,6 +421,10 @@ def _rate(rate: float | None) -> str:
     return f"{rate:,.0f}" if rate else "-"
 
 
+def _busy(share: float | None) -> str:
+    return f"{share:.0%}" if share is not None else "-"
+
+
 def render_table(results: list[Result]) -> str:
     """A Markdown table (pasteable into README.md) plus notes for errors and warnings."""
     best: dict[int, float] = {}
@@ -428,6 +440,7 @@ def render_table(results: list[Result]) -> str:
         "acked msg/s",
         "arrived/N",
         "dups",
+        "observer busy",
         "vs aiomqtt best",
     )
     rows = []
@@ -444,6 +457,7 @@ def render_table(results: list[Result]) -> str:
                 _rate(r.acked_rate),
                 f"{r.unique}/{r.n}" + ("" if r.unique == r.n else " LOST"),
                 str(r.duplicates),
+                _busy(r.observer_busy),
                 f"{r.rate / baseline:.2f}x" if r.rate and baseline else "-",
             )
         )
@@ -504,7 +518,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--wide-window",
         type=int,
         default=100,
-        help="extra QoS 1 rows with this in-flight window for aiomqtt and ours; 0: none (100)",
+        help="an extra aiomqtt QoS 1 row with this in-flight window; 0: none (100)",
     )
     parser.add_argument(
         "--qos", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2], help="QoS levels"

@@ -7,7 +7,9 @@ One private mosquitto (``_broker.Mosquitto`` with ``max_queued_messages 0``, i.e
 ``max_inflight_messages 20``) and, for RedisStore, one private redis-server
 (``tests.support.redis_server``) serve the whole run; the system broker (1883) and the system
 redis (6379) are never used. Every arrival is counted by an outside paho subscriber
-(``_observer.ArrivalCounter``) that subscribed before the publisher connected. Per store:
+(``_observer.ArrivalCounter``, a process of its own) that subscribed before the publisher
+connected; it timestamps with ``time.monotonic()``, and so does everything compared to it.
+Per store:
 
 1. **Empty queue**: N QoS 1 messages, ``gather`` of 100 ``publish()`` at a time, then
    ``drain()``; msg/s from the first publish until every delivery is acknowledged AND the
@@ -68,6 +70,7 @@ from publish_throughput import (
     Context,
     Driver,
     Result,
+    _busy,
     _load,
     _on_sigterm,
     _rate,
@@ -171,7 +174,7 @@ def ours_concurrent(kind: str, redis_url: str | None, timings: dict[str, float])
                         *[client.publish(topic, p, 1) for p in payloads[start : start + chunk]]
                     )
                 assert ctx.t_start is not None
-                timings["accepted"] = time.perf_counter() - ctx.t_start
+                timings["accepted"] = time.monotonic() - ctx.t_start
                 await client.drain(STEP_TIMEOUT)
                 async with asyncio.timeout(STEP_TIMEOUT):
                     for delivery in deliveries:
@@ -202,17 +205,6 @@ def run_empty(
 # --- 2./3./4. backlog ------------------------------------------------------------------------
 
 
-class FirstArrival(ArrivalCounter):
-    """An ArrivalCounter that also timestamps (perf_counter) the first arrival."""
-
-    t_first: float | None = None
-
-    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        if self.t_first is None:
-            self.t_first = time.perf_counter()
-        super()._on_message(client, userdata, message)
-
-
 @dataclass
 class BacklogRun:
     kind: str
@@ -239,6 +231,7 @@ class BacklogRun:
     error: str = ""
     warnings: int = 0
     first_warning: str = ""
+    observer_busy: float | None = None  # see publish_throughput.Result
     memory: list[MemoryRun] = field(default_factory=list)
 
     @property
@@ -298,7 +291,7 @@ async def restore_and_drain(
     store: SessionStore,
     client_id: str,
     ctx: Context,
-    observer: FirstArrival,
+    observer: ArrivalCounter,
     run: BacklogRun,
 ) -> None:
     try:
@@ -311,7 +304,7 @@ async def _restore_and_drain(
     store: SessionStore,
     client_id: str,
     ctx: Context,
-    observer: FirstArrival,
+    observer: ArrivalCounter,
     run: BacklogRun,
 ) -> None:
     client = PersistentClient(HOST, ctx.port, client_id=client_id, store=store)
@@ -319,32 +312,32 @@ async def _restore_and_drain(
 
     async def note_connected() -> None:
         await client.wait_connected(STEP_TIMEOUT)
-        connected.append(time.perf_counter())
+        connected.append(time.monotonic())
 
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     async with client:
-        run.entered_after = time.perf_counter() - t0
+        run.entered_after = time.monotonic() - t0
         watcher = asyncio.create_task(note_connected())
         async with asyncio.timeout(STEP_TIMEOUT):
-            # The subscriber's thread timestamps the arrival; this loop only notices it.
+            # The subscriber's process timestamps the arrival; this loop only notices it.
             while observer.t_first is None:  # noqa: ASYNC110
                 await asyncio.sleep(0.001)
         run.first_after = observer.t_first - t0
         run.queued_at_publish = client.stats.queued
         topic, chunk, payloads = ctx.topic, ctx.chunk, ctx.payloads
         deliveries = []
-        started = time.perf_counter()
+        started = time.monotonic()
         for start in range(0, len(payloads), chunk):
             deliveries += await asyncio.gather(
                 *[client.publish(topic, p, 1) for p in payloads[start : start + chunk]]
             )
-        run.accept_rate = len(payloads) / (time.perf_counter() - started)
+        run.accept_rate = len(payloads) / (time.monotonic() - started)
         await client.drain(STEP_TIMEOUT)
         async with asyncio.timeout(STEP_TIMEOUT):
             for delivery in deliveries:
                 if not delivery.done():
                     await delivery
-        t_acked = time.perf_counter()
+        t_acked = time.monotonic()
         await watcher
         run.connected_after = connected[0] - t0
         run.drain_rate = run.expected / (t_acked - connected[0])
@@ -431,7 +424,7 @@ def run_backlog(
     client_id = f"bench-backlog-{spec.kind}-{run_id}"
     topic = f"bench/{run_id}"
     memory: dict[str, MemoryStore] = {}
-    observer: FirstArrival | None = None
+    observer: ArrivalCounter | None = None
     workdir = Path(tempfile.mkdtemp(prefix="mqtt-bench-backlog-"))
     with counting_warnings(run):
         try:
@@ -452,7 +445,7 @@ def run_backlog(
                     memory_runs.append(measure_memory(spec, client_id, limit, backlog))
             # 3 + 2b: restore against the broker, publish N more, drain all.
             payloads = make_payloads(backlog + n, size)[backlog:]
-            observer = FirstArrival(HOST, port, topic, backlog + n)
+            observer = ArrivalCounter(HOST, port, topic, backlog + n)
             ctx = Context(
                 port, topic, payloads, 1, OURS_WINDOW, chunk, client_id, workdir, observer
             )
@@ -464,6 +457,9 @@ def run_backlog(
             if observer is not None:
                 observer.stop()
                 run.unique, _total, run.duplicates, _c, _l = observer.snapshot()
+                run.observer_busy = observer.busy
+                if observer.error and not run.error:
+                    run.error = observer.error
             shutil.rmtree(workdir, ignore_errors=True)
     return run
 
@@ -645,11 +641,13 @@ def render(
             (
                 r.case.client,
                 r.case.mode,
+                str(r.case.inflight),
                 _rate(r.rate),
                 _rate(r.acked_rate),
                 "-",
                 f"{r.unique}/{r.n}",
                 str(r.duplicates),
+                _busy(r.observer_busy),
                 f"{r.rate / best:.2f}x" if r.rate and best else "-",
             )
         )
@@ -659,26 +657,30 @@ def render(
             (
                 r.case.client,
                 r.case.mode,
+                str(r.case.inflight),
                 _rate(r.rate),
                 _rate(r.acked_rate),
                 _rate(e.accept_rate),
                 f"{r.unique}/{r.n}" + ("" if r.unique == r.n else " LOST"),
                 str(r.duplicates),
+                _busy(r.observer_busy),
                 f"{r.rate / best:.2f}x" if r.rate and best else "-",
             )
         )
     out = [
-        f"**1. Empty queue**: {n:,} QoS 1 messages, window {WINDOW}",
+        f"**1. Empty queue**: {n:,} QoS 1 messages",
         "",
         table(
             (
                 "client",
                 "mode",
+                "inflight",
                 "msg/s",
                 "acked msg/s",
                 "publish() calls/s",
                 "arrived/N",
                 "dups",
+                "observer busy",
                 "vs aiomqtt best",
             ),
             rows,
@@ -704,13 +706,14 @@ def render(
                     _rate(b.e2e_rate),
                     f"{b.unique}/{b.expected}" + ("" if b.unique == b.expected else " LOST"),
                     str(b.duplicates),
+                    _busy(b.observer_busy),
                 )
             )
         b0 = backlogs[0]
         out += [
             "",
             f"**2-4. Backlog**: {b0.backlog:,} queued offline, then {b0.n:,} more published "
-            f"while they drain, window {WINDOW}, queue_memory_limit 1000",
+            f"while they drain, window {OURS_WINDOW}, queue_memory_limit 1000 (the defaults)",
             "",
             table(
                 (
@@ -726,6 +729,7 @@ def render(
                     "drain msg/s (arrived)",
                     "arrived",
                     "dups",
+                    "observer busy",
                 ),
                 rows,
             ),
