@@ -39,7 +39,6 @@ with these rewrites, each replaced line kept as a ``# [replaced]``/``# [dropped]
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import os
@@ -49,10 +48,11 @@ import socket
 import subprocess
 import threading
 import time
-import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Protocol, Self
+
+from tests.support.reaper import REAPER
 
 __all__ = [
     "BrokerFactory",
@@ -102,19 +102,6 @@ class BrokerStartError(RuntimeError):
 
 # --- safety net: no broker outlives the test process ------------------------------------
 
-_live: weakref.WeakSet[MosquittoBroker] = weakref.WeakSet()
-_live_lock = threading.Lock()
-
-
-def _kill_all_live() -> None:
-    with _live_lock:
-        brokers = list(_live)
-    for broker in brokers:
-        with contextlib.suppress(Exception):
-            broker.kill()
-
-
-atexit.register(_kill_all_live)
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -282,8 +269,7 @@ class MosquittoBroker:
             cwd=self.workdir,
             preexec_fn=_die_with_parent if on_main else None,
         )
-        with _live_lock:
-            _live.add(self)
+        REAPER.add(self)
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
@@ -340,8 +326,7 @@ class MosquittoBroker:
         if self._log is not None:
             self._log.close()
             self._log = None
-        with _live_lock:
-            _live.discard(self)
+        REAPER.discard(self)
 
     # -- diagnostics -------------------------------------------------------------------------
     def log_text(self) -> str:

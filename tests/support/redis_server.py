@@ -20,7 +20,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Self
 import pytest
 
 from tests.support.broker import _die_with_parent, free_port
+from tests.support.reaper import REAPER
 
 if TYPE_CHECKING:
     from mqtt_persist.stores.redis import RedisStore
@@ -80,21 +80,6 @@ def _ping(port: int, timeout: float = 0.5) -> bool:
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
-
-
-_live: weakref.WeakSet[RedisServer] = weakref.WeakSet()
-_live_lock = threading.Lock()
-
-
-def _kill_all_live() -> None:
-    with _live_lock:
-        servers = list(_live)
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.kill()
-
-
-atexit.register(_kill_all_live)
 
 
 class RedisServer:
@@ -157,9 +142,8 @@ class RedisServer:
             # The same safety net as the brokers': no server outlives a crashed test run.
             preexec_fn=_die_with_parent,
         )
-        with _live_lock:
-            self.process = process
-            _live.add(self)
+        self.process = process
+        REAPER.add(self)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if process.poll() is not None:
