@@ -284,8 +284,10 @@ class PersistentClient:
         await store.acquire(self.client_id)
         try:
             state = await self._load_session()
-            # The expiry is stored with the session, so any process can clean it up.
-            await store.update_ttl(self.client_id, self.session_expiry)
+            # The expiry is stored with the session, so any process can clean it up. A new
+            # session without one needs no write (update_ttl would create it on disk now).
+            if self.session_expiry is not None or state is not None:
+                await store.update_ttl(self.client_id, self.session_expiry)
         except BaseException:
             await store.release(self.client_id)
             raise
@@ -370,7 +372,9 @@ class PersistentClient:
         session = self._session
         assert session is not None
         try:
-            if graceful and self._fatal is None:
+            # Commit what the session holds even after a fatal connection error (a refused
+            # CONNECT, say); only a broken store makes that pointless.
+            if graceful and not isinstance(self._fatal, StoreError):
                 with anyio.move_on_after(self._connect_timeout, shield=True):
                     if session.state is not ConnectionState.DISCONNECTED:
                         session.disconnect()
@@ -638,10 +642,24 @@ class PersistentClient:
             self._deferred_since = None
             try:
                 await self.store.apply(self.client_id, ops)
-            except StoreError:
-                raise
             except Exception as exc:
-                raise StoreError(f"store failed to write the session journal: {exc!r}") from exc
+                error = (
+                    exc
+                    if isinstance(exc, StoreError)
+                    else StoreError(f"store failed to write the session journal: {exc!r}")
+                )
+                # These publish() calls were waiting for exactly this commit: they must learn
+                # that their messages were not accepted, not wait forever.
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(error)
+                if error is exc:
+                    raise
+                raise error from exc
+            except BaseException:
+                # Cancelled (the client is closing): hand the waiters to _shutdown to fail.
+                self._commit_waiters[:0] = waiters
+                raise
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)

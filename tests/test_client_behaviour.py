@@ -21,6 +21,7 @@ from mqtt_persist import (
     PersistentClient,
     QueueFull,
     SessionCorrupt,
+    StoreError,
     SubscriptionRefused,
     Will,
 )
@@ -401,3 +402,37 @@ async def test_corrupt_session_raises_or_starts_clean(tmp_path: Path) -> None:
         assert client.session_status == "corrupt"
         assert client.stats.queued == 0
     assert len([p for p in store_dir.iterdir() if ".corrupt-" in p.name]) == 2
+
+
+# --- failures around the commit ----------------------------------------------------------------
+
+
+class FailingStore(MemoryStore):
+    """A durable-looking store whose journal writes fail, as a full or vanished disk would."""
+
+    durable = True
+
+    async def apply(self, client_id: str, ops: object) -> None:  # type: ignore[override]
+        raise OSError(28, "No space left on device")
+
+
+async def test_a_failed_commit_fails_the_publish_calls_waiting_for_it() -> None:
+    """Regression: the publish() calls of the batch whose commit failed waited forever."""
+    async with PersistentClient(
+        "127.0.0.1", 9, client_id="no-space", store=FailingStore(), backoff=FAST
+    ) as client:
+        with anyio.fail_after(5), pytest.raises(StoreError, match="No space left"):
+            await client.publish("x", b"1", qos=1)
+        with pytest.raises(StoreError):  # the client stopped: nothing more is accepted
+            await client.publish("x", b"2", qos=1)
+
+
+async def test_graceful_exit_commits_even_after_a_fatal_connection_error() -> None:
+    """A message accepted just before a fatal refusal still reaches the store on exit."""
+    store = MemoryStore()
+    async with PersistentClient("127.0.0.1", 9, client_id="refused-late", store=store) as client:
+        await client.publish("x", b"accepted", qos=1)  # MemoryStore: returns before the commit
+        client._fail(ConnectionRefused(5, "not authorized"))
+    state = await store.load("refused-late")
+    assert state is not None
+    assert [m.payload for m in state.messages.values()] == [b"accepted"]
