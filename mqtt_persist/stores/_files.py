@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import re
+from datetime import UTC, datetime
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -60,3 +61,18 @@ def unlock(fd: int, path: str, remove: bool) -> None:
                 os.unlink(path)
     finally:
         os.close(fd)
+
+
+def quarantine_target(path: str, companions: tuple[str, ...] = ("",)) -> str:
+    """A free ``<path>.corrupt-<UTC timestamp>[-n]`` name to move damaged data to.
+
+    ``companions`` are suffixes of files that move along (SQLite's ``-wal``/``-shm``); the name
+    is free only if none of them exists yet, so nothing quarantined earlier is overwritten.
+    """
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = f"{path}.corrupt-{stamp}"
+    suffix = 0
+    while any(os.path.lexists(target + extra) for extra in companions):
+        suffix += 1
+        target = f"{path}.corrupt-{stamp}-{suffix}"
+    return target

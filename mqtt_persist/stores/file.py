@@ -99,7 +99,6 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -124,7 +123,7 @@ from mqtt_persist.session.state import (
     SessionState,
     StoredMessage,
 )
-from mqtt_persist.stores._files import file_base, flock, unlock
+from mqtt_persist.stores._files import file_base, flock, quarantine_target, unlock
 from mqtt_persist.stores.base import SessionInfo
 
 # The private names are the MessageAdded layout (part of the on-disk format, documented in
@@ -1024,6 +1023,7 @@ _awrite_and_sync = aiofiles.os.wrap(_write_and_sync)
 _afsync_directory = aiofiles.os.wrap(_fsync_directory)
 _alock = aiofiles.os.wrap(flock)
 _aunlock = aiofiles.os.wrap(unlock)
+_aquarantine_target = aiofiles.os.wrap(quarantine_target)
 _aparse_fd = aiofiles.os.wrap(_parse_fd)
 _aread_and_parse = aiofiles.os.wrap(_read_and_parse)
 _aread_messages = aiofiles.os.wrap(_read_messages)
@@ -1195,12 +1195,7 @@ class FileStore:
             await _aunlock(lease.fd, paths.lock, remove)
 
     async def _quarantine(self, path: str, reason: str, *, newer_version: bool) -> SessionCorrupt:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        target = f"{path}.corrupt-{stamp}"
-        suffix = 0
-        while await aiofiles.os.path.exists(target):
-            suffix += 1
-            target = f"{path}.corrupt-{stamp}-{suffix}"
+        target = await _aquarantine_target(path)
         try:
             await aiofiles.os.rename(path, target)
             await self._sync_directory()

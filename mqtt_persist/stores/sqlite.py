@@ -127,7 +127,7 @@ from mqtt_persist.session.state import (
     SubscriptionSet,
     UnsubscribeDone,
 )
-from mqtt_persist.stores._files import file_base, flock
+from mqtt_persist.stores._files import file_base, flock, quarantine_target
 from mqtt_persist.stores.base import SessionInfo
 from mqtt_persist.stores.serialization import encode_operations
 
@@ -880,12 +880,7 @@ class SQLiteStore:
         closing first, SQLite would checkpoint and DELETE the -wal file by its name.
         """
         conn, self._conn = self._conn, None
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        target = f"{self._path}.corrupt-{stamp}"
-        suffix = 0
-        while any(os.path.lexists(target + extra) for extra in ("", "-wal", "-shm")):
-            suffix += 1
-            target = f"{self._path}.corrupt-{stamp}-{suffix}"
+        target = quarantine_target(self._path, ("", "-wal", "-shm"))
         try:
             os.rename(self._path, target)
             # The WAL belongs to that file: left behind, SQLite would replay it into the next,
