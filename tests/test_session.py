@@ -2,7 +2,7 @@
 
 Every test plays the broker by hand. The recurring check is the store contract: replaying the
 operations the machine emitted onto an empty SessionState gives exactly ``session.snapshot()``,
-and a machine restored from that state behaves as the original would (G2).
+and a machine restored from that state behaves as the original would (packet IDs are continuous).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def test_unknown_acks_are_anomalies_not_crashes() -> None:
     assert out.packets == []
 
 
-# --- restore (G2) ------------------------------------------------------------------------------
+# --- restore: packet IDs are continuous --------------------------------------------------------
 
 
 def test_restart_resends_unacked_publish_with_original_id_and_dup() -> None:
@@ -288,7 +288,7 @@ def test_order_is_kept_across_restart() -> None:
     assert sent == [str(i).encode() for i in range(6)]
 
 
-# --- the broker lost the session (G4) ----------------------------------------------------------
+# --- the broker lost the session: subscriptions come back --------------------------------------
 
 
 def test_session_lost_resubscribes_before_ready_and_republishes_as_new() -> None:
@@ -333,7 +333,7 @@ def test_session_lost_clears_inbound_qos2_ids() -> None:
     assert [e.message.payload for e in out.events if isinstance(e, MessageReceived)] == [b"new"]
 
 
-# --- inbound flows (G3) ------------------------------------------------------------------------
+# --- inbound flows: inbound QoS 2 is delivered once --------------------------------------------
 
 
 def test_inbound_qos1_delivers_and_acks() -> None:
@@ -408,7 +408,7 @@ def test_unsubscribe_offline_is_sent_later_and_completes() -> None:
     h2.assert_journal_consistent()
 
 
-# --- queue limits (G6) -------------------------------------------------------------------------
+# --- queue limits: nothing is lost silently ----------------------------------------------------
 
 
 def test_full_queue_raises_or_drops_oldest() -> None:
@@ -556,13 +556,13 @@ def test_any_event_sequence_replays_to_the_same_state(
         refill_from(h)
         h.take()
         h.assert_store_consistent()
-        # Packet IDs of open flows are unique and never reused while open (G2).
+        # Open flows have unique packet IDs, never reused while open ("packet IDs are continuous").
         ids = [o.packet_id for o in h.session._outbound.inflight.values()]
         assert len(ids) == len(set(ids))
         qos2 = sum(o.qos == 2 for o in h.session._outbound.inflight.values())
         assert qos2 == h.session._outbound.qos2_inflight
         # Only a restore may bring more QoS 2 flows than the limit; new ones never exceed it.
-    # Order per topic: first transmissions leave in publish order (G5).
+    # Order per topic: first transmissions leave in publish order ("order").
     for p in h.wire:
         if isinstance(p, Publish) and p.topic != "in":
             sent_order.setdefault(p.topic, []).append(p.payload)
