@@ -14,9 +14,10 @@ the way the client's flusher and reader do (publish, ``take``, acknowledgement, 
 
 Every measurement runs in a fresh child process that puts one tree first on ``sys.path`` (and
 checks that ``mqtt_persist`` really came from there). Children of the two trees alternate round by
-round, so both see the same load on a shared machine; the table gives each tree's median over the
-rounds and the ratio. Timings on a busy 2-core machine move by several per cent between rounds:
-read a ratio within that spread as "no difference".
+round, so both see the same load on a shared machine; the table gives each tree's median and best
+round and the ratios (candidate / baseline: below 1 is faster). Timings on a busy 2-core machine
+move by several per cent between rounds, far more under load: the best round is the steadiest
+figure then, and a ratio within a few per cent of 1 means "no difference".
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve()
 SCENARIOS = ("qos1", "qos2", "qos1-window")
@@ -137,23 +137,20 @@ def main() -> None:
                 samples[label].setdefault(name, []).append(seconds * 1e6)
         print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
 
-    print(f"{args.count} messages per scenario, median of {args.rounds} rounds (µs/message)")
+    print(f"{args.count} messages per scenario, {args.rounds} rounds, µs/message")
     for label, python, root in trees:
         print(f"  {label}: {root} ({python})")
-    header = f"{'scenario':<12}" + "".join(f"{label:>12}" for label, _, _ in trees)
+    columns = [f"{label} {stat}" for label, _, _ in trees for stat in ("median", "best")]
     if args.baseline:
-        header += f"{'ratio':>9}{'spread':>22}"
-    print(header)
+        columns += ["ratio median", "ratio best"]
+    print(f"{'scenario':<12}" + "".join(f"{c:>18}" for c in columns))
     for name in args.only:
-        medians = [statistics.median(samples[label][name]) for label, _, _ in trees]
-        line = f"{name:<12}" + "".join(f"{m:>12.3f}" for m in medians)
+        values: list[float] = []
+        for label, _, _ in trees:
+            values += [statistics.median(samples[label][name]), min(samples[label][name])]
         if args.baseline:
-            spread: list[Any] = [
-                f"{min(samples[label][name]):.2f}-{max(samples[label][name]):.2f}"
-                for label, _, _ in trees
-            ]
-            line += f"{medians[1] / medians[0]:>9.3f}{' / '.join(spread):>22}"
-        print(line)
+            values += [values[2] / values[0], values[3] / values[1]]
+        print(f"{name:<12}" + "".join(f"{v:>18.3f}" for v in values))
 
 
 if __name__ == "__main__":
