@@ -2,7 +2,7 @@
 
 Every test plays the broker by hand. The recurring check is the store contract: replaying the
 operations the machine emitted onto an empty SessionState gives exactly ``session.snapshot()``,
-and a machine restored from that state behaves as the original would (G2).
+and a machine restored from that state behaves as the original would (packet IDs are continuous).
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ class Harness:
             assert self.journal.messages.get(seq) == message
         stored_queued = sum(1 for m in self.journal.messages.values() if m.packet_id is None)
         in_memory_qos0 = sum(
-            1 for o in (*self.session._queue, *self.session._overflow_qos0) if o.qos == 0
+            1
+            for o in (*self.session._queue.memory, *self.session._queue.overflow_qos0)
+            if o.qos == 0
         )
         assert stored_queued == self.session.queued - in_memory_qos0
         assert snapshot.inbound_qos2 == self.journal.inbound_qos2
@@ -221,7 +223,7 @@ def test_unknown_acks_are_anomalies_not_crashes() -> None:
     assert out.packets == []
 
 
-# --- restore (G2) ------------------------------------------------------------------------------
+# --- restore: packet IDs are continuous --------------------------------------------------------
 
 
 def test_restart_resends_unacked_publish_with_original_id_and_dup() -> None:
@@ -280,13 +282,13 @@ def test_order_is_kept_across_restart() -> None:
         out2 = h2.feed(PubAck(p.packet_id))
         sent += [q.payload for q in publishes(out2)]
     while h2.session.inflight:
-        pending = list(h2.session._inflight)
+        pending = list(h2.session._outbound.inflight)
         for packet_id in pending:
             sent += [q.payload for q in publishes(h2.feed(PubAck(packet_id)))]
     assert sent == [str(i).encode() for i in range(6)]
 
 
-# --- the broker lost the session (G4) ----------------------------------------------------------
+# --- the broker lost the session: subscriptions come back --------------------------------------
 
 
 def test_session_lost_resubscribes_before_ready_and_republishes_as_new() -> None:
@@ -305,7 +307,7 @@ def test_session_lost_resubscribes_before_ready_and_republishes_as_new() -> None
     h.take()
     h.session.receive(ConnAck(False, 0))
     out = h.take()
-    assert h.session.state is ConnectionState.RESUBSCRIBING
+    assert h.session.connection_state is ConnectionState.RESUBSCRIBING
     (sub,) = out.packets
     assert isinstance(sub, Subscribe) and sub.subscriptions == [("s/#", 1)]
     assert completed(out) == {3: DeliveryOutcome.IN_DOUBT}
@@ -331,7 +333,7 @@ def test_session_lost_clears_inbound_qos2_ids() -> None:
     assert [e.message.payload for e in out.events if isinstance(e, MessageReceived)] == [b"new"]
 
 
-# --- inbound flows (G3) ------------------------------------------------------------------------
+# --- inbound flows: inbound QoS 2 is delivered once --------------------------------------------
 
 
 def test_inbound_qos1_delivers_and_acks() -> None:
@@ -406,7 +408,7 @@ def test_unsubscribe_offline_is_sent_later_and_completes() -> None:
     h2.assert_journal_consistent()
 
 
-# --- queue limits (G6) -------------------------------------------------------------------------
+# --- queue limits: nothing is lost silently ----------------------------------------------------
 
 
 def test_full_queue_raises_or_drops_oldest() -> None:
@@ -433,7 +435,7 @@ def test_connect_refused_is_reported() -> None:
     h.take()
     out = h.feed(ConnAck(False, 5))
     assert out.events == [ConnectRefused(5)]
-    assert h.session.state is ConnectionState.DISCONNECTED
+    assert h.session.connection_state is ConnectionState.DISCONNECTED
 
 
 def test_packet_before_connack_is_a_protocol_error() -> None:
@@ -514,27 +516,28 @@ def test_any_event_sequence_replays_to_the_same_state(
         if kind == "publish":
             counter += 1
             s.publish(action[2], str(counter).encode(), action[1])  # type: ignore[arg-type]
-        elif kind == "ack" and s.state is ConnectionState.READY and s._inflight:
-            packet_id = list(s._inflight)[action[1] % len(s._inflight)]  # type: ignore[operator]
-            out = s._inflight[packet_id]
+        elif kind == "ack" and s.connection_state is ConnectionState.READY and s._outbound.inflight:
+            inflight = s._outbound.inflight
+            packet_id = list(inflight)[action[1] % len(inflight)]  # type: ignore[operator]
+            out = inflight[packet_id]
             if out.qos == 1:
                 s.receive(PubAck(packet_id))
             elif out.released:
                 s.receive(PubComp(packet_id))
             else:
                 s.receive(PubRec(packet_id))
-        elif kind == "inbound" and s.state is not ConnectionState.DISCONNECTED:
+        elif kind == "inbound" and s.connection_state is not ConnectionState.DISCONNECTED:
             s.receive(Publish("in", b"x", action[2], packet_id=action[1]))  # type: ignore[arg-type]
-        elif kind == "pubrel" and s.state is not ConnectionState.DISCONNECTED:
+        elif kind == "pubrel" and s.connection_state is not ConnectionState.DISCONNECTED:
             s.receive(PubRel(action[1]))  # type: ignore[arg-type]
         elif kind == "subscribe":
             s.subscribe([(action[1], 1)])  # type: ignore[list-item]
         elif kind == "unsubscribe":
             s.unsubscribe([action[1]])  # type: ignore[list-item]
-        elif kind == "suback" and s.state is not ConnectionState.DISCONNECTED:
-            for packet_id, pairs in list(s._sub_packets.items()):
+        elif kind == "suback" and s.connection_state is not ConnectionState.DISCONNECTED:
+            for packet_id, pairs in list(s._subscriptions.subscribe_packets.items()):
                 s.receive(SubAck(packet_id, [q for _, q in pairs]))
-            for packet_id in list(s._unsub_packets):
+            for packet_id in list(s._subscriptions.unsubscribe_packets):
                 s.receive(UnsubAck(packet_id))
         elif kind == "drop":
             s.connection_lost()
@@ -553,13 +556,13 @@ def test_any_event_sequence_replays_to_the_same_state(
         refill_from(h)
         h.take()
         h.assert_store_consistent()
-        # Packet IDs of open flows are unique and never reused while open (G2).
-        ids = [o.packet_id for o in h.session._inflight.values()]
+        # Open flows have unique packet IDs, never reused while open ("packet IDs are continuous").
+        ids = [o.packet_id for o in h.session._outbound.inflight.values()]
         assert len(ids) == len(set(ids))
-        qos2 = sum(o.qos == 2 for o in h.session._inflight.values())
-        assert qos2 == h.session._inflight_qos2
+        qos2 = sum(o.qos == 2 for o in h.session._outbound.inflight.values())
+        assert qos2 == h.session._outbound.qos2_inflight
         # Only a restore may bring more QoS 2 flows than the limit; new ones never exceed it.
-    # Order per topic: first transmissions leave in publish order (G5).
+    # Order per topic: first transmissions leave in publish order ("order").
     for p in h.wire:
         if isinstance(p, Publish) and p.topic != "in":
             sent_order.setdefault(p.topic, []).append(p.payload)
@@ -595,7 +598,7 @@ def test_queue_beyond_the_memory_limit_lives_in_the_store_and_comes_back_in_orde
     for _ in range(200):
         refill_from(h)
         h.take()
-        for packet_id, o in list(h.session._inflight.items()):
+        for packet_id, o in list(h.session._outbound.inflight.items()):
             if o.qos == 1:
                 h.session.receive(PubAck(packet_id))
             elif o.released:
@@ -624,8 +627,8 @@ def test_restore_with_a_partial_queue_continues_after_the_last_stored_seq() -> N
     seq = restored.publish("t", b"new", 1)
     assert seq == 11  # above the seqs that were not loaded
     assert restored.want_refill() is None  # memory still holds 3 > 3 // 2
-    restored._queue.popleft()
-    restored._queue.popleft()
+    restored._queue.memory.popleft()
+    restored._queue.memory.popleft()
     assert restored.want_refill() == (3, 2)
 
 
@@ -635,9 +638,9 @@ def test_drop_oldest_when_only_spilled_messages_remain() -> None:
     h.session.publish("t", b"1", 1)
     h.session.publish("t", b"2", 1)
     h.take()
-    h.session._queue.clear()  # as if the memory part had drained into a window elsewhere
-    h.session._spilled = 3
-    h.session._spill_after = 0
+    h.session._queue.memory.clear()  # as if the memory part had drained into a window elsewhere
+    h.session._queue.spilled = 3
+    h.session._queue.spill_after = 0
     h.session.publish("t", b"3", 1)
     assert h.session.queued == 3
     h.take()
@@ -674,4 +677,4 @@ def test_qos2_window_is_narrower_and_nothing_overtakes_a_waiting_qos2_message() 
     h.feed(PubRec(first.packet_id))
     out = h.feed(PubComp(first.packet_id))
     assert [p.payload for p in publishes(out)] == [b"2", b"3", b"4"]
-    assert h.session._inflight_qos2 == 2
+    assert h.session._outbound.qos2_inflight == 2

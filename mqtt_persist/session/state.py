@@ -6,9 +6,10 @@ medium, keeps the same promise: applying the operations it accepted, in order, t
 :meth:`SessionState.apply` is that replay, shared by the session state machine's tests and every
 store, so there is exactly one definition of what an operation means.
 
-Outgoing QoS 1/2 messages are keyed by a sequence number that orders them (G5); a packet ID is
-only assigned when a message enters the in-flight window, and that transition is itself an
-operation (G2), so a restore knows which messages reached the wire under which ID.
+Outgoing QoS 1/2 messages are keyed by a sequence number that orders them ("order"); a packet
+ID is only assigned when a message enters the in-flight window, and that transition is itself an
+operation ("packet IDs are continuous"), so a restore knows which messages reached the wire under
+which ID.
 """
 
 from __future__ import annotations

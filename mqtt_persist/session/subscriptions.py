@@ -1,0 +1,247 @@
+"""Subscription bookkeeping: what the session wants, what is on its way, and who waits for it.
+
+Durable: the filters the session wants (confirmed once a SUBACK granted them) and the filters
+removed locally whose UNSUBSCRIBE the broker has not acknowledged. Per connection: which
+SUBSCRIBE/UNSUBSCRIBE packet IDs carry which filters, and which SUBSCRIBEs restore a session the
+broker lost ("subscriptions come back": the connection is ready only once all of them are
+answered). Per process: the ``subscribe()``/``unsubscribe()`` calls waiting for the broker's answer
+on each of their filters.
+"""
+
+from __future__ import annotations
+
+from mqtt_persist.errors import ProtocolError
+from mqtt_persist.protocol.packets import (
+    SUBACK_FAILURE,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+)
+from mqtt_persist.session.events import Anomaly, SubscribeCompleted, UnsubscribeCompleted
+from mqtt_persist.session.output import PendingOutput
+from mqtt_persist.session.packet_ids import PacketIdAllocator
+from mqtt_persist.session.state import (
+    SessionState,
+    StoredSubscription,
+    SubscriptionRemoved,
+    SubscriptionSet,
+    UnsubscribeDone,
+)
+
+#: Filters per SUBSCRIBE when re-subscribing a large stored set; keeps packets modest.
+RESUBSCRIBE_CHUNK = 64
+
+
+class SubscriptionRequest:
+    """A subscribe/unsubscribe call waiting for the broker to answer each of its filters."""
+
+    __slots__ = ("codes", "remaining", "token", "unsubscribe")
+
+    def __init__(self, token: int, filters: list[str], unsubscribe: bool) -> None:
+        self.token = token
+        #: The broker's answer per filter; -1 until it came.
+        self.codes: dict[str, int] = dict.fromkeys(filters, -1)
+        self.remaining = len(self.codes)
+        self.unsubscribe = unsubscribe
+
+
+class Subscriptions:
+    """The session's subscriptions, durable and in flight, and the requests waiting on them."""
+
+    __slots__ = (
+        "_ids",
+        "_next_token",
+        "_out",
+        "filters_in_flight",
+        "pending_unsubscribes",
+        "resubscribe_ids",
+        "subscribe_packets",
+        "unsubscribe_packets",
+        "waiters",
+        "wanted",
+    )
+
+    def __init__(self, ids: PacketIdAllocator, out: PendingOutput) -> None:
+        self._ids = ids
+        self._out = out
+        #: Filters the session wants (durable).
+        self.wanted: dict[str, StoredSubscription] = {}
+        #: Filters removed locally whose UNSUBSCRIBE the broker has not acknowledged (durable).
+        self.pending_unsubscribes: set[str] = set()
+        #: Per connection: SUBSCRIBE packet IDs and the (filter, QoS) pairs they carry.
+        self.subscribe_packets: dict[int, list[tuple[str, int]]] = {}
+        #: Per connection: UNSUBSCRIBE packet IDs and the filters they carry.
+        self.unsubscribe_packets: dict[int, list[str]] = {}
+        #: Per connection: filters some SUBSCRIBE carries that has not been answered yet.
+        self.filters_in_flight: set[str] = set()
+        #: Per connection: the SUBSCRIBEs restoring a lost session that are not answered yet.
+        self.resubscribe_ids: set[int] = set()
+        #: Requests waiting for an answer, by filter.
+        self.waiters: dict[str, list[SubscriptionRequest]] = {}
+        self._next_token = 1
+
+    def restore(self, state: SessionState) -> None:
+        """Take the subscriptions of a stored session."""
+        self.wanted = dict(state.subscriptions)
+        self.pending_unsubscribes = set(state.pending_unsubscribes)
+
+    # --- application requests ------------------------------------------------------------------
+
+    def subscribe(self, subscriptions: list[tuple[str, int]], *, send: bool) -> int:
+        """Record subscriptions, SUBSCRIBE now if ``send``; returns the request's token."""
+        token = self._new_token()
+        request = SubscriptionRequest(token, [f for f, _ in subscriptions], unsubscribe=False)
+        ops = self._out.ops
+        for topic_filter, qos in subscriptions:
+            self.wanted[topic_filter] = StoredSubscription(topic_filter, qos, False)
+            self.pending_unsubscribes.discard(topic_filter)
+            ops.append(SubscriptionSet(topic_filter, qos, False))
+            self.waiters.setdefault(topic_filter, []).append(request)
+        if send:
+            self._send_subscribe(list(dict(subscriptions).items()))
+        return token
+
+    def unsubscribe(self, filters: list[str], *, send: bool) -> int:
+        """Forget filters, UNSUBSCRIBE now if ``send``; returns the request's token."""
+        token = self._new_token()
+        request = SubscriptionRequest(token, filters, unsubscribe=True)
+        ops = self._out.ops
+        for topic_filter in dict.fromkeys(filters):
+            # A subscribe still waiting for this filter will never be granted now.
+            self._answer(topic_filter, SUBACK_FAILURE, unsubscribe=False)
+            self.wanted.pop(topic_filter, None)
+            self.pending_unsubscribes.add(topic_filter)
+            ops.append(SubscriptionRemoved(topic_filter, unsubscribe_pending=True))
+            self.waiters.setdefault(topic_filter, []).append(request)
+        if send:
+            self._send_unsubscribe(list(dict.fromkeys(filters)))
+        return token
+
+    def _new_token(self) -> int:
+        token = self._next_token
+        self._next_token += 1
+        return token
+
+    # --- connection lifecycle ------------------------------------------------------------------
+
+    def resubscribe_all(self) -> None:
+        """The broker lost the session: SUBSCRIBE every wanted filter, in modest packets."""
+        pairs = [(f, s.qos) for f, s in self.wanted.items()]
+        for start in range(0, len(pairs), RESUBSCRIBE_CHUNK):
+            packet_id = self._send_subscribe(pairs[start : start + RESUBSCRIBE_CHUNK])
+            self.resubscribe_ids.add(packet_id)
+
+    def send_missing(self) -> None:
+        """The connection is ready: send what the broker may not have yet.
+
+        That is every subscription not confirmed (made offline, or its SUBACK never came) and
+        not already on its way, and every pending unsubscribe.
+        """
+        missing = [
+            (f, s.qos)
+            for f, s in self.wanted.items()
+            if not s.confirmed and f not in self.filters_in_flight
+        ]
+        if missing:
+            self._send_subscribe(missing)
+        if self.pending_unsubscribes:
+            self._send_unsubscribe(sorted(self.pending_unsubscribes))
+
+    def broker_lost_session(self) -> None:
+        """A broker without the session holds none of its filters: nothing left to unsubscribe."""
+        for topic_filter in sorted(self.pending_unsubscribes):
+            self._out.ops.append(UnsubscribeDone(topic_filter))
+            self._answer(topic_filter, 0, unsubscribe=True)
+        self.pending_unsubscribes.clear()
+
+    def connection_lost(self) -> None:
+        """Requests in flight died with the connection; their filters are sent again on ready."""
+        for packet_id in (*self.subscribe_packets, *self.unsubscribe_packets):
+            self._ids.release(packet_id)
+        self.subscribe_packets.clear()
+        self.unsubscribe_packets.clear()
+        self.filters_in_flight.clear()
+        self.resubscribe_ids.clear()
+
+    # --- packets ---------------------------------------------------------------------------------
+
+    def _send_subscribe(self, pairs: list[tuple[str, int]]) -> int:
+        packet_id = self._ids.allocate()
+        self.subscribe_packets[packet_id] = pairs
+        self.filters_in_flight.update(f for f, _ in pairs)
+        self._out.packets.append(Subscribe(packet_id, pairs))
+        return packet_id
+
+    def _send_unsubscribe(self, filters: list[str]) -> None:
+        packet_id = self._ids.allocate()
+        self.unsubscribe_packets[packet_id] = filters
+        self._out.packets.append(Unsubscribe(packet_id, filters))
+
+    def on_suback(self, suback: SubAck) -> bool:
+        """Record the broker's grants; True when it answered the last re-subscription."""
+        pairs = self.subscribe_packets.pop(suback.packet_id, None)
+        if pairs is None:
+            self._out.events.append(Anomaly(f"SUBACK for unknown packet ID {suback.packet_id}"))
+            return False
+        self._ids.release(suback.packet_id)
+        if len(suback.return_codes) != len(pairs):
+            raise ProtocolError(
+                f"SUBACK carries {len(suback.return_codes)} return codes for {len(pairs)} filters"
+            )
+        ops = self._out.ops
+        for (topic_filter, qos), code in zip(pairs, suback.return_codes, strict=True):
+            self.filters_in_flight.discard(topic_filter)
+            current = self.wanted.get(topic_filter)
+            if current is not None and current.qos == qos:
+                if code == SUBACK_FAILURE:
+                    del self.wanted[topic_filter]
+                    ops.append(SubscriptionRemoved(topic_filter, unsubscribe_pending=False))
+                elif not current.confirmed:
+                    self.wanted[topic_filter] = StoredSubscription(topic_filter, qos, True)
+                    ops.append(SubscriptionSet(topic_filter, qos, True))
+            self._answer(topic_filter, code, unsubscribe=False)
+        if suback.packet_id in self.resubscribe_ids:
+            self.resubscribe_ids.discard(suback.packet_id)
+            return not self.resubscribe_ids
+        return False
+
+    def on_unsuback(self, packet: UnsubAck) -> None:
+        """The broker dropped the filters of one UNSUBSCRIBE."""
+        packet_id = packet.packet_id
+        filters = self.unsubscribe_packets.pop(packet_id, None)
+        if filters is None:
+            self._out.events.append(Anomaly(f"UNSUBACK for unknown packet ID {packet_id}"))
+            return
+        self._ids.release(packet_id)
+        for topic_filter in filters:
+            if topic_filter in self.pending_unsubscribes:
+                self.pending_unsubscribes.discard(topic_filter)
+                self._out.ops.append(UnsubscribeDone(topic_filter))
+            self._answer(topic_filter, 0, unsubscribe=True)
+
+    def _answer(self, topic_filter: str, code: int, *, unsubscribe: bool) -> None:
+        """Record the broker's answer for every waiting request of this kind on this filter."""
+        waiting = self.waiters.get(topic_filter)
+        if not waiting:
+            return
+        keep: list[SubscriptionRequest] = []
+        for request in waiting:
+            if request.unsubscribe is not unsubscribe:
+                keep.append(request)
+                continue
+            if request.codes[topic_filter] != -1:
+                continue  # already answered by an earlier packet naming the same filter
+            request.codes[topic_filter] = code
+            request.remaining -= 1
+            if request.remaining == 0:
+                if unsubscribe:
+                    self._out.events.append(UnsubscribeCompleted(request.token))
+                else:
+                    self._out.events.append(
+                        SubscribeCompleted(request.token, tuple(request.codes.values()))
+                    )
+        if keep:
+            self.waiters[topic_filter] = keep
+        else:
+            del self.waiters[topic_filter]
