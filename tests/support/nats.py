@@ -66,6 +66,7 @@ class NatsServer(ServerProcess):
         self.store_dir = self.workdir / "jetstream"
 
     def config_text(self) -> str:
+        """The server's configuration file."""
         lines = [
             f'server_name: "mqtt-persist-test-{self.port}"',
             f"listen: {self.host}:{self.client_port}",

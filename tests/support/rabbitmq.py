@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import pytest
 
 from tests.support.broker import BrokerStartError, _die_with_parent, free_port
-from tests.support.server_process import ServerProcess, _read, executable, port_open
+from tests.support.server_process import ServerProcess, executable, port_open, read_or_empty
 
 __all__ = [
     "RabbitMQBroker",
@@ -125,6 +125,7 @@ class RabbitMQBroker(ServerProcess):
         self._epmd_proc: subprocess.Popen[bytes] | None = None
 
     def config_text(self) -> str:
+        """The node's ``rabbitmq.conf``."""
         lines = [
             # No AMQP listener: nothing to collide with, and nothing we test goes through it.
             "listeners.tcp = none",
@@ -166,7 +167,7 @@ class RabbitMQBroker(ServerProcess):
             if self._epmd_proc.poll() is not None or time.monotonic() > deadline:
                 raise BrokerStartError(
                     f"epmd did not start on port {self.epmd_port}: "
-                    f"{_read(self.workdir / 'epmd.log')}"
+                    f"{read_or_empty(self.workdir / 'epmd.log')}"
                 )
             time.sleep(0.01)
 
@@ -215,14 +216,16 @@ class RabbitMQBroker(ServerProcess):
 
     @property
     def epmd_running(self) -> bool:
+        """True while the node's own epmd runs."""
         return self._epmd_proc is not None and self._epmd_proc.poll() is None
 
     @property
     def epmd_pid(self) -> int | None:
+        """The process id of the node's own epmd while it runs."""
         return self._epmd_proc.pid if self.epmd_running and self._epmd_proc else None
 
     def log_text(self) -> str:
-        node_log = _read(self.log_dir / f"{self.node}.log")
+        node_log = read_or_empty(self.log_dir / f"{self.node}.log")
         return f"{super().log_text()}\n--- {self.node}.log ---\n{node_log}"
 
 

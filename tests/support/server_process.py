@@ -25,7 +25,7 @@ from tests.support.broker import HOST, BrokerStartError, _die_with_parent, free_
 from tests.support.raw_mqtt import answers_connect
 from tests.support.reaper import REAPER
 
-__all__ = ["ServerProcess", "executable", "port_open"]
+__all__ = ["ServerProcess", "executable", "port_open", "read_or_empty"]
 
 STOP_TIMEOUT = 15.0
 _POLL = 0.1
@@ -51,6 +51,7 @@ class ServerProcess:
 
     # -- what a subclass provides ----------------------------------------------------------
     def command(self) -> list[str]:
+        """The command line that runs the broker in the foreground."""
         raise NotImplementedError
 
     def environment(self) -> dict[str, str] | None:
@@ -61,6 +62,7 @@ class ServerProcess:
         """Write config files and start helpers; called before every start."""
 
     def popen_options(self) -> dict[str, Any]:
+        """Further ``subprocess.Popen`` arguments (stdin, by default closed)."""
         return {"stdin": subprocess.DEVNULL}
 
     def after_exit(self) -> None:
@@ -68,11 +70,12 @@ class ServerProcess:
 
     def log_text(self) -> str:
         """The broker's own output (subclasses add their log files)."""
-        return _read(self.output_path)
+        return read_or_empty(self.output_path)
 
     # -- addressing --------------------------------------------------------------------------
     @property
     def url(self) -> str:
+        """``mqtt://127.0.0.1:PORT``."""
         return f"mqtt://{self.host}:{self.port}"
 
     @property
@@ -82,10 +85,12 @@ class ServerProcess:
 
     @property
     def running(self) -> bool:
+        """True while the broker process we started is alive."""
         return self._proc is not None and self._proc.poll() is None
 
     @property
     def pid(self) -> int | None:
+        """The broker's process id while it runs."""
         return self._proc.pid if self.running and self._proc is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -203,7 +208,8 @@ class ServerProcess:
                 proc.wait(STOP_TIMEOUT)
 
 
-def _read(path: Path) -> str:
+def read_or_empty(path: Path) -> str:
+    """A log file's text, or "" if the broker has not written it yet."""
     try:
         return path.read_text(errors="replace")
     except FileNotFoundError:
