@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from tests.support.broker import BrokerFactory, MosquittoBroker, find_mosquitto
+from tests.support.nats import NatsFactory, NatsServer, nats_server_path
 from tests.support.proxy import FaultProxy, ProxyFactory
+from tests.support.rabbitmq import RabbitMQBroker, RabbitMQFactory, rabbitmq_paths
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +93,77 @@ async def proxy_factory() -> AsyncIterator[ProxyFactory]:
     finally:
         for proxy in reversed(proxies):
             await proxy.close()
+
+
+# --- the broker matrix: RabbitMQ (rabbitmq_mqtt) and nats-server (JetStream + MQTT) -----------
+# Private instances on free 127.0.0.1 ports with their own files, never the machine's services;
+# see tests/support/rabbitmq.py and tests/support/nats.py. A missing binary skips the test, or
+# fails it under CI (env CI set).
+
+
+@pytest.fixture(scope="session")
+def shared_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQBroker]:
+    """One RabbitMQ node for the whole session, started on first use (a boot takes 10-15 s).
+
+    For tests that never stop or restart it: give every client id and topic a unique part
+    (the node keeps persistent sessions and retained messages from earlier tests).
+    """
+    script, epmd = rabbitmq_paths()
+    node = RabbitMQBroker(tmp_path_factory.mktemp("rabbitmq-shared"), script=script, epmd=epmd)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def rabbitmq_factory(tmp_path: Path) -> Iterator[RabbitMQFactory]:
+    """``rabbitmq_factory(start=True, **RabbitMQBroker kwargs)``: a node this test owns.
+
+    For tests that stop, kill or restart the broker; each node gets ``tmp_path/rabbitmq-N``
+    and all are stopped at teardown.
+    """
+    script, epmd = rabbitmq_paths()
+    nodes: list[RabbitMQBroker] = []
+
+    def make(*, start: bool = True, **kwargs: Any) -> RabbitMQBroker:
+        workdir = kwargs.pop("workdir", None) or tmp_path / f"rabbitmq-{len(nodes)}"
+        node = RabbitMQBroker(workdir, script=script, epmd=epmd, **kwargs)
+        nodes.append(node)
+        if start:
+            node.start()
+        return node
+
+    try:
+        yield make
+    finally:
+        for node in reversed(nodes):
+            node.stop()  # escalates to SIGKILL itself, and stops the node's epmd
+
+
+@pytest.fixture
+def nats_factory(tmp_path: Path) -> Iterator[NatsFactory]:
+    """``nats_factory(start=True, **NatsServer kwargs)``: servers in ``tmp_path/nats-N``."""
+    binary = nats_server_path()
+    servers: list[NatsServer] = []
+
+    def make(*, start: bool = True, **kwargs: Any) -> NatsServer:
+        workdir = kwargs.pop("workdir", None) or tmp_path / f"nats-{len(servers)}"
+        server = NatsServer(workdir, binary=binary, **kwargs)
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+
+@pytest.fixture
+def nats_broker(nats_factory: NatsFactory) -> NatsServer:
+    """A started nats-server of this test's own (it starts in about 0.1 s)."""
+    return nats_factory()

@@ -1,0 +1,166 @@
+"""Issue 9's two failures against real brokers, written as its "done when" criteria read.
+
+Both are expected to fail until the session/client handle them (``xfail(strict=True)``): the
+day a fix makes one pass, pytest reports it and the marker has to go, with the assertions left
+exactly as they are.
+
+* RabbitMQ 3.10 answers a QoS 2 PUBLISH with PUBACK (it downgrades QoS 2 to 1). Today the
+  client treats that PUBACK as an anomaly and never completes the flow: after 19 QoS 2
+  publishes (``max_inflight_qos2``) nothing more leaves, and every reconnect publishes the 19
+  again.
+* nats-server 2.9 closes the connection on a PUBLISH it will not take (any QoS 2; a topic with
+  '.' or a space). Today the client reconnects, sends the same message first, is closed again,
+  without end, and every later message waits behind it.
+
+The outcome the poison message itself should get is left to the fix (set aside with a typed
+outcome); these tests assert only what an outsider can see: arrivals, the number of
+connections, and that every other delivery resolved.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mqtt_persist import Backoff, DeliveryOutcome, FileStore, PersistentClient
+from tests.support.nats import NatsServer
+from tests.support.observer import PahoObserver
+from tests.support.proxy import ProxyFactory
+from tests.support.rabbitmq import RabbitMQBroker
+from tests.support.waiting import until
+
+FAST = Backoff(initial=0.05, maximum=0.3, minimum=0.01)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+DOWNGRADE = pytest.mark.xfail(
+    strict=True,
+    reason="issue 9: a PUBACK for a QoS 2 flow (RabbitMQ's downgrade) never completes it",
+)
+POISON = pytest.mark.xfail(
+    strict=True,
+    reason="issue 9: a message the broker answers by closing the connection blocks the queue",
+)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize(
+    "first_qos",
+    [
+        pytest.param(2, marks=DOWNGRADE, id="qos2"),
+        # The same run with QoS 1 only: proves the assertions can pass on this broker.
+        pytest.param(1, id="control-qos1"),
+    ],
+)
+async def test_rabbitmq_downgrading_qos2_to_qos1_completes_every_publish(
+    first_qos: int, shared_rabbitmq: RabbitMQBroker, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Done when: 40 QoS 2 then 10 QoS 1 publishes all resolve within seconds, all 50
+    arrive, nothing is re-published after a reconnect."""
+    topic = unique("issue9-downgrade")
+    proxy = await proxy_factory(shared_rabbitmq.address)
+    host, port = shared_rabbitmq.address
+    async with (
+        PahoObserver(host, port, f"{topic}/#", qos=1) as observer,
+        PersistentClient(
+            proxy.host,
+            proxy.port,
+            client_id=unique("downgrade"),
+            store=FileStore(tmp_path / "sessions"),
+            backoff=FAST,
+        ) as client,
+    ):
+        await client.wait_connected(15)
+        deliveries = [
+            await client.publish(f"{topic}/q2", f"q2-{i}".encode(), qos=first_qos)
+            for i in range(40)
+        ]
+        deliveries += [
+            await client.publish(f"{topic}/q1", f"q1-{i}".encode(), qos=1) for i in range(10)
+        ]
+        expected = [f"q2-{i}".encode() for i in range(40)] + [f"q1-{i}".encode() for i in range(10)]
+
+        # All 50 resolve within seconds, none of them with an error.
+        with anyio.move_on_after(10):
+            for delivery in deliveries:
+                await delivery
+        resolved = sum(d.done() for d in deliveries)
+        assert resolved == 50, f"{resolved} of 50 resolved within 10 s; {client.stats}"
+        for delivery in deliveries:
+            delivery.result()  # raises the error a delivery failed with
+        # All 50 arrive.
+        assert await observer.await_until(lambda: set(observer.payloads()) >= set(expected), 10), (
+            f"{len(set(observer.payloads()))} of 50 arrived"
+        )
+
+        # Nothing is published again after a reconnect.
+        connections = client.stats.connections
+        proxy.cut()
+        await until(
+            lambda: client.stats.connections > connections and client.is_connected,
+            15,
+            "the client to reconnect",
+        )
+        await anyio.sleep(1.0)  # what a reconnect re-publishes arrives within this
+    repeated = {p: n for p, n in Counter(observer.payloads()).items() if n > 1}
+    assert repeated == {}, f"published again after the reconnect: {sorted(repeated)}"
+    assert sorted(observer.payloads()) == sorted(expected)
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize(
+    ("refused_topic", "refused_qos"),
+    [
+        pytest.param("bad topic", 1, marks=POISON, id="space-in-topic"),
+        pytest.param("qos2", 2, marks=POISON, id="qos2"),
+        # A message the broker takes in the same place: proves the assertions can pass.
+        pytest.param("fine", 1, id="control-accepted"),
+    ],
+)
+async def test_nats_refused_publish_does_not_block_the_messages_behind_it(
+    refused_topic: str,
+    refused_qos: int,
+    nats_broker: NatsServer,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+) -> None:
+    """Done when: one message the broker refuses followed by 20 valid ones: the 20 arrive,
+    fewer than 30 connections are made.
+
+    A short reconnect backoff makes today's storm reach 30 connections in a second or two; a
+    fix must stop re-sending the refused message whatever backoff the application chose.
+    """
+    topic = unique("issue9-poison")
+    proxy = await proxy_factory(nats_broker.address)
+    host, port = nats_broker.address
+    async with (
+        PahoObserver(host, port, f"{topic}/#", qos=1) as observer,
+        PersistentClient(
+            proxy.host,
+            proxy.port,
+            client_id=unique("poison"),
+            store=FileStore(tmp_path / "sessions"),
+            backoff=FAST,
+        ) as client,
+    ):
+        await client.wait_connected(15)
+        await client.publish(f"{topic}/{refused_topic}", b"refused", qos=refused_qos)
+        valid = [await client.publish(f"{topic}/ok", str(i).encode(), qos=1) for i in range(20)]
+        # Until the 20 are in, or the reconnect count has already failed the test.
+        await observer.await_until(
+            lambda: len(observer.payloads(f"{topic}/ok")) >= 20 or proxy.total_connections >= 30,
+            30,
+        )
+        await anyio.sleep(1.0)  # further reconnects, if any, show up in the count
+        connections = proxy.total_connections
+        resolved = [d.outcome for d in valid]
+    assert sorted(observer.payloads(f"{topic}/ok"), key=int) == [str(i).encode() for i in range(20)]
+    assert connections < 30, f"{connections} connections"
+    assert resolved == [DeliveryOutcome.ACKNOWLEDGED] * 20
