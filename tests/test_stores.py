@@ -45,6 +45,7 @@ from mqtt_persist.session.state import (
 )
 from mqtt_persist.stores import FileStore, MemoryStore, SessionInfo, SessionStore
 from mqtt_persist.stores import file as file_module
+from mqtt_persist.stores.file import journal as file_journal
 from mqtt_persist.stores.serialization import (
     DecodeError,
     EncodeError,
@@ -965,7 +966,7 @@ async def test_migration_hook(file_store: FileStore, monkeypatch: pytest.MonkeyP
     # Pretend version 0 differed from version 1 only in its version field.
     _write(path, current[:4] + struct.pack("<H", 0) + current[6:])
     monkeypatch.setitem(
-        file_module._MIGRATIONS, 0, lambda data: data[:4] + struct.pack("<H", 1) + data[6:]
+        file_journal.MIGRATIONS, 0, lambda data: data[:4] + struct.pack("<H", 1) + data[6:]
     )
     state = await file_store.load("a")
     assert state is not None and list(state.messages) == [1]

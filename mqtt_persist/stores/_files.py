@@ -102,12 +102,6 @@ def make_private_directory(path: str, *, sync: bool = True) -> bool:
     return True
 
 
-def private_opener(path: str, flags: int) -> int:
-    """An ``opener`` for :func:`open` that creates files 0600."""
-    # The mode applies at creation, before any byte is written; umask can only narrow it.
-    return os.open(path, flags | os.O_CLOEXEC, 0o600)
-
-
 def quarantine_target(path: str, companions: tuple[str, ...] = ("",)) -> str:
     """A free ``<path>.corrupt-<UTC timestamp>[-n]`` name to move damaged data to.
 
