@@ -16,7 +16,7 @@ from mqtt_persist.errors import SessionExpired, SessionLocked
 from mqtt_persist.session.state import Operation, SessionState, StoredMessage
 from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
 from mqtt_persist.stores._expiry import is_expired, session_info, ttl_from
-from mqtt_persist.stores.base import SessionInfo
+from mqtt_persist.stores.base import SessionInfo, StoreContext
 
 __all__ = ["MemoryStore"]
 
@@ -33,7 +33,7 @@ class _Entry:
         return is_expired(self.last_access, self.ttl, now)
 
 
-class MemoryStore:
+class MemoryStore(StoreContext):
     """A :class:`~mqtt_persist.stores.base.SessionStore` that keeps sessions in a dict.
 
     Every method completes without yielding to the event loop, so concurrent tasks are
@@ -57,15 +57,6 @@ class MemoryStore:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._leases: set[str] = set()
-
-    async def __aenter__(self) -> MemoryStore:
-        """``async with MemoryStore() as store``: open on entry."""
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Close on exit (releases leases; the sessions stay)."""
-        await self.close()
 
     async def open(self) -> None:
         """Nothing to prepare. Idempotent."""

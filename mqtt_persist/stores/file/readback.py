@@ -25,7 +25,7 @@ from mqtt_persist.stores.serialization import (
     _T_MESSAGE_ADDED,
 )
 
-__all__ = ["messages_in", "not_there", "read_exactly", "read_messages"]
+__all__ = ["messages_in", "not_there", "read_exactly", "read_messages", "stored_header"]
 
 
 def _groups(read: Read, entries: Iterable[Entry]) -> Iterator[tuple[list[Entry], bytes, int]]:
@@ -66,6 +66,25 @@ def read_exactly(read: Read, start: int, end: int) -> bytes:
     return buf
 
 
+def stored_header(buf: bytes, at: int, entry: Entry) -> tuple[int, int, int]:
+    """Flags, stored packet ID field and topic length of the ``MessageAdded`` at ``buf[at:]``.
+
+    Raises :func:`not_there` unless those bytes are the operation ``entry`` expects: a
+    ``MessageAdded`` of its sequence number and exactly its length.
+    """
+    seq, _, length, _, _ = entry
+    if length < _MSG.size:
+        raise not_there(entry)
+    kind, stored_seq, flags, packet_id, topic_length, payload_length = _MSG.unpack_from(buf, at)
+    if (
+        kind != _T_MESSAGE_ADDED
+        or stored_seq != seq
+        or _MSG.size + topic_length + payload_length != length
+    ):
+        raise not_there(entry)
+    return flags, packet_id, topic_length
+
+
 def not_there(entry: Entry) -> StoreError:
     return StoreError(
         f"the journal holds no message {entry[0]} at offset {entry[1]}, where its index expects "
@@ -88,22 +107,13 @@ def messages_in(group: list[Entry], buf: bytes, start: int) -> list[StoredMessag
     operation the index expects (type, sequence number, length); packet ID and released come
     from the index, as later operations may have changed them.
     """
-    unpack = _MSG.unpack_from
     header_size = _MSG.size
     messages: list[StoredMessage] = []
     append = messages.append
     for entry in group:
         seq, offset, length, packet_id, released = entry
         at = offset - start
-        if length < header_size:
-            raise not_there(entry)
-        kind, stored_seq, flags, _, topic_length, payload_length = unpack(buf, at)
-        if (
-            kind != _T_MESSAGE_ADDED
-            or stored_seq != seq
-            or header_size + topic_length + payload_length != length
-        ):
-            raise not_there(entry)
+        flags, _, topic_length = stored_header(buf, at, entry)
         topic_at = at + header_size
         payload_at = topic_at + topic_length
         try:

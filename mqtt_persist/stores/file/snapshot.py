@@ -30,14 +30,12 @@ from mqtt_persist.stores.file.journal import (
     encode_header,
     record_header,
 )
-from mqtt_persist.stores.file.readback import messages_in, not_there, read_exactly
+from mqtt_persist.stores.file.readback import messages_in, read_exactly, stored_header
 
 # The MessageAdded layout, read in place (see readback).
 from mqtt_persist.stores.serialization import (
-    _MSG,
     _MSG_HAS_PACKET_ID,
     _MSG_RELEASED,
-    _T_MESSAGE_ADDED,
     encode_operation,
     encode_operations,
 )
@@ -57,8 +55,6 @@ def index_source(read: Read, size: int, index: Index) -> Iterator[Placed]:
     the index says (the usual queued one: no packet ID, not released) is copied byte for byte
     after the same check as :func:`messages_in`; the others are re-encoded.
     """
-    unpack = _MSG.unpack_from
-    header_size = _MSG.size
     buf = b""
     start = 0
     window_end = 0
@@ -70,15 +66,7 @@ def index_source(read: Read, size: int, index: Index) -> Iterator[Placed]:
             buf = read_exactly(read, offset, offset + window)
             start, window_end = offset, offset + window
         at = offset - start
-        if length < header_size:
-            raise not_there(entry)
-        kind, stored_seq, flags, stored_packet_id, topic_length, payload_length = unpack(buf, at)
-        if (
-            kind != _T_MESSAGE_ADDED
-            or stored_seq != seq
-            or header_size + topic_length + payload_length != length
-        ):
-            raise not_there(entry)
+        flags, stored_packet_id, _ = stored_header(buf, at, entry)
         stored = stored_packet_id if flags & _MSG_HAS_PACKET_ID else None
         if stored == packet_id and bool(flags & _MSG_RELEASED) == released:
             op = buf[at : at + length]

@@ -75,7 +75,7 @@ from mqtt_persist.stores._files import (
 )
 from mqtt_persist.stores._leases import FlockLeases, remove_expired
 from mqtt_persist.stores._worker import Worker
-from mqtt_persist.stores.base import SessionInfo
+from mqtt_persist.stores.base import SessionInfo, StoreContext
 from mqtt_persist.stores.file import snapshot
 from mqtt_persist.stores.file.index import Entry, Index
 from mqtt_persist.stores.file.journal import (
@@ -97,7 +97,7 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-class FileStore:
+class FileStore(StoreContext):
     """A :class:`~mqtt_persist.stores.base.SessionStore` keeping one journal file per session.
 
     See the module documentation for the format and the guarantees. ``fsync=False`` skips every
@@ -141,15 +141,6 @@ class FileStore:
     def journal_path(self, client_id: str) -> Path:
         """The journal file of ``client_id`` (whether or not it exists)."""
         return Path(self._paths(client_id).journal)
-
-    async def __aenter__(self) -> FileStore:
-        """``async with FileStore(...) as store``: open on entry."""
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Close on exit (records last accesses, releases leases)."""
-        await self.close()
 
     # --- plumbing -------------------------------------------------------------------------------
 

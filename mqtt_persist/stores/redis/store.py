@@ -84,7 +84,7 @@ from mqtt_persist.session.state import Operation, SessionState, StoredMessage
 from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
 from mqtt_persist.stores._expiry import is_expired, ttl_from
 from mqtt_persist.stores._quarantine import quarantine_stamp
-from mqtt_persist.stores.base import SessionInfo
+from mqtt_persist.stores.base import SessionInfo, StoreContext
 from mqtt_persist.stores.redis.codec import (
     build_state,
     decode_message,
@@ -126,7 +126,7 @@ _CHUNK = 1000
 _LOAD_PAGE = 1000
 
 
-class RedisStore:
+class RedisStore(StoreContext):
     """A :class:`~mqtt_persist.stores.base.SessionStore` in Redis, shared between processes.
 
     See the module documentation for the key layout and the guarantees. ``url`` is a redis-py
@@ -185,15 +185,6 @@ class RedisStore:
     def prefix(self) -> str:
         """The prefix of every key this store uses."""
         return self._prefix
-
-    async def __aenter__(self) -> RedisStore:
-        """``async with RedisStore(...) as store``: open on entry."""
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Close on exit (releases leases; the sessions stay)."""
-        await self.close()
 
     # --- plumbing -------------------------------------------------------------------------------
 

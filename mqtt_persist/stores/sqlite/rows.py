@@ -216,38 +216,33 @@ def read_state(
         not_loaded = max(0, meta.queued - len(queued_part))
     state = SessionState(client_id)
     state.messages = {m.seq: m for m in messages}
-    for (packet_id,) in fetch(
-        conn, "inbound", "SELECT packet_id FROM inbound WHERE sid = ?", (sid,)
-    ):
+    for (packet_id,) in _rows(conn, "inbound", "packet_id", sid):
         if not _is_int(packet_id) or not 0 <= packet_id <= 0xFFFF:
             raise BadRow("inbound", f"packet_id {packet_id!r} is not a packet ID")
         state.inbound_qos2.add(packet_id)
-    for topic_filter, qos, confirmed in fetch(
-        conn,
-        "subscriptions",
-        "SELECT filter, qos, confirmed FROM subscriptions WHERE sid = ?",
-        (sid,),
-    ):
-        if type(topic_filter) is not str:
-            raise BadRow("subscriptions", f"filter {topic_filter!r} is not text")
-        where = f"filter {topic_filter!r}"
+    for topic_filter, qos, confirmed in _rows(conn, "subscriptions", "filter, qos, confirmed", sid):
+        where = f"filter {_filter(topic_filter, 'subscriptions')!r}"
         if not _is_int(qos) or not 0 <= qos <= 2:
             raise BadRow("subscriptions", f"qos {qos!r} is not 0, 1 or 2 ({where})")
         state.subscriptions[topic_filter] = StoredSubscription(
             topic_filter, qos, _flag("subscriptions", "confirmed", confirmed, where)
         )
-    for (topic_filter,) in fetch(
-        conn,
-        "pending_unsubscribes",
-        "SELECT filter FROM pending_unsubscribes WHERE sid = ?",
-        (sid,),
-    ):
-        if type(topic_filter) is not str:
-            raise BadRow("pending_unsubscribes", f"filter {topic_filter!r} is not text")
-        state.pending_unsubscribes.add(topic_filter)
+    for (topic_filter,) in _rows(conn, "pending_unsubscribes", "filter", sid):
+        state.pending_unsubscribes.add(_filter(topic_filter, "pending_unsubscribes"))
     state.last_seq = max(0, meta.last_seq, messages[-1].seq if messages else 0)
     state.queued_not_loaded = not_loaded
     return state
+
+
+def _rows(conn: sqlite3.Connection, table: str, columns: str, sid: int) -> list[Any]:
+    """The given columns of every row of ``table`` that belongs to the session."""
+    return fetch(conn, table, f"SELECT {columns} FROM {table} WHERE sid = ?", (sid,))
+
+
+def _filter(value: object, table: str) -> str:
+    if type(value) is not str:
+        raise BadRow(table, f"filter {value!r} is not text")
+    return value
 
 
 def _seq_of(message: StoredMessage) -> int:

@@ -82,7 +82,7 @@ from mqtt_persist.stores._expiry import session_info, ttl_from
 from mqtt_persist.stores._files import fsync_directory, quarantine_target
 from mqtt_persist.stores._leases import FlockLeases, remove_expired
 from mqtt_persist.stores._worker import Worker
-from mqtt_persist.stores.base import SessionInfo
+from mqtt_persist.stores.base import SessionInfo, StoreContext
 from mqtt_persist.stores.sqlite.operations import HANDLERS
 from mqtt_persist.stores.sqlite.rows import (
     INT64_MAX,
@@ -128,7 +128,7 @@ def _check_client_id(client_id: str) -> None:
         raise InvalidClientId(f"client id {client_id!r} cannot be stored: {exc}") from None
 
 
-class SQLiteStore:
+class SQLiteStore(StoreContext):
     """A :class:`~mqtt_persist.stores.base.SessionStore` keeping every session in one SQLite file.
 
     See the module documentation for the schema and the guarantees. ``path`` is the database
@@ -176,15 +176,6 @@ class SQLiteStore:
     def lock_path(self, client_id: str) -> Path:
         """The lease file of ``client_id`` (whether or not it exists)."""
         return Path(self._leases.path(client_id))
-
-    async def __aenter__(self) -> SQLiteStore:
-        """``async with SQLiteStore(...) as store``: open on entry."""
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Close on exit (releases leases)."""
-        await self.close()
 
     # --- plumbing -------------------------------------------------------------------------------
 
