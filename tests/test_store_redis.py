@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -48,7 +49,9 @@ from mqtt_persist.session.state import (
 from mqtt_persist.stores import _quarantine as quarantine_module
 from mqtt_persist.stores import redis as redis_module
 from mqtt_persist.stores.redis import RedisStore
+from mqtt_persist.stores.redis import codec as redis_codec
 from mqtt_persist.stores.redis import owners as redis_owners
+from mqtt_persist.stores.redis import scripts as redis_scripts
 from mqtt_persist.stores.redis import server as redis_server_module
 from mqtt_persist.stores.redis import store as redis_store_module
 from mqtt_persist.stores.serialization import EncodeError, encode_operation
@@ -154,6 +157,18 @@ def test_import_mqtt_persist_does_not_import_redis() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=child_env(), timeout=60)
+
+
+# --- what each operation does ---------------------------------------------------------------------
+
+
+def test_apply_lua_has_one_branch_per_operation_rule() -> None:
+    """apply.lua dispatches on the codes of codec.RULES: one branch each, naming its type."""
+    source = redis_scripts.source("apply")
+    branches = re.findall(r"\b(?:if|elseif) op == '(.)' then -- (\w+)\n", source)
+    expected = [(rule.code.decode(), kind.__name__) for kind, rule in redis_codec.RULES.items()]
+    assert sorted(branches) == sorted(expected)
+    assert source.count("op == '") == len(expected)  # and no other branch
 
 
 # --- atomicity ------------------------------------------------------------------------------------
