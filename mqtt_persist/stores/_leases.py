@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from mqtt_persist.errors import SessionLocked
 from mqtt_persist.stores._files import file_base, flock, unlock
 
-__all__ = ["FlockLeases", "Lease", "remove_expired"]
+__all__ = ["FlockLease", "FlockLeases", "remove_expired"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class Lease:
+class FlockLease:
     """A held lease: the locked file's descriptor, and how it was taken."""
 
     fd: int
@@ -52,7 +52,7 @@ class FlockLeases:
         """Leases in ``directory`` (created 0700 on first use)."""
         self._directory = directory
         self._has_session = has_session
-        self._held: dict[str, Lease] = {}
+        self._held: dict[str, FlockLease] = {}
 
     def path(self, client_id: str) -> str:
         """The lock file of ``client_id``."""
@@ -125,7 +125,7 @@ class FlockLeases:
             raise SessionLocked(
                 f"session {client_id!r} is held by another process or store (lock file {path})"
             )
-        self._held[client_id] = Lease(fd, explicit)
+        self._held[client_id] = FlockLease(fd, explicit)
 
 
 def remove_expired(

@@ -456,7 +456,7 @@ class FileStore(StoreContext):
 
     async def open(self) -> None:
         """Create the directory (mode 0700) if needed. Idempotent; other methods call it."""
-        await self._run(_nothing)
+        await self._run(self._open_job)
 
     async def close(self) -> None:
         """Record last accesses, close every journal and release every lease. Idempotent.
@@ -556,10 +556,6 @@ class FileStore(StoreContext):
     async def cleanup_expired(self) -> int:
         """Remove every expired session nobody holds a lease on; returns how many."""
         return await self._run(self._cleanup_job)
-
-
-def _nothing() -> None:
-    return None
 
 
 def _info(

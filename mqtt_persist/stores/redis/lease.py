@@ -34,7 +34,7 @@ from mqtt_persist.stores.redis.keys import KeyLayout, text
 from mqtt_persist.stores.redis.owners import describe_owner, identity, owner_is_dead
 from mqtt_persist.stores.redis.scripts import Scripts
 
-__all__ = ["Lease", "LeaseKeeper"]
+__all__ = ["LeaseKeeper", "TokenLease"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ Errors = Callable[[], contextlib.AbstractContextManager[None]]
 
 
 @dataclass(slots=True)
-class Lease:
+class TokenLease:
     """A lease this store holds: its owner value (the token scripts compare)."""
 
     token: bytes
@@ -64,7 +64,7 @@ class LeaseKeeper:
         self._store_id = store_id
         self._errors = errors
         self._name = name
-        self._held: dict[str, Lease] = {}
+        self._held: dict[str, TokenLease] = {}
         self._renewal: asyncio.Task[None] | None = None
         #: The scripts to renew with (set by the store when connected; None: not connected).
         self.scripts: Scripts | None = None
@@ -121,7 +121,7 @@ class LeaseKeeper:
                 break
         else:
             raise SessionLocked(f"session {client_id!r}: its lease keeps changing hands")
-        self._held[client_id] = Lease(token)
+        self._held[client_id] = TokenLease(token)
         if self._renewal is None or self._renewal.done():
             self._renewal = asyncio.get_running_loop().create_task(
                 self._renew_forever(), name=f"RedisStore lease renewal ({self._name})"
