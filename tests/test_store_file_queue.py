@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
-import aiofiles.os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,6 +42,9 @@ from mqtt_persist.session.state import (
 )
 from mqtt_persist.stores import FileStore
 from mqtt_persist.stores import file as file_module
+from mqtt_persist.stores.file import journal as file_journal
+from mqtt_persist.stores.file import sizes as file_sizes
+from mqtt_persist.stores.file import snapshot as file_snapshot
 from tests.test_stores import msg, queued_of, replay, restricted, store_ops
 
 # --- the index against a full replay ----------------------------------------------------------
@@ -50,11 +52,11 @@ from tests.test_stores import msg, queued_of, replay, restricted, store_ops
 # Chunk sizes far below a record, so every read window, span and snapshot record boundary is
 # crossed by the small journals hypothesis builds.
 TINY_CHUNKS = {
-    "_SNAPSHOT_CHUNK": 200,
-    "_SCAN_CHUNK": 16,
-    "_READ_SPAN": 120,
-    "_READ_GAP": 8,
-    "_INDEX_SLACK": 2,
+    "SNAPSHOT_CHUNK": 200,
+    "SCAN_CHUNK": 16,
+    "READ_SPAN": 120,
+    "READ_GAP": 8,
+    "INDEX_SLACK": 2,
 }
 
 
@@ -111,7 +113,7 @@ def test_index_matches_replay_across_reopen_and_compaction(
         finally:
             await store.close()
 
-    chunks = mock.patch.multiple(file_module, **TINY_CHUNKS) if tiny else contextlib.nullcontext()
+    chunks = mock.patch.multiple(file_sizes, **TINY_CHUNKS) if tiny else contextlib.nullcontext()
     with tempfile.TemporaryDirectory() as path, chunks:
         asyncio.run(scenario(Path(path)))
 
@@ -131,7 +133,7 @@ async def test_every_message_transition_survives_compaction_and_reopen(tmp_path:
     assert [m.seq for m in queued] == [5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
     assert expected.messages[3].released and expected.messages[3].packet_id == 1
     probes = [(-1, 100), (0, 3), (10, 2), (12, 100), (19, 5), (4, 0)]
-    with mock.patch.multiple(file_module, **TINY_CHUNKS):
+    with mock.patch.multiple(file_sizes, **TINY_CHUNKS):
         async with FileStore(tmp_path / "s", fsync=False) as store:
             for batch in batches:
                 await store.apply("c", batch)
@@ -172,7 +174,7 @@ async def test_drained_queue_gives_its_index_memory_back(tmp_path: Path) -> None
             await store.apply("c", [PacketIdAssigned(s, s % 60000 + 1), MessageRemoved(s)])
         index = store._sessions["c"].index
         assert index.q_live == 2000
-        assert len(index.q_seq) <= index.q_live + max(file_module._INDEX_SLACK, 1000) + 1
+        assert len(index.q_seq) <= index.q_live + max(file_sizes.INDEX_SLACK, 1000) + 1
         # From the middle: every other one dropped.
         await store.apply("c", [MessageRemoved(s) for s in range(3001, 5001, 2)])
         assert index.q_live == 1000
@@ -195,7 +197,7 @@ async def test_migrated_journal_is_read_back_from_the_new_file(tmp_path: Path) -
     current = path.read_bytes()
     path.write_bytes(current[:4] + struct.pack("<H", 0) + current[6:])
     with mock.patch.dict(
-        file_module._MIGRATIONS, {0: lambda data: data[:4] + struct.pack("<H", 1) + data[6:]}
+        file_journal.MIGRATIONS, {0: lambda data: data[:4] + struct.pack("<H", 1) + data[6:]}
     ):
         async with FileStore(directory, fsync=False) as store:
             state = await store.load("c", queued_limit=10)
@@ -289,12 +291,14 @@ async def test_memory_of_a_100k_queue_is_its_index_not_its_payloads(journal_copy
     finally:
         tracemalloc.stop()
     held = traced_growth(after, baseline)
-    only_file_py = [tracemalloc.Filter(True, file_module.__file__)]
+    only_file_py = [
+        tracemalloc.Filter(True, os.path.join(os.path.dirname(file_module.__file__), "*"))
+    ]
     in_file_py = traced_growth(
         after.filter_traces(only_file_py), baseline.filter_traces(only_file_py)
     )
     try:
-        print(f"held {held / QUEUED:.1f} B/msg ({in_file_py / QUEUED:.1f} by file.py)")
+        print(f"held {held / QUEUED:.1f} B/msg ({in_file_py / QUEUED:.1f} by stores/file/)")
         print(f"peak while opening {peak:,} B")
         assert held < 40 * QUEUED
         assert in_file_py < 40 * QUEUED
@@ -412,13 +416,12 @@ async def test_failed_compaction_leaves_the_store_as_the_file_says(
         before = await store.load("c")
         # Forget the baseline a compact journal gets when opened: the next apply compacts.
         store._sessions["c"].snapshot_size = 0
-        real = file_module._write_snapshot
 
         def full_disk(fd: int, *args: object) -> object:
             os.write(fd, b"half a snapshot")
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(file_module, "_awrite_snapshot", aiofiles.os.wrap(full_disk))
+        monkeypatch.setattr(file_snapshot, "write_snapshot", full_disk)
         with pytest.raises(StoreError, match="No space left"):
             await store.apply(
                 "c", [PacketIdAssigned(1, 7), MessageRemoved(2), MessageAdded(msg(9))]
@@ -426,7 +429,7 @@ async def test_failed_compaction_leaves_the_store_as_the_file_says(
         assert await store.load("c") == before
         assert await store.read_queued("c", 0, 10) == [msg(s) for s in range(1, 6)]
         assert not store.journal_path("c").with_suffix(".tmp").exists()
-        monkeypatch.setattr(file_module, "_awrite_snapshot", aiofiles.os.wrap(real))
+        monkeypatch.undo()
         await store.apply("c", [PacketIdAssigned(1, 7), MessageRemoved(2)])
         assert [m.seq for m in await store.read_queued("c", 0, 10)] == [3, 4, 5]
     async with FileStore(tmp_path / "s") as store:

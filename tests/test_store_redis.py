@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -45,8 +46,14 @@ from mqtt_persist.session.state import (
     StoredMessage,
     SubscriptionSet,
 )
+from mqtt_persist.stores import _quarantine as quarantine_module
 from mqtt_persist.stores import redis as redis_module
 from mqtt_persist.stores.redis import RedisStore
+from mqtt_persist.stores.redis import codec as redis_codec
+from mqtt_persist.stores.redis import owners as redis_owners
+from mqtt_persist.stores.redis import scripts as redis_scripts
+from mqtt_persist.stores.redis import server as redis_server_module
+from mqtt_persist.stores.redis import store as redis_store_module
 from mqtt_persist.stores.serialization import EncodeError, encode_operation
 from tests.support.redis_server import shared_redis_url, unique_prefix
 from tests.support.store_kill import (
@@ -152,6 +159,18 @@ def test_import_mqtt_persist_does_not_import_redis() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env=child_env(), timeout=60)
 
 
+# --- what each operation does ---------------------------------------------------------------------
+
+
+def test_apply_lua_has_one_branch_per_operation_rule() -> None:
+    """apply.lua dispatches on the codes of codec.RULES: one branch each, naming its type."""
+    source = redis_scripts.source("apply")
+    branches = re.findall(r"\b(?:if|elseif) op == '(.)' then -- (\w+)\n", source)
+    expected = [(rule.code.decode(), kind.__name__) for kind, rule in redis_codec.RULES.items()]
+    assert sorted(branches) == sorted(expected)
+    assert source.count("op == '") == len(expected)  # and no other branch
+
+
 # --- atomicity ------------------------------------------------------------------------------------
 
 
@@ -194,7 +213,7 @@ async def test_a_batch_that_cannot_be_encoded_changes_nothing(store: RedisStore)
     before = await store.load("a")
     with pytest.raises(EncodeError):
         await store.apply("a", [MessageAdded(msg(2)), PacketIdAssigned(1, 70000)])
-    with pytest.raises(TypeError):
+    with pytest.raises(EncodeError):  # one error type in every store (was TypeError here)
         await store.apply("a", [MessageAdded(msg(3)), "nope"])  # type: ignore[list-item]
     assert await store.load("a") == before
 
@@ -240,7 +259,7 @@ async def test_queued_limit_reads_only_the_front_of_100k(store: RedisStore) -> N
 async def test_full_load_by_the_lease_holder_reads_in_pages(
     make: Callable[..., RedisStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(redis_module, "_LOAD_PAGE", 7)
+    monkeypatch.setattr(redis_store_module, "_LOAD_PAGE", 7)
     holder, reader = make(), make()
     ops: list[Operation] = [MessageAdded(msg(s)) for s in range(1, 60)]
     ops += [PacketIdAssigned(s, s) for s in (2, 30, 59)] + [MessageReleased(30)]
@@ -488,12 +507,12 @@ async def test_damaged_session_is_listed_as_skipped_but_exists(
 async def test_two_quarantines_in_the_same_instant_do_not_collide(
     store: RedisStore, raw: Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    class Frozen(redis_module.datetime):
+    class Frozen(quarantine_module.datetime):
         @classmethod
         def now(cls, tz: Any = None) -> Any:
-            return redis_module.datetime(2030, 1, 2, 3, 4, 5, 6, tzinfo=tz)
+            return quarantine_module.datetime(2030, 1, 2, 3, 4, 5, 6, tzinfo=tz)
 
-    monkeypatch.setattr(redis_module, "datetime", Frozen)
+    monkeypatch.setattr(quarantine_module, "datetime", Frozen)
     for _ in range(3):
         await store.apply("a", [MessageAdded(msg(1))])
         await raw.hset(store.session_keys("a")["msg"], SEQ1, b"junk")
@@ -555,13 +574,13 @@ async def test_migration_hook(
         calls.append(keys.meta)
         await client.hset(keys.meta, "v", 1)
 
-    monkeypatch.setitem(redis_module._MIGRATIONS, 0, migrate_0_to_1)
+    monkeypatch.setitem(redis_server_module.MIGRATIONS, 0, migrate_0_to_1)
     state = await store.load("a")
     assert state is not None and list(state.messages) == [1]
     assert calls == [meta]
     assert await raw.hget(meta, "v") == b"1"
     # A version no migration starts from is damage.
-    monkeypatch.delitem(redis_module._MIGRATIONS, 0)
+    monkeypatch.delitem(redis_server_module.MIGRATIONS, 0)
     await raw.hset(meta, "v", 0)
     with pytest.raises(SessionCorrupt) as info:
         await store.load("a")
@@ -651,26 +670,26 @@ async def test_a_holder_on_another_host_is_waited_for(store: RedisStore, raw: Re
 
 
 def test_owner_is_dead_only_when_provably_so() -> None:
-    me = redis_module._identity()
+    me = redis_owners.identity()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
 
     def owner(**changes: Any) -> bytes:
         return json.dumps({**me, **changes}).encode()
 
-    assert redis_module._owner_is_dead(owner(pid=dead.pid))
-    assert not redis_module._owner_is_dead(owner())  # this very process
-    parent = redis_module._process_facts(os.getppid())
+    assert redis_owners.owner_is_dead(owner(pid=dead.pid))
+    assert not redis_owners.owner_is_dead(owner())  # this very process
+    parent = redis_owners.process_facts(os.getppid())
     alive = owner(pid=os.getppid(), start=parent[1] if parent else None)
-    assert not redis_module._owner_is_dead(alive)
-    assert not redis_module._owner_is_dead(owner(pid=dead.pid, host="elsewhere"))
-    assert not redis_module._owner_is_dead(owner(pid=dead.pid, pidns="pid:[1]"))
-    assert not redis_module._owner_is_dead(owner(pid=dead.pid, boot="another boot"))
-    assert not redis_module._owner_is_dead(b"not json")
+    assert not redis_owners.owner_is_dead(alive)
+    assert not redis_owners.owner_is_dead(owner(pid=dead.pid, host="elsewhere"))
+    assert not redis_owners.owner_is_dead(owner(pid=dead.pid, pidns="pid:[1]"))
+    assert not redis_owners.owner_is_dead(owner(pid=dead.pid, boot="another boot"))
+    assert not redis_owners.owner_is_dead(b"not json")
     if "start" in me:
         # Our pid, but a process that started at another time: an earlier holder of our pid.
-        assert redis_module._owner_is_dead(owner(start=me["start"] - 1))
-        assert redis_module._owner_is_dead(owner(pid=os.getppid(), start=-1))
+        assert redis_owners.owner_is_dead(owner(start=me["start"] - 1))
+        assert redis_owners.owner_is_dead(owner(pid=os.getppid(), start=-1))
 
 
 async def test_lease_of_a_killed_process_is_taken_over_at_once(

@@ -42,6 +42,9 @@ from mqtt_persist.session.state import (
 )
 from mqtt_persist.stores import SQLiteStore
 from mqtt_persist.stores import sqlite as sqlite_module
+from mqtt_persist.stores.sqlite import operations as sqlite_operations
+from mqtt_persist.stores.sqlite import rows as sqlite_rows
+from mqtt_persist.stores.sqlite import schema as sqlite_schema
 from tests.support.store_kill import VICTIM, Batches, kill_rounds
 from tests.test_stores import (
     _BATCHES,
@@ -171,7 +174,7 @@ async def test_a_failing_batch_applies_nothing(
         raise sqlite3.OperationalError("disk I/O error (simulated)")
 
     # MessageAdded and InboundReceived run first, then the failure: none of it may stay.
-    monkeypatch.setitem(sqlite_module._HANDLERS, MessageRemoved, fail)
+    monkeypatch.setitem(sqlite_operations.HANDLERS, MessageRemoved, fail)
     with pytest.raises(StoreError, match="simulated"):
         await store.apply("a", [MessageAdded(msg(2)), InboundReceived(3), MessageRemoved(1)])
     monkeypatch.undo()
@@ -295,9 +298,9 @@ async def test_query_plans_are_range_scans(store: SQLiteStore) -> None:
         return [
             " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
             for sql, params in [
-                (sqlite_module._SELECT_INFLIGHT, (1,)),
-                (sqlite_module._SELECT_QUEUED_FIRST, (1, 10)),
-                (sqlite_module._SELECT_QUEUED_AFTER, (1, 5, 10)),
+                (sqlite_rows.SELECT_INFLIGHT, (1,)),
+                (sqlite_rows.SELECT_QUEUED_FIRST, (1, 10)),
+                (sqlite_rows.SELECT_QUEUED_AFTER, (1, 5, 10)),
             ]
         ]
 
@@ -580,8 +583,8 @@ async def test_migration_hook_upgrades_an_older_version(
         calls.append(conn.in_transaction)
         conn.execute("ALTER TABLE sessions ADD COLUMN note TEXT")
 
-    monkeypatch.setattr(sqlite_module, "FORMAT_VERSION", 2)
-    monkeypatch.setitem(sqlite_module._MIGRATIONS, 1, migrate_1_to_2)
+    monkeypatch.setattr(sqlite_schema, "FORMAT_VERSION", 2)
+    monkeypatch.setitem(sqlite_schema.MIGRATIONS, 1, migrate_1_to_2)
     async with SQLiteStore(db) as store:
         assert await store.load("a") == replay("a", [[MessageAdded(msg(1))]])
     assert calls == [True]  # once, inside the upgrade's transaction

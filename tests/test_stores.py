@@ -45,6 +45,10 @@ from mqtt_persist.session.state import (
 )
 from mqtt_persist.stores import FileStore, MemoryStore, SessionInfo, SessionStore
 from mqtt_persist.stores import file as file_module
+from mqtt_persist.stores._checks import check_handlers
+from mqtt_persist.stores.file import index as file_index
+from mqtt_persist.stores.file import journal as file_journal
+from mqtt_persist.stores.redis import codec as redis_codec
 from mqtt_persist.stores.serialization import (
     DecodeError,
     EncodeError,
@@ -54,6 +58,7 @@ from mqtt_persist.stores.serialization import (
     encode_operations,
 )
 from mqtt_persist.stores.sqlite import SQLiteStore
+from mqtt_persist.stores.sqlite import operations as sqlite_operations
 from tests.support.store_kill import VICTIM, Batches, kill_rounds, start_holder, stop_holder
 
 T0 = 1_700_000_000.0
@@ -535,8 +540,10 @@ async def test_delete_keeps_an_acquired_lease(store: SessionStore) -> None:
 seqs = st.integers(0, 12)
 packet_ids = st.integers(1, 65535)
 filters = st.sampled_from(["a/#", "b/+", "c", "ü/🚀", ""])
-store_ops = st.one_of(
-    st.builds(
+#: One strategy per operation type: the random sequences below exercise every type, and
+#: test_random_operations_cover_every_operation_type fails when a new type is missing here.
+STORE_OP_STRATEGIES: dict[type, st.SearchStrategy[Operation]] = {
+    MessageAdded: st.builds(
         MessageAdded,
         st.builds(
             StoredMessage,
@@ -549,17 +556,43 @@ store_ops = st.one_of(
             released=st.booleans(),
         ),
     ),
-    st.builds(PacketIdAssigned, seqs, packet_ids),
-    st.builds(MessageReleased, seqs),
-    st.builds(MessageRequeued, seqs),
-    st.builds(MessageRemoved, seqs),
-    st.builds(InboundReceived, st.integers(1, 20)),
-    st.builds(InboundReleased, st.integers(1, 20)),
-    st.just(InboundCleared()),
-    st.builds(SubscriptionSet, filters, st.integers(0, 2), st.booleans()),
-    st.builds(SubscriptionRemoved, filters, st.booleans()),
-    st.builds(UnsubscribeDone, filters),
+    PacketIdAssigned: st.builds(PacketIdAssigned, seqs, packet_ids),
+    MessageReleased: st.builds(MessageReleased, seqs),
+    MessageRequeued: st.builds(MessageRequeued, seqs),
+    MessageRemoved: st.builds(MessageRemoved, seqs),
+    InboundReceived: st.builds(InboundReceived, st.integers(1, 20)),
+    InboundReleased: st.builds(InboundReleased, st.integers(1, 20)),
+    InboundCleared: st.just(InboundCleared()),
+    SubscriptionSet: st.builds(SubscriptionSet, filters, st.integers(0, 2), st.booleans()),
+    SubscriptionRemoved: st.builds(SubscriptionRemoved, filters, st.booleans()),
+    UnsubscribeDone: st.builds(UnsubscribeDone, filters),
+}
+store_ops = st.one_of(*STORE_OP_STRATEGIES.values())
+
+
+def test_random_operations_cover_every_operation_type() -> None:
+    assert set(STORE_OP_STRATEGIES) == set(typing.get_args(Operation))
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        pytest.param(lambda: file_index.RULES, id="file"),
+        pytest.param(lambda: sqlite_operations.HANDLERS, id="sqlite"),
+        pytest.param(lambda: redis_codec.RULES, id="redis"),
+    ],
 )
+def test_every_store_has_one_rule_per_operation_type(
+    rules: Callable[[], dict[type, object]],
+) -> None:
+    """Each store's table of per-operation rules covers exactly the journal operation types.
+
+    (MemoryStore's rule is SessionState.apply itself; test_round_trip_of_every_operation runs
+    every type through it.) The stores also refuse to import with a type missing:
+    """
+    assert set(rules()) == set(typing.get_args(Operation))
+    with pytest.raises(TypeError, match="no rule for MessageRemoved"):
+        check_handlers("a store", set(rules()) - {MessageRemoved})
 
 
 @pytest.mark.parametrize("kind", STORE_KINDS, ids=lambda kind: kind.name)
@@ -567,7 +600,7 @@ store_ops = st.one_of(
 @given(
     client_id=st.text(min_size=1, max_size=20),
     batches=st.lists(st.lists(store_ops, min_size=1, max_size=10), max_size=12),
-    events=st.lists(st.sampled_from(["reopen", "load", "none"]), min_size=12, max_size=12),
+    events=st.lists(st.sampled_from(["reopen", "load", "save", "none"]), min_size=12, max_size=12),
 )
 def test_random_batches_survive_reopen(
     kind: StoreKind, client_id: str, batches: list[list[Operation]], events: list[str]
@@ -582,6 +615,11 @@ def test_random_batches_survive_reopen(
                 if events[i] == "reopen":
                     store = await harness.reopen()
                 elif events[i] == "load":
+                    assert await store.load(client_id) == replay(client_id, batches[: i + 1])
+                elif events[i] == "save":
+                    # A snapshot goes through each store's own save path (SQL rows, a
+                    # rewritten journal, save.lua) and must replay to the same state.
+                    await store.save(replay(client_id, batches[: i + 1]))
                     assert await store.load(client_id) == replay(client_id, batches[: i + 1])
             store = await harness.reopen()
             expected = replay(client_id, batches) if batches else None
@@ -965,7 +1003,7 @@ async def test_migration_hook(file_store: FileStore, monkeypatch: pytest.MonkeyP
     # Pretend version 0 differed from version 1 only in its version field.
     _write(path, current[:4] + struct.pack("<H", 0) + current[6:])
     monkeypatch.setitem(
-        file_module._MIGRATIONS, 0, lambda data: data[:4] + struct.pack("<H", 1) + data[6:]
+        file_journal.MIGRATIONS, 0, lambda data: data[:4] + struct.pack("<H", 1) + data[6:]
     )
     state = await file_store.load("a")
     assert state is not None and list(state.messages) == [1]

@@ -1,4 +1,7 @@
-"""File-system pieces shared by the stores that live in local files (FileStore, SQLiteStore)."""
+"""File-system pieces shared by the stores that live in local files (FileStore, SQLiteStore).
+
+Everything here blocks: call it from the store's worker thread (see ``_worker``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import fcntl
 import hashlib
 import os
 import re
-from datetime import UTC, datetime
+
+from mqtt_persist.stores._quarantine import quarantine_stamp
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -63,13 +67,48 @@ def unlock(fd: int, path: str, remove: bool) -> None:
         os.close(fd)
 
 
+def fsync_fd(fd: int) -> None:
+    """Make what was written to ``fd`` durable, down to the medium."""
+    # macOS's fsync() stops at the drive's cache; F_FULLFSYNC reaches the medium.
+    full_fsync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_fsync is not None:
+        try:
+            fcntl.fcntl(fd, full_fsync)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+def fsync_directory(path: str) -> None:
+    """Make the names in a directory durable (a create, rename or unlink in it)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fsync_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def make_private_directory(path: str, *, sync: bool = True) -> bool:
+    """Create ``path`` (and missing parents) with mode 0700; True if it did not exist yet.
+
+    With ``sync``, a new directory's name is made durable in its parent.
+    """
+    if os.path.isdir(path):
+        return False
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if sync:
+        fsync_directory(os.path.dirname(path))
+    return True
+
+
 def quarantine_target(path: str, companions: tuple[str, ...] = ("",)) -> str:
     """A free ``<path>.corrupt-<UTC timestamp>[-n]`` name to move damaged data to.
 
     ``companions`` are suffixes of files that move along (SQLite's ``-wal``/``-shm``); the name
     is free only if none of them exists yet, so nothing quarantined earlier is overwritten.
     """
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = quarantine_stamp()
     target = f"{path}.corrupt-{stamp}"
     suffix = 0
     while any(os.path.lexists(target + extra) for extra in companions):

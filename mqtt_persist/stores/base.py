@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from mqtt_persist.session.state import Operation, SessionState, StoredMessage
 
@@ -106,3 +106,25 @@ class SessionStore(Protocol):
 
     async def cleanup_expired(self) -> int:
         """Remove every expired session; returns how many were removed."""
+
+
+class StoreContext:
+    """``async with store``: :meth:`open` on entry, :meth:`close` on exit (leases released,
+    sessions kept). The stores in this package inherit it."""
+
+    async def open(self) -> None:
+        """Prepare the medium (overridden by every store)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the medium (overridden by every store)."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        """Open the store and return it."""
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close the store (its leases are released; its sessions stay)."""
+        await self.close()

@@ -8,18 +8,17 @@ loses everything; use :class:`~mqtt_persist.stores.file.FileStore` for that.
 from __future__ import annotations
 
 import time
-import typing
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mqtt_persist.errors import SessionExpired, SessionLocked
 from mqtt_persist.session.state import Operation, SessionState, StoredMessage
-from mqtt_persist.stores.base import SessionInfo
+from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
+from mqtt_persist.stores._expiry import is_expired, session_info, ttl_from
+from mqtt_persist.stores.base import SessionInfo, StoreContext
 
 __all__ = ["MemoryStore"]
-
-_OPERATION_TYPES = frozenset(typing.get_args(Operation))
 
 
 @dataclass(slots=True)
@@ -30,11 +29,11 @@ class _Entry:
     #: Seconds after ``last_access`` at which the session expires; None: never.
     ttl: float | None = None
 
-    def expires_at(self) -> float | None:
-        return None if self.ttl is None else self.last_access + self.ttl
+    def expired(self, now: float) -> bool:
+        return is_expired(self.last_access, self.ttl, now)
 
 
-class MemoryStore:
+class MemoryStore(StoreContext):
     """A :class:`~mqtt_persist.stores.base.SessionStore` that keeps sessions in a dict.
 
     Every method completes without yielding to the event loop, so concurrent tasks are
@@ -59,15 +58,6 @@ class MemoryStore:
         self._entries: dict[str, _Entry] = {}
         self._leases: set[str] = set()
 
-    async def __aenter__(self) -> MemoryStore:
-        """``async with MemoryStore() as store``: open on entry."""
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Close on exit (releases leases; the sessions stay)."""
-        await self.close()
-
     async def open(self) -> None:
         """Nothing to prepare. Idempotent."""
 
@@ -88,15 +78,10 @@ class MemoryStore:
     def _live_entry(self, client_id: str) -> _Entry | None:
         """The entry, or None; an expired entry is removed and reported as SessionExpired."""
         entry = self._entries.get(client_id)
-        if entry is not None and self._expired(entry, self._clock()):
+        if entry is not None and entry.expired(self._clock()):
             del self._entries[client_id]
             raise SessionExpired(f"session {client_id!r} expired and was removed")
         return entry
-
-    @staticmethod
-    def _expired(entry: _Entry, now: float) -> bool:
-        expires_at = entry.expires_at()
-        return expires_at is not None and now >= expires_at
 
     async def load(self, client_id: str, *, queued_limit: int | None = None) -> SessionState | None:
         """A copy of the stored session, or None; updates its last access.
@@ -104,6 +89,7 @@ class MemoryStore:
         With ``queued_limit``, only the first ``queued_limit`` queued messages (lowest sequence
         numbers) are in the copy, and ``queued_not_loaded`` counts the others.
         """
+        check_queued_limit(queued_limit)
         entry = self._live_entry(client_id)
         if entry is None:
             return None
@@ -136,8 +122,9 @@ class MemoryStore:
         Like :meth:`apply` (and unlike :meth:`load`) this does not check expiry: the caller
         holds the session. It counts as an access.
         """
+        check_read_limit(limit)
         entry = self._entries.get(client_id)
-        if entry is None or limit <= 0:
+        if entry is None or limit == 0:
             return []
         entry.last_access = self._clock()
         messages = entry.state.messages
@@ -177,10 +164,9 @@ class MemoryStore:
         An empty batch only counts as an access. Like every store, ``apply`` does not check
         expiry: the caller holds the session.
         """
-        # Check the whole batch before touching the state, so a bad one applies nothing.
-        for op in ops:
-            if type(op) not in _OPERATION_TYPES:
-                raise TypeError(f"not a session operation: {op!r}")
+        # The same check as every store, on the whole batch before the state is touched, so a
+        # bad one applies nothing.
+        check_operations(ops)
         now = self._clock()
         entry = self._entries.get(client_id)
         if entry is None:
@@ -199,7 +185,7 @@ class MemoryStore:
     async def exists(self, client_id: str) -> bool:
         """True when a non-expired session is stored."""
         entry = self._entries.get(client_id)
-        return entry is not None and not self._expired(entry, self._clock())
+        return entry is not None and not entry.expired(self._clock())
 
     async def list_sessions(self) -> list[SessionInfo]:
         """Every stored session, expired ones included."""
@@ -207,11 +193,11 @@ class MemoryStore:
         for client_id, entry in self._entries.items():
             inflight = sum(1 for m in entry.state.messages.values() if m.packet_id is not None)
             infos.append(
-                SessionInfo(
-                    client_id=client_id,
+                session_info(
+                    client_id,
                     created_at=entry.created_at,
                     last_access=entry.last_access,
-                    expires_at=entry.expires_at(),
+                    ttl=entry.ttl,
                     inflight=inflight,
                     queued=len(entry.state.messages) - inflight,
                 )
@@ -224,11 +210,12 @@ class MemoryStore:
         Creates an empty session when none is stored (an expired one counts as none), so the
         expiry is in force from now on even before the first operation is applied.
         """
+        ttl = ttl_from(seconds)
         now = self._clock()
         entry = self._entries.get(client_id)
-        if entry is None or self._expired(entry, now):
+        if entry is None or entry.expired(now):
             entry = self._entries[client_id] = _Entry(SessionState(client_id), now, now)
-        entry.ttl = float(seconds) if seconds else None
+        entry.ttl = ttl
 
     async def cleanup_expired(self) -> int:
         """Remove every expired session not held by a lease; returns how many were removed."""
@@ -236,7 +223,7 @@ class MemoryStore:
         expired = [
             client_id
             for client_id, entry in self._entries.items()
-            if client_id not in self._leases and self._expired(entry, now)
+            if client_id not in self._leases and entry.expired(now)
         ]
         for client_id in expired:
             del self._entries[client_id]

@@ -1,0 +1,14 @@
+"""FileStore: one append-only journal file per session.
+
+``store`` is the store; ``journal`` the file format and how a journal is read; ``index`` the
+in-memory index of an open session and what each operation does to it; ``readback`` reading
+messages back; ``snapshot`` rewriting a journal; ``sizes`` the tunable sizes.
+"""
+
+from mqtt_persist.stores.file.journal import FORMAT_VERSION, MAGIC
+from mqtt_persist.stores.file.store import FileStore
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "FileStore"]
+
+# Its public home: what repr(), pickling and the test helpers that import it by name see.
+FileStore.__module__ = __name__

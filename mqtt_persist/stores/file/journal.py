@@ -1,0 +1,400 @@
+"""FileStore's journal file: its format, and how one is read (checked and replayed).
+
+Journal format (version 1, little-endian)::
+
+    header   4s magic b"MQPJ", H format version, H flags (0), d created_at (Unix time),
+             I client id length, client id (UTF-8), I CRC32 of the header bytes before it
+    record*  B marker 0xA5, I body length, I CRC32 of (length field + body), body
+    body     B flags, [d last_access if flags & 1], [d ttl seconds, 0 = never, if flags & 2],
+             operations (:mod:`mqtt_persist.stores.serialization`), possibly none
+
+Magic and version sit at fixed offsets in every version, so a newer file is recognised
+before anything else is interpreted. Older versions go through :data:`MIGRATIONS`.
+
+An ``apply`` appends one record. A rewrite (compaction, ``save``) writes the header and then
+the session as ``MessageAdded`` operations in ascending sequence order followed by the rest
+(inbound IDs, subscriptions, pending unsubscribes), cut into records of about
+``sizes.SNAPSHOT_CHUNK`` bytes; the first record carries last access and TTL. When messages
+with higher sequence numbers than every remaining one were removed, the rewrite ends with
+``MessageAdded`` + ``MessageRemoved`` of that highest number (an empty message), so the
+replayed ``last_seq`` never goes backwards. All of this is plain version 1.
+
+Metadata lives in the journal itself: ``created_at`` in the header (never rewritten; compaction
+copies it), ``last_access`` and the TTL in record bodies, so metadata is exactly as atomic and
+as checked as the operations, with no second file to keep consistent. ``expires_at`` is derived
+as ``last_access + ttl``. ``last_access`` is updated in memory by every :meth:`~FileStore.load`
+and :meth:`~FileStore.apply`; it reaches the disk piggybacked on the next ``apply`` record once
+the persisted value is ``access_write_interval`` seconds old (8 extra bytes, no extra I/O), and
+on :meth:`~FileStore.release`/:meth:`~FileStore.close`. A crash can therefore lose up to
+``access_write_interval`` seconds of last access, which can only make a session expire that
+much earlier than it would have.
+
+Damage
+    A damaged final record (short, or failing its CRC) is what a crash mid-append leaves: it is
+    dropped and the file truncated to the last good record (logged as a warning). Damage with
+    valid records after it, a bad header, a bad magic or a newer version cannot come from a
+    crash: the file is renamed to ``<name>.corrupt-<UTC timestamp>`` (never deleted) and
+    :class:`~mqtt_persist.errors.SessionCorrupt` (or
+    :class:`~mqtt_persist.errors.UnsupportedFormatVersion`) names both paths.
+
+Everything here blocks or is pure: it runs on the store's worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mqtt_persist.errors import StoreError
+from mqtt_persist.stores.file import sizes
+from mqtt_persist.stores.file.index import Index
+
+# The private names are the MessageAdded layout (part of the on-disk format, documented in
+# serialization's docstring), read in place where a journal is opened: checking a header costs
+# a fraction of building operation objects for 100,000s of messages.
+from mqtt_persist.stores.serialization import (
+    _MSG,
+    _MSG_HAS_PACKET_ID,
+    _MSG_KNOWN_FLAGS,
+    _MSG_QOS_MASK,
+    _MSG_RELEASED,
+    _T_MESSAGE_ADDED,
+    DecodeError,
+    decode_operation_from,
+)
+
+#: First bytes of every journal file.
+MAGIC = b"MQPJ"
+#: The journal format this module writes.
+FORMAT_VERSION = 1
+
+# The preamble (magic, version) is the same in every version; the rest may change with it.
+_PREAMBLE = struct.Struct("<4sH")
+HEADER = struct.Struct("<4sHHdI")  # magic, version, flags, created_at, client id length
+U32 = struct.Struct("<I")
+_F64 = struct.Struct("<d")
+RECORD = struct.Struct("<BII")  # marker, body length, CRC32 of (length field + body)
+_RECORD_MARK = 0xA5
+_RECORD_MARK_BYTE = bytes((_RECORD_MARK,))
+# Bodies never exceed this: the length field is a uint32.
+_MAX_BODY = 0xFFFFFFFF
+
+_BODY_ACCESS = 0x01
+_BODY_TTL = 0x02
+_BODY_KNOWN = _BODY_ACCESS | _BODY_TTL
+# The body prefix of a record without metadata: flags 0.
+PLAIN_BODY = bytes((0,))
+
+#: Upgrades of whole journal files, keyed by the version they upgrade FROM: each returns the
+#: file's bytes in the next version. Empty while version 1 is the only version; when version 2
+#: arrives, add ``1: _migrate_1_to_2``. A migrated journal is rewritten in the current format
+#: the first time it is opened for writing.
+MIGRATIONS: dict[int, Callable[[bytes], bytes]] = {}
+
+#: Positioned read of a journal: ``read(offset, length)``, shorter only where the file ends.
+Read = Callable[[int, int], bytes]
+
+
+# --- the on-disk format (pure functions; the parsing ones run in a worker thread) ------------
+
+
+class Damaged(Exception):
+    """The journal cannot be read: why, and whether a newer version wrote it."""
+
+    def __init__(self, reason: str, *, newer_version: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.newer_version = newer_version
+
+
+@dataclass(slots=True)
+class Parsed:
+    client_id: str
+    created_at: float
+    #: None when the operations were not decoded (metadata-only parse).
+    index: Index | None
+    last_access: float | None
+    ttl: float | None
+    #: Offset just past the last valid record: where the file should end.
+    good_end: int
+    #: Size of what was parsed (the file, or the migrated bytes).
+    size: int
+    #: Bytes after ``good_end`` are a torn final record.
+    torn: bool
+    #: The file was in an older format: the migrated bytes, which ``index`` describes.
+    migrated: bytes | None
+
+
+def encode_header(client_id: str, created_at: float) -> bytes:
+    client_id_bytes = client_id.encode("utf-8", "surrogatepass")
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, 0, created_at, len(client_id_bytes)) + client_id_bytes
+    return head + U32.pack(zlib.crc32(head))
+
+
+def record_header(body: bytes | bytearray) -> bytes:
+    if len(body) > _MAX_BODY:
+        raise StoreError(f"a batch of {len(body)} bytes does not fit in one journal record")
+    length = U32.pack(len(body))
+    return RECORD.pack(_RECORD_MARK, len(body), zlib.crc32(body, zlib.crc32(length)))
+
+
+def encode_record(body: bytes) -> bytes:
+    return record_header(body) + body
+
+
+def encode_body(
+    ops_bytes: bytes, *, last_access: float | None = None, ttl: float | None = None
+) -> bytes:
+    flags = 0
+    meta = b""
+    if last_access is not None:
+        flags |= _BODY_ACCESS
+        meta += _F64.pack(last_access)
+    if ttl is not None:
+        flags |= _BODY_TTL
+        meta += _F64.pack(ttl)
+    return bytes((flags,)) + meta + ops_bytes
+
+
+def _record_at(data: bytes, offset: int) -> int | None:
+    """End offset of the valid record starting at ``offset``, or None if there is none."""
+    body_start = offset + RECORD.size
+    if body_start > len(data):
+        return None
+    mark, length, crc = RECORD.unpack_from(data, offset)
+    end: int = body_start + length
+    if mark != _RECORD_MARK or length == 0 or end > len(data):
+        return None
+    if zlib.crc32(data[body_start:end], zlib.crc32(data[offset + 1 : offset + 5])) != crc:
+        return None
+    return end
+
+
+def _valid_record_after(data: bytes, offset: int) -> int | None:
+    """Offset of the first valid record starting after ``offset``: damage is not a torn tail."""
+    position = data.find(_RECORD_MARK_BYTE, offset + 1)
+    while position != -1:
+        if _record_at(data, position) is not None:
+            return position
+        position = data.find(_RECORD_MARK_BYTE, position + 1)
+    return None
+
+
+def _migrate(data: bytes, version: int) -> bytes:
+    while version < FORMAT_VERSION:
+        migration = MIGRATIONS.get(version)
+        if migration is None:
+            raise Damaged(f"format version {version} is not one this library ever wrote")
+        data = migration(data)
+        if len(data) < _PREAMBLE.size or data[:4] != MAGIC:
+            raise Damaged(f"migration from format version {version} produced no journal")
+        new_version = _PREAMBLE.unpack_from(data, 0)[1]
+        if new_version <= version:
+            raise Damaged(f"migration from format version {version} did not advance it")
+        version = new_version
+    return data
+
+
+def pread(fd: int, length: int, offset: int) -> bytes:
+    """Up to ``length`` bytes at ``offset``: fewer only where the file ends."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def reader(fd: int | None, size: int, extra: bytes = b"") -> Read:
+    """Positioned reads of the first ``size`` bytes of ``fd``, continued by ``extra``.
+
+    ``extra`` is a record not written anywhere yet: a compaction triggered by ``apply`` reads
+    the journal as it would be with the batch appended. ``fd`` None: ``extra`` is everything.
+    """
+
+    def read(offset: int, length: int) -> bytes:
+        if offset >= size:
+            start = offset - size
+            return extra[start : start + length]
+        assert fd is not None
+        if offset + length <= size:
+            return pread(fd, length, offset)
+        return pread(fd, size - offset, offset) + extra[: offset + length - size]
+
+    return read
+
+
+def parse_journal(read: Read, size: int, *, decode: bool = True) -> Parsed:
+    """Replay a journal of ``size`` bytes through ``read``, in a window moving record by record.
+
+    Raises :class:`Damaged` for anything but a torn tail. With ``decode`` the result's index
+    describes the session; without it only the metadata and the extent are checked.
+    """
+    preamble = read(0, _PREAMBLE.size)
+    if len(preamble) < _PREAMBLE.size:
+        raise Damaged("file too short for a journal header")
+    magic, version = _PREAMBLE.unpack(preamble)
+    if magic != MAGIC:
+        raise Damaged(f"bad magic {magic!r}: not a session journal")
+    if version > FORMAT_VERSION:
+        raise Damaged(
+            f"journal format version {version} is newer than this library's {FORMAT_VERSION}",
+            newer_version=True,
+        )
+    migrated: bytes | None = None
+    if version < FORMAT_VERSION:
+        # Migrations transform whole files: the one time a journal is held in memory at once.
+        migrated = _migrate(read(0, size), version)
+        read, size = reader(None, 0, migrated), len(migrated)
+    head = read(0, HEADER.size)
+    if len(head) < HEADER.size:
+        raise Damaged("file too short for a journal header")
+    magic, version, flags, created_at, id_length = HEADER.unpack(head)
+    if flags:
+        raise Damaged(f"unknown header flags 0x{flags:04x}")
+    id_end = HEADER.size + id_length
+    if id_end + U32.size > size:
+        raise Damaged("journal header truncated")
+    head = read(0, id_end + U32.size)
+    if len(head) < id_end + U32.size:
+        raise Damaged("journal header truncated")
+    if zlib.crc32(head[:id_end]) != U32.unpack_from(head, id_end)[0]:
+        raise Damaged("journal header checksum mismatch")
+    try:
+        client_id = head[HEADER.size : id_end].decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as exc:
+        raise Damaged("client id in the header is not UTF-8") from exc
+
+    index = Index(client_id) if decode else None
+    last_access: float | None = None
+    ttl: float | None = None
+    offset = id_end + U32.size
+    # ``buf`` holds the file's bytes from ``buf_start``: a window that moves record by record.
+    buf = b""
+    buf_start = offset
+    while offset < size:
+        valid = False
+        if offset + RECORD.size <= size:
+            if offset + RECORD.size > buf_start + len(buf):
+                wanted = min(max(sizes.SCAN_CHUNK, RECORD.size), size - offset)
+                buf = b""  # let the old window go before the new one is read
+                buf, buf_start = read(offset, wanted), offset
+            if offset + RECORD.size <= buf_start + len(buf):
+                mark, length, crc = RECORD.unpack_from(buf, offset - buf_start)
+                end = offset + RECORD.size + length
+                if mark == _RECORD_MARK and length and end <= size:
+                    if end > buf_start + len(buf):
+                        wanted = max(end - offset, min(sizes.SCAN_CHUNK, size - offset))
+                        buf = b""
+                        buf, buf_start = read(offset, wanted), offset
+                    p = offset - buf_start
+                    if end <= buf_start + len(buf):
+                        length_crc = zlib.crc32(buf[p + 1 : p + 5])
+                        with memoryview(buf) as view:  # no copy of the body
+                            body = view[p + RECORD.size : end - buf_start]
+                            valid = zlib.crc32(body, length_crc) == crc
+                            body.release()
+        if not valid:
+            # Damage; a torn tail only if no valid record follows (what a crash leaves).
+            if (later := _valid_record_after(read(offset, size - offset), 0)) is not None:
+                raise Damaged(
+                    f"damaged record at offset {offset} followed by a valid one at {offset + later}"
+                )
+            return Parsed(
+                client_id, created_at, index, last_access, ttl, offset, size, True, migrated
+            )
+        # The body is buf[position:stop]; nothing is copied out of the window.
+        position = offset - buf_start + RECORD.size
+        stop = end - buf_start
+        body_flags = buf[position]
+        if body_flags & ~_BODY_KNOWN:
+            raise Damaged(f"record at offset {offset} has unknown flags 0x{body_flags:02x}")
+        position += 1
+        metadata_end = position + _F64.size * (
+            bool(body_flags & _BODY_ACCESS) + bool(body_flags & _BODY_TTL)
+        )
+        if metadata_end > stop:
+            raise Damaged(f"record at offset {offset} is too short for its metadata")
+        if body_flags & _BODY_ACCESS:
+            last_access = _F64.unpack_from(buf, position)[0]
+            position += _F64.size
+        if body_flags & _BODY_TTL:
+            ttl = _F64.unpack_from(buf, position)[0] or None
+        if index is not None and metadata_end < stop:
+            try:
+                _replay_ops(index, buf, metadata_end, stop, buf_start)
+            except DecodeError as exc:
+                raise Damaged(f"record at offset {offset}: {exc}") from exc
+        offset = end
+    return Parsed(client_id, created_at, index, last_access, ttl, size, size, False, migrated)
+
+
+def _replay_ops(index: Index, buf: bytes, at: int, end: int, base: int) -> None:
+    """Replay the operations in ``buf[at:end]`` onto ``index``; ``buf`` is the file from ``base``.
+
+    A ``MessageAdded`` is checked as thoroughly as decoding it would (flags, lengths, the topic
+    is UTF-8) but never built: its payload stays in the file. Raises :class:`DecodeError`
+    (offsets in its message count from the record's first operation).
+    """
+    add = index.add
+    unpack = _MSG.unpack_from
+    header_size = _MSG.size
+    first = at
+    while at < end:
+        if buf[at] != _T_MESSAGE_ADDED:
+            op, next_at = decode_operation_from(buf, at)
+            if next_at > end:
+                raise DecodeError(f"operation at offset {at - first} is truncated")
+            index.apply(op, base + at, next_at - at)
+            at = next_at
+            continue
+        if at + header_size > end:
+            raise DecodeError(f"operation at offset {at - first} is truncated")
+        _, seq, flags, packet_id, topic_length, payload_length = unpack(buf, at)
+        topic_at = at + header_size
+        next_at = topic_at + topic_length + payload_length
+        if flags & ~_MSG_KNOWN_FLAGS or flags & _MSG_QOS_MASK == 3:
+            raise DecodeError(f"invalid message flags 0x{flags:02x} at offset {at - first}")
+        if packet_id and not flags & _MSG_HAS_PACKET_ID:
+            raise DecodeError(f"packet id without its flag at offset {at - first}")
+        if next_at > end:
+            raise DecodeError(f"message at offset {at - first} runs past the end of its record")
+        try:
+            buf[topic_at : topic_at + topic_length].decode()
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"topic at offset {topic_at - first} is not valid UTF-8") from exc
+        add(
+            seq,
+            base + at,
+            next_at - at,
+            packet_id if flags & _MSG_HAS_PACKET_ID else None,
+            bool(flags & _MSG_RELEASED),
+        )
+        at = next_at
+
+
+def parse_fd(fd: int, decode: bool) -> Parsed:
+    size = os.fstat(fd).st_size
+    return parse_journal(reader(fd, size), size, decode=decode)
+
+
+def read_and_parse(path: str, decode: bool) -> Parsed | Damaged | None:
+    """Lock-free read-only parse for listing: None if the file vanished."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return parse_fd(fd, decode)
+    except Damaged as damaged:
+        return damaged
+    finally:
+        os.close(fd)
+
+
+def recorded_access(parsed: Parsed) -> float:
+    return parsed.last_access if parsed.last_access is not None else parsed.created_at

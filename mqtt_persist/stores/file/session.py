@@ -1,0 +1,255 @@
+"""One open FileStore session: its journal file, kept open, and the index of what it holds.
+
+An :class:`OpenSession` exists only while the store holds the session's lease. It is the one
+place that writes a journal: :meth:`~OpenSession.append` (one record, one fsync: the commit
+point of a batch) and :meth:`~OpenSession.rewrite` (a whole new file: create, compact, save,
+migrate). Its index always describes what is durably in the file. Everything here blocks: it
+runs on the store's worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from mqtt_persist.errors import SessionCorrupt, StoreError
+from mqtt_persist.session.state import SessionState
+from mqtt_persist.stores._expiry import is_expired
+from mqtt_persist.stores._files import fsync_directory, fsync_fd
+from mqtt_persist.stores.file import snapshot
+from mqtt_persist.stores.file.index import Index
+from mqtt_persist.stores.file.journal import (
+    Damaged,
+    Parsed,
+    encode_body,
+    encode_record,
+    parse_fd,
+    reader,
+    recorded_access,
+)
+
+__all__ = ["OpenSession", "Paths", "close_fd"]
+
+logger = logging.getLogger(__name__)
+
+#: Moves a damaged journal aside: ``quarantine(path, reason, newer_version=...)`` returns the
+#: error to raise.
+Quarantine = Callable[..., SessionCorrupt]
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """The files of one session."""
+
+    journal: str
+    lock: str
+    #: A rewrite in progress.
+    tmp: str
+
+
+def close_fd(fd: int | None) -> None:
+    """Close ``fd`` if there is one; a failure to close changes nothing we could act on."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@dataclass(slots=True)
+class OpenSession:
+    """A session whose lease this store holds, with its journal open."""
+
+    client_id: str
+    paths: Paths
+    #: Whether to fsync (the store's ``fsync`` setting).
+    sync: bool
+    #: The journal, open for reading and writing, positioned at its end; None: no journal yet.
+    fd: int | None
+    size: int
+    #: Size of the journal right after it was last rewritten (0: unknown).
+    snapshot_size: int
+    #: What the journal replays to, with the messages' bytes left in the file.
+    index: Index
+    created_at: float
+    last_access: float
+    #: The last access time the journal records.
+    persisted_access: float
+    ttl: float | None
+    #: An append failed and could not be rolled back: the file is not what the index says.
+    broken: bool = False
+
+    @classmethod
+    def open(
+        cls, client_id: str, paths: Paths, now: float, sync: bool, quarantine: Quarantine
+    ) -> OpenSession:
+        """Read (and repair) the journal; a session without a journal if there is none."""
+        try:
+            fd = os.open(paths.journal, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return cls(client_id, paths, sync, None, 0, 0, Index(client_id), now, now, now, None)
+        except OSError as exc:
+            raise StoreError(f"cannot open {paths.journal}: {exc}") from exc
+        try:
+            parsed = _parse(fd, paths, client_id, sync, quarantine)
+        except BaseException:
+            close_fd(fd)
+            raise
+        last_access = recorded_access(parsed)
+        index = parsed.index
+        assert index is not None
+        # A journal that is mostly live data counts as freshly rewritten, so reopening does
+        # not rewrite it on the first append; one that is mostly dead weight (more than twice
+        # its live bytes) gets the baseline 0 and is compacted by that first append.
+        mostly_live = parsed.good_end <= 2 * index.live_bytes()
+        session = cls(
+            client_id,
+            paths,
+            sync,
+            fd,
+            parsed.good_end,
+            parsed.good_end if mostly_live else 0,
+            index,
+            parsed.created_at,
+            last_access,
+            last_access,
+            parsed.ttl,
+        )
+        if parsed.migrated is not None:
+            # The index describes the migrated bytes, not the file: rewrite from those.
+            migrated = parsed.migrated
+            source = snapshot.index_source(reader(None, 0, migrated), len(migrated), index)
+            try:
+                session.rewrite(source, index.meta, index.last_seq, now)
+            except BaseException:
+                if session.fd == fd:
+                    close_fd(fd)
+                raise
+        return session
+
+    def expired(self, now: float) -> bool:
+        """True once the session expired (by its last access as this store knows it)."""
+        return is_expired(self.last_access, self.ttl, now)
+
+    def close(self) -> None:
+        """Close the journal (the session stays on disk)."""
+        fd, self.fd = self.fd, None
+        close_fd(fd)
+
+    def append(self, record: bytes) -> None:
+        """Append one record and fsync: the commit point of a batch.
+
+        On failure (StoreError) the file is cut back to its last committed record; if even
+        that fails, :attr:`broken` is set and the store must forget this session, so that the
+        next operation reads the file again and repairs its tail under the lease.
+        """
+        assert self.fd is not None
+        try:
+            snapshot.write_all(self.fd, record, self.sync)
+        except OSError as exc:
+            self._undo_append()
+            raise StoreError(f"could not append to {self.paths.journal}: {exc}") from exc
+        self.size += len(record)
+
+    def _undo_append(self) -> None:
+        # Nothing half-written may stay in the middle of the journal.
+        assert self.fd is not None
+        try:
+            os.ftruncate(self.fd, self.size)
+            os.lseek(self.fd, self.size, os.SEEK_SET)
+            if self.sync:
+                fsync_fd(self.fd)
+        except OSError as exc:
+            logger.error("could not roll back %s: %s", self.paths.journal, exc)
+            self.broken = True
+
+    def rewrite(
+        self, messages: Iterator[snapshot.Placed], meta: SessionState, last_seq: int, now: float
+    ) -> None:
+        """Atomically replace the journal with a snapshot (create/compact/save/migrate).
+
+        ``messages`` (ascending) are streamed into the new file: compaction reads them from
+        the old journal as it goes, so the session is never held in memory whole. ``meta`` and
+        ``last_seq`` give the rest of the session.
+        """
+        paths = self.paths
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            # Created 0600: the mode applies before any byte is written.
+            fd = os.open(paths.tmp, flags, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot create {paths.tmp}: {exc}") from exc
+        try:
+            index, size = snapshot.write_snapshot(
+                fd,
+                self.client_id,
+                self.created_at,
+                now,
+                self.ttl,
+                messages,
+                meta,
+                last_seq,
+                self.sync,
+            )
+            os.replace(paths.tmp, paths.journal)
+        except BaseException as exc:
+            close_fd(fd)
+            with contextlib.suppress(OSError):
+                os.remove(paths.tmp)
+            if isinstance(exc, OSError):
+                raise StoreError(f"could not rewrite {paths.journal}: {exc}") from exc
+            raise
+        # The new file is in place: adopt it before the directory fsync, so that whatever
+        # happens next this session's view matches the disk.
+        old, self.fd = self.fd, fd
+        self.size = self.snapshot_size = size
+        self.index = index
+        self.last_access = self.persisted_access = now
+        close_fd(old)
+        if self.sync:
+            directory = os.path.dirname(paths.journal)
+            try:
+                fsync_directory(directory)
+            except OSError as exc:
+                raise StoreError(f"could not fsync {directory}: {exc}") from exc
+
+    def append_metadata(self, now: float, *, ttl: bool) -> None:
+        """Record the last access (and with ``ttl``, the TTL) in the journal."""
+        if self.fd is None:
+            index = self.index  # no journal yet: the session is empty but for metadata
+            self.rewrite(iter(()), index.meta, index.last_seq, now)
+            return
+        # The journal writes "never" as 0.
+        body = encode_body(b"", last_access=now, ttl=(self.ttl or 0.0) if ttl else None)
+        self.append(encode_record(body))
+        self.persisted_access = now
+
+
+def _parse(fd: int, paths: Paths, client_id: str, sync: bool, quarantine: Quarantine) -> Parsed:
+    """Parse the open journal, cutting a torn tail; a damaged one is quarantined."""
+    try:
+        parsed = parse_fd(fd, True)
+        if parsed.client_id != client_id:
+            raise Damaged(f"journal belongs to client id {parsed.client_id!r}")
+    except Damaged as damaged:
+        close_fd(fd)
+        raise quarantine(
+            paths.journal, damaged.reason, newer_version=damaged.newer_version
+        ) from None
+    if parsed.torn:
+        logger.warning(
+            "%s: discarding %d bytes of a torn final record (a write interrupted by a "
+            "crash); the batch it held was never acknowledged",
+            paths.journal,
+            parsed.size - parsed.good_end,
+        )
+        # A migrated journal is replaced as a whole later; cutting the old file at an
+        # offset of the migrated bytes would damage it.
+        if parsed.migrated is None:
+            os.ftruncate(fd, parsed.good_end)
+            if sync:
+                fsync_fd(fd)
+    # The parse used positioned reads; appends go where the last good record ends.
+    os.lseek(fd, parsed.good_end, os.SEEK_SET)
+    return parsed
