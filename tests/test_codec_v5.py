@@ -495,6 +495,18 @@ def test_known_bytes() -> None:
     )
 
 
+def test_only_user_property_and_subscription_identifier_repeat() -> None:
+    twice = (("k", "1"), ("k", "2"))
+    for packet in (
+        Subscribe(1, [("a", SubscriptionOptions(0))], Properties(user_properties=twice)),
+        PubAck(1, 0x10, Properties(user_properties=twice)),
+        Publish("t", b"", properties=Properties(subscription_identifiers=(1, 2, 3))),
+    ):
+        assert Decoder(protocol_version=V5).feed(encode(packet, protocol_version=V5)) == [packet]
+    with pytest.raises(ValueError, match="at most one"):
+        encode(Subscribe(1, [("a", 0)], Properties(subscription_identifiers=(1, 2))), V5)
+
+
 def test_decoded_reason_codes_are_named() -> None:
     [ack] = Decoder(protocol_version=V5).feed(b"\x40\x03\x00\x01\x97")
     assert isinstance(ack, PubAck) and ack.reason_code is ReasonCode.QUOTA_EXCEEDED

@@ -19,7 +19,6 @@ by the packet already in memory, so a flood of properties costs at most the byte
 
 from __future__ import annotations
 
-import operator
 import struct
 from collections.abc import Callable
 from typing import Any, Final, Literal
@@ -210,22 +209,37 @@ def _int_value(value: Any, lo: int, hi: int) -> int:
     return value
 
 
-def _encode_one(ident: int, kind: int, lo: int, value: Any) -> bytes:
-    """One property; a ValueError's message continues the property's name."""
-    if kind <= _BIT:
-        return bytes((ident, _int_value(value, 0, 1)))
-    if kind == _U16K:
-        return _BH.pack(ident, _int_value(value, lo, _MAX_U16))
-    if kind == _U32K:
-        return _BI.pack(ident, _int_value(value, lo, _MAX_U32))
-    if kind == _VBI:
-        return _RL1[ident] + _remaining_length(_int_value(value, lo, MAX_REMAINING_LENGTH))
-    if kind == _STR:
-        return _RL1[ident] + _utf8(value, "")
-    if kind == _BIN:
-        return _RL1[ident] + _binary(value, "")
+# One encoder per kind: (identifier, smallest value, value) -> the property's bytes. A
+# ValueError's message continues the property's name, which the caller adds.
+
+
+def _encode_byte(ident: int, lo: int, value: Any) -> bytes:
+    return bytes((ident, _int_value(value, 0, 1)))
+
+
+def _encode_u16(ident: int, lo: int, value: Any) -> bytes:
+    return _BH.pack(ident, _int_value(value, lo, _MAX_U16))
+
+
+def _encode_u32(ident: int, lo: int, value: Any) -> bytes:
+    return _BI.pack(ident, _int_value(value, lo, _MAX_U32))
+
+
+def _encode_vbi(ident: int, lo: int, value: Any) -> bytes:
+    return _RL1[ident] + _remaining_length(_int_value(value, lo, MAX_REMAINING_LENGTH))
+
+
+def _encode_str(ident: int, lo: int, value: Any) -> bytes:
+    return _RL1[ident] + _utf8(value, "")
+
+
+def _encode_bin(ident: int, lo: int, value: Any) -> bytes:
+    return _RL1[ident] + _binary(value, "")
+
+
+def _encode_pair(ident: int, lo: int, value: Any) -> bytes:
     try:
-        if isinstance(value, str | bytes):  # a two-character string would unpack as a pair
+        if isinstance(value, _TEXT):  # a two-character string would unpack as a pair
             raise TypeError
         name, text = value
     except (TypeError, ValueError):
@@ -233,26 +247,49 @@ def _encode_one(ident: int, kind: int, lo: int, value: Any) -> bytes:
     return _RL1[ident] + _utf8(name, " name") + _utf8(text, " value")
 
 
+_TEXT: Final = (str, bytes)
+_SEQUENCES: Final = (tuple, list)
+
+#: Indexed by kind.
+_KIND_ENCODERS: Final[tuple[Callable[[int, int, Any], bytes], ...]] = (
+    _encode_byte,  # _FLAG
+    _encode_byte,  # _BIT
+    _encode_u16,
+    _encode_u32,
+    _encode_vbi,
+    _encode_str,
+    _encode_bin,
+    _encode_pair,
+)
+
+
 class _Plan:
     """How to encode the properties of one context, precomputed."""
 
-    __slots__ = ("allowed", "empty", "forbidden")
+    __slots__ = ("allowed", "context")
 
     def __init__(self, ctx: int) -> None:
-        allowed = _ALLOWED[ctx]
-        forbidden = [spec[1] for spec in _BY_ID if spec is not None and spec[0] not in allowed]
-        #: The fields this context may not carry, fetched in one C call, and their empty values.
-        self.forbidden: Callable[[Properties], Any] = (
-            operator.itemgetter(*forbidden)
-            if len(forbidden) > 1
-            else lambda props: tuple(props[i] for i in forbidden)
-        )
-        self.empty = self.forbidden(NO_PROPERTIES)
-        #: The properties it may carry, in encoding (identifier) order.
-        self.allowed = [spec for spec in _BY_ID if spec is not None and spec[0] in allowed]
+        self.context = ctx
+        #: (field index, encoder, identifier, smallest value, repeatable, name) of the
+        #: properties the context may carry, in encoding (identifier) order.
+        self.allowed = [
+            (index, _KIND_ENCODERS[kind], ident, lo, index in _REPEATABLE, name)
+            for ident, index, name, kind, lo in filter(None, _BY_ID)
+            if ident in _ALLOWED[ctx]
+        ]
+
+    def refuse_misplaced(self, props: Properties, what: str) -> None:
+        """Raise the ValueError for the first property set that the context does not allow."""
+        for ident, index, name, _kind, _lo in filter(None, _BY_ID):
+            if ident not in _ALLOWED[self.context] and props[index] not in (None, ()):
+                raise ValueError(
+                    f"{what}: property {name} is not allowed in {_context_name(self.context)} "
+                    "(MQTT 5 §2.2.2.2)"
+                )
 
 
 _PLANS: Final = {ctx: _Plan(ctx) for ctx in _CONTEXTS}
+_FIELD_COUNT: Final = len(Properties._fields)
 
 
 def _property_list(props: Properties, ctx: int, what: str) -> bytes:
@@ -260,31 +297,33 @@ def _property_list(props: Properties, ctx: int, what: str) -> bytes:
     if not isinstance(props, Properties):
         raise ValueError(f"{what}: properties must be a Properties, got {type(props).__name__}")
     plan = _PLANS[ctx]
-    if plan.forbidden(props) != plan.empty:
-        for ident, index, name, _kind, _lo in filter(None, _BY_ID):
-            if ident not in _ALLOWED[ctx] and props[index] != NO_PROPERTIES[index]:
-                raise ValueError(
-                    f"{what}: property {name} is not allowed in {_context_name(ctx)} "
-                    "(MQTT 5 §2.2.2.2)"
-                )
     parts: list[bytes] = []
-    for ident, index, name, kind, lo in plan.allowed:
+    encoded = 0
+    for index, encode_value, ident, lo, repeatable, name in plan.allowed:
         value = props[index]
         if value is None:
             continue
-        # The coders describe the value as "" and the name is added only on error, so that a
-        # valid property costs no string formatting.
+        # The encoders describe the value as "" and the name is added only on error, so that
+        # a valid property costs no string formatting.
         try:
-            if index in _REPEATABLE:
-                if isinstance(value, str | bytes) or not isinstance(value, tuple | list):
+            if repeatable:
+                if not value:
+                    continue
+                if isinstance(value, _TEXT) or not isinstance(value, _SEQUENCES):
                     raise ValueError(f" must be a tuple, got {value!r}")
                 if index == _SUB_IDS and len(value) > 1 and ctx == PacketType.SUBSCRIBE:
                     raise ValueError(f": a SUBSCRIBE carries at most one, got {len(value)}")
-                parts.extend(_encode_one(ident, kind, lo, v) for v in value)
+                parts.extend([encode_value(ident, lo, v) for v in value])
             else:
-                parts.append(_encode_one(ident, kind, lo, value))
+                parts.append(encode_value(ident, lo, value))
         except ValueError as exc:
             raise ValueError(f"{what} property {name}{exc}") from None
+        encoded += 1
+    # Every property set must have been encoded: count them in C rather than looking at each
+    # property the context forbids. (``encoded`` can only fall short of ``present``.)
+    present = _FIELD_COUNT - props.count(None) - (props[_USER] == ()) - (props[_SUB_IDS] == ())
+    if encoded != present:
+        plan.refuse_misplaced(props, what)
     if props[_AUTH_DATA] is not None and props[_AUTH_METHOD] is None:
         raise ValueError(f"{what}: Authentication Data without an Authentication Method")
     return b"".join(parts)
