@@ -42,7 +42,7 @@ from mqtt_persist.protocol.properties import (
 from mqtt_persist.protocol.reason_codes import (
     VALID_REASON_CODES,
     ReasonCode,
-    describe,
+    describe_reason_code,
     is_failure,
 )
 
@@ -81,7 +81,7 @@ __all__ = [
     "Unsubscribe",
     "Will",
     "decode_properties",
-    "describe",
+    "describe_reason_code",
     "encode",
     "encode_properties",
     "is_failure",

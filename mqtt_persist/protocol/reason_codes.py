@@ -116,7 +116,7 @@ _NAMES_BY_PACKET: Final = {
 }
 
 
-def describe(code: int, packet_type: PacketType) -> str:
+def describe_reason_code(code: int, packet_type: PacketType) -> str:
     """The specification's name of ``code`` in ``packet_type``, e.g. ``"Quota exceeded (0x97)"``.
 
     Meant for error messages and logs; a code the packet may not carry is described as such.
