@@ -509,8 +509,16 @@ def _first_byte_error(b0: int) -> str | None:
 #: Indexed by a packet's first byte: why no MQTT 5 packet can start with it, or None.
 _FIRST_BYTE_ERRORS: Final = tuple(_first_byte_error(b) for b in range(256))
 
-#: The classes of the acknowledgements decoded inline when they are two bytes long.
-_ID_ONLY: Final[dict[int, Callable[[int], Packet]]] = {4: PubAck, 5: PubRec, 6: PubRel, 7: PubComp}
+#: Indexed by packet type: the acknowledgements decoded inline when they are two bytes long.
+_ID_ONLY_CLASSES: Final[dict[int, Callable[[int], Packet]]] = {
+    4: PubAck,
+    5: PubRec,
+    6: PubRel,
+    7: PubComp,
+}
+_ID_ONLY: Final[tuple[Callable[[int], Packet] | None, ...]] = tuple(
+    _ID_ONLY_CLASSES.get(t) for t in range(16)
+)
 
 
 def decode_all(src: bytes, max_size: int, pos: int = 0) -> tuple[list[Packet], int, int]:
@@ -598,13 +606,13 @@ def decode_all(src: bytes, max_size: int, pos: int = 0) -> tuple[list[Packet], i
                     "PUBLISH with an empty topic and no Topic Alias (MQTT-3.3.2-1, §3.3.2.3.4)"
                 )
             append(Publish(topic, src[t_end:end], qos, b0 & 1 == 1, b0 & 8 == 8, pid, props))
-        elif rl == 2 and ptype in id_only:
+        elif rl == 2 and (id_only_class := id_only[ptype]) is not None:
             pid = (src[start] << 8) | src[start + 1]
             if pid == 0:
                 raise MalformedPacket(
                     f"{PacketType(ptype).name} with packet identifier 0 (MQTT-2.3.1-1)"
                 )
-            append(id_only[ptype](pid))
+            append(id_only_class(pid))
         else:
             append(_BODY_DECODERS[ptype](src, start, end, b0))
             if ptype == 1:

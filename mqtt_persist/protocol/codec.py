@@ -357,14 +357,18 @@ def _first_byte_error(b0: int) -> str | None:
 #: Indexed by a packet's first byte: why no packet can start with it, or None.
 _FIRST_BYTE_ERRORS: Final = tuple(_first_byte_error(b) for b in range(256))
 
-#: Packets whose whole body is a two-byte packet id.
-_ID_ONLY: Final[dict[int, Callable[[int], Packet]]] = {
+#: Indexed by packet type: the class of a packet whose whole body is a two-byte packet id, or
+#: None (a tuple index is cheaper than a dict lookup, on the path of every PUBACK).
+_ID_ONLY_CLASSES: Final[dict[int, Callable[[int], Packet]]] = {
     4: PubAck,
     5: PubRec,
     6: PubRel,
     7: PubComp,
     11: UnsubAck,
 }
+_ID_ONLY: Final[tuple[Callable[[int], Packet] | None, ...]] = tuple(
+    _ID_ONLY_CLASSES.get(t) for t in range(16)
+)
 
 
 def _decode_connack(src: bytes, p: int, end: int, b0: int) -> ConnAck:
@@ -521,7 +525,7 @@ def _decode_all(src: bytes, max_size: int, pos: int = 0) -> tuple[list[Packet], 
             else:
                 pid = None
             append(Publish(topic, src[t_end:end], qos, b0 & 1 == 1, b0 & 8 == 8, pid))
-        elif ptype in id_only:
+        elif (id_only_class := id_only[ptype]) is not None:
             if rl != 2:
                 raise MalformedPacket(
                     f"{PacketType(ptype).name} with remaining length {rl}, must be 2"
@@ -531,7 +535,7 @@ def _decode_all(src: bytes, max_size: int, pos: int = 0) -> tuple[list[Packet], 
                 raise MalformedPacket(
                     f"{PacketType(ptype).name} with packet identifier 0 (MQTT-2.3.1-1)"
                 )
-            append(id_only[ptype](pid))
+            append(id_only_class(pid))
         else:
             append(_BODY_DECODERS[ptype](src, start, end, b0))
             if ptype == 1:
