@@ -317,10 +317,6 @@ def _reason_code(code: int, packet_type: PacketType) -> ReasonCode:
     return member
 
 
-def _decode_connect_any(src: bytes, p: int, end: int, b0: int) -> Connect:
-    return _decode_connect(src, p, end, b0)
-
-
 def _decode_connack(src: bytes, p: int, end: int, b0: int) -> ConnAck:
     if end - p < 2:
         raise MalformedPacket(f"CONNACK with remaining length {end - p}, must be at least 3")
@@ -378,12 +374,9 @@ def _decode_subscribe(src: bytes, p: int, end: int, b0: int) -> Subscribe:
             raise MalformedPacket("SUBSCRIBE: topic filter without subscription options byte")
         options = _OPTIONS[src[p]]
         if options is None:
-            try:
-                SubscriptionOptions.from_byte(src[p])
-            except ValueError as exc:
-                raise MalformedPacket(f"SUBSCRIBE: {exc} (MQTT-3.8.3-5)") from None
+            raise MalformedPacket(f"SUBSCRIBE: {_options_error(src[p])} (MQTT-3.8.3-5)")
         p += 1
-        subscriptions.append((topic_filter, options))  # type: ignore[arg-type]
+        subscriptions.append((topic_filter, options))
     if not subscriptions:
         raise MalformedPacket("SUBSCRIBE with no topic filters (MQTT-3.8.3-2)")
     return Subscribe(pid, subscriptions, props)
@@ -394,6 +387,15 @@ def _options_or_none(byte: int) -> SubscriptionOptions | None:
         return SubscriptionOptions.from_byte(byte)
     except ValueError:
         return None
+
+
+def _options_error(byte: int) -> str:
+    """Why ``byte`` is not a subscription options byte."""
+    try:
+        SubscriptionOptions.from_byte(byte)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError(f"0x{byte:02x} is a valid options byte")
 
 
 #: Every options byte, parsed once (the objects are immutable and can be shared).
@@ -408,12 +410,7 @@ def _decode_codes(
     props, p = _read_properties(src, p + 2, end, packet_type, name)
     if p >= end:
         raise MalformedPacket(f"{name} with no reason codes")
-    valid = VALID_REASON_CODES[packet_type]
-    codes: list[int] = []
-    for code in src[p:end]:
-        if code not in valid:
-            _reason_code(code, packet_type)
-        codes.append(BY_VALUE[code])  # type: ignore[arg-type]
+    codes: list[int] = [_reason_code(code, packet_type) for code in src[p:end]]
     return pid, props, codes
 
 
@@ -471,7 +468,7 @@ def _decode_auth(src: bytes, p: int, end: int, b0: int) -> Auth:
 
 
 _BODY_DECODERS: Final[dict[int, Callable[[bytes, int, int, int], Packet]]] = {
-    1: _decode_connect_any,
+    1: _decode_connect,  # in the layout its protocol level says
     2: _decode_connack,
     4: _decode_ack,
     5: _decode_ack,
