@@ -1,8 +1,9 @@
 """Tests of the MQTT 5 side of the codec: every packet with properties and reason codes, round
 trips split at every byte, the property rules (which packet, how often, which values), malformed
 and misplaced input, the packet-size limit, the protocol-version choice per connection, the
-public property helpers, and a byte-for-byte cross-check against paho-mqtt 2.2's MQTT 5 packets
-(its builders, its decoders, and a real paho client on a loopback socket).
+public property helpers, a byte-for-byte cross-check against paho-mqtt 2.2's MQTT 5 packets
+(its builders, its decoders, and a real paho client on a loopback socket), and a conversation
+with a real mosquitto 2 in MQTT 5, observed by an independent paho client.
 
 The property rules are written out here a second time, from the specification (MQTT 5 table
 2-4 and the reason-code tables of §3), rather than read from the codec, so that a mistake in the
@@ -1835,3 +1836,178 @@ def test_paho_reads_a_server_disconnect_with_reason() -> None:
         assert events == [("disconnect", 0x8B, reason)]
     finally:
         peer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Against a real broker: our codec on a raw socket to mosquitto 2, observed by paho (MQTT 5)
+# ---------------------------------------------------------------------------------------------
+
+
+class _RawClient:
+    """Our codec speaking MQTT 5 on a plain socket, nothing else: no session logic."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self.decoder = Decoder(protocol_version=V5)
+
+    def send(self, *packets: Packet) -> None:
+        self.sock.sendall(b"".join(encode(p, protocol_version=V5) for p in packets))
+
+    def expect(self, count: int) -> list[Packet]:
+        packets: list[Packet] = []
+        while len(packets) < count:
+            data = self.sock.recv(1 << 16)
+            assert data, f"the broker closed the connection after {packets}"
+            packets += self.decoder.feed(data)
+        assert len(packets) == count, packets
+        return packets
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _PahoObserver5:
+    """An independent paho MQTT 5 client that records what it receives, with properties."""
+
+    def __init__(self, host: str, port: int, *filters: str) -> None:
+        self.messages: list[tuple[str, bytes, int, Properties]] = []
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id="codec-observer", protocol=paho.MQTTv5
+        )
+        self.client.on_message = lambda c, u, m: self.messages.append(
+            (m.topic, m.payload, m.qos, from_paho(m.properties))
+        )
+        subscribed: list[int] = []
+        self.client.on_subscribe = lambda c, u, mid, rcs, props: subscribed.append(mid)
+        self.client.connect(host, port)
+        self.client.loop_start()
+        _, mid = self.client.subscribe([(f, SubscribeOptions(qos=1)) for f in filters])
+        self.wait(lambda: mid in subscribed)
+
+    def wait(self, condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, f"observer saw {self.messages}"
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.mark.broker
+def test_an_mqtt5_conversation_with_mosquitto(broker_factory: Any) -> None:
+    broker = broker_factory(
+        extra_config="max_inflight_messages 5\nmax_packet_size 20000\nmax_keepalive 30\n"
+    )
+    observer = _PahoObserver5(broker.host, broker.port, "codec/out/#", "clients/will")
+    raw = _RawClient(broker.host, broker.port)
+    try:
+        # CONNECT with an empty client id, Clean Start, Session Expiry, Receive Maximum,
+        # Maximum Packet Size, Topic Alias Maximum and a will with properties.
+        will = Will("clients/will", b"gone", 1, False, Properties(content_type="text/plain"))
+        raw.send(
+            Connect(
+                "",
+                clean_session=True,
+                keepalive=60,
+                will=will,
+                protocol_level=5,
+                properties=Properties(
+                    session_expiry_interval=300,
+                    receive_maximum=7,
+                    maximum_packet_size=100_000,
+                    topic_alias_maximum=4,
+                    request_problem_information=True,
+                ),
+            )
+        )
+        [connack] = raw.expect(1)
+        assert isinstance(connack, ConnAck) and connack.reason_code is ReasonCode.SUCCESS
+        props = connack.properties
+        assert props.receive_maximum == 5  # max_inflight_messages, announced (issue 8)
+        assert props.maximum_packet_size == 20_000
+        assert props.server_keep_alive == 30  # our 60 exceeded max_keepalive
+        assert props.assigned_client_identifier and props.assigned_client_identifier.startswith(
+            "auto-"
+        )
+
+        # SUBSCRIBE with options and a subscription identifier.
+        raw.send(
+            Subscribe(
+                1,
+                [("codec/in/#", SubscriptionOptions(1, no_local=True))],
+                Properties(subscription_identifiers=(42,)),
+            )
+        )
+        assert raw.expect(1) == [SubAck(1, [ReasonCode.GRANTED_QOS_1])]
+
+        # paho publishes to us: the properties arrive, with our subscription identifier.
+        sent = _paho_props(
+            "PUBLISH",
+            ContentType="application/json",
+            ResponseTopic="codec/out/reply",
+            CorrelationData=b"\x00req",
+            UserProperty=[("trace", "t-1")],
+        )
+        observer.client.publish("codec/in/x", b"{}", qos=1, properties=sent).wait_for_publish(5)
+        [inbound] = raw.expect(1)
+        assert isinstance(inbound, Publish) and inbound.qos == 1 and inbound.packet_id
+        assert (inbound.topic, inbound.payload) == ("codec/in/x", b"{}")
+        assert inbound.properties == Properties(
+            content_type="application/json",
+            response_topic="codec/out/reply",
+            correlation_data=b"\x00req",
+            subscription_identifiers=(42,),
+            user_properties=(("trace", "t-1"),),
+        )
+        raw.send(PubAck(inbound.packet_id))
+
+        # We publish with properties: mosquitto acknowledges, paho receives them.
+        out_props = Properties(
+            payload_format_indicator=1,
+            message_expiry_interval=3600,
+            correlation_data=b"\x00req",
+            user_properties=(("a", "1"), ("a", "2")),
+        )
+        raw.send(Publish("codec/out/1", b"answer", 1, packet_id=2, properties=out_props))
+        assert raw.expect(1) == [PubAck(2)]
+        observer.wait(lambda: len(observer.messages) == 1)
+        topic, payload, qos, got = observer.messages[0]
+        assert (topic, payload, qos) == ("codec/out/1", b"answer", 1)
+        assert got.message_expiry_interval is not None and got.message_expiry_interval <= 3600
+        assert got._replace(message_expiry_interval=3600) == out_props
+
+        # A reason code that is not plain success: nobody subscribed.
+        raw.send(Publish("nobody/here", b"x", 1, packet_id=3))
+        assert raw.expect(1) == [PubAck(3, ReasonCode.NO_MATCHING_SUBSCRIBERS)]
+
+        # A topic alias set, then used with an empty topic.
+        raw.send(
+            Publish("codec/out/alias", b"a1", properties=Properties(topic_alias=1)),
+            Publish("", b"a2", properties=Properties(topic_alias=1)),
+        )
+        observer.wait(lambda: len(observer.messages) == 3)
+        assert [m[:2] for m in observer.messages[1:]] == [
+            ("codec/out/alias", b"a1"),
+            ("codec/out/alias", b"a2"),
+        ]
+
+        # No Local: our own publication on a filter we subscribed to does not come back.
+        raw.send(Publish("codec/in/self", b"mine", 1, packet_id=4), PingReq())
+        assert raw.expect(2) == [PubAck(4), PingResp()]
+
+        # A packet over the broker's Maximum Packet Size: DISCONNECT with reason 0x95, and,
+        # the disconnection not being a normal one, the will with its properties.
+        raw.send(Publish("codec/out/big", b"x" * 20_000))
+        assert raw.expect(1) == [Disconnect(ReasonCode.PACKET_TOO_LARGE)]
+        observer.wait(lambda: len(observer.messages) == 4)
+        assert observer.messages[3] == (
+            "clients/will",
+            b"gone",
+            1,
+            Properties(content_type="text/plain"),
+        )
+    finally:
+        raw.close()
+        observer.close()
