@@ -39,6 +39,19 @@ class MalformedPacket(ProtocolError):
     """A packet could not be decoded (bad length, bad flags, bad UTF-8, truncated fields)."""
 
 
+class PacketTooLarge(MalformedPacket):
+    """A packet announced more bytes than the decoder's ``max_packet_size``.
+
+    Raised from the fixed header alone, before any of the body is buffered; ``size`` is the
+    whole packet's announced size, ``limit`` the decoder's maximum.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"packet of {size} bytes exceeds the maximum packet size {limit}")
+        self.size = size
+        self.limit = limit
+
+
 class ConnectionRefused(MqttPersistError):
     """The broker answered CONNECT with a non-zero return code."""
 

@@ -1,9 +1,16 @@
-"""MQTT 3.1.1 packets and their sans-IO codec."""
+"""MQTT 3.1.1 and MQTT 5 packets and their sans-IO codec.
+
+The protocol version is chosen per connection: ``encode(packet, protocol_version=5)``,
+``Decoder(protocol_version=5)``; both default to 3.1.1.
+"""
 
 from mqtt_persist.protocol.codec import MAX_PACKET_SIZE, MAX_REMAINING_LENGTH, Decoder, encode
 from mqtt_persist.protocol.packets import (
     MQTT_3_1_1,
+    MQTT_5,
+    NO_PROPERTIES,
     SUBACK_FAILURE,
+    Auth,
     ConnAck,
     Connect,
     ConnectReturnCode,
@@ -12,23 +19,42 @@ from mqtt_persist.protocol.packets import (
     PacketType,
     PingReq,
     PingResp,
+    Properties,
+    ProtocolVersion,
     PubAck,
     PubComp,
     Publish,
     PubRec,
     PubRel,
+    RetainHandling,
     SubAck,
     Subscribe,
+    SubscriptionOptions,
     UnsubAck,
     Unsubscribe,
     Will,
+)
+from mqtt_persist.protocol.properties import (
+    PropertyContext,
+    decode_properties,
+    encode_properties,
+)
+from mqtt_persist.protocol.reason_codes import (
+    VALID_REASON_CODES,
+    ReasonCode,
+    describe_reason_code,
+    is_failure,
 )
 
 __all__ = [
     "MAX_PACKET_SIZE",
     "MAX_REMAINING_LENGTH",
     "MQTT_3_1_1",
+    "MQTT_5",
+    "NO_PROPERTIES",
     "SUBACK_FAILURE",
+    "VALID_REASON_CODES",
+    "Auth",
     "ConnAck",
     "Connect",
     "ConnectReturnCode",
@@ -38,15 +64,25 @@ __all__ = [
     "PacketType",
     "PingReq",
     "PingResp",
+    "Properties",
+    "PropertyContext",
+    "ProtocolVersion",
     "PubAck",
     "PubComp",
     "PubRec",
     "PubRel",
     "Publish",
+    "ReasonCode",
+    "RetainHandling",
     "SubAck",
     "Subscribe",
+    "SubscriptionOptions",
     "UnsubAck",
     "Unsubscribe",
     "Will",
+    "decode_properties",
+    "describe_reason_code",
     "encode",
+    "encode_properties",
+    "is_failure",
 ]

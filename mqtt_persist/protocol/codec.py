@@ -1,5 +1,11 @@
-"""Sans-IO MQTT 3.1.1 packet codec: :func:`encode` turns a packet into bytes, :class:`Decoder`
-turns a byte stream back into packets.
+"""Sans-IO MQTT packet codec, 3.1.1 and 5: :func:`encode` turns a packet into bytes,
+:class:`Decoder` turns a byte stream back into packets.
+
+The protocol version is chosen per connection: ``encode(packet, protocol_version=5)`` and
+``Decoder(protocol_version=5)``; both default to 3.1.1, so code written for 3.1.1 is unchanged.
+This module holds the public API and the 3.1.1 packet code; the MQTT 5 packet code is in
+:mod:`._v5`, CONNECT (whose layout follows its own protocol level) in :mod:`._connect`, the
+property codec in :mod:`.properties`.
 
 Design choices, and why:
 
@@ -41,7 +47,17 @@ Design choices, and why:
   - ``encode`` dispatches on the exact class through a dict and packs the fixed header of small
     packets with precomputed :class:`struct.Struct` objects.
   - The packet-size limit is checked as soon as the remaining length is known, before any of the
-    body is buffered, so a peer cannot make us allocate a 256 MB buffer by announcing one.
+    body is buffered, so a peer cannot make us allocate a 256 MB buffer by announcing one. The
+    buffer only ever holds bytes that really arrived, and every count inside a packet (string
+    lengths, property lengths, a flood of properties) is checked against those bytes before it
+    is used, so no allocation is sized by what the peer *announced*.
+
+* **The default packet-size limit is the protocol maximum.** A smaller default would be safe in
+  MQTT 5, where CONNECT announces it (Maximum Packet Size) and the broker must not send more; in
+  3.1.1 nothing tells the broker, so a message over our limit would be refused again after every
+  reconnect: a QoS 1 message redelivered forever, a livelock. The limit guards memory against an
+  *announced* size, which it does at any value; a client that expects hostile brokers, or runs
+  MQTT 5, passes a smaller one (and announces it).
 """
 
 from __future__ import annotations
@@ -50,9 +66,27 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final
 
-from mqtt_persist.errors import MalformedPacket
+from mqtt_persist.errors import MalformedPacket, PacketTooLarge
+from mqtt_persist.protocol import _v5
+from mqtt_persist.protocol._connect import _decode_connect, _encode_connect, is_v5_level
+from mqtt_persist.protocol._wire import (
+    _MAX_U16,
+    _RL1,
+    MAX_PACKET_SIZE,
+    MAX_REMAINING_LENGTH,
+    _check_packet_id,
+    _frame,
+    _read_packet_id,
+    _read_str,
+    _remaining_length,
+    _utf8,
+)
 from mqtt_persist.protocol.packets import (
+    MQTT_3_1_1,
+    MQTT_5,
+    NO_PROPERTIES,
     SUBACK_FAILURE,
+    Auth,
     ConnAck,
     Connect,
     Disconnect,
@@ -67,28 +101,12 @@ from mqtt_persist.protocol.packets import (
     PubRel,
     SubAck,
     Subscribe,
+    SubscriptionOptions,
     UnsubAck,
     Unsubscribe,
-    Will,
 )
 
 __all__ = ["MAX_PACKET_SIZE", "MAX_REMAINING_LENGTH", "Decoder", "encode"]
-
-#: The largest remaining length the four-byte variable length encoding can carry (§2.2.3).
-MAX_REMAINING_LENGTH: Final = 268_435_455
-#: The largest possible MQTT packet: the first byte, four length bytes and the largest body.
-MAX_PACKET_SIZE: Final = MAX_REMAINING_LENGTH + 5
-
-_MAX_U16: Final = 0xFFFF
-
-_U16 = struct.Struct("!H")
-#: First byte, one-byte remaining length, and a 16-bit field (packet id or topic length).
-_BBH = struct.Struct("!BBH")
-#: Protocol level, connect flags, keepalive.
-_CONNECT_TAIL = struct.Struct("!BBH")
-
-#: The remaining-length encodings of 0..127, the common case, ready-made.
-_RL1: Final = tuple(bytes((i,)) for i in range(128))
 
 _PINGREQ: Final = b"\xc0\x00"
 _PINGRESP: Final = b"\xd0\x00"
@@ -97,66 +115,32 @@ _DISCONNECT: Final = b"\xe0\x00"
 _VALID_SUBACK_CODES: Final = frozenset((0, 1, 2, SUBACK_FAILURE))
 
 
+# Made here rather than imported from _wire: CPython 3.11 compiles ``name.method(...)`` on an
+# imported name as a module-attribute call (LOAD_ATTR, a bound method built per call), which
+# measurably slows the hot path, where ``.pack`` runs once or twice per packet.
+_U16 = struct.Struct("!H")
+#: First byte, one-byte remaining length, and a 16-bit field (packet id or topic length).
+_BBH = struct.Struct("!BBH")
+
+
 # --------------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------------
 
 
-def _remaining_length(n: int) -> bytes:
-    if n < 128:
-        return _RL1[n]
-    if n > MAX_REMAINING_LENGTH:
-        raise ValueError(
-            f"packet too large: remaining length {n} exceeds the MQTT maximum "
-            f"{MAX_REMAINING_LENGTH}"
-        )
-    out = bytearray()
-    while n:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | 0x80 if n else byte)
-    return bytes(out)
-
-
-def _frame(first_byte: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 128:
-        return bytes((first_byte, n)) + body
-    return bytes((first_byte,)) + _remaining_length(n) + body
-
-
-def _utf8(value: str, what: str) -> bytes:
-    """``value`` as an MQTT UTF-8 string: length-prefixed, at most 65,535 bytes, no U+0000."""
-    try:
-        raw = value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{what} is not encodable as UTF-8: {exc.reason}") from None
-    if len(raw) > _MAX_U16:
-        raise ValueError(f"{what} is {len(raw)} UTF-8 bytes; MQTT strings are at most 65535")
-    if b"\x00" in raw:
-        raise ValueError(f"{what} contains U+0000, which MQTT forbids in strings")
-    return _U16.pack(len(raw)) + raw
-
-
-def _binary(value: bytes, what: str) -> bytes:
-    if len(value) > _MAX_U16:
-        raise ValueError(f"{what} is {len(value)} bytes; MQTT binary fields are at most 65535")
-    return _U16.pack(len(value)) + bytes(value)
-
-
-def _check_packet_id(packet_id: int | None, what: str) -> int:
-    if packet_id is None or not 0 < packet_id <= _MAX_U16:
-        raise ValueError(f"{what} packet_id must be in 1..65535, got {packet_id!r}")
-    return packet_id
+def _refuse_v5(what: str) -> ValueError:
+    return ValueError(f"{what} need MQTT 5; encode with protocol_version=5")
 
 
 def _encode_publish(p: Publish) -> bytes:
-    topic = p.topic.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError, a ValueError
+    topic = p.topic.encode()  # UTF-8; a lone surrogate raises UnicodeEncodeError, a ValueError
     tl = len(topic)
     if tl > _MAX_U16:
         raise ValueError(f"PUBLISH topic is {tl} UTF-8 bytes; MQTT strings are at most 65535")
     if b"\x00" in topic:
         raise ValueError("PUBLISH topic contains U+0000, which MQTT forbids in strings")
+    if p.properties is not NO_PROPERTIES and p.properties:
+        raise _refuse_v5("PUBLISH properties")
     payload = p.payload
     qos = p.qos
     if qos == 0:
@@ -187,49 +171,39 @@ def _encode_puback(p: PubAck) -> bytes:
     pid = p.packet_id
     if pid is None or not 0 < pid <= _MAX_U16:
         raise ValueError(f"PUBACK packet_id must be in 1..65535, got {pid!r}")
+    if p.reason_code or (p.properties is not NO_PROPERTIES and p.properties):
+        raise _refuse_v5("PUBACK reason codes and properties")
     return _BBH.pack(0x40, 2, pid)
 
 
 def _encode_pubrec(p: PubRec) -> bytes:
+    if p.reason_code or (p.properties is not NO_PROPERTIES and p.properties):
+        raise _refuse_v5("PUBREC reason codes and properties")
     return _BBH.pack(0x50, 2, _check_packet_id(p.packet_id, "PUBREC"))
 
 
 def _encode_pubrel(p: PubRel) -> bytes:
+    if p.reason_code or (p.properties is not NO_PROPERTIES and p.properties):
+        raise _refuse_v5("PUBREL reason codes and properties")
     return _BBH.pack(0x62, 2, _check_packet_id(p.packet_id, "PUBREL"))
 
 
 def _encode_pubcomp(p: PubComp) -> bytes:
+    if p.reason_code or (p.properties is not NO_PROPERTIES and p.properties):
+        raise _refuse_v5("PUBCOMP reason codes and properties")
     return _BBH.pack(0x70, 2, _check_packet_id(p.packet_id, "PUBCOMP"))
 
 
 def _encode_unsuback(p: UnsubAck) -> bytes:
+    if p.reason_codes or p.properties:
+        raise _refuse_v5("UNSUBACK reason codes and properties")
     return _BBH.pack(0xB0, 2, _check_packet_id(p.packet_id, "UNSUBACK"))
 
 
-def _encode_connect(p: Connect) -> bytes:
-    if not 0 <= p.keepalive <= _MAX_U16:
-        raise ValueError(f"CONNECT keepalive must be in 0..65535, got {p.keepalive!r}")
-    if not 0 <= p.protocol_level <= 0xFF:
-        raise ValueError(f"CONNECT protocol_level must be in 0..255, got {p.protocol_level!r}")
-    flags = 0x02 if p.clean_session else 0
-    parts = [_utf8(p.protocol_name, "CONNECT protocol name"), b"", _utf8(p.client_id, "client id")]
-    will = p.will
-    if will is not None:
-        if will.qos not in (0, 1, 2):
-            raise ValueError(f"will qos must be 0, 1 or 2, got {will.qos!r}")
-        flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
-        parts.append(_utf8(will.topic, "will topic"))
-        parts.append(_binary(will.payload, "will payload"))
-    if p.username is not None:
-        flags |= 0x80
-        parts.append(_utf8(p.username, "username"))
-    if p.password is not None:
-        if p.username is None:
-            raise ValueError("MQTT 3.1.1 does not allow a password without a username")
-        flags |= 0x40
-        parts.append(_binary(p.password, "password"))
-    parts[1] = _CONNECT_TAIL.pack(p.protocol_level, flags, p.keepalive)
-    return _frame(0x10, b"".join(parts))
+def _encode_connect_v311(p: Connect) -> bytes:
+    if is_v5_level(p.protocol_level):
+        raise ValueError("a CONNECT with protocol_level 5 must be encoded with protocol_version=5")
+    return _encode_connect(p)
 
 
 def _encode_connack(p: ConnAck) -> bytes:
@@ -237,6 +211,8 @@ def _encode_connack(p: ConnAck) -> bytes:
         raise ValueError(f"CONNACK return_code must be in 0..255, got {p.return_code!r}")
     if p.session_present and p.return_code != 0:
         raise ValueError("a refusing CONNACK must not set session_present (MQTT-3.2.2-4)")
+    if p.properties:
+        raise _refuse_v5("CONNACK properties")
     return bytes((0x20, 2, 1 if p.session_present else 0, p.return_code))
 
 
@@ -244,8 +220,14 @@ def _encode_subscribe(p: Subscribe) -> bytes:
     pid = _check_packet_id(p.packet_id, "SUBSCRIBE")
     if not p.subscriptions:
         raise ValueError("a SUBSCRIBE needs at least one topic filter (MQTT-3.8.3-3)")
+    if p.properties:
+        raise _refuse_v5("SUBSCRIBE properties")
     parts = [_U16.pack(pid)]
     for topic_filter, qos in p.subscriptions:
+        if isinstance(qos, SubscriptionOptions):
+            if qos.no_local or qos.retain_as_published or qos.retain_handling:
+                raise _refuse_v5("no local, retain as published and retain handling")
+            qos = qos.qos
         if qos not in (0, 1, 2):
             raise ValueError(f"SUBSCRIBE requested qos must be 0, 1 or 2, got {qos!r}")
         parts.append(_utf8(topic_filter, "SUBSCRIBE topic filter"))
@@ -257,6 +239,8 @@ def _encode_suback(p: SubAck) -> bytes:
     pid = _check_packet_id(p.packet_id, "SUBACK")
     if not p.return_codes:
         raise ValueError("a SUBACK needs at least one return code")
+    if p.properties:
+        raise _refuse_v5("SUBACK properties")
     for code in p.return_codes:
         if code not in _VALID_SUBACK_CODES:
             raise ValueError(f"SUBACK return code must be 0, 1, 2 or 0x80, got {code!r}")
@@ -267,6 +251,8 @@ def _encode_unsubscribe(p: Unsubscribe) -> bytes:
     pid = _check_packet_id(p.packet_id, "UNSUBSCRIBE")
     if not p.filters:
         raise ValueError("an UNSUBSCRIBE needs at least one topic filter (MQTT-3.10.3-2)")
+    if p.properties:
+        raise _refuse_v5("UNSUBSCRIBE properties")
     parts = [_U16.pack(pid)]
     parts.extend(_utf8(f, "UNSUBSCRIBE topic filter") for f in p.filters)
     return _frame(0xA2, b"".join(parts))
@@ -281,7 +267,13 @@ def _encode_pingresp(p: PingResp) -> bytes:
 
 
 def _encode_disconnect(p: Disconnect) -> bytes:
+    if p.reason_code or p.properties:
+        raise _refuse_v5("DISCONNECT reason codes and properties")
     return _DISCONNECT
+
+
+def _encode_auth(p: Auth) -> bytes:
+    raise _refuse_v5("AUTH packets")
 
 
 _ENCODERS: Final[dict[type[Any], Callable[[Any], bytes]]] = {
@@ -290,7 +282,7 @@ _ENCODERS: Final[dict[type[Any], Callable[[Any], bytes]]] = {
     PubRec: _encode_pubrec,
     PubRel: _encode_pubrel,
     PubComp: _encode_pubcomp,
-    Connect: _encode_connect,
+    Connect: _encode_connect_v311,
     ConnAck: _encode_connack,
     Subscribe: _encode_subscribe,
     SubAck: _encode_suback,
@@ -299,26 +291,42 @@ _ENCODERS: Final[dict[type[Any], Callable[[Any], bytes]]] = {
     PingReq: _encode_pingreq,
     PingResp: _encode_pingresp,
     Disconnect: _encode_disconnect,
+    Auth: _encode_auth,
 }
 
 
-def encode(packet: Packet) -> bytes:
-    """Return the wire bytes of ``packet``.
+_ENCODERS_BY_VERSION: Final = {3: _ENCODERS, MQTT_3_1_1: _ENCODERS, MQTT_5: _v5.ENCODERS}
+
+
+def _find_encoder(packet: Packet, protocol_version: int) -> Callable[[Any], bytes]:
+    encoders = _ENCODERS_BY_VERSION.get(protocol_version)
+    if encoders is None:
+        raise ValueError(f"protocol_version must be 3, 4 or 5, got {protocol_version!r}")
+    for cls in type(packet).__mro__:  # a subclass of a packet class
+        encoder = encoders.get(cls)
+        if encoder is not None:
+            return encoder
+    raise TypeError(f"not an MQTT packet: {packet!r}")
+
+
+def encode(packet: Packet, protocol_version: int = MQTT_3_1_1) -> bytes:
+    """Return the wire bytes of ``packet`` in ``protocol_version`` (4 = 3.1.1, 5 = MQTT 5; 3
+    encodes like 4, MQTT 3.1 differing only in CONNECT, whose ``protocol_level`` says so).
 
     Raises :class:`ValueError` if the packet must not be sent: a packet id outside 1..65535 (or
     missing on a QoS 1/2 PUBLISH, or present on a QoS 0 one), a QoS outside 0..2, a string over
     65,535 UTF-8 bytes or containing U+0000 or a lone surrogate, a binary field over 65,535
-    bytes, a body over 268,435,455 bytes, an empty SUBSCRIBE/UNSUBSCRIBE/SUBACK, a password
-    without a username, and the other combinations MQTT 3.1.1 forbids.
+    bytes, a body over 268,435,455 bytes, an empty SUBSCRIBE/UNSUBSCRIBE/SUBACK, and the other
+    combinations the protocol forbids: in 3.1.1 a password without a username, or any MQTT 5
+    field (properties, a reason code, subscription options beyond QoS, AUTH); in MQTT 5 a reason
+    code the packet type does not define, a property it may not carry or a value out of range,
+    an empty topic without a Topic Alias. A CONNECT must agree with ``protocol_version``: its
+    ``protocol_level`` is 5 exactly when encoding MQTT 5.
     """
-    encoder = _ENCODERS.get(packet.__class__)
-    if encoder is None:
-        for cls in type(packet).__mro__:  # a subclass of a packet class
-            encoder = _ENCODERS.get(cls)
-            if encoder is not None:
-                break
-        else:
-            raise TypeError(f"not an MQTT packet: {packet!r}")
+    try:
+        encoder = _ENCODERS_BY_VERSION[protocol_version][packet.__class__]
+    except KeyError:
+        encoder = _find_encoder(packet, protocol_version)
     return encoder(packet)
 
 
@@ -349,90 +357,18 @@ def _first_byte_error(b0: int) -> str | None:
 #: Indexed by a packet's first byte: why no packet can start with it, or None.
 _FIRST_BYTE_ERRORS: Final = tuple(_first_byte_error(b) for b in range(256))
 
-#: Packets whose whole body is a two-byte packet id.
-_ID_ONLY: Final[dict[int, Callable[[int], Packet]]] = {
+#: Indexed by packet type: the class of a packet whose whole body is a two-byte packet id, or
+#: None (a tuple index is cheaper than a dict lookup, on the path of every PUBACK).
+_ID_ONLY_CLASSES: Final[dict[int, Callable[[int], Packet]]] = {
     4: PubAck,
     5: PubRec,
     6: PubRel,
     7: PubComp,
     11: UnsubAck,
 }
-
-
-def _read_str(src: bytes, p: int, end: int, what: str) -> tuple[str, int]:
-    if p + 2 > end:
-        raise MalformedPacket(f"{what}: truncated length prefix")
-    q = p + 2 + ((src[p] << 8) | src[p + 1])
-    if q > end:
-        raise MalformedPacket(f"{what}: string length runs {q - end} bytes past the packet end")
-    try:
-        value = src[p + 2 : q].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MalformedPacket(f"{what}: invalid UTF-8 ({exc.reason})") from None
-    if "\x00" in value:
-        raise MalformedPacket(f"{what}: contains U+0000 (MQTT-1.5.3-2)")
-    return value, q
-
-
-def _read_binary(src: bytes, p: int, end: int, what: str) -> tuple[bytes, int]:
-    if p + 2 > end:
-        raise MalformedPacket(f"{what}: truncated length prefix")
-    q = p + 2 + ((src[p] << 8) | src[p + 1])
-    if q > end:
-        raise MalformedPacket(f"{what}: length runs {q - end} bytes past the packet end")
-    return src[p + 2 : q], q
-
-
-def _read_packet_id(src: bytes, p: int, end: int, what: str) -> int:
-    if p + 2 > end:
-        raise MalformedPacket(f"{what}: truncated packet identifier")
-    pid = (src[p] << 8) | src[p + 1]
-    if pid == 0:
-        raise MalformedPacket(f"{what} with packet identifier 0 (MQTT-2.3.1-1)")
-    return pid
-
-
-def _decode_connect(src: bytes, p: int, end: int, b0: int) -> Connect:
-    name, p = _read_str(src, p, end, "CONNECT protocol name")
-    if p + 4 > end:
-        raise MalformedPacket("CONNECT: truncated variable header")
-    level, flags, keepalive = _CONNECT_TAIL.unpack_from(src, p)
-    p += 4
-    if flags & 0x01:
-        raise MalformedPacket("CONNECT with the reserved connect flag (bit 0) set (MQTT-3.1.2-3)")
-    will_flag = flags & 0x04
-    will_qos = (flags >> 3) & 0x03
-    will_retain = bool(flags & 0x20)
-    if not will_flag and (will_qos or will_retain):
-        raise MalformedPacket("CONNECT with will QoS/retain set but no will flag (MQTT-3.1.2-11)")
-    if will_qos == 3:
-        raise MalformedPacket("CONNECT with will QoS 3 (MQTT-3.1.2-14)")
-    if flags & 0x40 and not flags & 0x80:
-        raise MalformedPacket("CONNECT with a password but no username (MQTT-3.1.2-22)")
-    client_id, p = _read_str(src, p, end, "CONNECT client id")
-    will = None
-    if will_flag:
-        topic, p = _read_str(src, p, end, "CONNECT will topic")
-        payload, p = _read_binary(src, p, end, "CONNECT will payload")
-        will = Will(topic, payload, will_qos, will_retain)
-    username = None
-    if flags & 0x80:
-        username, p = _read_str(src, p, end, "CONNECT username")
-    password = None
-    if flags & 0x40:
-        password, p = _read_binary(src, p, end, "CONNECT password")
-    if p != end:
-        raise MalformedPacket(f"CONNECT: {end - p} unexpected bytes after the payload")
-    return Connect(
-        client_id=client_id,
-        clean_session=bool(flags & 0x02),
-        keepalive=keepalive,
-        username=username,
-        password=password,
-        will=will,
-        protocol_level=level,
-        protocol_name=name,
-    )
+_ID_ONLY: Final[tuple[Callable[[int], Packet] | None, ...]] = tuple(
+    _ID_ONLY_CLASSES.get(t) for t in range(16)
+)
 
 
 def _decode_connack(src: bytes, p: int, end: int, b0: int) -> ConnAck:
@@ -493,7 +429,7 @@ def _decode_unsubscribe(src: bytes, p: int, end: int, b0: int) -> Unsubscribe:
     return Unsubscribe(pid, filters)
 
 
-def _decode_empty(src: bytes, p: int, end: int, b0: int) -> Packet:
+def _decode_empty(src: bytes, p: int, end: int, b0: int) -> PingReq | PingResp | Disconnect:
     ptype = b0 >> 4
     if end != p:
         raise MalformedPacket(
@@ -518,18 +454,18 @@ _BODY_DECODERS: Final[dict[int, Callable[[bytes, int, int, int], Packet]]] = {
 }
 
 
-def _decode_all(src: bytes, max_size: int) -> tuple[list[Packet], int, int]:
-    """Decode every complete packet of ``src``.
+def _decode_all(src: bytes, max_size: int, pos: int = 0) -> tuple[list[Packet], int, int]:
+    """Decode every complete 3.1.1 packet of ``src`` from ``pos`` on.
 
     Returns the packets, the offset of the first byte not consumed, and how many bytes (counted
-    from that offset) the next packet needs before it is worth parsing again.
+    from that offset) the next packet needs before it is worth parsing again; -1 instead when
+    it stopped after a CONNECT, which chooses the protocol version of what follows.
     """
     out: list[Packet] = []
     append = out.append
     first_byte_errors = _FIRST_BYTE_ERRORS
     id_only = _ID_ONLY
     n = len(src)
-    pos = 0
     while pos < n:
         b0 = src[pos]
         err = first_byte_errors[b0]
@@ -558,9 +494,7 @@ def _decode_all(src: bytes, max_size: int) -> tuple[list[Packet], int, int]:
             start = i
         end = start + rl
         if end - pos > max_size:
-            raise MalformedPacket(
-                f"packet of {end - pos} bytes exceeds the maximum packet size {max_size}"
-            )
+            raise PacketTooLarge(end - pos, max_size)
         if end > n:
             return out, pos, end - pos
         ptype = b0 >> 4
@@ -591,7 +525,7 @@ def _decode_all(src: bytes, max_size: int) -> tuple[list[Packet], int, int]:
             else:
                 pid = None
             append(Publish(topic, src[t_end:end], qos, b0 & 1 == 1, b0 & 8 == 8, pid))
-        elif ptype in id_only:
+        elif (id_only_class := id_only[ptype]) is not None:
             if rl != 2:
                 raise MalformedPacket(
                     f"{PacketType(ptype).name} with remaining length {rl}, must be 2"
@@ -601,31 +535,59 @@ def _decode_all(src: bytes, max_size: int) -> tuple[list[Packet], int, int]:
                 raise MalformedPacket(
                     f"{PacketType(ptype).name} with packet identifier 0 (MQTT-2.3.1-1)"
                 )
-            append(id_only[ptype](pid))
+            append(id_only_class(pid))
         else:
             append(_BODY_DECODERS[ptype](src, start, end, b0))
+            if ptype == 1:
+                return out, end, -1
         pos = end
     return out, pos, 0
 
 
+_Decode = Callable[[bytes, int, int], tuple[list[Packet], int, int]]
+
+
+def _decode_function(protocol_version: int) -> _Decode:
+    if protocol_version == MQTT_5:
+        return _v5.decode_all
+    if protocol_version in (3, MQTT_3_1_1):
+        return _decode_all
+    raise ValueError(f"protocol_version must be 3, 4 or 5, got {protocol_version!r}")
+
+
 class Decoder:
-    """Incremental MQTT 3.1.1 decoder for one connection, in either direction.
+    """Incremental MQTT decoder for one connection, in either direction.
 
     Feed it the bytes read from the transport, in chunks of any size; it returns every packet
     completed so far and keeps the incomplete tail for the next call.
 
+    ``protocol_version`` (4 = 3.1.1, the default; 5 = MQTT 5; 3 decodes like 4) is the format of
+    the stream. A client knows it from the CONNECT it sent. A server learns it from the CONNECT
+    it receives: a decoded CONNECT switches the decoder to the version it announces, for the
+    rest of the stream (bytes after it in the same read included), so a broker-side decoder can
+    start with the default.
+
+    ``max_packet_size`` bounds a whole packet (first byte, length bytes and body, the measure of
+    MQTT 5's Maximum Packet Size); a packet announcing more raises
+    :class:`~mqtt_persist.errors.PacketTooLarge` as soon as its fixed header is read, before its
+    body is buffered. The default is the protocol maximum (see the module docstring for why).
+
     If a call raises :class:`~mqtt_persist.errors.MalformedPacket`, the decoder is dead: the
     packets decoded before the bad one in that same call are lost along with the stream
     position, every later :meth:`feed` raises again, and the connection must be closed
-    (MQTT 3.1.1 §4.8). Use a new Decoder for the next connection.
+    (MQTT 3.1.1 §4.8, MQTT 5 §4.13). Use a new Decoder for the next connection.
     """
 
-    __slots__ = ("_buf", "_error", "_max_packet_size", "_need")
+    __slots__ = ("_buf", "_decode", "_error", "_max_packet_size", "_need", "_protocol_version")
 
-    def __init__(self, max_packet_size: int = MAX_PACKET_SIZE) -> None:
+    def __init__(
+        self, max_packet_size: int = MAX_PACKET_SIZE, protocol_version: int = MQTT_3_1_1
+    ) -> None:
         if max_packet_size < 2:
             raise ValueError(f"max_packet_size must be at least 2, got {max_packet_size!r}")
         self._max_packet_size = max_packet_size
+        self._decode = _decode_function(protocol_version)
+        self._protocol_version = protocol_version
         self._buf = bytearray()
         #: Bytes ``_buf`` must hold before parsing it again can produce a packet.
         self._need = 0
@@ -637,6 +599,11 @@ class Decoder:
         return self._max_packet_size
 
     @property
+    def protocol_version(self) -> int:
+        """The version the stream is decoded as now (a decoded CONNECT may have changed it)."""
+        return self._protocol_version
+
+    @property
     def buffered(self) -> int:
         """How many bytes of an incomplete packet are waiting for the rest."""
         return len(self._buf)
@@ -644,9 +611,10 @@ class Decoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Packet]:
         """Consume ``data`` and return the packets it completes, oldest first.
 
-        Raises :class:`~mqtt_persist.errors.MalformedPacket` if the stream is not valid MQTT
-        3.1.1, or a packet announces more than ``max_packet_size`` bytes (raised as soon as its
-        length is known, before its body arrives). After that the decoder is dead.
+        Raises :class:`~mqtt_persist.errors.MalformedPacket` if the stream is not valid MQTT of
+        the decoder's version, or :class:`~mqtt_persist.errors.PacketTooLarge` if a packet
+        announces more than ``max_packet_size`` bytes (raised as soon as its length is known,
+        before its body arrives). After that the decoder is dead.
         """
         if self._error is not None:
             raise MalformedPacket(f"decoder already failed: {self._error}")
@@ -661,8 +629,15 @@ class Decoder:
             src = data
         else:
             src = bytes(data)
+        decode = self._decode  # a local: calling a function held in a slot directly is slower
         try:
-            packets, pos, need = _decode_all(src, self._max_packet_size)
+            packets, pos, need = decode(src, self._max_packet_size, 0)
+            while need < 0:  # stopped after a CONNECT: it sets the version of what follows
+                connect = packets[-1]
+                assert isinstance(connect, Connect)
+                decode = self._adopt_version(connect.protocol_level)
+                more, pos, need = decode(src, self._max_packet_size, pos)
+                packets += more
         except MalformedPacket as exc:
             self._error = exc
             raise
@@ -670,3 +645,10 @@ class Decoder:
             buf += memoryview(src)[pos:]
             self._need = need
         return packets
+
+    def _adopt_version(self, protocol_level: int) -> _Decode:
+        level = protocol_level & 0x7F  # bit 7: mosquitto's bridge marker
+        version = level if level in (3, MQTT_3_1_1, MQTT_5) else MQTT_3_1_1
+        self._protocol_version = version
+        self._decode = _decode_function(version)
+        return self._decode
