@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.completion import Delivery, SubscribeRequest, UnsubscribeRequest
@@ -46,7 +47,7 @@ class EventDispatcher:
         self.connections = 0
         # Unbounded, like the session's own queues: the application reads at its own pace,
         # and a bound here would stall the flusher and with it every publish.
-        self._send_message, self.messages = anyio.create_memory_object_stream[Message](math.inf)
+        self._send_message, self._messages = anyio.create_memory_object_stream[Message](math.inf)
 
     def dispatch(self, events: Iterable[Event]) -> None:
         """Handle one committed batch's events, in order."""
@@ -113,8 +114,16 @@ class EventDispatcher:
         )
         self.ready.set()
 
+    def receive_messages(self) -> MemoryObjectReceiveStream[Message]:
+        """A receiving end of the messages for one reader; close it when done.
+
+        Each reader has its own, so the client can close its own end on leaving while a reader
+        still takes the messages that arrived before.
+        """
+        return self._messages.clone()
+
     def end_messages(self) -> None:
-        """No more messages: ``client.messages`` ends after those already queued."""
+        """No more messages: every reader ends after those already queued."""
         self._send_message.close()
 
     def fail_pending(self, error: BaseException) -> None:
@@ -124,3 +133,4 @@ class EventDispatcher:
         for request in self.requests.values():
             request._set_exception(error)
         self.end_messages()
+        self._messages.close()

@@ -73,6 +73,8 @@ class Flusher:
         # MessageRemoved operations waiting to ride along with the next commit (_can_defer).
         self._deferred_ops: list[Operation] = []
         self._deferred_since: float | None = None
+        # Set while deferred removals wait for the deferral timer (deferral_timer()).
+        self._timer_armed = Signal()
 
     # --- what the client's public calls use --------------------------------------------------
 
@@ -82,7 +84,10 @@ class Flusher:
         if ticket is None:
             ticket = self._next_commit = CommitTicket()
         self.wake.set()
-        await ticket.wait()
+        # ticket.wait(), one coroutine frame less on the hot path of every durable publish.
+        await ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
 
     @property
     def idle(self) -> bool:
@@ -106,8 +111,8 @@ class Flusher:
         wake = self.wake
         try:
             while not self._finishing:
-                if not wake.is_set():  # under load it is: no trip through _wait_for_work
-                    await self._wait_for_work()
+                if not wake.is_set():  # under load it is
+                    await wake.wait()
                 wake.clear()
                 if self._finishing:
                     break
@@ -130,14 +135,27 @@ class Flusher:
         finally:
             self._stopped.set()
 
-    async def _wait_for_work(self) -> None:
-        if self._deferred_since is None:
-            await self.wake.wait()
-        else:
-            # Deferred removals are committed by DEFER_SECONDS at the latest, even if nothing
-            # else comes along.
-            with anyio.CancelScope(deadline=self._deferred_since + DEFER_SECONDS):
-                await self.wake.wait()
+    async def deferral_timer(self) -> None:
+        """A task of its own: wakes the flusher once deferred removals are DEFER_SECONDS old.
+
+        A sequential durable publisher starts a deferral for nearly every message; a timer
+        armed only when none is pending serves them all with a wake-up every DEFER_SECONDS,
+        where a cancel-scope deadline around each wait of the flusher cost ~6 µs a message
+        (``anyio.CancelScope`` enter and exit, against ~2.5 µs for ``call_later`` before).
+        """
+        armed = self._timer_armed
+        while True:
+            await armed.wait()
+            since = self._deferred_since
+            if since is None:  # committed meanwhile
+                armed.clear()
+                continue
+            delay = since + DEFER_SECONDS - anyio.current_time()
+            if delay > 0:
+                await anyio.sleep(delay)  # then look again: a later deferral may be pending
+                continue
+            armed.clear()
+            self.wake.set()
 
     async def finish(self) -> None:
         """Commit and send everything left, deferred removals included (a closing client).
@@ -181,7 +199,8 @@ class Flusher:
                 ticket.resolve()
             if outbox.packets:
                 await self._connection.send(outbox.packets, outbox.generation)
-            self._dispatcher.dispatch(outbox.events)
+            if outbox.events:
+                self._dispatcher.dispatch(outbox.events)
             # Everything taken so far is committed, which read_queued needs to see it.
             request = session.want_refill()
             if request is not None:
@@ -237,7 +256,8 @@ class Flusher:
         if any(type(op) is not MessageRemoved for op in ops):
             return False
         if self._deferred_since is None:
-            # _wait_for_work() wakes the flusher at the deadline if nothing else does.
+            # The deferral timer wakes the flusher at the deadline if nothing else does.
             self._deferred_since = now
+            self._timer_armed.set()
             return True
         return now - self._deferred_since < DEFER_SECONDS

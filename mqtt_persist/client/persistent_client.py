@@ -226,6 +226,9 @@ class PersistentClient:
             self._task_group = tasks
             name = f"[{options.client_id}]"
             tasks.start_soon(parts.flusher.run, name=f"mqtt_persist flusher {name}")
+            tasks.start_soon(
+                parts.flusher.deferral_timer, name=f"mqtt_persist deferral timer {name}"
+            )
             if options.cleanup_interval is not None:
                 tasks.start_soon(
                     self._storage.cleanup_loop,
@@ -415,19 +418,20 @@ class PersistentClient:
         return self._iterate_messages()
 
     async def _iterate_messages(self) -> AsyncIterator[Message]:
-        incoming = self._require_open().dispatcher.messages
-        while True:
-            try:
-                # Like asyncio.Queue.get(): no trip through the event loop while messages wait.
-                message = incoming.receive_nowait()
-            except anyio.WouldBlock:
+        with self._require_open().dispatcher.receive_messages() as incoming:
+            while True:
                 try:
-                    message = await incoming.receive()
+                    # Like asyncio.Queue.get(): no trip through the event loop while messages
+                    # are waiting.
+                    message = incoming.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        message = await incoming.receive()
+                    except anyio.EndOfStream:
+                        break
                 except anyio.EndOfStream:
                     break
-            except anyio.EndOfStream:
-                break
-            yield message
+                yield message
         if self._fatal is not None:
             raise self._fatal
 
