@@ -182,7 +182,7 @@ class PersistentClient:
         self._storage = SessionStorage(
             self.store, owns_store=store is None, options=options, log=self._log
         )
-        # Built on entry, inside the event loop (anyio primitives need one).
+        # Built on entry, around the session loaded from the store.
         self._session: Session | None = None
         self._parts: _Running | None = None
         self._task_group: TaskGroup | None = None
