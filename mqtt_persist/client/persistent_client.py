@@ -177,6 +177,9 @@ class PersistentClient:
         self.clean_session = clean_session
         self.reconnect = reconnect
         self.session_expiry = options.expires_after
+        #: How the stored session was found on entry: "new", "restored", "expired" or
+        #: "corrupt" (only with on_corrupt="start_clean"; the damaged data was kept aside).
+        self.session_status: SessionStatus = "new"
         self.store: SessionStore = store if store is not None else MemoryStore()
         self._log = client_logger(client_id, options.logger_name)
         self._storage = SessionStorage(
@@ -191,14 +194,6 @@ class PersistentClient:
         self._entered = False
         self._closing = False
 
-    @property
-    def session_status(self) -> SessionStatus:
-        """How the stored session was found on entry: "new", "restored", "expired" or "corrupt".
-
-        "corrupt" only with ``on_corrupt="start_clean"``; the damaged data was kept aside.
-        """
-        return self._storage.status
-
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
@@ -206,14 +201,17 @@ class PersistentClient:
             raise ClientClosed("a PersistentClient can be entered only once; create a new one")
         self._entered = True
         options = self._options
-        state = await self._storage.open()
+        try:
+            state = await self._storage.open()
+        finally:
+            self.session_status = self._storage.status
         async with AsyncExitStack() as stack:
             # Unwound in reverse on close: the task group ends first, then every caller still
             # waiting learns why, then the lease is released.
             stack.push_async_callback(self._release_store)
             session = Session(options.session_config(), state)
             self._session = session
-            if self._storage.status == "restored" and state is not None:
+            if self.session_status == "restored" and state is not None:
                 self._log.info(
                     "restored session: %d queued, %d in flight, %d subscriptions",
                     session.queued,
