@@ -8,13 +8,14 @@ on ``anyio.Event`` so the client uses one concurrency library throughout.
 Both sit on the hot path of a durable ``publish()`` (wake the flusher, wait for its commit), so
 both create an ``anyio.Event`` only when a task really has to sleep: creating one costs ~1.3 µs
 against ~0.16 µs for an ``asyncio.Event`` (anyio 4.16 looks the backend up and initialises the
-event twice). Measured with benchmarks/client_micro.py's ``commit`` store offline (CPU per
-sequential QoS 1 ``publish()`` that waits for a commit of no cost, min of 7 runs of 20,000, on
-the 2-core VM): the single class before the split 13.2 µs; this split with asyncio primitives
-15.7 µs; with these anyio ones 18.5 µs; a first anyio version that swapped in a fresh event on
-every ``clear()``, used ``anyio.Lock`` in the flusher and a cancel scope per deferred wait
-22.6 µs. A real durable commit costs hundreds of µs (FileStore's fsync), so the remaining
-~3 µs of anyio is kept, deliberately, for one concurrency library.
+event twice). Measured: CPU per sequential QoS 1 ``publish()`` waiting for a commit that costs
+nothing (``benchmarks/client_micro.py --offline --stores commit``; min of 7 runs of 20,000 on
+the 2-core VM): the single class before the split 13.2 µs; this split 18.4 µs; the same split
+with asyncio.Event in place of these two 15.7 µs; a first anyio version that swapped in a fresh
+event on every ``clear()``, locked each flush with ``anyio.Lock`` and wrapped each deferred wait
+in a cancel scope 22.6 µs. A real durable commit costs hundreds of µs (FileStore's fsync), and
+with ``gather`` one commit serves many publishes (+0.4 µs there), so the remaining ~3 µs of
+anyio is kept deliberately, for one concurrency library.
 """
 
 from __future__ import annotations
