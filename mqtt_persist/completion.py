@@ -1,8 +1,8 @@
 """Awaitable handles for things the broker finishes later: deliveries and subscriptions.
 
-A handle creates its future only when somebody awaits it. Most deliveries are never awaited
-(fire-and-forget publishing at tens of thousands per second), and a future per message would cost
-time, memory and, for failures nobody looked at, "exception was never retrieved" noise.
+A handle creates its event only when somebody awaits it. Most deliveries are never awaited
+(fire-and-forget publishing at tens of thousands per second), and an event or a future per
+message would cost time and memory for nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Generator
 from typing import Any, Generic, TypeVar
+
+import anyio
 
 from mqtt_persist.errors import SubscriptionRefused
 from mqtt_persist.message import DeliveryOutcome
@@ -23,12 +25,13 @@ _PENDING: Any = object()
 class Completion(Generic[T]):
     """Something that completes once, with a value or an error; ``await`` it for the value."""
 
-    __slots__ = ("_error", "_value", "_waiters")
+    __slots__ = ("_done", "_error", "_value")
 
     def __init__(self) -> None:
         self._value: T = _PENDING
         self._error: BaseException | None = None
-        self._waiters: list[asyncio.Future[None]] | None = None
+        # Created by the first waiter; every waiter shares it.
+        self._done: anyio.Event | None = None
 
     def done(self) -> bool:
         """True once the value or the error is known."""
@@ -39,6 +42,7 @@ class Completion(Generic[T]):
         if self._error is not None:
             raise self._error
         if self._value is _PENDING:
+            # The documented error since the first release, kept for callers that catch it.
             raise asyncio.InvalidStateError("not completed yet")
         return self._value
 
@@ -55,19 +59,14 @@ class Completion(Generic[T]):
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiters:
-            for waiter in self._waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._waiters = None
+        if self._done is not None:
+            self._done.set()
 
     async def _wait(self) -> T:
         if not self.done():
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(waiter)
-            await waiter
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
         return self.result()
 
     def __await__(self) -> Generator[Any, None, T]:

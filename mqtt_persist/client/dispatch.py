@@ -1,0 +1,136 @@
+"""Handing what the session reports to the application, once its batch is committed.
+
+The flusher calls :meth:`EventDispatcher.dispatch` with each batch's events after the batch's
+store operations are durable, so nothing reaches the application before it would survive a
+crash: a ``Delivery`` resolves, a ``subscribe()`` request completes, a received message is
+queued for ``client.messages``, and ``wait_connected()`` wakes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from mqtt_persist.client.signals import Signal
+from mqtt_persist.completion import Delivery, SubscribeRequest, UnsubscribeRequest
+from mqtt_persist.log import ClientLogger
+from mqtt_persist.message import DeliveryOutcome, Message
+from mqtt_persist.session.events import (
+    Anomaly,
+    ConnectionReady,
+    ConnectRefused,
+    Event,
+    MessageReceived,
+    PublishCompleted,
+    SubscribeCompleted,
+    UnsubscribeCompleted,
+)
+
+
+class EventDispatcher:
+    """Resolves what callers wait for, from the session's events; one per client."""
+
+    def __init__(self, log: ClientLogger, address: tuple[str, int]) -> None:
+        self._log = log
+        self._address = address
+        #: publish() handles by sequence number, until their flow ends.
+        self.deliveries: dict[int, Delivery] = {}
+        #: subscribe()/unsubscribe() handles by the session's request token.
+        self.requests: dict[int, SubscribeRequest | UnsubscribeRequest] = {}
+        #: Set while the connection is up and the session restored on the broker.
+        self.ready = Signal()
+        #: Successful connections (the first one included).
+        self.connections = 0
+        # Unbounded, like the session's own queues: the application reads at its own pace,
+        # and a bound here would stall the flusher and with it every publish.
+        self._send_message, self._messages = anyio.create_memory_object_stream[Message](math.inf)
+
+    def dispatch(self, events: Iterable[Event]) -> None:
+        """Handle one committed batch's events, in order."""
+        for event in events:
+            match event:
+                case PublishCompleted():
+                    self._publish_completed(event)
+                case MessageReceived(message=message):
+                    # After the client stopped, ``messages`` has ended: nobody would read it.
+                    with contextlib.suppress(anyio.ClosedResourceError):
+                        self._send_message.send_nowait(message)
+                case SubscribeCompleted():
+                    self._subscribe_completed(event)
+                case UnsubscribeCompleted(token=token):
+                    request = self.requests.pop(token, None)
+                    if isinstance(request, UnsubscribeRequest):
+                        request._set_result(None)
+                case ConnectionReady():
+                    self._connection_ready(event)
+                case ConnectRefused():
+                    # The connection supervisor ends the connection the moment the session
+                    # refuses a CONNACK (connection.py); there is nothing left to resolve.
+                    pass
+                case Anomaly(text=text):
+                    self._log.warning("broker anomaly: %s", text)
+
+    def _publish_completed(self, event: PublishCompleted) -> None:
+        delivery = self.deliveries.pop(event.seq, None)
+        outcome = event.outcome
+        if outcome is DeliveryOutcome.DROPPED:
+            self._log.warning(
+                "queue full: dropped the oldest queued message (seq %d, topic %r)",
+                event.seq,
+                delivery.topic if delivery else "?",
+            )
+        elif outcome is DeliveryOutcome.IN_DOUBT:
+            self._log.warning(
+                "QoS 2 message seq %d is in doubt: the broker lost its session after PUBREC",
+                event.seq,
+            )
+        if delivery is not None:
+            delivery._set_result(outcome)
+
+    def _subscribe_completed(self, event: SubscribeCompleted) -> None:
+        request = self.requests.pop(event.token, None)
+        if isinstance(request, SubscribeRequest):
+            request._complete(event.return_codes)
+        refused = [c for c in event.return_codes if c == 0x80]
+        if refused:
+            self._log.warning("broker refused %d subscription filter(s)", len(refused))
+
+    def _connection_ready(self, event: ConnectionReady) -> None:
+        self.connections += 1
+        if not event.session_present and (event.requeued or event.in_doubt):
+            self._log.warning(
+                "broker had lost the session: %d message(s) published again, "
+                "%d QoS 2 message(s) in doubt",
+                event.requeued,
+                event.in_doubt,
+            )
+        hostname, port = self._address
+        self._log.info(
+            "connected to %s:%d (session present: %s)", hostname, port, event.session_present
+        )
+        self.ready.set()
+
+    def receive_messages(self) -> MemoryObjectReceiveStream[Message]:
+        """A receiving end of the messages for one reader; close it when done.
+
+        Each reader has its own, so the client can close its own end on leaving while a reader
+        still takes the messages that arrived before.
+        """
+        return self._messages.clone()
+
+    def end_messages(self) -> None:
+        """No more messages: every reader ends after those already queued."""
+        self._send_message.close()
+
+    def fail_pending(self, error: BaseException) -> None:
+        """The client closed: every delivery and request still open raises ``error``."""
+        for delivery in self.deliveries.values():
+            delivery._set_exception(error)
+        for request in self.requests.values():
+            request._set_exception(error)
+        self.end_messages()
+        self._messages.close()

@@ -1,0 +1,115 @@
+"""What a :class:`~mqtt_persist.PersistentClient` is configured with, checked once on creation.
+
+Every setting is validated here, before the client touches a store or a socket, so a bad value
+fails at ``PersistentClient(...)`` with a message naming it, never half way into a session.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mqtt_persist.backoff import Backoff
+from mqtt_persist.errors import InvalidInput
+from mqtt_persist.protocol.packets import Will
+from mqtt_persist.session.machine import QueueFullPolicy, SessionConfig
+from mqtt_persist.validation import validate_client_id, validate_qos, validate_topic
+
+CorruptPolicy = Literal["raise", "start_clean"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientOptions:
+    """The settings of one client; see :class:`~mqtt_persist.PersistentClient` for each one.
+
+    Constructing it validates every field and raises an
+    :class:`~mqtt_persist.errors.InvalidInput` subclass naming the first bad one.
+    """
+
+    hostname: str
+    port: int = 1883
+    client_id: str
+    clean_session: bool = False
+    keepalive: int = 60
+    username: str | None = None
+    password: str | bytes | None = None
+    tls: ssl.SSLContext | None = None
+    reconnect: bool = True
+    max_inflight: int = 100
+    max_inflight_qos2: int = 19
+    max_queued: int | None = None
+    queue_full: QueueFullPolicy = "block"
+    max_payload_size: int | None = None
+    will: Will | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+    connect_timeout: float = 10.0
+    queue_memory_limit: int = 1000
+    #: None (or 0, as given to the client): the stored session never expires.
+    session_expiry: float | None = None
+    cleanup_interval: float | None = 300.0
+    on_corrupt: CorruptPolicy = "raise"
+    #: The stdlib logger the client writes through (``logger.name`` of the client's argument).
+    logger_name: str = "mqtt_persist"
+
+    def __post_init__(self) -> None:
+        validate_client_id(self.client_id, clean_session=self.clean_session)
+        keepalive = self.keepalive
+        if not isinstance(keepalive, int) or not 0 <= keepalive <= 65535:
+            raise InvalidInput(f"keepalive must be an int in 0..65535 seconds, not {keepalive!r}")
+        max_inflight = self.max_inflight
+        if not isinstance(max_inflight, int) or not 1 <= max_inflight <= 65535:
+            raise InvalidInput(f"max_inflight must be in 1..65535, not {max_inflight!r}")
+        qos2 = self.max_inflight_qos2
+        if not isinstance(qos2, int) or not 1 <= qos2 <= max_inflight:
+            raise InvalidInput(f"max_inflight_qos2 must be in 1..max_inflight, not {qos2!r}")
+        max_queued = self.max_queued
+        if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 1):
+            raise InvalidInput(f"max_queued must be a positive int or None, not {max_queued!r}")
+        if self.queue_full not in ("block", "drop_oldest", "error"):
+            raise InvalidInput(
+                f"queue_full must be 'block', 'drop_oldest' or 'error', not {self.queue_full!r}"
+            )
+        if self.max_payload_size is not None and self.max_payload_size < 0:
+            raise InvalidInput("max_payload_size must not be negative")
+        if self.will is not None:
+            validate_topic(self.will.topic)
+            validate_qos(self.will.qos)
+        limit = self.queue_memory_limit
+        if not isinstance(limit, int) or limit < 0:
+            raise InvalidInput(
+                f"queue_memory_limit must be an int >= 0 (0: all in memory), not {limit!r}"
+            )
+        expiry = self.session_expiry
+        if expiry is not None and expiry < 0:
+            raise InvalidInput(f"session_expiry must be >= 0 seconds, not {expiry!r}")
+        interval = self.cleanup_interval
+        if interval is not None and interval <= 0:
+            raise InvalidInput(f"cleanup_interval must be > 0 or None, not {interval!r}")
+        if self.on_corrupt not in ("raise", "start_clean"):
+            raise InvalidInput(
+                f"on_corrupt must be 'raise' or 'start_clean', not {self.on_corrupt!r}"
+            )
+
+    @property
+    def expires_after(self) -> float | None:
+        """Seconds after its last use at which the stored session expires; None: never."""
+        # 0 has always meant "never" here, like None: an expiry of zero would expire at once.
+        return self.session_expiry or None
+
+    def session_config(self) -> SessionConfig:
+        """The part of the settings the sans-IO session machine needs."""
+        password = self.password
+        return SessionConfig(
+            client_id=self.client_id,
+            clean_session=self.clean_session,
+            keepalive=self.keepalive,
+            username=self.username,
+            password=password.encode() if isinstance(password, str) else password,
+            will=self.will,
+            max_inflight=self.max_inflight,
+            max_inflight_qos2=self.max_inflight_qos2,
+            max_queued=self.max_queued or 0,
+            queue_full=self.queue_full,
+            queue_memory_limit=self.queue_memory_limit,
+        )

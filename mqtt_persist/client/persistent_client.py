@@ -1,0 +1,525 @@
+"""The public client: :class:`PersistentClient`, the I/O shell around the sans-IO session.
+
+This module is the public API and the wiring; each job lives in a module of its own, and the
+running parts are named tasks in one task group, entered and left with the client:
+
+* ``storage.py``: the store's side of the client's life (open, lease, load, expiry, cleanup);
+* ``flusher.py``: the *flusher* task commits the session's output (one ``store.apply`` per
+  burst: group commit), then writes the packets, then resolves the callers; committing before
+  writing is the write-ahead rule every guarantee rests on;
+* ``connection.py``: the *connection* task connects, reads packets into the session, runs the
+  keepalive, and reconnects with exponential backoff and full jitter;
+* ``dispatch.py``: what the session reports, handed to the application after its commit.
+
+The caller's own tasks call ``publish``/``subscribe``, which change the session synchronously
+and wait for the flusher's commit. Because the session never awaits, every change to it is
+atomic with respect to the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from mqtt_persist.backoff import Backoff
+from mqtt_persist.client.connection import ConnectionSupervisor
+from mqtt_persist.client.dispatch import EventDispatcher
+from mqtt_persist.client.flusher import Flusher
+from mqtt_persist.client.options import ClientOptions
+from mqtt_persist.client.signals import Signal
+from mqtt_persist.client.storage import SessionStatus, SessionStorage
+from mqtt_persist.completion import Delivery, SubscribeRequest, UnsubscribeRequest
+from mqtt_persist.errors import ClientClosed, ConnectionLost, InvalidInput, QueueFull, StoreError
+from mqtt_persist.log import LOGGER_NAME, client_logger
+from mqtt_persist.message import Message
+from mqtt_persist.protocol.packets import Will
+from mqtt_persist.session.machine import ConnectionState, QueueFullPolicy, Session
+from mqtt_persist.stores.base import SessionStore
+from mqtt_persist.stores.memory import MemoryStore
+from mqtt_persist.validation import (
+    coerce_payload,
+    max_payload_for,
+    validate_qos,
+    validate_topic,
+    validate_topic_filter,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStats:
+    """Counters for monitoring; every message the client gave up on is counted here (G6)."""
+
+    queued: int
+    inflight: int
+    #: Dropped from a full queue (``queue_full="drop_oldest"``).
+    dropped: int
+    #: QoS 2 messages past PUBREC when the broker lost its session.
+    in_doubt: int
+    #: Messages published again as new because the broker lost its session.
+    requeued: int
+    #: Inbound QoS 2 re-sends acknowledged but not delivered a second time.
+    duplicates_suppressed: int
+    #: Successful connections (the first one included).
+    connections: int
+
+
+class PersistentClient:
+    """An asyncio MQTT 3.1.1 client whose session survives restarts, crashes and outages.
+
+    Use it as an async context manager. Entering opens the store, takes the ownership lease of
+    ``client_id``'s stored session, restores it, and starts connecting in the background (with
+    ``reconnect=False`` it connects before returning and raises if it cannot). Leaving sends
+    DISCONNECT and releases the lease; whatever was not acknowledged yet stays in the store and
+    is sent by the next client with the same id and store.
+
+    Args:
+        hostname, port: the broker.
+        client_id: identifies the session at the broker and in the store; must not be empty
+            with ``clean_session=False``.
+        store: where the session lives (default: a new :class:`MemoryStore`, which survives
+            nothing beyond this process). A store you pass in is opened, not closed.
+        clean_session: delete the stored session on entry and ask the broker for a clean one.
+        keepalive: seconds; a PINGREQ goes out when the link was quiet that long, and a broker
+            silent for as long again ends the connection.
+        username, password: sent in CONNECT; never stored.
+        tls: an :class:`ssl.SSLContext` for TLS (None: plain TCP).
+        reconnect: reconnect with ``backoff`` whenever the connection is lost. With False,
+            entering connects once and raises :class:`ConnectionLost` if it cannot.
+        max_inflight: QoS 1/2 messages sent and not yet acknowledged, at most. With a durable
+            store each refill of this window costs one commit, so it sets durable throughput.
+        max_inflight_qos2: QoS 2 flows among them, at most. Keep it below the broker's quota:
+            mosquitto allows ``max_inflight_messages`` (20) unacknowledged inbound flows per
+            client on MQTT 3.1.1 and silently drops what arrives past it while still
+            acknowledging it; QoS 2 flows hold a slot until PUBREL, and a QoS 1 message needs
+            one free slot as it arrives, hence 19.
+        max_queued: messages waiting for the window, at most (None: no limit).
+        queue_full: what ``publish()`` does at ``max_queued``: ``"block"`` until there is room,
+            ``"error"`` (raise :class:`QueueFull`) or ``"drop_oldest"`` (counted and logged).
+        max_payload_size: refuse larger payloads (default: the protocol limit).
+        will: the message the broker publishes if this client vanishes.
+        backoff: reconnect delays (default ``Backoff()``: 0.5 s doubling to 30 s, full jitter).
+        connect_timeout: seconds for TCP/TLS connect and for CONNACK.
+        queue_memory_limit: queued messages held in memory (0: all); the rest are read back
+            from the store when due, so memory stays flat however long the queue grows.
+        session_expiry: seconds after its last use at which the stored session expires
+            (None: never). An expired session is not restored (``session_status == "expired"``).
+        cleanup_interval: seconds between removals of expired sessions from the store
+            (None: never).
+        on_corrupt: unreadable stored data raises :class:`SessionCorrupt` (``"raise"``) or
+            starts a new session after logging it loudly (``"start_clean"``); either way the
+            damaged data is kept aside by the store, never deleted.
+        logger: log through this logger's name instead of ``"mqtt_persist"``.
+    """
+
+    def __init__(
+        self,
+        hostname: str,
+        port: int = 1883,
+        *,
+        client_id: str,
+        store: SessionStore | None = None,
+        clean_session: bool = False,
+        keepalive: int = 60,
+        username: str | None = None,
+        password: str | bytes | None = None,
+        tls: ssl.SSLContext | None = None,
+        reconnect: bool = True,
+        max_inflight: int = 100,
+        max_inflight_qos2: int = 19,
+        max_queued: int | None = None,
+        queue_full: QueueFullPolicy = "block",
+        max_payload_size: int | None = None,
+        will: Will | None = None,
+        backoff: Backoff | None = None,
+        connect_timeout: float = 10.0,
+        queue_memory_limit: int = 1000,
+        session_expiry: float | None = None,
+        cleanup_interval: float | None = 300.0,
+        on_corrupt: Literal["raise", "start_clean"] = "raise",
+        logger: logging.Logger | None = None,
+    ) -> None:
+        options = ClientOptions(
+            hostname=hostname,
+            port=port,
+            client_id=client_id,
+            clean_session=clean_session,
+            keepalive=keepalive,
+            username=username,
+            password=password,
+            tls=tls,
+            reconnect=reconnect,
+            max_inflight=max_inflight,
+            max_inflight_qos2=max_inflight_qos2,
+            max_queued=max_queued,
+            queue_full=queue_full,
+            max_payload_size=max_payload_size,
+            will=will,
+            backoff=backoff or Backoff(),
+            connect_timeout=connect_timeout,
+            queue_memory_limit=queue_memory_limit,
+            session_expiry=session_expiry,
+            cleanup_interval=cleanup_interval,
+            on_corrupt=on_corrupt,
+            logger_name=logger.name if logger else LOGGER_NAME,
+        )
+        self._options = options
+        self.hostname = hostname
+        self.port = port
+        self.client_id = client_id
+        self.clean_session = clean_session
+        self.reconnect = reconnect
+        self.session_expiry = options.expires_after
+        #: How the stored session was found on entry: "new", "restored", "expired" or
+        #: "corrupt" (only with on_corrupt="start_clean"; the damaged data was kept aside).
+        self.session_status: SessionStatus = "new"
+        self.store: SessionStore = store if store is not None else MemoryStore()
+        self._log = client_logger(client_id, options.logger_name)
+        self._storage = SessionStorage(
+            self.store, owns_store=store is None, options=options, log=self._log
+        )
+        # Built on entry, around the session loaded from the store.
+        self._session: Session | None = None
+        self._parts: _Running | None = None
+        self._task_group: TaskGroup | None = None
+        self._exit_stack: AsyncExitStack | None = None
+        self._fatal: BaseException | None = None
+        self._entered = False
+        self._closing = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise ClientClosed("a PersistentClient can be entered only once; create a new one")
+        self._entered = True
+        options = self._options
+        try:
+            state = await self._storage.open()
+        finally:
+            self.session_status = self._storage.status
+        async with AsyncExitStack() as stack:
+            # Unwound in reverse on close: the task group ends first, then every caller still
+            # waiting learns why, then the lease is released.
+            stack.push_async_callback(self._release_store)
+            session = Session(options.session_config(), state)
+            self._session = session
+            if self.session_status == "restored" and state is not None:
+                self._log.info(
+                    "restored session: %d queued, %d in flight, %d subscriptions",
+                    session.queued,
+                    session.inflight,
+                    len(state.subscriptions),
+                )
+            parts = self._parts = self._build(session)
+            stack.callback(self._abandon_pending, parts)
+            tasks = await stack.enter_async_context(anyio.create_task_group())
+            self._task_group = tasks
+            name = f"[{options.client_id}]"
+            tasks.start_soon(parts.flusher.run, name=f"mqtt_persist flusher {name}")
+            tasks.start_soon(
+                parts.flusher.deferral_timer, name=f"mqtt_persist deferral timer {name}"
+            )
+            if options.cleanup_interval is not None:
+                tasks.start_soon(
+                    self._storage.cleanup_loop,
+                    options.cleanup_interval,
+                    name=f"mqtt_persist store cleanup {name}",
+                )
+            if options.reconnect:
+                tasks.start_soon(parts.connection.supervise, name=f"mqtt_persist connection {name}")
+            self._exit_stack = stack.pop_all()
+        if not options.reconnect:
+            try:
+                await tasks.start(
+                    parts.connection.run_single_connection, name=f"mqtt_persist connection {name}"
+                )
+            except BaseException as exc:
+                await self._shutdown(graceful=False)
+                if isinstance(exc, OSError | TimeoutError):
+                    raise ConnectionLost(
+                        f"could not connect to {self.hostname}:{self.port}: {exc}"
+                    ) from exc
+                raise
+        return self
+
+    def _build(self, session: Session) -> _Running:
+        """The parts that run inside the task group, wired to each other and to this client."""
+        options = self._options
+        dispatcher = EventDispatcher(self._log, (options.hostname, options.port))
+        wake = Signal()
+        connection = ConnectionSupervisor(
+            session,
+            options,
+            log=self._log,
+            ready=dispatcher.ready,
+            wake_flusher=wake.set,
+            fail=self._fail,
+            closing=lambda: self._closing,
+        )
+        flusher = Flusher(
+            session,
+            self.store,
+            client_id=options.client_id,
+            durable=self._storage.durable,
+            connection=connection,
+            dispatcher=dispatcher,
+            log=self._log,
+            fail=self._fail,
+            wake=wake,
+        )
+        return _Running(session, dispatcher, connection, flusher)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._shutdown(graceful=True)
+
+    async def _shutdown(self, *, graceful: bool) -> None:
+        parts, stack, tasks = self._parts, self._exit_stack, self._task_group
+        if parts is None or stack is None or tasks is None or self._closing:
+            return
+        self._closing = True
+        session = parts.session
+        try:
+            # Commit what the session holds even after a fatal connection error (a refused
+            # CONNECT, say); only a broken store makes that pointless.
+            if graceful and not isinstance(self._fatal, StoreError):
+                with anyio.move_on_after(self._options.connect_timeout, shield=True):
+                    if session.state is not ConnectionState.DISCONNECTED:
+                        session.disconnect()
+                    await parts.flusher.finish()
+        finally:
+            await parts.connection.drop()
+            tasks.cancel_scope.cancel()
+            await stack.aclose()
+
+    def _abandon_pending(self, parts: _Running) -> None:
+        """The tasks ended: every caller still waiting learns why."""
+        parts.session.connection_lost()
+        error = self._fatal or ClientClosed(
+            "the client closed before this completed; unacknowledged messages stay in the "
+            "store and are sent by the next client with the same id and store"
+        )
+        parts.flusher.fail_waiting(error)
+        parts.dispatcher.fail_pending(error)
+        parts.flusher.room.set()
+
+    async def _release_store(self) -> None:
+        await self._storage.close()
+        session = self._session
+        if session is not None:
+            self._log.info(
+                "closed: %d queued and %d in flight left in the store",
+                session.queued,
+                session.inflight,
+            )
+
+    # --- publishing --------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | bytearray | memoryview | str = b"",
+        qos: int = 0,
+        retain: bool = False,
+    ) -> Delivery:
+        """Put a message in the session and return its :class:`Delivery`.
+
+        For QoS 1/2 it returns once the message is durable in the store, before any byte of it
+        is written to the connection (write-ahead). It does not wait for the broker and never
+        raises because the broker is unreachable; ``await`` the delivery to wait for the broker's
+        acknowledgement. Bad input raises an :class:`~mqtt_persist.errors.InvalidInput` subclass
+        before anything is stored. With a full queue it waits (``queue_full="block"``), raises
+        :class:`~mqtt_persist.errors.QueueFull` (``"error"``) or drops the oldest queued message
+        (``"drop_oldest"``, counted in :attr:`stats` and logged).
+        """
+        parts = self._require_open()
+        session, flusher = parts.session, parts.flusher
+        topic_bytes = validate_topic(topic)
+        validate_qos(qos)
+        limit = max_payload_for(len(topic_bytes), qos)
+        options = self._options
+        if options.max_payload_size is not None:
+            limit = min(limit, options.max_payload_size)
+        data = coerce_payload(payload, limit=limit)
+        if not isinstance(retain, bool):
+            raise InvalidInput(f"retain must be a bool, not {type(retain).__name__}")
+        while session.queue_is_full and options.queue_full == "block":
+            flusher.room.clear()
+            await flusher.room.wait()
+            session = self._require_open().session
+        if session.queue_is_full and options.queue_full == "error":
+            raise QueueFull(
+                f"outgoing queue is full ({options.max_queued} messages waiting); message refused"
+            )
+        seq = session.publish(topic, data, qos, retain)
+        delivery = Delivery(seq, topic, qos)
+        parts.dispatcher.deliveries[seq] = delivery
+        flusher.wake.set()
+        if qos and self._storage.durable:
+            await flusher.committed()
+        return delivery
+
+    # --- subscriptions -----------------------------------------------------------------------
+
+    async def subscribe(
+        self, topic_filter: str | Sequence[tuple[str, int]], qos: int = 0
+    ) -> SubscribeRequest:
+        """Record subscriptions in the session and return a :class:`SubscribeRequest`.
+
+        ``topic_filter`` is one filter (subscribed at ``qos``) or a sequence of ``(filter, qos)``
+        pairs. It returns once the subscriptions are stored; they are sent now if connected, else
+        on the next connect, and restored whenever the broker has lost them (G4). ``await`` the
+        returned request for the QoS the broker granted.
+        """
+        parts = self._require_open()
+        pairs = _subscription_pairs(topic_filter, qos)
+        token = parts.session.subscribe(pairs)
+        request = SubscribeRequest(list(dict.fromkeys(f for f, _ in pairs)))
+        parts.dispatcher.requests[token] = request
+        await parts.flusher.committed()
+        return request
+
+    async def unsubscribe(self, topic_filter: str | Sequence[str]) -> UnsubscribeRequest:
+        """Remove subscriptions from the session; ``await`` the result for the UNSUBACK."""
+        parts = self._require_open()
+        filters = [topic_filter] if isinstance(topic_filter, str) else list(topic_filter)
+        if not filters:
+            raise InvalidInput("unsubscribe needs at least one topic filter")
+        for f in filters:
+            validate_topic_filter(f)
+        token = parts.session.unsubscribe(filters)
+        request = UnsubscribeRequest(list(dict.fromkeys(filters)))
+        parts.dispatcher.requests[token] = request
+        await parts.flusher.committed()
+        return request
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    @property
+    def messages(self) -> AsyncIterator[Message]:
+        """Received messages, in arrival order; ends when the client closes.
+
+        Raises the client's fatal error (for example a refused connection) if one ends it.
+        """
+        return self._iterate_messages()
+
+    async def _iterate_messages(self) -> AsyncIterator[Message]:
+        with self._require_open().dispatcher.receive_messages() as incoming:
+            while True:
+                try:
+                    # Like asyncio.Queue.get(): no trip through the event loop while messages
+                    # are waiting.
+                    message = incoming.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        message = await incoming.receive()
+                    except anyio.EndOfStream:
+                        break
+                except anyio.EndOfStream:
+                    break
+                yield message
+        if self._fatal is not None:
+            raise self._fatal
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        """True while the connection is up and the session restored on the broker."""
+        parts = self._parts
+        return parts is not None and parts.dispatcher.ready.is_set() and self._fatal is None
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the connection is up (subscriptions restored); TimeoutError otherwise."""
+        ready = self._require_open().dispatcher.ready
+        with anyio.fail_after(timeout):
+            # _fail() sets ready too, to wake this wait: check the fatal error first.
+            while True:
+                if self._fatal is not None:
+                    raise self._fatal
+                if ready.is_set():
+                    return
+                await ready.wait()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until the broker acknowledged every queued and in-flight message."""
+        parts = self._require_open()
+        session, flusher, deliveries = parts.session, parts.flusher, parts.dispatcher.deliveries
+        with anyio.fail_after(timeout):
+            # Idle is not enough: the last acknowledgements must also be committed and their
+            # deliveries resolved, which happens in the flush after the session went idle.
+            while not (
+                session.is_idle and not session.has_output() and flusher.idle and not deliveries
+            ):
+                flusher.flushed.clear()
+                await flusher.flushed.wait()
+                self._require_open()
+
+    @property
+    def stats(self) -> ClientStats:
+        """Current counters."""
+        parts = self._parts
+        if parts is None:
+            return ClientStats(0, 0, 0, 0, 0, 0, 0)
+        session = parts.session
+        return ClientStats(
+            queued=session.queued,
+            inflight=session.inflight,
+            dropped=session.dropped,
+            in_doubt=session.in_doubt,
+            requeued=session.requeued,
+            duplicates_suppressed=session.duplicates_suppressed,
+            connections=parts.dispatcher.connections,
+        )
+
+    def _require_open(self) -> _Running:
+        if self._fatal is not None:
+            raise self._fatal
+        if self._parts is None or self._closing:
+            raise ClientClosed("use the client inside 'async with PersistentClient(...)'")
+        return self._parts
+
+    def _fail(self, error: BaseException) -> None:
+        """A fatal error: the client stops and every waiter learns why."""
+        if self._fatal is None:
+            self._fatal = error
+            self._log.error("client stopped: %s", error)
+        parts = self._parts
+        if parts is not None:
+            parts.dispatcher.end_messages()
+            parts.flusher.room.set()
+            parts.dispatcher.ready.set()  # wake wait_connected, which re-checks _fatal
+            parts.flusher.flushed.set()
+
+
+@dataclass(frozen=True, slots=True)
+class _Running:
+    """What exists while the client is entered: the session and the parts that drive it."""
+
+    session: Session
+    dispatcher: EventDispatcher
+    connection: ConnectionSupervisor
+    flusher: Flusher
+
+
+def _subscription_pairs(
+    topic_filter: str | Sequence[tuple[str, int]], qos: int
+) -> list[tuple[str, int]]:
+    if isinstance(topic_filter, str):
+        return [(validate_topic_filter(topic_filter), validate_qos(qos))]
+    pairs = [(validate_topic_filter(f), validate_qos(q)) for f, q in topic_filter]
+    if not pairs:
+        raise InvalidInput("subscribe needs at least one topic filter")
+    return pairs
