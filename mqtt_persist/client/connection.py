@@ -220,14 +220,14 @@ class ConnectionSupervisor:
                 raise ConnectionLost("the broker closed the connection") from None
             for packet in decoder.feed(data):
                 session.receive(packet)
-                if session.state is ConnectionState.DISCONNECTED:
+                if session.connection_state is ConnectionState.DISCONNECTED:
                     raise _refusal(packet)
-            if awaiting_connack and session.state is not ConnectionState.CONNECTING:
+            if awaiting_connack and session.connection_state is not ConnectionState.CONNECTING:
                 awaiting_connack = False
                 connack_deadline.deadline = math.inf
                 if self._options.keepalive:
                     tasks.start_soon(self._keepalive_loop, name="mqtt_persist keepalive")
-            if not started and session.state is ConnectionState.READY:
+            if not started and session.connection_state is ConnectionState.READY:
                 started = True
                 self._ready_once = True
                 task_status.started()

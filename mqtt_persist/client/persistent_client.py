@@ -296,7 +296,7 @@ class PersistentClient:
             # CONNECT, say); only a broken store makes that pointless.
             if graceful and not isinstance(self._fatal, StoreError):
                 with anyio.move_on_after(self._options.connect_timeout, shield=True):
-                    if session.state is not ConnectionState.DISCONNECTED:
+                    if session.connection_state is not ConnectionState.DISCONNECTED:
                         session.disconnect()
                     await parts.flusher.finish()
         finally:

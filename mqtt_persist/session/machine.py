@@ -167,11 +167,6 @@ class Session:
         return self._connection_state
 
     @property
-    def state(self) -> ConnectionState:
-        """Old name of :attr:`connection_state`, kept while the client still reads it."""
-        return self._connection_state
-
-    @property
     def queued(self) -> int:
         """Messages waiting for the in-flight window (or for a connection)."""
         return self._queue.queued
