@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -110,6 +111,10 @@ static int connect_to(const char *host, const char *port)
     if (fd >= 0) {
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        /* A SIGTERM landing between the loop's check and recv() would otherwise wait for the
+         * next message; with this, recv() returns within 200 ms and the loop sees it. */
+        struct timeval timeout = {0, 200000};
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
     }
     return fd;
 }
@@ -164,7 +169,7 @@ int main(int argc, char **argv)
     int connacked = 0;
     while (!stopping) {
         ssize_t got = recv(fd, buffer + filled, BUFFER_SIZE - filled, 0);
-        if (got < 0 && errno == EINTR)
+        if (got < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
             continue;
         if (got < 0)
             return die("recv failed");
