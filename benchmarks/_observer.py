@@ -1,35 +1,108 @@
 """The outside subscriber that counts what really reached the broker and came out again.
 
-It is paho-mqtt (not any client under test), MQTT 3.1.1, subscribed at QoS 2 to one topic, and
-it runs in a **process of its own** (``_observer_proc.py``, started with ``sys.executable``):
-as a thread of the benchmark process it competed for the GIL with the client being measured and
-capped every client's end-to-end rate (e.g. 20,000 msg/s acknowledged, 8,500 msg/s counted).
-Every benchmark payload starts with its index as 8 ASCII digits, so the counter knows exactly
-which messages arrived, how many distinct ones, and how many arrived more than once; it
-timestamps the first arrival, the latest, and the one that completes the set.
+It is a C program, none of the clients under test, subscribed at QoS 0 to one topic and writing
+``<CLOCK_REALTIME with ns> <payload>`` per message into a file: by default our own
+``observer.c`` (built by :func:`build_observer`), or mosquitto's ``mosquitto_sub -F '%U %p'``
+(package mosquitto-clients), which writes the same format. The benchmark reads that file: every
+payload starts with its index as 8 ASCII digits, so it knows exactly which messages arrived, how
+many distinct ones and how many more than once, and when the first, the latest and the
+set-completing one arrived.
 
-:class:`ArrivalCounter` is the benchmark's side of it. It starts no thread: the child reports
-its progress as lines on a pipe, and every look at an attribute reads what is there without
-blocking. All its times are ``time.monotonic()`` of the child, which on Linux is the same
-system-wide clock as ``time.monotonic()`` here (see ``_observer_proc.py``; checked on every
-start), so the benchmark times its own events with ``time.monotonic()`` too.
+Why C (the observer before was paho-mqtt in a Python process of its own): paho spent ~65 µs of
+CPU per message and ran 91-101 % busy at 15-30k msg/s, so every fast row measured the observer.
+``mosquitto_sub`` needs 9-12 µs per message and was 100 % busy at ~70k msg/s; ``observer.c``
+~1 µs (big reads, one buffered write per read; see its header), which leaves the broker as the
+limit. ``publish_throughput.py`` proves the ceiling in every run with its ``observer ceiling``
+rows.
+
+Why QoS 0 and still exact: mosquitto 2.0 drops a QoS 0 message for a connected subscriber only
+when that client already has ``max_queued_messages`` packets waiting to be written
+(``db__ready_for_flight()`` in src/database.c), and the benchmark broker sets 1,000,000, more
+than any run sends; so every message the broker accepted reaches the file, and a message the
+broker got twice (a client that sent it twice) is written twice. Subscribing at QoS 1 or 2 would
+add a PUBACK (or three packets) per message for the broker and the observer, lowering the
+ceiling (measured with mosquitto_sub: ~38k against ~48k msg/s for QoS 1 publishing), and add
+nothing: neither resends on a connection that stays up.
+
+Times: both observers stamp ``CLOCK_REALTIME``; :class:`ArrivalCounter` turns the stamps into
+``time.monotonic()`` with the offset between the two clocks sampled when it starts, and checks
+when it stops that the offset did not move (a stepped wall clock would make a run's times
+meaningless; it is then reported as the run's error instead of silently measuring wrong).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
-import select
+import shutil
+import signal
+import socket
 import subprocess
-import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
-from _observer_proc import INDEX_DIGITS
+from _wire import encode_connect, encode_disconnect, encode_publish
 
-__all__ = ["INDEX_DIGITS", "ArrivalCounter", "make_payloads"]
+__all__ = [
+    "INDEX_DIGITS",
+    "ArrivalCounter",
+    "build_observer",
+    "find_mosquitto_sub",
+    "make_payloads",
+]
 
-_CHILD = str(Path(__file__).resolve().with_name("_observer_proc.py"))
+INDEX_DIGITS = 8
+#: Payload of the probe messages that tell when the subscription is live (not counted).
+_PROBE = b"observer-probe"
+#: How far the wall clock may drift from the monotonic one during a run before it is an error.
+_CLOCK_TOLERANCE = 0.005
+
+try:
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux/glibc
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    if _prctl is not None:
+        _prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def find_mosquitto_sub() -> str:
+    """``$MOSQUITTO_SUB``, then PATH, then /usr/bin/mosquitto_sub."""
+    for candidate in (
+        os.environ.get("MOSQUITTO_SUB"),
+        shutil.which("mosquitto_sub"),
+        "/usr/bin/mosquitto_sub",
+    ):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(
+        "mosquitto_sub not found (apt-get install mosquitto-clients, or set $MOSQUITTO_SUB)"
+    )
+
+
+def build_observer(out_dir: Path) -> tuple[Path | None, str]:
+    """Compile ``observer.c`` with the C compiler into ``out_dir``: (binary, "") or
+    (None, why not)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc) found"
+    binary = out_dir / "observer"
+    source = Path(__file__).resolve().with_name("observer.c")
+    result = subprocess.run(
+        [compiler, "-O2", "-o", str(binary), str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        return None, "cannot build observer.c: " + (result.stderr.strip() or "?").splitlines()[0]
+    return binary, ""
 
 
 def make_payloads(count: int, size: int) -> list[bytes]:
@@ -40,229 +113,281 @@ def make_payloads(count: int, size: int) -> list[bytes]:
     return [b"%08d" % i + filler for i in range(count)]
 
 
-def _time(field: bytes) -> float | None:
-    return None if field == b"-" else float(field)
+def _clock_offset() -> float:
+    """``time.time() - time.monotonic()``, from the tightest of a few paired readings."""
+    best_gap, best = float("inf"), 0.0
+    for _ in range(5):
+        m0 = time.monotonic()
+        wall = time.time()
+        m1 = time.monotonic()
+        if m1 - m0 < best_gap:
+            best_gap, best = m1 - m0, wall - (m0 + m1) / 2
+    return best
+
+
+def _sched_seconds(pid: int) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds runnable and waiting for one) of ``pid``'s main thread, which
+    is all of either observer (single-threaded); None off Linux."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            on_cpu, waiting, _slices = f.read().split()
+    except (OSError, ValueError):
+        return None
+    return int(on_cpu) / 1e9, int(waiting) / 1e9
+
+
+def _probe(host: str, port: int, topic: str) -> None:
+    """One QoS 0 probe message through the broker, from a throw-away raw connection."""
+    with socket.create_connection((host, port), timeout=2.0) as sock:
+        sock.sendall(encode_connect(f"bench-probe-{uuid.uuid4().hex[:10]}"))
+        if sock.recv(4)[:2] != b"\x20\x02":
+            raise ConnectionError("the broker did not answer the probe's CONNECT")
+        sock.sendall(encode_publish(topic, _PROBE, 0, 0) + encode_disconnect())
 
 
 class ArrivalCounter:
-    """Subscribes to ``topic`` (in a child process) and counts arrivals of payloads
-    0..expected-1. ``start()`` returns after the SUBACK; ``stop()`` ends the child and takes its
-    final, exact figures; in between the attributes are the child's latest report (at most
-    ``_observer_proc.REPORT_SECONDS`` old, and at once for the first and the completing
-    arrival)."""
+    """Subscribes to ``topic`` with ``binary`` (``observer.c`` built by :func:`build_observer`;
+    None: ``mosquitto_sub``) and counts arrivals of payloads 0..expected-1 (of ``payload_size``
+    bytes, from :func:`make_payloads`).
 
-    def __init__(self, host: str, port: int, topic: str, expected: int) -> None:
+    ``start()`` returns once a probe message went through the subscription; ``stop()`` ends the
+    subscriber and reads the rest of its file, after which the figures are final and exact.
+    In between, every look at an attribute first reads whatever the subscriber wrote since the
+    last look (no thread; a few µs per arrived line, paid by whoever looks).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        topic: str,
+        expected: int,
+        payload_size: int = 64,
+        binary: Path | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.topic = topic
         self.expected = expected
+        self.payload_size = payload_size
+        self._filler = b"x" * (payload_size - INDEX_DIGITS)
+        self._binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: Path | None = None
+        self._file: Any = None
         self._buffer = b""
-        self._final = False
-        self._total = self._unique = self._duplicates = self._foreign = self._disconnects = 0
+        self._seen = bytearray(expected)
+        self._offset = 0.0
+        self._sched0: tuple[float, float] | None = None
+        self._sched: tuple[float, float] | None = None
+        self._total = self._unique = self._duplicates = self._foreign = self._probes = 0
         self._t_first: float | None = None
         self._t_last: float | None = None
         self._t_complete: float | None = None
-        #: Why the figures may be incomplete (the child died, lost its connection, ...); "" if not.
+        #: Why the figures may be incomplete (the subscriber died, the clock moved, ...).
         self.error = ""
-        #: After stop(): seconds the child's network thread ran on a CPU, and waited runnable
-        #: for one, from its SUBACK until it was told to stop.
-        self.cpu_seconds: float | None = None
-        self.wait_seconds: float | None = None
 
-    # -- the child's reports ------------------------------------------------------------------
+    # -- reading the subscriber's file ---------------------------------------------------------
 
-    def _apply(self, line: bytes) -> None:
-        fields = line.split()
-        if not fields or fields[0] not in (b"p", b"f"):
+    def poll(self) -> None:
+        """Count the lines the subscriber wrote since the last look."""
+        if self._file is None:
             return
-        total, unique, duplicates, foreign, t_first, t_last, t_complete, disconnects = fields[1:9]
-        self._total, self._unique = int(total), int(unique)
-        self._duplicates, self._foreign = int(duplicates), int(foreign)
-        self._t_first, self._t_last = _time(t_first), _time(t_last)
-        self._t_complete, self._disconnects = _time(t_complete), int(disconnects)
-        if fields[0] == b"f":
-            self._final = True
-            self.cpu_seconds, self.wait_seconds = float(fields[9]), float(fields[10])
+        data = self._file.read()
+        if not data:
+            return
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        self._count(lines)
 
-    def _poll(self) -> None:
-        """Take whatever the child wrote since the last look, without waiting."""
-        proc = self._proc
-        if self._final or proc is None or proc.stdout is None:
+    def _count(self, lines: list[bytes]) -> None:
+        seen, expected, size, filler = self._seen, self.expected, self.payload_size, self._filler
+        completed_at = -1
+        first_line: bytes | None = None
+        for position, line in enumerate(lines):
+            payload = line.partition(b" ")[2]
+            if payload == _PROBE:
+                self._probes += 1
+                continue
+            if first_line is None:
+                first_line = line
+            self._total += 1
+            try:
+                index = int(payload[:INDEX_DIGITS])
+            except ValueError:
+                index = -1
+            if not 0 <= index < expected or len(payload) != size or not payload.endswith(filler):
+                self._foreign += 1
+            elif seen[index]:
+                self._duplicates += 1
+            else:
+                seen[index] = 1
+                self._unique += 1
+                if self._unique == expected:
+                    completed_at = position
+        if first_line is None:
             return
-        chunks = []
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                chunks.append(chunk)
-        if not chunks:
-            return
-        *lines, self._buffer = (self._buffer + b"".join(chunks)).split(b"\n")
-        # Progress lines supersede each other: the last complete one is what counts.
+        # Only three timestamps matter; converting just those keeps a look cheap.
+        if self._t_first is None:
+            self._t_first = self._stamp(first_line)
         for line in reversed(lines):
-            if line.startswith((b"p ", b"f ")):
-                self._apply(line)
+            if line.partition(b" ")[2] != _PROBE:
+                self._t_last = self._stamp(line)
                 break
+        if completed_at >= 0:
+            self._t_complete = self._stamp(lines[completed_at])
+
+    def _stamp(self, line: bytes) -> float | None:
+        try:
+            return float(line.partition(b" ")[0]) - self._offset
+        except ValueError:
+            return None
+
+    # Every figure first reads what the observer wrote since the last look.
 
     @property
     def total(self) -> int:
-        self._poll()
+        """Arrivals, duplicates and foreign ones included (probes not)."""
+        self.poll()
         return self._total
 
     @property
     def unique(self) -> int:
-        self._poll()
+        """Distinct messages 0..expected-1 that arrived."""
+        self.poll()
         return self._unique
 
     @property
     def duplicates(self) -> int:
-        self._poll()
+        """Arrivals of a message that had arrived before."""
+        self.poll()
         return self._duplicates
 
     @property
     def foreign(self) -> int:
-        """Payloads that were not ours (wrong index or shape): must stay 0."""
-        self._poll()
+        """Arrivals that are not one of the expected payloads: must stay 0."""
+        self.poll()
         return self._foreign
+
+    @property
+    def probes(self) -> int:
+        """Probe messages seen (sent by :meth:`start`; not arrivals)."""
+        self.poll()
+        return self._probes
 
     @property
     def t_first(self) -> float | None:
         """``time.monotonic()`` of the first arrival."""
-        self._poll()
+        self.poll()
         return self._t_first
 
     @property
     def t_last(self) -> float | None:
         """``time.monotonic()`` of the latest arrival."""
-        self._poll()
+        self.poll()
         return self._t_last
 
     @property
     def t_complete(self) -> float | None:
         """``time.monotonic()`` of the arrival that completed the set (the N-th distinct)."""
-        self._poll()
+        self.poll()
         return self._t_complete
 
     @property
     def complete(self) -> bool:
-        self._poll()
-        return self._t_complete is not None
+        """All N distinct messages arrived."""
+        return self.t_complete is not None
 
     @property
     def busy(self) -> float | None:
-        """After :meth:`stop`: the time the child's network thread (paho's, which does all the
-        per-message work) ran or waited runnable for a CPU, over the span from the first to the
-        latest arrival (outside that span it has nothing to do). Near 1.0 it never waited for a
-        message: the observer, not the client, set the pace of the arrivals (the child, the
-        broker and the benchmark compete for the same cores). None for fewer than 100 arrivals
-        or a span under 50 ms."""
-        if self.cpu_seconds is None or self._t_first is None or self._t_last is None:
+        """After :meth:`stop`: the time the subscriber ran or waited runnable for a CPU, over
+        the span from the first to the latest arrival. Near 1.0 it never waited for a message:
+        it set the pace. None under 100 arrivals, a span under 20 ms, or off Linux."""
+        if self._sched is None or self._sched0 is None:
+            return None
+        if self._t_first is None or self._t_last is None or self._total < 100:
             return None
         span = self._t_last - self._t_first
-        if self._total < 100 or span < 0.05:
+        if span < 0.02:
             return None
-        return (self.cpu_seconds + (self.wait_seconds or 0.0)) / span
+        used = sum(self._sched) - sum(self._sched0)
+        return used / span
 
     def snapshot(self) -> tuple[int, int, int, float | None, float | None]:
-        """(unique, total, duplicates, t_complete, t_last), from one report of the child."""
-        self._poll()
+        """(unique, total, duplicates, t_complete, t_last)."""
+        self.poll()
         return self._unique, self._total, self._duplicates, self._t_complete, self._t_last
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start the child and wait until it reports the SUBACK (blocking)."""
-        before = time.monotonic()
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                _CHILD,
-                self.host,
-                str(self.port),
-                self.topic,
-                str(self.expected),
-                str(os.getpid()),
-            ],
-            stdin=subprocess.PIPE,  # its EOF tells the child to stop, also if we die
-            stdout=subprocess.PIPE,
-        )
-        assert self._proc.stdout is not None
-        os.set_blocking(self._proc.stdout.fileno(), False)
-        deadline = before + timeout
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._read_raw(left):
-                break
-        line = self._buffer.split(b"\n", 1)[0]
-        after = time.monotonic()
-        if not line.startswith(b"ready "):
-            self.stop()
-            reason = line.decode(errors="replace").removeprefix("error ") or "no answer"
-            raise ConnectionError(f"observer could not subscribe to {self.topic!r}: {reason}")
-        self._buffer = self._buffer.split(b"\n", 1)[1]
-        ready = float(line.split()[1])
-        if not before <= ready <= after:  # the premise of comparing times across processes
-            self.stop()
-            raise RuntimeError(
-                f"time.monotonic() differs between processes: child {ready}, parent between "
-                f"{before} and {after}"
+        """Start the subscriber and return once a probe message reached its file."""
+        self._dir = Path(tempfile.mkdtemp(prefix="mqtt-bench-observer-"))
+        path = self._dir / "arrivals"
+        client_id = f"bench-observer-{uuid.uuid4().hex[:10]}"
+        if self._binary is not None:
+            command = [str(self._binary), self.host, str(self.port), self.topic, client_id]
+        else:
+            command = [
+                find_mosquitto_sub(),
+                *("-h", self.host, "-p", str(self.port), "-t", self.topic),
+                *("-q", "0", "-i", client_id, "-F", "%U %p"),
+            ]
+        with open(path, "wb") as out:
+            self._proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent,
             )
-
-    def _read_raw(self, timeout: float) -> bool:
-        """Append what arrives within ``timeout`` to the buffer, unparsed; False at EOF."""
-        assert self._proc is not None and self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
-        if not select.select([fd], [], [], timeout)[0]:
-            return True
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            return True
-        self._buffer += chunk
-        return bool(chunk)
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in stop()
+        self._offset = _clock_offset()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                stderr = self._proc.stderr
+                reason = stderr.read().decode(errors="replace") if stderr else ""
+                self.stop()
+                raise ConnectionError(f"observer exited: {reason.strip() or 'no reason'}")
+            with contextlib.suppress(OSError):
+                _probe(self.host, self.port, self.topic)
+            pause = time.monotonic() + 0.05
+            while time.monotonic() < pause:
+                if self.probes:
+                    self._sched0 = _sched_seconds(self._proc.pid)
+                    return
+                time.sleep(0.005)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ConnectionError(f"observer: no probe came through {self.topic!r} in time")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Close the child's stdin, read its final figures, reap it. Idempotent; never raises
-        for the child's sake (see :attr:`error`)."""
+        """End the subscriber (SIGTERM: it disconnects and exits), take its last lines.
+        Idempotent; never raises for the subscriber's sake (see :attr:`error`)."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        assert proc.stdin is not None and proc.stdout is not None
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-        fd = proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        data = [self._buffer]
-        while (left := deadline - time.monotonic()) > 0:
-            if not select.select([fd], [], [], left)[0]:
-                continue
+        if proc is not None:
+            self._sched = _sched_seconds(proc.pid)
+            if proc.poll() is not None and not self.error:
+                why = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+                self.error = f"the observer ended early (exit status {proc.returncode}) {why}"
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
             try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                break
-            data.append(chunk)
-        proc.stdout.close()
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        self._buffer = b""
-        lines = b"".join(data).split(b"\n")
-        for line in lines:
-            if line.startswith(b"error "):
-                self.error = line[6:].decode(errors="replace")
-        final = [line for line in lines if line.startswith(b"f ")]
-        progress = [line for line in lines if line.startswith(b"p ")]
-        if final:
-            self._apply(final[-1])
-        else:
-            if progress:
-                self._apply(progress[-1])
-            self.error = self.error or (
-                f"observer ended without its final report (exit status {proc.returncode})"
-            )
-        self._final = True
-        if self._disconnects and not self.error:
-            self.error = f"observer lost its connection {self._disconnects} time(s)"
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+        self.poll()
+        if self._buffer:  # a last line without its newline: the subscriber was cut off
+            self._count([self._buffer])
+            self._buffer = b""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        if abs(_clock_offset() - self._offset) > _CLOCK_TOLERANCE and not self.error:
+            self.error = "the wall clock moved against the monotonic clock during the run"

@@ -1,37 +1,48 @@
-"""Publish throughput of mqtt_persist next to aiomqtt and gmqtt, on one private mosquitto.
+"""Publish throughput of mqtt_persist next to aiomqtt, gmqtt, Paho C and the disk, on one
+private mosquitto, counted by an outside subscriber faster than every client under test.
 
-    .venv/bin/python benchmarks/publish_throughput.py [--count N] [--payload 64] [--quick]
+    .venv/bin/python benchmarks/publish_throughput.py            # the figures (~3 min)
+    .venv/bin/python benchmarks/publish_throughput.py --quick    # for iteration (~20 s)
+    .venv/bin/python benchmarks/publish_throughput.py --chart docs/benchmarks.png
 
-Every client publishes N messages (QoS 1/2; 2N at QoS 0) to a fresh topic on the same broker in
-the same process run, one client at a time. An outside paho-mqtt subscriber (QoS 2, in a process
-of its own: ``_observer.py``) counts what really arrived. A run's msg/s is the number of distinct
-messages that arrived, divided by the time from the first publish until the publisher saw every
-acknowledgement AND the subscriber had all N (or until a timeout, then it is what arrived). See
-README.md.
+Every row publishes N messages (64-byte payloads by default, each starting with its index) to a
+fresh topic; an outside C subscriber (``observer.c``, or ``mosquitto_sub``; see ``_observer.py``)
+counts what arrived, which messages were lost and which came twice. The rows run one after the
+other against the same broker, and the whole set is repeated (5 times by default, interleaved,
+so that a noisy minute on the shared machine hits every row alike); the table gives each row's
+median. Three reference rows bound the others: the observer alone (fed by a stand-in broker),
+mosquitto's own ceiling (fed by a raw-socket blast), and a plain ``write + fdatasync`` loop on
+the stores' disk. After the table come the ratios that issue 7's "Done when" names, each with
+its target and PASS/MISS, the ceiling checks, and the path of a JSON file with every run
+(``chart.py`` draws ``docs/benchmarks.png`` from it). See README.md.
 
-Exit status: 0 when every QoS 1/2 run delivered each of its N messages exactly once and no run
-errored; 1 when one of mqtt_persist's runs did not; 3 when only baseline runs did (gmqtt's
-unbounded QoS 2 burst loses everything past mosquitto's 20 inbound flows); 2 when the benchmark
-could not run at all (no mosquitto, or no run matched --qos/--only).
+Exit status: 0 when every run delivered each of its N messages exactly once and nothing errored
+(ratio targets missed do not change it: they are goals for the library, printed as MISS);
+1 when one of mqtt_persist's runs did not; 3 when only another row did; 2 when the benchmark
+could not run at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import datetime
 import gc
+import json
 import logging
 import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -39,31 +50,54 @@ from typing import Any
 import aiomqtt
 import gmqtt
 from _broker import HOST, Mosquitto
-from _observer import INDEX_DIGITS, ArrivalCounter, make_payloads
+from _observer import (
+    INDEX_DIGITS,
+    ArrivalCounter,
+    build_observer,
+    find_mosquitto_sub,
+    make_payloads,
+)
+from _wire import BLAST_WINDOW, StandInBroker, blast, encode_publish
 from gmqtt.mqtt.constants import MQTTv311
 
 from mqtt_persist import DeliveryOutcome, FileStore, MemoryStore, PersistentClient
+from mqtt_persist.stores import SQLiteStore
 
 #: Seconds without a new arrival after which a run stops waiting for missing messages.
 QUIET_SECONDS = 3.0
-#: Upper bound for one run's publishing, and separately for waiting on the subscriber.
+#: Upper bound for one run's publishing, and separately for waiting on the observer.
 RUN_TIMEOUT = 60.0
+#: Our client's default in-flight window, and the window gmqtt, aiomqtt (its better one: 100
+#: beat paho's default 20 by 15-25 % in the earlier README runs) and Paho C get in theirs.
+WINDOW = 100
+#: Publishes per ``asyncio.gather`` in the concurrent rows of ours and aiomqtt.
+CHUNK = 100
+#: Bytes per record of the raw write + fdatasync loop: about what FileStore appends for one
+#: 64-byte message (its records measured ~100 B per queued message).
+RAW_RECORD = 100
+#: Loggers whose warnings are counted per run, per client family.
+LOGGERS = {"aiomqtt": "mqtt", "gmqtt": "gmqtt", "ours": "mqtt_persist"}
+SCHEMA = 1
+
+_BENCH_DIR = Path(__file__).resolve().parent
 
 
 @dataclass
 class Context:
-    """What a driver needs for one run, and the timestamps it records: ``time.monotonic()``,
-    the clock of the observer's timestamps (its own process; one system-wide clock on Linux)."""
+    """What a driver needs for one run, and the timestamps it records (``time.monotonic()``;
+    the observer's times are converted to it)."""
 
     port: int
     topic: str
     payloads: list[bytes]
     qos: int
-    inflight: int
-    chunk: int
     client_id: str
     workdir: Path
-    observer: ArrivalCounter
+    observer: ArrivalCounter | None
+    window: int = WINDOW  # in-flight window for the clients that take one
+    chunk: int = CHUNK  # publishes per gather in the concurrent drivers
+    paho_binary: Path | None = None
+    stand_in: StandInBroker | None = None
     t_start: float | None = None
     t_acked: float | None = None
     note: str = ""
@@ -76,27 +110,141 @@ class Context:
         """Call as soon as the publisher knows every message was acknowledged (QoS 0: sent)."""
         self.t_acked = time.monotonic()
 
-    async def settle(self) -> None:
-        """Stay connected until the subscriber has all N, nothing new came for a while, or
-        the timeout; polling only starts after the publisher is done, and the end of the run
-        is the subscriber's own timestamp, not this loop's."""
+    def _settled(self, state: list[float]) -> bool:
+        """One look at the observer: True when it has all N, nothing came for QUIET_SECONDS,
+        or the deadline passed. ``state`` = [deadline, last total, time of last change]."""
         observer = self.observer
-        deadline = time.monotonic() + RUN_TIMEOUT
-        last_total, last_change = -1, time.monotonic()
-        while not observer.complete:
-            now = time.monotonic()
-            total = observer.total
-            if total != last_total:
-                last_total, last_change = total, now
-            elif now - last_change > QUIET_SECONDS or now > deadline:
-                return
-            await asyncio.sleep(0.01)
+        if observer is None or observer.complete:
+            return True
+        now = time.monotonic()
+        if observer.total != state[1]:
+            state[1], state[2] = observer.total, now
+            return False
+        return now - state[2] > QUIET_SECONDS or now > state[0]
+
+    async def settle(self) -> None:
+        """Stay connected until the observer has all N (or nothing new came for a while). The
+        end of the run is the observer's own timestamp, not this loop's."""
+        state = [time.monotonic() + RUN_TIMEOUT, -1.0, time.monotonic()]
+        while not self._settled(state):  # noqa: ASYNC110 - polls another process's file
+            await asyncio.sleep(0.02)
+
+    def settle_blocking(self) -> None:
+        """:meth:`settle` for drivers without an event loop."""
+        state = [time.monotonic() + RUN_TIMEOUT, -1.0, time.monotonic()]
+        while not self._settled(state):
+            time.sleep(0.02)
 
 
-Driver = Callable[[Context], Awaitable[None]]
+Driver = Callable[[Context], None]
 
 
-# --- drivers: one per client and mode ------------------------------------------------------
+def _in_loop(driver: Callable[[Context], Awaitable[None]]) -> Driver:
+    """A driver that runs ``driver`` in a fresh event loop of its own."""
+
+    def run(ctx: Context) -> None:
+        asyncio.run(asyncio.wait_for(driver(ctx), 3 * RUN_TIMEOUT))
+
+    return run
+
+
+# --- drivers: the references -------------------------------------------------------------
+
+
+def raw_fdatasync(ctx: Context) -> None:
+    """The limit for a sequential durable publisher: ``os.write`` of RAW_RECORD bytes and
+    ``os.fdatasync``, N times, in plain Python, on the disk the stores use."""
+    record = b"r" * (RAW_RECORD - 1) + b"\n"
+    fd = os.open(ctx.workdir / "raw.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        ctx.started()
+        for _ in range(len(ctx.payloads)):
+            os.write(fd, record)
+            os.fdatasync(fd)
+        ctx.acked()
+    finally:
+        os.close(fd)
+
+
+def broker_ceiling(ctx: Context) -> None:
+    """The fastest publisher we have (``_wire.blast``: pre-encoded PUBLISHes in large writes)
+    drives mosquitto and the observer: the most they carry together. A client row near it
+    measures mosquitto (one thread, ~3 reads per inbound packet) more than the client."""
+    ctx.t_start, ctx.t_acked = blast(
+        HOST, ctx.port, ctx.topic, ctx.payloads, ctx.qos, ctx.client_id
+    )
+    ctx.settle_blocking()
+
+
+def observer_alone(ctx: Context) -> None:
+    """The observer's own ceiling: a stand-in broker (``_wire.StandInBroker``, no mosquitto)
+    writes the N PUBLISHes, encoded beforehand, to the observer as fast as its socket takes
+    them."""
+    assert ctx.stand_in is not None
+    packets = b"".join(encode_publish(ctx.topic, p, 0, 0) for p in ctx.payloads)
+    ctx.t_start, ctx.t_acked = ctx.stand_in.stream(packets)
+    ctx.settle_blocking()
+
+
+# --- drivers: ours -------------------------------------------------------------------------
+
+StoreKind = str  # "file", "file-nofsync", "sqlite", "memory"
+
+
+def _make_store(kind: StoreKind, workdir: Path) -> MemoryStore | FileStore | SQLiteStore:
+    if kind == "file":
+        return FileStore(workdir / "sessions")  # fsync on: its default
+    if kind == "file-nofsync":
+        return FileStore(workdir / "sessions", fsync=False)
+    if kind == "sqlite":
+        return SQLiteStore(workdir / "sessions.db")  # synchronous="FULL": its default
+    return MemoryStore()
+
+
+def ours(store_kind: StoreKind, concurrent: bool) -> Driver:
+    """``PersistentClient`` with its defaults (``max_inflight`` = the case's window, 100 = the
+    default). Sequential: ``await publish()`` one message at a time; concurrent: ``gather``
+    ``chunk`` publishes at a time. Then ``drain()`` and
+    wait for every ``Delivery``: "acked" is when the application knows all were acknowledged."""
+
+    async def drive(ctx: Context) -> None:
+        store = _make_store(store_kind, ctx.workdir)
+        try:
+            async with PersistentClient(
+                HOST, ctx.port, client_id=ctx.client_id, store=store, max_inflight=ctx.window
+            ) as c:
+                await c.wait_connected(10)
+                topic, qos, payloads, chunk = ctx.topic, ctx.qos, ctx.payloads, ctx.chunk
+                deliveries = []
+                ctx.started()
+                if concurrent:
+                    for start in range(0, len(payloads), chunk):
+                        deliveries += await asyncio.gather(
+                            *[c.publish(topic, p, qos) for p in payloads[start : start + chunk]]
+                        )
+                else:
+                    for payload in payloads:
+                        deliveries.append(await c.publish(topic, payload, qos))
+                await c.drain(RUN_TIMEOUT)
+                # drain() returns once the session is idle, which can be a flush before the
+                # last deliveries are resolved; "acknowledged" means the application saw it.
+                async with asyncio.timeout(RUN_TIMEOUT):
+                    for delivery in deliveries:
+                        if not delivery.done():
+                            await delivery
+                ctx.acked()
+                await ctx.settle()
+                expected = DeliveryOutcome.ACKNOWLEDGED if qos else DeliveryOutcome.SENT
+                wrong = sum(1 for d in deliveries if d.outcome is not expected)
+                if wrong:
+                    ctx.note = f"{wrong} deliveries not {expected.value}"
+        finally:
+            await store.close()
+
+    return _in_loop(drive)
+
+
+# --- drivers: the other clients ------------------------------------------------------------
 
 
 async def aiomqtt_sequential(ctx: Context) -> None:
@@ -105,7 +253,7 @@ async def aiomqtt_sequential(ctx: Context) -> None:
         HOST,
         ctx.port,
         identifier=ctx.client_id,
-        max_inflight_messages=ctx.inflight,
+        max_inflight_messages=ctx.window,
         timeout=RUN_TIMEOUT,
     ) as client:
         topic, qos = ctx.topic, ctx.qos
@@ -122,12 +270,12 @@ async def aiomqtt_concurrent(ctx: Context) -> None:
         HOST,
         ctx.port,
         identifier=ctx.client_id,
-        max_inflight_messages=ctx.inflight,
+        max_inflight_messages=ctx.window,
         timeout=RUN_TIMEOUT,
     ) as client:
         # aiomqtt logs a warning per publish while more than 10 calls are pending; a user who
         # publishes concurrently on purpose raises the threshold (the counting stays).
-        client.pending_calls_threshold = ctx.chunk + ctx.inflight
+        client.pending_calls_threshold = ctx.chunk + ctx.window
         topic, qos, payloads, chunk = ctx.topic, ctx.qos, ctx.payloads, ctx.chunk
         ctx.started()
         for start in range(0, len(payloads), chunk):
@@ -138,181 +286,219 @@ async def aiomqtt_concurrent(ctx: Context) -> None:
         await ctx.settle()
 
 
-async def gmqtt_natural(ctx: Context) -> None:
-    """gmqtt's own way: ``publish()`` is synchronous and only queues the bytes on the transport.
+class _CountingGmqtt(gmqtt.Client):  # type: ignore[misc]
+    """gmqtt that wakes the driver whenever a QoS 1/2 flow completes.
 
-    gmqtt keeps every unacknowledged QoS 1/2 PUBLISH in its ``PersistentStorage`` (keyed by
-    packet id) and removes it on PUBACK (QoS 1) or on PUBCOMP (QoS 2; on PUBREC the stored
-    PUBLISH is swapped for the PUBREL). So "storage empty" after the last publish means every
-    flow completed; ``wait_empty()`` wakes exactly then. All N publishes are issued before the
-    first await, so the storage cannot become empty half way. gmqtt has no in-flight window.
+    gmqtt calls ``_remove_message_from_queue`` exactly when a flow ends (PUBACK, PUBCOMP, or a
+    refusing PUBREC; a PUBREC that moves on swaps the stored PUBLISH for the PUBREL through
+    another method), so publishes minus those calls is the number of open flows.
     """
-    client = gmqtt.Client(ctx.client_id, clean_session=True)
-    await client.connect(HOST, ctx.port, version=MQTTv311)
-    try:
-        storage = client._persistent_storage
-        topic, qos = ctx.topic, ctx.qos
-        ctx.started()
-        for payload in ctx.payloads:
-            client.publish(topic, payload, qos=qos)
-        if qos:
-            await asyncio.wait_for(storage.wait_empty(), RUN_TIMEOUT)
-            if not storage.is_empty:
-                raise RuntimeError("gmqtt storage not empty after wait_empty()")
-        ctx.acked()
-        await ctx.settle()
-    finally:
-        await client.disconnect()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.completed = 0
+        self.room = asyncio.Event()
+
+    def _remove_message_from_queue(self, mid: int) -> None:
+        super()._remove_message_from_queue(mid)
+        self.completed += 1
+        self.room.set()
 
 
-def _ours(store_kind: str, concurrent: bool) -> Driver:
+def _gmqtt() -> Driver:
+    """gmqtt 0.8 (MQTT 3.1.1). Its ``publish()`` is synchronous and only queues the bytes, and
+    gmqtt has no window of its own: a case's window 0 issues all N at once (its natural use), a
+    positive one keeps at most that many flows open, as our client does. "Acked" is when gmqtt's
+    store of unacknowledged messages is empty, i.e. every flow completed."""
+
     async def drive(ctx: Context) -> None:
-        # FileStore with fsync on (its default), in the run's own temp directory.
-        store: MemoryStore | FileStore = (
-            FileStore(ctx.workdir / "sessions") if store_kind == "file" else MemoryStore()
-        )
+        client = _CountingGmqtt(ctx.client_id, clean_session=True)
+        await client.connect(HOST, ctx.port, version=MQTTv311)
         try:
-            async with PersistentClient(
-                HOST, ctx.port, client_id=ctx.client_id, store=store, max_inflight=ctx.inflight
-            ) as client:
-                await client.wait_connected(10)
-                topic, qos, payloads, chunk = ctx.topic, ctx.qos, ctx.payloads, ctx.chunk
-                deliveries = []
-                ctx.started()
-                if concurrent:
-                    for start in range(0, len(payloads), chunk):
-                        deliveries += await asyncio.gather(
-                            *[
-                                client.publish(topic, p, qos)
-                                for p in payloads[start : start + chunk]
-                            ]
-                        )
-                else:
-                    for payload in payloads:
-                        deliveries.append(await client.publish(topic, payload, qos))
-                await client.drain(RUN_TIMEOUT)
-                # drain() returns once the session is idle, which can be a flush before the
-                # last deliveries are resolved; "acknowledged" means the application saw it.
-                async with asyncio.timeout(RUN_TIMEOUT):
-                    for delivery in deliveries:
-                        if not delivery.done():
-                            await delivery
-                ctx.acked()
-                await ctx.settle()
-                expected = DeliveryOutcome.ACKNOWLEDGED if qos else DeliveryOutcome.SENT
-                wrong = sum(1 for d in deliveries if d.outcome is not expected)
-                if wrong:
-                    ctx.note = f"{wrong} deliveries not {expected.value}"
+            storage = client._persistent_storage
+            topic, qos = ctx.topic, ctx.qos
+            limit = ctx.window if ctx.window and qos else len(ctx.payloads) + 1
+            ctx.started()
+            for sent, payload in enumerate(ctx.payloads):
+                while sent - client.completed >= limit:
+                    client.room.clear()
+                    await client.room.wait()
+                client.publish(topic, payload, qos=qos)
+            if qos:
+                await asyncio.wait_for(storage.wait_empty(), RUN_TIMEOUT)
+                if not storage.is_empty:
+                    raise RuntimeError("gmqtt storage not empty after wait_empty()")
+            ctx.acked()
+            await ctx.settle()
         finally:
-            await store.close()
+            await client.disconnect()
+
+    return _in_loop(drive)
+
+
+def _paho_c() -> Driver:
+    """Paho C's synchronous MQTTClient with file persistence (``paho_c_publisher.c``)."""
+
+    def drive(ctx: Context) -> None:
+        if ctx.paho_binary is None:
+            raise RuntimeError("the Paho C publisher was not built")
+        persist = ctx.workdir / "paho-persistence"
+        persist.mkdir()
+        proc = subprocess.run(
+            [
+                str(ctx.paho_binary),
+                *(HOST, str(ctx.port), ctx.topic, str(len(ctx.payloads))),
+                *(str(len(ctx.payloads[0])), str(ctx.qos), str(ctx.window), str(persist)),
+                ctx.client_id,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3 * RUN_TIMEOUT,
+            check=False,
+        )
+        times = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+        if proc.returncode != 0 or "acked" not in times:
+            raise RuntimeError(
+                f"paho_c_publisher exit status {proc.returncode}: "
+                f"{times.get('error', proc.stderr.strip() or 'no output')}"
+            )
+        ctx.t_start, ctx.t_acked = float(times["start"]), float(times["acked"])
+        ctx.settle_blocking()
 
     return drive
 
 
-# --- cases and results ---------------------------------------------------------------------
-
-#: The in-flight window everyone gets by default (paho's default, and ours: mosquitto drops
-#: inbound QoS 2 flows beyond 20 per MQTT 3.1.1 client).
-WINDOW = 20
-#: Our client runs with its defaults: a window of 100, of which at most 19 QoS 2 flows (the
-#: rest of mosquitto's quota of 20 stays free for QoS 1; see PersistentClient's docstring).
-OURS_WINDOW = 100
-#: Loggers whose warnings are counted per run, per client family.
-LOGGERS = {"aiomqtt": "mqtt", "gmqtt": "gmqtt", "ours": "mqtt_persist"}
+# --- cases, runs and rows ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Case:
-    family: str  # "aiomqtt" (the baseline), "gmqtt" or "ours"
+    key: str  # stable name: JSON, ratios, --only
+    family: str  # "reference", "ours" or a client library ("aiomqtt", "gmqtt", "paho-c")
     client: str
     mode: str
     qos: int
-    inflight: int  # 0: unbounded
+    window: int  # 0: unbounded; 1: one at a time
     driver: Driver
-    chunk: int = 0
+    observed: bool = True
+    stand_in: bool = False  # the observer subscribes to a StandInBroker, not to mosquitto
+    scale: int = 1  # messages per run: --count times this
+    chunk: int = CHUNK
 
     @property
     def label(self) -> str:
         return f"{self.client} {self.mode} qos{self.qos}"
 
 
+def build_cases(args: argparse.Namespace) -> list[Case]:
+    seq, conc = "sequential", f"concurrent/{CHUNK}"
+    cases = [
+        # 20x the messages: at millions per second N alone would last a few ms.
+        Case("observer-alone", "reference", "observer alone", "stand-in broker", 0, 0,
+             observer_alone, stand_in=True, scale=20),
+        Case("broker-ceiling-qos0", "reference", "broker ceiling", "raw-socket blast", 0, 0,
+             broker_ceiling),
+        Case("broker-ceiling-qos1", "reference", "broker ceiling", "raw-socket blast", 1,
+             BLAST_WINDOW, broker_ceiling),
+        Case("raw-fdatasync", "reference", f"os.write {RAW_RECORD} B + os.fdatasync", seq, 1, 1,
+             raw_fdatasync, observed=False),
+        Case("ours-file-seq", "ours", "ours FileStore", seq, 1, WINDOW, ours("file", False)),
+        Case("ours-file-nofsync-seq", "ours", "ours FileStore(fsync=False)", seq, 1, WINDOW,
+             ours("file-nofsync", False)),
+        Case("ours-sqlite-seq", "ours", "ours SQLiteStore", seq, 1, WINDOW, ours("sqlite", False)),
+        Case("ours-memory-seq", "ours", "ours MemoryStore", seq, 1, WINDOW, ours("memory", False)),
+        Case("ours-file-conc", "ours", "ours FileStore", conc, 1, WINDOW, ours("file", True)),
+        Case("ours-sqlite-conc", "ours", "ours SQLiteStore", conc, 1, WINDOW, ours("sqlite", True)),
+        Case("ours-memory-conc", "ours", "ours MemoryStore", conc, 1, WINDOW, ours("memory", True)),
+        Case("ours-file-conc-qos2", "ours", "ours FileStore", conc, 2, WINDOW, ours("file", True)),
+        Case("ours-memory-conc-qos2", "ours", "ours MemoryStore", conc, 2, WINDOW,
+             ours("memory", True)),
+        Case("ours-memory-conc-qos0", "ours", "ours MemoryStore", conc, 0, WINDOW,
+             ours("memory", True)),
+        Case("aiomqtt-seq", "aiomqtt", "aiomqtt", seq, 1, WINDOW, _in_loop(aiomqtt_sequential)),
+        Case("aiomqtt-conc", "aiomqtt", "aiomqtt", conc, 1, WINDOW, _in_loop(aiomqtt_concurrent)),
+        Case("gmqtt-window", "gmqtt", "gmqtt", "windowed", 1, WINDOW, _gmqtt()),
+        Case("gmqtt-unbounded", "gmqtt", "gmqtt", "all at once", 1, 0, _gmqtt()),
+        Case("gmqtt-qos0", "gmqtt", "gmqtt", "all at once", 0, 0, _gmqtt()),
+        Case("paho-c-seq", "paho-c", "Paho C, file persistence", "one at a time", 1, 1,
+             _paho_c()),
+        Case("paho-c-window", "paho-c", "Paho C, file persistence", "windowed", 1, WINDOW,
+             _paho_c()),
+    ]  # fmt: skip
+    if args.only:
+        cases = [c for c in cases if any(word in c.key for word in args.only)]
+    return cases
+
+
 @dataclass
-class Result:
+class Run:
+    """One run of one case."""
+
     case: Case
     n: int
     elapsed: float | None = None
     acked_after: float | None = None
     unique: int = 0
+    total: int = 0
     duplicates: int = 0
+    foreign: int = 0
     error: str = ""
     warnings: int = 0
     first_warning: str = ""
-    #: Share of its arrivals' span the observer was running or runnable (``ArrivalCounter.busy``):
-    #: near 100 % it set the pace, so ``msg/s`` is a floor for the client; see ``acked msg/s``.
     observer_busy: float | None = None
+    observed: bool = True
 
     @property
     def rate(self) -> float | None:
-        """Distinct messages that arrived per second, first publish to last arrival/ack."""
-        return self.unique / self.elapsed if self.elapsed else None
+        """Distinct messages that arrived per second, from the first publish until the
+        publisher had every ack AND the observer every message (unobserved: writes/s)."""
+        if not self.elapsed:
+            return None
+        return (self.unique if self.observed else self.n) / self.elapsed
 
     @property
     def acked_rate(self) -> float | None:
-        """Publisher side only: N / time until the client reported every ack (QoS 1/2)."""
-        if self.case.qos == 0 or not self.acked_after:
-            return None
-        return self.n / self.acked_after
+        """The publisher's own view: N / time until it knew every message acknowledged."""
+        return self.n / self.acked_after if self.acked_after else None
 
     @property
     def lost(self) -> int:
-        return self.n - self.unique
+        return self.n - self.unique if self.observed else 0
 
     @property
     def failed(self) -> bool:
-        """It errored, or at QoS 1/2 lost or duplicated messages.
-
-        QoS 1 allows duplicates, but only from resending after a reconnect; a run has one
-        connection, so a duplicate at QoS 1 is a client bug just as it is at QoS 2.
-        """
-        if self.error:
-            return True
-        return self.case.qos > 0 and (self.lost > 0 or self.duplicates > 0)
+        """It errored, lost or duplicated a message, or something foreign arrived. A run has
+        one connection and no reconnect, so a duplicate is a client bug at QoS 1 too."""
+        return bool(self.error) or self.lost > 0 or self.duplicates > 0 or self.foreign > 0
 
 
-def build_cases(args: argparse.Namespace) -> list[Case]:
-    chunk, ours_chunk = args.chunk, args.our_chunk
-    cases: list[Case] = []
-    for qos in args.qos:
-        cases += [
-            Case("aiomqtt", "aiomqtt", "sequential", qos, WINDOW, aiomqtt_sequential),
-            Case(
-                "aiomqtt", "aiomqtt", f"concurrent/{chunk}", qos, WINDOW, aiomqtt_concurrent, chunk
-            ),
-            Case("gmqtt", "gmqtt", "natural", qos, 0, gmqtt_natural),
-        ]
-        for store in ("memory", "file"):
-            cases += [
-                Case("ours", f"ours/{store}", "sequential", qos, OURS_WINDOW, _ours(store, False)),
-                Case(
-                    "ours",
-                    f"ours/{store}",
-                    f"concurrent/{ours_chunk}",
-                    qos,
-                    OURS_WINDOW,
-                    _ours(store, True),
-                    ours_chunk,
-                ),
-            ]
-        if qos == 1 and args.wide_window:
-            wide = args.wide_window
-            cases.append(
-                Case(
-                    "aiomqtt", "aiomqtt", f"concurrent/{chunk}", 1, wide, aiomqtt_concurrent, chunk
-                )
-            )
-    if args.only:
-        cases = [c for c in cases if any(word in c.label for word in args.only)]
-    return cases
+@dataclass
+class Row:
+    case: Case
+    runs: list[Run] = field(default_factory=list)
+    skipped: str = ""
+
+    def _median(self, values: list[float | None]) -> float | None:
+        present = [v for v in values if v]
+        return statistics.median(present) if present else None
+
+    @property
+    def rate(self) -> float | None:
+        return self._median([r.rate for r in self.runs])
+
+    @property
+    def acked_rate(self) -> float | None:
+        if self.case.qos == 0 and self.case.observed:
+            return None  # nothing is acknowledged at QoS 0
+        return self._median([r.acked_rate for r in self.runs])
+
+    @property
+    def observer_busy(self) -> float | None:
+        return self._median([r.observer_busy for r in self.runs])
+
+    @property
+    def failed(self) -> bool:
+        return any(r.failed for r in self.runs)
 
 
 class _WarningCounter(logging.Handler):
@@ -329,53 +515,214 @@ class _WarningCounter(logging.Handler):
             self.first = record.getMessage()
 
 
-def measure(case: Case, port: int, n: int, payload_size: int) -> Result:
-    """One run: a fresh topic, subscriber, event loop and client (and store directory)."""
+@dataclass(frozen=True)
+class Tools:
+    """What a run needs besides its case: the broker's port, the directory the stores and the
+    raw loop write to, and the C programs built for this benchmark (None: not available)."""
+
+    port: int
+    base_dir: Path
+    observer: Path | None
+    paho: Path | None
+
+
+def measure(case: Case, payloads: list[bytes], tools: Tools) -> Run:
+    """One run: a fresh topic, observer, event loop, client and store directory."""
+    n = len(payloads)
     run_id = uuid.uuid4().hex[:12]
     topic = f"bench/{run_id}"
-    observer = ArrivalCounter(HOST, port, topic, n)
-    workdir = Path(tempfile.mkdtemp(prefix="mqtt-bench-run-"))
+    stand_in = StandInBroker(HOST) if case.stand_in else None
+    port = stand_in.port if stand_in else tools.port
+    observer = (
+        ArrivalCounter(HOST, port, topic, n, len(payloads[0]), tools.observer)
+        if case.observed
+        else None
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="mqtt-bench-run-", dir=tools.base_dir))
     ctx = Context(
-        port=port,
+        port=tools.port,
         topic=topic,
-        payloads=make_payloads(n, payload_size),
+        payloads=payloads,
         qos=case.qos,
-        inflight=case.inflight,
-        chunk=case.chunk,
-        client_id=f"bench-{case.family}-{run_id}",
+        client_id=f"bench-{case.key}-{run_id}",
         workdir=workdir,
         observer=observer,
+        window=case.window,
+        chunk=case.chunk,
+        paho_binary=tools.paho,
+        stand_in=stand_in,
     )
-    result = Result(case, n)
+    run = Run(case, n, observed=case.observed)
     counter = _WarningCounter()
-    logger = logging.getLogger(LOGGERS[case.family])
+    logger = logging.getLogger(LOGGERS.get(case.family, "bench.none"))
     logger.addHandler(counter)
     logger.propagate = False
     gc.collect()
-    observer.start()
     try:
-        asyncio.run(asyncio.wait_for(case.driver(ctx), 3 * RUN_TIMEOUT))
-    except Exception as exc:  # reported in the table; the other clients still run
-        result.error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if observer is not None:
+            observer.start()
+        case.driver(ctx)
+    except Exception as exc:  # reported in the table; the other rows still run
+        run.error = f"{type(exc).__name__}: {exc}".rstrip(": ")
     finally:
-        observer.stop()
+        if observer is not None:
+            observer.stop()
+        if stand_in is not None:
+            stand_in.close()
         logger.removeHandler(counter)
         logger.propagate = True
         shutil.rmtree(workdir, ignore_errors=True)
-    unique, _total, duplicates, t_complete, t_last = observer.snapshot()
-    result.unique, result.duplicates = unique, duplicates
-    result.observer_busy = observer.busy
-    result.warnings, result.first_warning = counter.count, counter.first
-    if ctx.note and not result.error:
-        result.error = ctx.note
-    if observer.error and not result.error:
-        result.error = observer.error
+    run.warnings, run.first_warning = counter.count, counter.first
+    if ctx.note and not run.error:
+        run.error = ctx.note
+    end: float | None = ctx.t_acked
+    if observer is not None:
+        run.unique, run.total, run.duplicates = observer.unique, observer.total, observer.duplicates
+        run.foreign, run.observer_busy = observer.foreign, observer.busy
+        if observer.error and not run.error:
+            run.error = observer.error
+        arrived = observer.t_complete or observer.t_last
+        end = max((t for t in (ctx.t_acked, arrived) if t is not None), default=None)
     if ctx.t_start is not None:
-        ends = [t for t in (ctx.t_acked, t_complete or t_last) if t is not None]
-        if ends:
-            result.elapsed = max(ends) - ctx.t_start
+        if end is not None:
+            run.elapsed = end - ctx.t_start
         if ctx.t_acked is not None:
-            result.acked_after = ctx.t_acked - ctx.t_start
+            run.acked_after = ctx.t_acked - ctx.t_start
+    return run
+
+
+# --- the Paho C publisher ------------------------------------------------------------------
+
+
+def build_paho_c(out_dir: Path) -> tuple[Path | None, str]:
+    """Compile ``paho_c_publisher.c`` with cc against libpaho-mqtt3c: (binary, "") or
+    (None, why not)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc) found"
+    binary = out_dir / "paho_c_publisher"
+    source = _BENCH_DIR / "paho_c_publisher.c"
+    result = subprocess.run(
+        [compiler, "-O2", "-o", str(binary), str(source), "-lpaho-mqtt3c"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["?"])[0]
+        return (
+            None,
+            f"cannot build against libpaho-mqtt3c (apt-get install libpaho-mqtt-dev): {first}",
+        )
+    return binary, ""
+
+
+def paho_c_version(binary: Path | None) -> str:
+    if binary is None:
+        return "-"
+    result = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False)
+    return result.stdout.strip() or "?"
+
+
+# --- ratios --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``numerator / denominator`` of two rows' figures ("rate": msg/s at the observer,
+    "acked": the publisher's own acked msg/s), with the target issue 7 sets."""
+
+    name: str
+    numerator: str
+    denominator: str
+    target: float
+    measure: str = "rate"
+
+
+RATIOS = [
+    Ratio("FileStore seq / raw write+fdatasync", "ours-file-seq", "raw-fdatasync", 0.6),
+    Ratio("SQLiteStore seq / raw write+fdatasync", "ours-sqlite-seq", "raw-fdatasync", 0.4),
+    Ratio("FileStore seq / aiomqtt seq", "ours-file-seq", "aiomqtt-seq", 1.5),
+    Ratio("SQLiteStore seq / aiomqtt seq", "ours-sqlite-seq", "aiomqtt-seq", 1.5),
+    Ratio("FileStore(fsync=False) seq / MemoryStore seq", "ours-file-nofsync-seq",
+          "ours-memory-seq", 0.5),
+    Ratio("FileStore(fsync=False) seq / Paho C one at a time", "ours-file-nofsync-seq",
+          "paho-c-seq", 1.0),
+    Ratio("FileStore concurrent / gmqtt, window 100 (acked)", "ours-file-conc", "gmqtt-window",
+          1.0, "acked"),
+    Ratio("QoS 2 / QoS 1, FileStore concurrent", "ours-file-conc-qos2", "ours-file-conc", 0.7),
+    Ratio("MemoryStore concurrent / gmqtt, window 100 (acked)", "ours-memory-conc",
+          "gmqtt-window", 1.5, "acked"),
+    Ratio("QoS 0: MemoryStore concurrent / gmqtt", "ours-memory-conc-qos0", "gmqtt-qos0", 1.0),
+]  # fmt: skip
+
+
+def _figure(row: Row, measure: str, run: Run | None = None) -> float | None:
+    if run is not None:
+        return run.acked_rate if measure == "acked" else run.rate
+    return row.acked_rate if measure == "acked" else row.rate
+
+
+def evaluate_ratios(rows: dict[str, Row]) -> list[dict[str, Any]]:
+    """Every ratio: median figures, the per-repeat ratios (runs of one repeat are minutes
+    apart at most), and PASS/MISS against its target; None where a row is missing."""
+    out = []
+    for ratio in RATIOS:
+        num, den = rows.get(ratio.numerator), rows.get(ratio.denominator)
+        entry: dict[str, Any] = {
+            "name": ratio.name,
+            "numerator": ratio.numerator,
+            "denominator": ratio.denominator,
+            "measure": ratio.measure,
+            "target": ratio.target,
+            "value": None,
+            "per_repeat": [],
+            "passed": None,
+        }
+        if num and den and not num.skipped and not den.skipped:
+            a, b = _figure(num, ratio.measure), _figure(den, ratio.measure)
+            if a and b:
+                entry["value"] = a / b
+                entry["passed"] = a / b >= ratio.target
+            for run_a, run_b in zip(num.runs, den.runs, strict=False):
+                fa, fb = _figure(num, ratio.measure, run_a), _figure(den, ratio.measure, run_b)
+                entry["per_repeat"].append(fa / fb if fa and fb else None)
+        elif num is None or den is None:
+            entry["missing"] = "not run (--only)"
+        else:
+            entry["missing"] = num.skipped or den.skipped
+        out.append(entry)
+    return out
+
+
+def evaluate_ceiling(rows: dict[str, Row]) -> dict[str, Any]:
+    """The observer alone must be above every client row's msg/s (PASS/MISS); and how close the
+    closest client row came to mosquitto's own ceiling at its QoS (QoS 2 rows against QoS 1):
+    near 100 % a row measures the broker, whatever the client."""
+    result: dict[str, Any] = {"observer_alone": None, "passed": None, "fastest": None}
+    clients = [r for r in rows.values() if r.case.family != "reference" and r.rate]
+    alone = rows.get("observer-alone")
+    if alone and alone.rate:
+        result["observer_alone"] = alone.rate
+        if clients:
+            fastest = max(clients, key=lambda r: r.rate or 0.0)
+            result["fastest"] = fastest.case.key
+            result["fastest_share"] = (fastest.rate or 0.0) / alone.rate
+            result["passed"] = result["fastest_share"] < 1.0
+    brokers = (
+        {q: rows[f"broker-ceiling-qos{q}"].rate for q in (0, 1)}
+        if all(f"broker-ceiling-qos{q}" in rows for q in (0, 1))
+        else {}
+    )
+    result["broker_qos0"], result["broker_qos1"] = brokers.get(0), brokers.get(1)
+    shares = [
+        ((r.rate or 0.0) / ceiling, r.case.key)
+        for r in clients
+        if (ceiling := brokers.get(min(r.case.qos, 1)))
+    ]
+    if shares:
+        share, key = max(shares)
+        result["closest_to_broker"], result["closest_share"] = key, share
     return result
 
 
@@ -391,77 +738,98 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"{os.cpu_count()} cores ({usable} usable){model}; {platform.system()} "
-        f"{platform.release()}; Python {platform.python_version()} "
-        f"({platform.python_implementation()})"
+        f"{os.cpu_count()} cores{model}; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()} ({platform.python_implementation()})"
     )
 
 
-def client_versions() -> str:
-    parts = []
-    for name in ("mqtt-persist", "aiomqtt", "gmqtt", "paho-mqtt", "anyio"):
-        try:
-            parts.append(f"{name} {version(name)}")
-        except Exception:
-            parts.append(f"{name} ?")
-    return ", ".join(parts)
-
-
-def _load() -> str:
-    """The 1-minute load average, or '?' where the platform has none."""
+def describe_disk(path: Path) -> str:
+    """``<path> on <device> (<fs type>)`` from /proc/mounts; the path alone elsewhere."""
+    best = ("", "", "")
     try:
-        return f"{os.getloadavg()[0]:.2f}"
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, mount, fstype = line.split()[:3]
+            if str(path).startswith(mount) and len(mount) > len(best[1]):
+                best = (device, mount, fstype)
+    except OSError:
+        return str(path)
+    return f"{path} on {best[0]} ({best[2]})" if best[0] else str(path)
+
+
+def versions(paho: Path | None) -> dict[str, str]:
+    out = {}
+    for name in ("mqtt-persist", "aiomqtt", "gmqtt", "anyio"):
+        try:
+            out[name] = version(name)
+        except Exception:
+            out[name] = "?"
+    out["paho-c"] = paho_c_version(paho)
+    try:
+        result = subprocess.run(
+            [find_mosquitto_sub(), "--help"], capture_output=True, text=True, check=False
+        )
+        lines = (result.stdout + result.stderr).splitlines()
+        out["mosquitto_sub"] = next(
+            (ln.split(" running")[0] for ln in lines if "version" in ln), "?"
+        )
+    except FileNotFoundError:
+        out["mosquitto_sub"] = "-"
+    return out
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
-        return "?"
+        return []
 
 
 def _rate(rate: float | None) -> str:
     return f"{rate:,.0f}" if rate else "-"
 
 
-def _busy(share: float | None) -> str:
-    return f"{share:.0%}" if share is not None else "-"
+def _spread(rates: list[float | None]) -> str:
+    present = [r for r in rates if r]
+    if len(present) < 2:
+        return "-"
+    return f"{min(present):,.0f}-{max(present):,.0f}"
 
 
-def render_table(results: list[Result]) -> str:
+def render_table(rows: list[Row]) -> str:
     """A Markdown table (pasteable into README.md) plus notes for errors and warnings."""
-    best: dict[int, float] = {}
-    for r in results:
-        if r.case.family == "aiomqtt" and r.rate and not r.failed:
-            best[r.case.qos] = max(best.get(r.case.qos, 0.0), r.rate)
     header = (
-        "client",
+        "row",
         "mode",
         "qos",
-        "inflight",
+        "window",
         "msg/s",
         "acked msg/s",
-        "arrived/N",
+        "msg/s min-max",
+        "arrived",
+        "lost",
         "dups",
         "observer busy",
-        "vs aiomqtt best",
     )
-    rows = []
-    for r in results:
-        c = r.case
-        baseline = best.get(c.qos)
-        rows.append(
-            (
-                c.client,
-                c.mode,
-                str(c.qos),
-                str(c.inflight) if c.inflight else "unbounded",
-                _rate(r.rate),
-                _rate(r.acked_rate),
-                f"{r.unique}/{r.n}" + ("" if r.unique == r.n else " LOST"),
-                str(r.duplicates),
-                _busy(r.observer_busy),
-                f"{r.rate / baseline:.2f}x" if r.rate and baseline else "-",
-            )
-        )
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    body = []
+    for row in rows:
+        c = row.case
+        n = sum(r.n for r in row.runs)
+        if row.skipped:
+            cells = ["skipped"] + ["-"] * 6
+        else:
+            cells = [
+                _rate(row.rate),
+                _rate(row.acked_rate),
+                _spread([r.rate for r in row.runs]),
+                f"{sum(r.unique for r in row.runs)}/{n}" if c.observed else "-",
+                str(sum(r.lost for r in row.runs)) if c.observed else "-",
+                str(sum(r.duplicates for r in row.runs)) if c.observed else "-",
+                f"{row.observer_busy:.0%}" if row.observer_busy is not None else "-",
+            ]
+        window = {0: "unbounded", 1: "1"}.get(c.window, str(c.window))
+        body.append((c.client, c.mode, str(c.qos), window, *cells))
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     numeric = range(2, len(header))
 
     def line(cells: tuple[str, ...]) -> str:
@@ -474,22 +842,115 @@ def render_table(results: list[Result]) -> str:
     rule = (
         "|"
         + "|".join(
-            "-" * (width + 1) + ":" if i in numeric else "-" * (width + 2)
-            for i, width in enumerate(widths)
+            "-" * (w + 1) + ":" if i in numeric else "-" * (w + 2) for i, w in enumerate(widths)
         )
         + "|"
     )
     notes = []
-    for r in results:
-        where = f"{r.case.label} (inflight {r.case.inflight or 'unbounded'})"
-        if r.error:
-            notes.append(f"- error in {where}: {r.error}")
-        if r.warnings:
-            notes.append(f"- {r.warnings} warning(s) logged in {where}, first: {r.first_warning}")
-    out = [line(header), rule, *(line(row) for row in rows)]
+    for row in rows:
+        if row.skipped:
+            notes.append(f"- {row.case.key}: skipped, {row.skipped}")
+        errors = sorted({r.error for r in row.runs if r.error})
+        for error in errors:
+            notes.append(f"- error in {row.case.key}: {error}")
+        foreign = sum(r.foreign for r in row.runs)
+        if foreign:
+            notes.append(f"- {row.case.key}: {foreign} arrivals that were not its payloads")
+        warned = [r for r in row.runs if r.warnings]
+        if warned:
+            total = sum(r.warnings for r in warned)
+            notes.append(
+                f"- {total} warning(s) logged in {row.case.key}: {warned[0].first_warning}"
+            )
+    out = [line(header), rule, *(line(r) for r in body)]
     if notes:
         out += ["", *notes]
     return "\n".join(out)
+
+
+def render_checks(ratios: list[dict[str, Any]], ceiling: dict[str, Any], rows: list[Row]) -> str:
+    lines = ["Issue 7 targets (medians; per-repeat ratios in brackets):"]
+    width = max(len(r["name"]) for r in ratios) if ratios else 0
+    for r in ratios:
+        if r["value"] is None:
+            lines.append(
+                f"  {r['name']:<{width}}     -  target >= {r['target']:.1f}  "
+                f"({r.get('missing') or 'no figure'})"
+            )
+            continue
+        repeats = ", ".join(f"{x:.2f}" if x else "-" for x in r["per_repeat"])
+        verdict = "PASS" if r["passed"] else "MISS"
+        lines.append(
+            f"  {r['name']:<{width}} {r['value']:5.2f}  target >= {r['target']:.1f}  {verdict}"
+            f"  [{repeats}]"
+        )
+    failed = [row.case.key for row in rows if row.failed]
+    clean = "PASS" if not failed else "MISS (" + ", ".join(failed) + ")"
+    lines.append(f"  {'every row: 0 lost, 0 duplicates, no error':<{width}}        {clean}")
+    if ceiling["passed"] is not None:
+        verdict = "PASS" if ceiling["passed"] else "MISS"
+        lines.append(
+            f"\nObserver alone: {_rate(ceiling['observer_alone'])} msg/s; the fastest client "
+            f"row, {ceiling['fastest']}, reached {ceiling['fastest_share']:.0%} of it: {verdict}"
+        )
+    if ceiling.get("closest_to_broker"):
+        lines.append(
+            f"Broker ceiling: {_rate(ceiling['broker_qos0'])} msg/s at QoS 0, "
+            f"{_rate(ceiling['broker_qos1'])} at QoS 1; the closest client row, "
+            f"{ceiling['closest_to_broker']}, reached {ceiling['closest_share']:.0%} of its "
+            "QoS's (near 100 %: that row measures mosquitto)"
+        )
+    return "\n".join(lines)  # fmt: skip
+
+
+def to_json(
+    rows: list[Row],
+    ratios: list[dict[str, Any]],
+    ceiling: dict[str, Any],
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    def run_dict(run: Run) -> dict[str, Any]:
+        return {
+            "n": run.n,
+            "rate": run.rate,
+            "acked_rate": run.acked_rate,
+            "elapsed": run.elapsed,
+            "acked_after": run.acked_after,
+            "unique": run.unique,
+            "total": run.total,
+            "lost": run.lost,
+            "duplicates": run.duplicates,
+            "foreign": run.foreign,
+            "observer_busy": run.observer_busy,
+            "error": run.error,
+            "warnings": run.warnings,
+        }
+
+    return {
+        **meta,
+        "rows": [
+            {
+                "key": row.case.key,
+                "family": row.case.family,
+                "client": row.case.client,
+                "mode": row.case.mode,
+                "qos": row.case.qos,
+                "window": row.case.window,
+                "observed": row.case.observed,
+                "skipped": row.skipped,
+                "rate": row.rate,
+                "acked_rate": row.acked_rate,
+                "observer_busy": row.observer_busy,
+                "lost": sum(r.lost for r in row.runs),
+                "duplicates": sum(r.duplicates for r in row.runs),
+                "failed": row.failed,
+                "runs": [run_dict(r) for r in row.runs],
+            }
+            for row in rows
+        ],
+        "ratios": ratios,
+        "ceiling": ceiling,
+    }
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -497,45 +958,38 @@ def render_table(results: list[Result]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Publish throughput of mqtt_persist, aiomqtt and gmqtt on one private "
-        "mosquitto, counted at an outside subscriber."
+        description="Publish throughput of mqtt_persist, aiomqtt, gmqtt, Paho C and the disk "
+        "on one private mosquitto, counted by an outside C subscriber."
     )
-    parser.add_argument(
-        "--count",
-        type=int,
-        default=10_000,
-        help="messages per QoS 1/2 run; QoS 0 runs send twice as many (default 10000)",
-    )
+    parser.add_argument("--count", type=int, help="messages per run (10000; --quick: 2000)")
+    parser.add_argument("--repeats", type=int, help="times every row runs (5; --quick: 1)")
     parser.add_argument("--payload", type=int, default=64, help="payload bytes, >= 8 (64)")
-    parser.add_argument("--quick", action="store_true", help="a tenth of the messages")
+    parser.add_argument("--quick", action="store_true", help="fewer messages and repeats")
     parser.add_argument(
-        "--chunk", type=int, default=100, help="aiomqtt concurrent: publishes per gather (100)"
+        "--only", nargs="+", metavar="WORD", help="only the rows whose key contains a word"
     )
     parser.add_argument(
-        "--our-chunk", type=int, default=100, help="ours concurrent: publishes per gather (100)"
+        "--observer",
+        choices=["ours", "mosquitto_sub"],
+        default="ours",
+        help="observer.c built with cc (default; mosquitto_sub where no compiler), or "
+        "mosquitto_sub",
     )
     parser.add_argument(
-        "--wide-window",
-        type=int,
-        default=100,
-        help="an extra aiomqtt QoS 1 row with this in-flight window; 0: none (100)",
+        "--dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="where the stores, Paho's persistence and the raw loop write (the system temp dir)",
     )
-    parser.add_argument(
-        "--qos", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2], help="QoS levels"
-    )
-    parser.add_argument(
-        "--only",
-        nargs="+",
-        metavar="WORD",
-        help="only the runs whose label 'client mode qosN' contains one of these words",
-    )
+    parser.add_argument("--json", type=Path, help="write the run here (default: a temp file)")
+    parser.add_argument("--chart", type=Path, help="also draw a bar chart (PNG) of the run")
     args = parser.parse_args(argv)
+    args.count = args.count or (2_000 if args.quick else 10_000)
+    args.repeats = args.repeats or (1 if args.quick else 5)
     if args.payload < INDEX_DIGITS:
         parser.error(f"--payload must be at least {INDEX_DIGITS} bytes (it carries the index)")
-    if min(args.count, args.chunk, args.our_chunk) < 1 or args.wide_window < 0:
-        parser.error("--count, --chunk and --our-chunk must be positive")
-    if args.quick:
-        args.count = max(1, args.count // 10)
+    if args.count < 1 or args.repeats < 1:
+        parser.error("--count and --repeats must be positive")
     return args
 
 
@@ -548,52 +1002,130 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     cases = build_cases(args)
     if not cases:
-        print("no run matches --qos/--only", file=sys.stderr)
+        print("no row matches --only", file=sys.stderr)
         return 2
     try:
         broker = Mosquitto()
     except (OSError, subprocess.SubprocessError) as exc:
         print(f"cannot run the benchmark: {exc}", file=sys.stderr)
         return 2
-    print(f"machine:  {machine_description()}")
-    print(f"broker:   {broker.version} ({broker.binary}), private instance on 127.0.0.1")
-    print(f"clients:  {client_versions()}")
-    print(
-        f"workload: {args.count} messages per QoS 1/2 run, {2 * args.count} per QoS 0 run, "
-        f"{args.payload}-byte payloads; gather chunks: aiomqtt {args.chunk}, "
-        f"ours {args.our_chunk}",
-        flush=True,
+    args.dir.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix="mqtt-bench-build-"))
+    try:
+        notes = []
+        observer: Path | None = None
+        if args.observer == "ours":
+            observer, why = build_observer(build_dir)
+            if why:
+                notes.append(f"observer: mosquitto_sub instead of observer.c ({why})")
+        if observer is None:
+            try:
+                find_mosquitto_sub()
+            except FileNotFoundError as exc:
+                print(f"cannot run the benchmark: {exc}", file=sys.stderr)
+                return 2
+        paho, why = build_paho_c(build_dir)
+        if why:
+            notes.append(f"Paho C rows skipped: {why}")
+        return _run(args, cases, broker, Tools(0, args.dir, observer, paho), notes)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace, cases: list[Case], broker: Mosquitto, tools: Tools, notes: list[str]
+) -> int:
+    clients = versions(tools.paho)
+    disk = describe_disk(args.dir.resolve())
+    observer_name = (
+        "observer.c (ours), QoS 0" if tools.observer else f"{clients['mosquitto_sub']}, QoS 0"
     )
-    results: list[Result] = []
+    print(f"machine:  {machine_description()}")
+    print(
+        f"broker:   {broker.version} ({broker.binary}), private, set_tcp_nodelay, "
+        "max_queued_messages 1000000"
+    )
+    print("clients:  " + ", ".join(f"{k} {v}" for k, v in clients.items()))
+    print(f"observer: {observer_name}")
+    print(f"disk:     {disk}")
+    print(f"workload: {args.count} messages per run, {args.payload}-byte payloads, "
+          f"{args.repeats} repeat(s); windows {WINDOW}, gather chunks {CHUNK}")  # fmt: skip
+    for note in notes:
+        print(f"note:     {note}")
+    print(flush=True)
+    payloads = {c.scale: make_payloads(args.count * c.scale, args.payload) for c in cases}
+    rows = {c.key: Row(c) for c in cases}
+    for row in rows.values():
+        if row.case.family == "paho-c" and tools.paho is None:
+            row.skipped = next(n for n in notes if n.startswith("Paho C"))
     load_before = _load()
+    started_at = datetime.datetime.now(datetime.UTC)
     began = time.perf_counter()
     with broker:
-        for case in cases:
-            n = 2 * args.count if case.qos == 0 else args.count
-            result = measure(case, broker.port, n, args.payload)
-            results.append(result)
-            print(
-                f"  {case.label:<34} inflight {case.inflight or 'unbounded':>9}: "
-                f"{_rate(result.rate):>7} msg/s, {result.unique}/{n} arrived"
-                f"{'  FAILED' if result.failed else ''}",
-                flush=True,
-            )
+        tools = dataclasses.replace(tools, port=broker.port)
+        for repeat in range(args.repeats):
+            for row in rows.values():
+                if row.skipped:
+                    continue
+                run = measure(row.case, payloads[row.case.scale], tools)
+                row.runs.append(run)
+                print(
+                    f"  [{repeat + 1}/{args.repeats}] {row.case.key:<22} "
+                    f"{_rate(run.rate):>8} msg/s  acked {_rate(run.acked_rate):>8}"
+                    + (f"  {run.unique}/{run.n} arrived" if run.observed else "")
+                    + ("  FAILED" if run.failed else ""),
+                    flush=True,
+                )
+    duration = time.perf_counter() - began
+    load_after = _load()
+    ordered = list(rows.values())
+    ratios = evaluate_ratios(rows)
+    ceiling = evaluate_ceiling(rows)
     print(
-        f"\n{len(results)} runs in {time.perf_counter() - began:.0f} s; load average "
-        f"{load_before} before, {_load()} after (other processes on the machine add noise)\n"
+        f"\n{sum(len(r.runs) for r in ordered)} runs in {duration:.0f} s; load average (1, 5, "
+        f"15 min) {load_before} before, {load_after} after\n"
     )
-    print(render_table(results))
-    failed = [r for r in results if r.failed]
-    if not failed:
-        return 0
-    print("\nFAILED (QoS 1/2 messages lost or duplicated, or an error):")
-    for r in failed:
-        print(
-            f"  {r.case.label} (inflight {r.case.inflight or 'unbounded'}): {r.unique}/{r.n} "
-            f"arrived, {r.duplicates} dups{', ' + r.error if r.error else ''}"
-        )
-    # 1: one of ours failed; 3: only baselines did (gmqtt's unbounded QoS 2 burst does, by design).
-    return 1 if any(r.case.family == "ours" for r in failed) else 3
+    print(render_table(ordered))
+    print()
+    print(render_checks(ratios, ceiling, ordered))
+    failed = [r for r in ordered if r.failed]
+    status = 0 if not failed else 1 if any(r.case.family == "ours" for r in failed) else 3
+    meta = {
+        "schema": SCHEMA,
+        "benchmark": "publish_throughput",
+        "started": started_at.isoformat(timespec="seconds"),
+        "duration_s": round(duration, 1),
+        "machine": machine_description(),
+        "disk": disk,
+        "broker": broker.version,
+        "versions": clients,
+        "load_before": load_before,
+        "load_after": load_after,
+        "settings": {
+            "count": args.count,
+            "payload": args.payload,
+            "repeats": args.repeats,
+            "window": WINDOW,
+            "chunk": CHUNK,
+            "quick": args.quick,
+            "observer": observer_name,
+        },
+        "notes": notes,
+        "exit_status": status,
+    }
+    document = to_json(ordered, ratios, ceiling, meta)
+    path = args.json or Path(tempfile.gettempdir()) / (
+        f"mqtt_persist-publish_throughput-{started_at:%Y%m%d-%H%M%S}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    print(f"\nJSON: {path}")
+    if args.chart:
+        from chart import draw  # matplotlib: only when a chart is asked for
+
+        draw(document, args.chart)
+        print(f"chart: {args.chart}")
+    return status
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
 One private mosquitto (``_broker.Mosquitto`` with ``max_queued_messages 0``, i.e. unlimited, and
 ``max_inflight_messages 20``) and, for RedisStore, one private redis-server
 (``tests.support.redis_server``) serve the whole run; the system broker (1883) and the system
-redis (6379) are never used. Every arrival is counted by an outside paho subscriber
-(``_observer.ArrivalCounter``, a process of its own) that subscribed before the publisher
-connected; it timestamps with ``time.monotonic()``, and so does everything compared to it.
+redis (6379) are never used. Every arrival is counted by an outside C subscriber
+(``_observer.ArrivalCounter``: ``observer.c``, or ``mosquitto_sub`` where no C compiler is
+found) that subscribed before the publisher connected; its timestamps are converted to
+``time.monotonic()``, which everything compared to them uses.
 Per store:
 
 1. **Empty queue**: N QoS 1 messages, ``gather`` of 100 ``publish()`` at a time, then
@@ -62,30 +63,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _broker
 from _broker import HOST, Mosquitto, free_port
-from _observer import ArrivalCounter, make_payloads
+from _observer import ArrivalCounter, build_observer, make_payloads
 from publish_throughput import (
-    OURS_WINDOW,
     WINDOW,
     Case,
     Context,
     Driver,
-    Result,
-    _busy,
+    Run,
+    Tools,
+    _in_loop,
     _load,
     _on_sigterm,
     _rate,
     _WarningCounter,
     aiomqtt_concurrent,
     aiomqtt_sequential,
-    client_versions,
     machine_description,
     measure,
+    versions,
 )
 
 from mqtt_persist import DeliveryOutcome, FileStore, MemoryStore, PersistentClient
 from mqtt_persist.stores import SessionStore, SQLiteStore
 
 STORES = ("memory", "file", "sqlite", "redis")
+#: Our client's default window, which every row of ours uses.
+OURS_WINDOW = WINDOW
+#: aiomqtt's default window (paho's): its first baseline rows.
+AIOMQTT_DEFAULT_WINDOW = 20
 #: Upper bound for one waiting step (first arrival, drain, the deliveries) of the backlog run.
 STEP_TIMEOUT = 300.0
 
@@ -149,7 +154,7 @@ def _redis_used_memory(url: str) -> int:
 
 @dataclass
 class EmptyRun:
-    result: Result
+    result: Run
     #: publish() calls/s: N / (first publish until the last gather returned).
     accept_rate: float | None = None
 
@@ -163,7 +168,7 @@ def ours_concurrent(kind: str, redis_url: str | None, timings: dict[str, float])
         store = make_spec(kind, ctx.workdir, ctx.client_id, redis_url).open(memory)
         try:
             async with PersistentClient(
-                HOST, ctx.port, client_id=ctx.client_id, store=store, max_inflight=ctx.inflight
+                HOST, ctx.port, client_id=ctx.client_id, store=store, max_inflight=ctx.window
             ) as client:
                 await client.wait_connected(10)
                 topic, payloads, chunk = ctx.topic, ctx.payloads, ctx.chunk
@@ -188,16 +193,19 @@ def ours_concurrent(kind: str, redis_url: str | None, timings: dict[str, float])
         finally:
             await store.close()
 
-    return drive
+    return _in_loop(drive)
 
 
 def run_empty(
-    kind: str, port: int, n: int, size: int, chunk: int, redis_url: str | None
+    kind: str, tools: Tools, n: int, size: int, chunk: int, redis_url: str | None
 ) -> EmptyRun:
     timings: dict[str, float] = {}
     driver = ours_concurrent(kind, redis_url, timings)
-    case = Case("ours", f"ours/{kind}", f"concurrent/{chunk}", 1, OURS_WINDOW, driver, chunk)
-    result = measure(case, port, n, size)
+    case = Case(
+        f"ours-{kind}", "ours", f"ours/{kind}", f"concurrent/{chunk}", 1, OURS_WINDOW, driver,
+        chunk=chunk,
+    )  # fmt: skip
+    result = measure(case, make_payloads(n, size), tools)
     accepted = timings.get("accepted")
     return EmptyRun(result, n / accepted if accepted else None)
 
@@ -231,7 +239,7 @@ class BacklogRun:
     error: str = ""
     warnings: int = 0
     first_warning: str = ""
-    observer_busy: float | None = None  # see publish_throughput.Result
+    observer_busy: float | None = None  # see _observer.ArrivalCounter.busy
     memory: list[MemoryRun] = field(default_factory=list)
 
     @property
@@ -409,7 +417,7 @@ def memory_store_bytes(count: int, size: int, prep_chunk: int) -> float:
 
 def run_backlog(
     spec: StoreSpec,
-    port: int,
+    tools: Tools,
     backlog: int,
     n: int,
     size: int,
@@ -445,9 +453,17 @@ def run_backlog(
                     memory_runs.append(measure_memory(spec, client_id, limit, backlog))
             # 3 + 2b: restore against the broker, publish N more, drain all.
             payloads = make_payloads(backlog + n, size)[backlog:]
-            observer = ArrivalCounter(HOST, port, topic, backlog + n)
+            observer = ArrivalCounter(HOST, tools.port, topic, backlog + n, size, tools.observer)
             ctx = Context(
-                port, topic, payloads, 1, OURS_WINDOW, chunk, client_id, workdir, observer
+                port=tools.port,
+                topic=topic,
+                payloads=payloads,
+                qos=1,
+                client_id=client_id,
+                workdir=workdir,
+                observer=observer,
+                window=OURS_WINDOW,
+                chunk=chunk,
             )
             observer.start()
             asyncio.run(restore_and_drain(spec.open(memory), client_id, ctx, observer, run))
@@ -586,6 +602,10 @@ def memory_small_backlog(
 # --- report ----------------------------------------------------------------------------------
 
 
+def _busy(share: float | None) -> str:
+    return f"{share:.0%}" if share is not None else "-"
+
+
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> str:
     """A Markdown table; the first ``left`` columns are left-aligned, the rest right."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
@@ -632,7 +652,7 @@ def memory_slopes(memory: list[MemoryRun]) -> list[str]:
 
 
 def render(
-    baselines: list[Result], empties: list[EmptyRun], backlogs: list[BacklogRun], n: int
+    baselines: list[Run], empties: list[EmptyRun], backlogs: list[BacklogRun], n: int
 ) -> str:
     best = max((r.rate or 0.0 for r in baselines if not r.failed), default=0.0)
     rows = []
@@ -641,7 +661,7 @@ def render(
             (
                 r.case.client,
                 r.case.mode,
-                str(r.case.inflight),
+                str(r.case.window),
                 _rate(r.rate),
                 _rate(r.acked_rate),
                 "-",
@@ -657,7 +677,7 @@ def render(
             (
                 r.case.client,
                 r.case.mode,
-                str(r.case.inflight),
+                str(r.case.window),
                 _rate(r.rate),
                 _rate(r.acked_rate),
                 _rate(e.accept_rate),
@@ -854,10 +874,10 @@ def broker_limits(broker: Mosquitto) -> str:
     return ", ".join(line for line in lines if line.startswith("max_"))
 
 
-def profile_file_run(port: int, n: int, size: int, chunk: int) -> str:
+def profile_file_run(tools: Tools, n: int, size: int, chunk: int) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
-    run = run_empty("file", port, n, size, chunk, None)
+    run = run_empty("file", tools, n, size, chunk, None)
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(15)
@@ -901,36 +921,36 @@ def main(argv: list[str] | None = None) -> int:
                 check=False,
             ).stdout.split()
             print(f"redis:    {' '.join(version[:3])}, private on 127.0.0.1")
-        print(f"clients:  {client_versions()}")
+        clients = versions(None)
+        del clients["paho-c"]
+        print("clients:  " + ", ".join(f"{k} {v}" for k, v in clients.items()))
+        observer, why = build_observer(workdir)
+        print(f"observer: {'observer.c (ours)' if observer else 'mosquitto_sub (' + why + ')'}")
         print(
             f"workload: {args.count:,} QoS 1 messages of {args.payload} bytes; backlog "
             f"{args.backlog:,}; stores {', '.join(args.stores)}",
             flush=True,
         )
         load_before, began = _load(), time.perf_counter()
-        port, n, size, chunk = broker.port, args.count, args.payload, args.chunk
+        n, size, chunk = args.count, args.payload, args.chunk
+        tools = Tools(broker.port, Path(tempfile.gettempdir()), observer, None)
+        sequential, concurrent = _in_loop(aiomqtt_sequential), _in_loop(aiomqtt_concurrent)
+        conc, default = f"concurrent/{chunk}", AIOMQTT_DEFAULT_WINDOW
 
-        baselines: list[Result] = []
+        baselines: list[Run] = []
         for case in (
-            Case("aiomqtt", "aiomqtt", "sequential", 1, WINDOW, aiomqtt_sequential),
-            Case("aiomqtt", "aiomqtt", f"concurrent/{chunk}", 1, WINDOW, aiomqtt_concurrent, chunk),
+            Case("aiomqtt-seq", "aiomqtt", "aiomqtt", "sequential", 1, default, sequential),
+            Case("aiomqtt-conc", "aiomqtt", "aiomqtt", conc, 1, default, concurrent, chunk=chunk),
             # The same window as ours, so the baseline is aiomqtt at its best, not at 20.
-            Case(
-                "aiomqtt",
-                "aiomqtt",
-                f"concurrent/{chunk}",
-                1,
-                OURS_WINDOW,
-                aiomqtt_concurrent,
-                chunk,
-            ),
-        ):
-            result = measure(case, port, n, size)
+            Case("aiomqtt-conc-wide", "aiomqtt", "aiomqtt", conc, 1, OURS_WINDOW, concurrent,
+                 chunk=chunk),
+        ):  # fmt: skip
+            result = measure(case, make_payloads(n, size), tools)
             baselines.append(result)
             print(f"  1. {case.label:<30} {_rate(result.rate):>7} msg/s", flush=True)
         empties: list[EmptyRun] = []
         for kind in args.stores:
-            run = run_empty(kind, port, n, size, chunk, redis_url)
+            run = run_empty(kind, tools, n, size, chunk, redis_url)
             empties.append(run)
             print(
                 f"  1. ours/{kind:<25} {_rate(run.result.rate):>7} msg/s, "
@@ -942,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = make_spec(kind, workdir, f"{kind}-{uuid.uuid4().hex[:8]}", redis_url)
             runs_memory = None if args.no_memory or kind == "memory" else []
             backlog = run_backlog(
-                spec, port, args.backlog, n, size, chunk, args.prep_chunk, runs_memory
+                spec, tools, args.backlog, n, size, chunk, args.prep_chunk, runs_memory
             )
             backlog.memory = runs_memory or []
             if kind == "file" and runs_memory is not None:
@@ -958,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         elapsed = time.perf_counter() - began
-        profile = profile_file_run(port, n, size, chunk) if args.profile else ""
+        profile = profile_file_run(tools, n, size, chunk) if args.profile else ""
     finally:
         if redis_server is not None:
             redis_server.stop()
