@@ -170,8 +170,13 @@ class ProtocolVersionSet:
 class MessageSetAside:
     """Take the message out of the flow and keep it aside (see :class:`SetAsideMessage`).
 
-    Its packet ID, if it had one, is free again. Nothing happens when the message is not (or
-    no longer) in the flow, so applying it twice changes nothing more.
+    Its packet ID, if it had one, is free again in the stored session. Nothing happens when the
+    message is not (or no longer) in the flow, so applying it twice changes nothing more.
+
+    The store does not judge whether that is safe; the session must: a broker that received a
+    QoS 2 PUBLISH keeps its packet ID until PUBREL and answers any later PUBLISH under that ID
+    with PUBREC without delivering it, so the ID of a QoS 2 message that may have reached the
+    broker (sent, or released) must not carry a new message before that flow is closed.
     """
 
     seq: int

@@ -11,6 +11,7 @@ the store's worker thread.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Iterator
@@ -61,11 +62,11 @@ Placed = tuple[int, int | None, bool, bytes, tuple[str, float] | None]
 
 
 def meta_of(state: SessionState) -> SessionState:
-    """What a rewrite takes from ``state`` besides its messages and set-aside messages."""
-    meta = state.copy()
-    meta.messages = {}
-    meta.set_aside = {}
-    return meta
+    """What a rewrite takes from ``state`` besides its messages and set-aside messages.
+
+    It shares ``state``'s sets and dicts (:func:`write_snapshot` copies what it keeps).
+    """
+    return dataclasses.replace(state, messages={}, set_aside={})
 
 
 def index_source(read: Read, size: int, index: Index) -> Iterator[Placed]:

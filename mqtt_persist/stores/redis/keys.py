@@ -121,7 +121,7 @@ class KeyLayout:
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """The Redis keys of one session (and what a migration in :data:`_MIGRATIONS` receives)."""
+    """The Redis keys of one session: the KEYS of every session script, migrations included."""
 
     meta: bytes
     msg: bytes
