@@ -20,7 +20,8 @@ one is started on a free 127.0.0.1 port) and writes:
     (``VACUUM``), so that sixteen tables take a few KB; rows and schema are untouched.
 ``redis.json``
     every key under the prefix ``fixture`` after the store closed: ``{key: {"type", "pttl",
-    "value"}}``, with every byte string written as the str that ``bytes.decode("latin-1")``
+    "value"}}`` (``pttl`` rounded up to whole seconds, so that writing the dump again gives the
+    same file), with every byte string written as the str that ``bytes.decode("latin-1")``
     gives (lossless, and readable where it is ASCII); a hash is an object, a set a sorted list,
     a zset a list of ``[member, score]``.
 
@@ -195,7 +196,10 @@ async def _dump(url: str) -> dict[str, Any]:
                 value = [[_text(m), score] for m, score in pairs]
             else:
                 raise TypeError(f"{key!r}: a {kind} key is not part of format 1")
-            dump[_text(key)] = {"type": kind, "pttl": await client.pttl(key), "value": value}
+            pttl = await client.pttl(key)
+            if pttl > 0:
+                pttl = -(-pttl // 1000) * 1000
+            dump[_text(key)] = {"type": kind, "pttl": pttl, "value": value}
     finally:
         await client.aclose()
     return dump
