@@ -30,8 +30,8 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from mqtt_persist.errors import SessionLocked, StoreError
+from mqtt_persist.stores._owners import describe_owner, identity, owner_is_dead
 from mqtt_persist.stores.redis.keys import KeyLayout, text
-from mqtt_persist.stores.redis.owners import describe_owner, identity, owner_is_dead
 from mqtt_persist.stores.redis.scripts import Scripts
 
 __all__ = ["LeaseKeeper", "TokenLease"]

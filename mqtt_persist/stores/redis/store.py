@@ -83,6 +83,7 @@ from mqtt_persist.errors import (
 from mqtt_persist.session.state import Operation, SessionState, StoredMessage
 from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
 from mqtt_persist.stores._expiry import is_expired, ttl_from
+from mqtt_persist.stores._owners import describe_owner
 from mqtt_persist.stores._quarantine import quarantine_stamp
 from mqtt_persist.stores.base import SessionInfo, StoreContext
 from mqtt_persist.stores.redis.codec import (
@@ -105,7 +106,6 @@ from mqtt_persist.stores.redis.keys import (
     text,
 )
 from mqtt_persist.stores.redis.lease import LeaseKeeper
-from mqtt_persist.stores.redis.owners import describe_owner
 from mqtt_persist.stores.redis.scripts import Scripts
 from mqtt_persist.stores.redis.server import (
     FORMAT_VERSION,
