@@ -96,7 +96,8 @@ class SessionLocked(StoreError):
 
 
 class SessionFenced(SessionLocked):
-    """A newer owner took the session over: this store's fencing token is no longer current.
+    """This store's lease is no longer valid: it lapsed, or a newer owner took the session over
+    (this store's fencing token is no longer current).
 
     Raised by a shared store (Redis, PostgreSQL) for a write of a former owner, typically a
     process that was paused past its lease while another one took the session over. Nothing of

@@ -10,8 +10,9 @@ token is still ours.
 
 The token travels with every write: ``check_owner`` (see ``schema``) compares it with the row's
 in the write's own transaction, so a former owner's write fails (``SessionFenced``) from the
-moment a new owner took over, whatever the clocks say. A lease that lapsed while nobody took it
-over is still ours: its token is still current, the next renewal extends it, writes go on.
+moment a new owner took over, whatever the clocks say; so does a write after our lease lapsed
+(``expires_at`` passed before a renewal extended it): a lapsed lease is never renewed, the store
+must acquire again, so a paused owner never races a rival that saw the lapse.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ class PgLeases:
                     self._schema,
                     "UPDATE {s}.leases l SET expires_at = clock_timestamp() + %s * "
                     "interval '1 second' FROM unnest(%s::bytea[], %s::bigint[]) AS h(c, t) "
-                    "WHERE l.client_id = h.c AND l.token = h.t RETURNING l.token",
+                    "WHERE l.client_id = h.c AND l.token = h.t "
+                    "AND l.expires_at > clock_timestamp() RETURNING l.token",
                 ),
                 (self._lease_ttl, [id_bytes(c) for c, _ in leases], [x.token for _, x in leases]),
             )
@@ -218,11 +220,19 @@ class PgLeases:
                 logger.warning("could not renew leases: %s", exc)
 
 
-def fenced_error(client_id: str, token: int | None, detail: str, hint: str) -> SessionFenced:
-    """The error of a write ``check_owner`` refused as fenced (detail: owner, hint: token)."""
+def fenced_error(
+    client_id: str, token: int | None, detail: str, hint: str, lease_ttl: float
+) -> SessionFenced:
+    """The error of a write ``check_owner`` refused as fenced (detail: the lease's owner,
+    hint: its token; both empty when there is no lease row)."""
+    if hint and hint == str(token):
+        return SessionFenced(
+            f"this store's lease on session {client_id!r} expired (not renewed within "
+            f"{lease_ttl:g} s; fencing token {token}); nothing was written; acquire it again"
+        )
     if detail:
         return SessionFenced(
-            f"session {client_id!r} is held by {describe_owner(detail.encode())} since it took "
+            f"session {client_id!r} is held by {describe_owner(detail.encode())}, which took it "
             f"over (fencing token {hint or '?'}; ours, {token}, is no longer current); "
             "nothing was written"
         )

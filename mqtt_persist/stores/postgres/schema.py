@@ -28,7 +28,8 @@ what lets one ``apply`` travel to the server as one pipeline. Columns besides th
 NOT NULL or range constraints on purpose: values are checked when read (``rows``), where a bad
 one is reported as corruption and quarantined instead of failing a write.
 
-``check_owner`` raises SQLSTATE ``MQF01`` (fenced: the token is not the session's current one)
+``check_owner`` raises SQLSTATE ``MQF01`` (fenced: the token is not the session's current one,
+or the lease lapsed)
 or ``MQL01`` (locked: a writer without a lease while another owner's lease is live); it takes
 the lease row ``FOR SHARE``, so a takeover (an UPDATE of that row) waits for the transaction of
 a write that passed the check, and a write after the takeover sees the new token.
@@ -181,7 +182,7 @@ _SCHEMA = (
                 RAISE EXCEPTION USING ERRCODE = 'MQL01', MESSAGE = 'locked',
                     DETAIL = lease.owner;
             END IF;
-        ELSIF NOT FOUND OR lease.token <> p_token THEN
+        ELSIF NOT FOUND OR lease.token <> p_token OR NOT lease.live THEN
             RAISE EXCEPTION USING ERRCODE = 'MQF01', MESSAGE = 'fenced',
                 DETAIL = coalesce(lease.owner, ''), HINT = coalesce(lease.token::text, '');
         END IF;

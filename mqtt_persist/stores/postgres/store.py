@@ -195,7 +195,7 @@ class PostgresStore(StoreContext):
                 self._leases.mark_fenced(client_id)
                 self.fenced_writes += 1
                 detail, hint = exc.diag.message_detail or "", exc.diag.message_hint or ""
-                raise fenced_error(client_id, token, detail, hint) from None
+                raise fenced_error(client_id, token, detail, hint, self._lease_ttl) from None
             if exc.sqlstate == LOCKED:
                 raise locked_error(client_id, exc.diag.message_detail or "") from None
             raise
