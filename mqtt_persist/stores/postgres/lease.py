@@ -18,7 +18,6 @@ must acquire again, so a paused owner never races a rival that saw the lapse.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -95,12 +94,23 @@ class PgLeases:
                         "INSERT INTO {s}.leases AS l (client_id, token, owner, expires_at) "
                         "VALUES (%s, nextval(%s::regclass), %s, "
                         "clock_timestamp() + %s * interval '1 second') "
+                        # The expiry is computed again here: the update may have waited for
+                        # the row lock of the former owner's last write.
                         "ON CONFLICT (client_id) DO UPDATE SET token = EXCLUDED.token, "
-                        "owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
+                        "owner = EXCLUDED.owner, "
+                        "expires_at = clock_timestamp() + %s * interval '1 second' "
                         "WHERE l.expires_at <= clock_timestamp() OR %s OR l.owner = %s "
                         "RETURNING token, (xmax <> 0)",
                     ),
-                    (cid, self._sequence, owner, self._lease_ttl, takeover, expected),
+                    (
+                        cid,
+                        self._sequence,
+                        owner,
+                        self._lease_ttl,
+                        self._lease_ttl,
+                        takeover,
+                        expected,
+                    ),
                 )
                 taken = await cursor.fetchone()
                 if taken is None:
@@ -179,8 +189,10 @@ class PgLeases:
         task, self._renewal = self._renewal, None
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a driver may swallow the cancellation of a call in flight (seen with
+            # redis-py); the loop then ends by itself at its next turn (it is no longer the
+            # renewal task), and a close must not wait for that.
+            await asyncio.wait({task}, timeout=1.0)
 
     async def renew(self) -> None:
         """Extend every held lease by ``lease_ttl`` from now (server time); mark the fenced."""
@@ -210,8 +222,11 @@ class PgLeases:
 
     async def _renew_forever(self) -> None:
         interval = self._lease_ttl / 3
-        while True:
+        me = asyncio.current_task()
+        while self._renewal is me:
             await asyncio.sleep(interval)
+            if self._renewal is not me:
+                return
             try:
                 await self.renew()
             except StoreError as exc:

@@ -5,14 +5,21 @@ import if a new operation type has no rule (see ``_checks.check_handlers``), and
 conformance tests compare the result of random operation sequences with
 :meth:`SessionState.apply <mqtt_persist.session.state.SessionState.apply>`.
 
-Each rule takes a run of consecutive operations of one type and queues its statements on the
-apply's cursor (one ``executemany`` per statement and run). The store runs the whole batch in
-pipeline mode, so the statements of every run, the fencing check before them and the COMMIT
-after them reach the server in one round trip. Within a run, executing the statements per
-table in order is the same as executing them per operation: the two tables a run may touch
-(subscriptions and pending_unsubscribes) change independently per filter. ``MessageSetAside``
-is the exception, run per operation: its copy into set_aside depends on the message still
-being in messages.
+Each rule takes a run of consecutive operations of one type and runs ONE set-based statement
+per table it touches, the run's values passed as arrays (``unnest``, ``= ANY``): a run of 100
+added messages is one INSERT. Within a run, a later operation on the same key wins (packet IDs,
+subscriptions) or the first one does (an added message, as in ``SessionState.apply``), and
+executing the statements per table is the same as executing them per operation: the two tables
+a run may touch (subscriptions and pending_unsubscribes) change independently per filter.
+``MessageSetAside`` is the exception, run per operation: its copy into set_aside depends on the
+message still being in messages.
+
+Why no pipeline and no ``executemany`` (which psycopg pipelines): a statement sent without its
+Sync leaves the server waiting for the rest in a state that ``idle_in_transaction_session_
+timeout`` does not cover, so a process paused (SIGSTOP) in the middle of a pipeline would hold
+its transaction's locks, the fencing row's among them, for as long as it stays paused, and a new
+owner could never take over. Each statement here is one message with its Sync: a pause between
+two of them leaves the transaction idle, and PostgreSQL ends it after the timeout.
 """
 
 from __future__ import annotations
@@ -53,52 +60,66 @@ def statement(schema: str, text: str) -> bytes:
     return sql.SQL(text).format(s=sql.Identifier(schema)).as_bytes(None)
 
 
+def _last_per_key(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    # Within a run, a later operation on the same key wins, as applied one by one.
+    return dict(pairs)
+
+
 async def _messages_added(cur: Cursor, schema: str, cid: bytes, ops: list[MessageAdded]) -> None:
-    # ON CONFLICT DO NOTHING: a message already stored stays as it is (as in SessionState.apply).
-    await cur.executemany(
+    # ON CONFLICT DO NOTHING: a message already stored stays as it is (as in SessionState.apply);
+    # within the run, the first of two with one seq (unnest keeps the order).
+    messages = [op.message for op in ops]
+    await cur.execute(
         statement(
             schema,
             "INSERT INTO {s}.messages (client_id, seq, topic, payload, qos, retain, packet_id, "
-            "released, properties, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT DO NOTHING",
+            "released, properties, expires_at) SELECT %s, * FROM unnest(%s::bigint[], "
+            "%s::bytea[], %s::bytea[], %s::smallint[], %s::boolean[], %s::integer[], "
+            "%s::boolean[], %s::bytea[], %s::double precision[]) ON CONFLICT DO NOTHING",
         ),
-        [
-            (
-                cid,
-                m.seq,
-                text_bytes(m.topic),
-                m.payload,
-                m.qos,
-                m.retain,
-                m.packet_id,
-                m.released,
-                m.properties,
-                m.expires_at,
-            )
-            for m in (op.message for op in ops)
-        ],
+        (
+            cid,
+            [m.seq for m in messages],
+            [text_bytes(m.topic) for m in messages],
+            [m.payload for m in messages],
+            [m.qos for m in messages],
+            [m.retain for m in messages],
+            [m.packet_id for m in messages],
+            [m.released for m in messages],
+            [m.properties for m in messages],
+            [m.expires_at for m in messages],
+        ),
     )
 
 
 async def _packet_ids_assigned(
     cur: Cursor, schema: str, cid: bytes, ops: list[PacketIdAssigned]
 ) -> None:
-    await cur.executemany(
+    assigned = _last_per_key([(op.seq, op.packet_id) for op in ops])
+    await cur.execute(
         statement(
-            schema, "UPDATE {s}.messages SET packet_id = %s WHERE client_id = %s AND seq = %s"
+            schema,
+            "UPDATE {s}.messages m SET packet_id = v.packet_id FROM unnest(%s::bigint[], "
+            "%s::integer[]) AS v(seq, packet_id) WHERE m.client_id = %s AND m.seq = v.seq",
         ),
-        [(op.packet_id, cid, op.seq) for op in ops],
+        (list(assigned), list(assigned.values()), cid),
     )
+
+
+def _seqs(ops: list[Any]) -> list[int]:
+    return [op.seq for op in ops]
 
 
 async def _messages_released(
     cur: Cursor, schema: str, cid: bytes, ops: list[MessageReleased]
 ) -> None:
-    await cur.executemany(
+    await cur.execute(
         statement(
-            schema, "UPDATE {s}.messages SET released = true WHERE client_id = %s AND seq = %s"
+            schema,
+            "UPDATE {s}.messages SET released = true WHERE client_id = %s "
+            "AND seq = ANY(%s::bigint[])",
         ),
-        [(cid, op.seq) for op in ops],
+        (cid, _seqs(ops)),
     )
 
 
@@ -106,43 +127,49 @@ async def _messages_requeued(
     cur: Cursor, schema: str, cid: bytes, ops: list[MessageRequeued]
 ) -> None:
     # Back to the queue as a new message: no packet ID, not released.
-    await cur.executemany(
+    await cur.execute(
         statement(
             schema,
             "UPDATE {s}.messages SET packet_id = NULL, released = false "
-            "WHERE client_id = %s AND seq = %s",
+            "WHERE client_id = %s AND seq = ANY(%s::bigint[])",
         ),
-        [(cid, op.seq) for op in ops],
+        (cid, _seqs(ops)),
     )
 
 
 async def _messages_removed(
     cur: Cursor, schema: str, cid: bytes, ops: list[MessageRemoved]
 ) -> None:
-    await cur.executemany(
-        statement(schema, "DELETE FROM {s}.messages WHERE client_id = %s AND seq = %s"),
-        [(cid, op.seq) for op in ops],
+    await cur.execute(
+        statement(
+            schema, "DELETE FROM {s}.messages WHERE client_id = %s AND seq = ANY(%s::bigint[])"
+        ),
+        (cid, _seqs(ops)),
     )
 
 
 async def _inbound_received(
     cur: Cursor, schema: str, cid: bytes, ops: list[InboundReceived]
 ) -> None:
-    await cur.executemany(
+    await cur.execute(
         statement(
             schema,
-            "INSERT INTO {s}.inbound (client_id, packet_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            "INSERT INTO {s}.inbound (client_id, packet_id) SELECT %s, * "
+            "FROM unnest(%s::integer[]) ON CONFLICT DO NOTHING",
         ),
-        [(cid, op.packet_id) for op in ops],
+        (cid, [op.packet_id for op in ops]),
     )
 
 
 async def _inbound_released(
     cur: Cursor, schema: str, cid: bytes, ops: list[InboundReleased]
 ) -> None:
-    await cur.executemany(
-        statement(schema, "DELETE FROM {s}.inbound WHERE client_id = %s AND packet_id = %s"),
-        [(cid, op.packet_id) for op in ops],
+    await cur.execute(
+        statement(
+            schema,
+            "DELETE FROM {s}.inbound WHERE client_id = %s AND packet_id = ANY(%s::integer[])",
+        ),
+        (cid, [op.packet_id for op in ops]),
     )
 
 
@@ -153,55 +180,66 @@ async def _inbound_cleared(cur: Cursor, schema: str, cid: bytes, ops: list[Inbou
 async def _subscriptions_set(
     cur: Cursor, schema: str, cid: bytes, ops: list[SubscriptionSet]
 ) -> None:
-    await cur.executemany(
+    latest = _last_per_key([(text_bytes(op.topic_filter), op) for op in ops])
+    subs = list(latest.values())
+    await cur.execute(
         statement(
             schema,
             "INSERT INTO {s}.subscriptions (client_id, filter, qos, confirmed, options, "
-            "subscription_id) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (client_id, filter) "
+            "subscription_id) SELECT %s, * FROM unnest(%s::bytea[], %s::smallint[], "
+            "%s::boolean[], %s::smallint[], %s::integer[]) ON CONFLICT (client_id, filter) "
             "DO UPDATE SET qos = EXCLUDED.qos, confirmed = EXCLUDED.confirmed, "
             "options = EXCLUDED.options, subscription_id = EXCLUDED.subscription_id",
         ),
-        [
-            (cid, text_bytes(op.topic_filter), op.qos, op.confirmed, op.options, op.subscription_id)
-            for op in ops
-        ],
-    )
-    await cur.executemany(
-        statement(
-            schema, "DELETE FROM {s}.pending_unsubscribes WHERE client_id = %s AND filter = %s"
+        (
+            cid,
+            list(latest),
+            [op.qos for op in subs],
+            [op.confirmed for op in subs],
+            [op.options for op in subs],
+            [op.subscription_id for op in subs],
         ),
-        [(cid, text_bytes(op.topic_filter)) for op in ops],
+    )
+    await _pending_done(cur, schema, cid, list(latest))
+
+
+async def _pending_done(cur: Cursor, schema: str, cid: bytes, filters: list[bytes]) -> None:
+    await cur.execute(
+        statement(
+            schema,
+            "DELETE FROM {s}.pending_unsubscribes WHERE client_id = %s "
+            "AND filter = ANY(%s::bytea[])",
+        ),
+        (cid, filters),
     )
 
 
 async def _subscriptions_removed(
     cur: Cursor, schema: str, cid: bytes, ops: list[SubscriptionRemoved]
 ) -> None:
-    await cur.executemany(
-        statement(schema, "DELETE FROM {s}.subscriptions WHERE client_id = %s AND filter = %s"),
-        [(cid, text_bytes(op.topic_filter)) for op in ops],
+    await cur.execute(
+        statement(
+            schema,
+            "DELETE FROM {s}.subscriptions WHERE client_id = %s AND filter = ANY(%s::bytea[])",
+        ),
+        (cid, [text_bytes(op.topic_filter) for op in ops]),
     )
-    pending = [(cid, text_bytes(op.topic_filter)) for op in ops if op.unsubscribe_pending]
+    pending = [text_bytes(op.topic_filter) for op in ops if op.unsubscribe_pending]
     if pending:
-        await cur.executemany(
+        await cur.execute(
             statement(
                 schema,
-                "INSERT INTO {s}.pending_unsubscribes (client_id, filter) VALUES (%s, %s) "
-                "ON CONFLICT DO NOTHING",
+                "INSERT INTO {s}.pending_unsubscribes (client_id, filter) SELECT %s, * "
+                "FROM unnest(%s::bytea[]) ON CONFLICT DO NOTHING",
             ),
-            pending,
+            (cid, pending),
         )
 
 
 async def _unsubscribes_done(
     cur: Cursor, schema: str, cid: bytes, ops: list[UnsubscribeDone]
 ) -> None:
-    await cur.executemany(
-        statement(
-            schema, "DELETE FROM {s}.pending_unsubscribes WHERE client_id = %s AND filter = %s"
-        ),
-        [(cid, text_bytes(op.topic_filter)) for op in ops],
-    )
+    await _pending_done(cur, schema, cid, [text_bytes(op.topic_filter) for op in ops])
 
 
 async def _protocol_version_set(
@@ -239,9 +277,11 @@ async def _messages_set_aside(
 async def _set_aside_removed(
     cur: Cursor, schema: str, cid: bytes, ops: list[SetAsideRemoved]
 ) -> None:
-    await cur.executemany(
-        statement(schema, "DELETE FROM {s}.set_aside WHERE client_id = %s AND seq = %s"),
-        [(cid, op.seq) for op in ops],
+    await cur.execute(
+        statement(
+            schema, "DELETE FROM {s}.set_aside WHERE client_id = %s AND seq = ANY(%s::bigint[])"
+        ),
+        (cid, _seqs(ops)),
     )
 
 

@@ -23,10 +23,10 @@ name), created by the store itself on first use::
 
 Client ids, topics, filters and reasons are ``bytea`` holding UTF-8: PostgreSQL's ``text``
 cannot hold NUL, which a Python string (and so a stored value) may contain. Every table is
-keyed by the client id itself, so a batch needs no id lookup before its statements, which is
-what lets one ``apply`` travel to the server as one pipeline. Columns besides the keys carry no
-NOT NULL or range constraints on purpose: values are checked when read (``rows``), where a bad
-one is reported as corruption and quarantined instead of failing a write.
+keyed by the client id itself, so a batch needs no id lookup before its statements. Columns
+besides the keys carry no NOT NULL or range constraints on purpose: values are checked when
+read (``rows``), where a bad one is reported as corruption and quarantined instead of failing
+a write.
 
 ``check_owner`` raises SQLSTATE ``MQF01`` (fenced: the token is not the session's current one,
 or the lease lapsed)

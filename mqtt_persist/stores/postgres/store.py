@@ -6,10 +6,10 @@ creates and upgrades itself (``schema``); one row per message, so no operation r
 session and a queue of 100,000 messages is read back in pages.
 
 Durability and atomicity
-    :meth:`PostgresStore.apply` runs the whole batch as ONE transaction, sent in pipeline mode:
-    ``BEGIN``, the fencing check, the session's access, the statements of every operation (one
-    ``executemany`` per run of one type, ``operations.HANDLERS``) and ``COMMIT`` reach the
-    server in one round trip, and the call returns once the server answered the COMMIT. With
+    :meth:`PostgresStore.apply` runs the whole batch as ONE transaction: ``BEGIN``, the
+    fencing check, the session's access, one set-based statement per run of operations of one
+    type (``operations.HANDLERS``) and ``COMMIT``; the call returns once the server answered
+    the COMMIT. With
     the server's default ``synchronous_commit = on`` that is after its WAL was flushed: the
     batch survives a crash of the client, of the server and a power cut (``durable`` is True).
     A transaction is all or nothing, so a crash at any point leaves all of a batch or none.
@@ -256,29 +256,30 @@ class PostgresStore(StoreContext):
         queued_limit: int | None,
     ) -> tuple[Any, SessionRows]:
         """Inside a transaction: the fencing check, the session row (locked) and every row a
-        load needs, in one pipeline (one round trip). The rows are read even when the session
-        row is missing (they are then empty): a second round trip would cost more."""
+        load needs (none but the first two when there is no session)."""
         q, cid = self._q, id_bytes(client_id)
-        async with conn.pipeline() as pipeline:
-            await conn.execute(q.check_owner, (cid, token))
-            meta = await conn.execute(q.meta, (cid,))
-            reads: list[tuple[bytes, tuple[object, ...]]]
-            if queued_limit is None:
-                reads = [(q.all_messages, (cid,))]
-            else:
-                reads = [(q.inflight, (cid,)), (q.queued_first, (cid, queued_limit))]
-                reads.append((q.counts, (cid,)))
-            reads += [(statement, (cid,)) for statement in q.session_reads]
-            cursors = [await conn.execute(statement, params) for statement, params in reads]
-            await pipeline.sync()
-            row = await meta.fetchone()
-            results = [await cursor.fetchall() for cursor in cursors]
+
+        async def rows(statement: bytes, params: tuple[object, ...]) -> list[Any]:
+            cursor = await conn.execute(statement, params)
+            return await cursor.fetchall()
+
+        await conn.execute(q.check_owner, (cid, token))
+        meta = await rows(q.meta, (cid,))
+        if not meta:
+            return None, SessionRows([], 0, [], [], [], [])
+        queued_total = 0
         if queued_limit is None:
-            messages, queued_total, rest = results[0], 0, results[1:]
+            messages = await rows(q.all_messages, (cid,))
         else:
-            messages, [(_, queued_total)], rest = results[0] + results[1], results[2], results[3:]
-        inbound, subscriptions, pending, set_aside = rest
-        return row, SessionRows(messages, queued_total, inbound, subscriptions, pending, set_aside)
+            messages = await rows(q.inflight, (cid,))
+            messages += await rows(q.queued_first, (cid, queued_limit))
+            [(_, queued_total)] = await rows(q.counts, (cid,))
+        inbound, subscriptions, pending, set_aside = [
+            await rows(statement, (cid,)) for statement in q.session_reads
+        ]
+        return meta[0], SessionRows(
+            messages, queued_total, inbound, subscriptions, pending, set_aside
+        )
 
     # --- SessionStore ---------------------------------------------------------------------------
 
@@ -431,7 +432,7 @@ class PostgresStore(StoreContext):
                         await conn.execute(q.saved, (now, snapshot.last_seq, cid))
 
     async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
-        """Apply ``ops`` in ONE transaction, sent as one pipeline; durable when it returns.
+        """Apply ``ops`` in ONE transaction; durable when it returns.
 
         Creates the session if there is none. An empty batch only counts as an access (of a
         session that exists), after the same ownership check. Expiry is not checked: the
@@ -450,7 +451,8 @@ class PostgresStore(StoreContext):
             token, now = self._leases.token(client_id), self._clock()
             async with self._connection() as conn:
                 with self._owner_errors(client_id, token):
-                    async with conn.pipeline(), conn.transaction():
+                    # Not in pipeline mode: see ``operations`` (a paused owner's locks).
+                    async with conn.transaction():
                         cursor = conn.cursor()
                         await cursor.execute(q.check_owner, (cid, token))
                         if not batch:

@@ -165,8 +165,10 @@ class LeaseKeeper:
         task, self._renewal = self._renewal, None
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a driver may swallow the cancellation of a call in flight (seen with
+            # redis-py); the loop then ends by itself at its next turn (it is no longer the
+            # renewal task), and a close must not wait for that.
+            await asyncio.wait({task}, timeout=1.0)
 
     async def renew(self) -> None:
         """Extend every held lease (set it again if it lapsed); mark those taken over."""
@@ -196,9 +198,11 @@ class LeaseKeeper:
 
     async def _renew_forever(self) -> None:
         interval = self._lease_ttl / 3
-        while True:
+        me = asyncio.current_task()
+        while self._renewal is me:
             await asyncio.sleep(interval)
-            await self.renew()
+            if self._renewal is me:
+                await self.renew()
 
 
 def fenced_error(
