@@ -189,3 +189,31 @@ async def test_a_killed_holder_on_this_host_is_taken_over_at_once(make: Make) ->
     await probe.acquire("a")  # the default lease_ttl is 15 s: no waiting for it
     assert time.monotonic() - began < 5.0
     await probe.apply("a", [MessageAdded(msg(1))])
+
+
+@pytest.mark.broker
+async def test_a_fenced_publish_is_neither_stored_nor_sent(make: Make, broker: Any) -> None:
+    """The client side: a write refused as fenced fails publish(), stops the client and drops
+    its connection; the message reaches neither the store nor the broker."""
+    from mqtt_persist import PersistentClient
+    from tests.support.observer import PahoObserver, paho_publish_async
+
+    async with PahoObserver(broker.host, broker.port, "fence/#", qos=1) as observer:
+        async with PersistentClient(
+            broker.host, broker.port, client_id="fenced", store=make()
+        ) as client:
+            await client.wait_connected(10)
+            await (await client.publish("fence/t", b"before", qos=1))
+            rival = make()
+            await rival.acquire("fenced", takeover=True)
+            with pytest.raises(SessionFenced):
+                await client.publish("fence/t", b"after", qos=1)
+            assert not client.is_connected
+            with pytest.raises(SessionFenced):  # the client stopped: nothing more is accepted
+                await client.publish("fence/t", b"later", qos=1)
+        # Published after the client stopped: had "after" been sent, it would arrive first.
+        await paho_publish_async(broker.host, broker.port, "fence/t", [b"sentinel"], qos=1)
+        assert await observer.await_until(lambda: b"sentinel" in observer.payloads(), 10)
+        assert observer.payloads() == [b"before", b"sentinel"]
+        state = await rival.load("fenced")
+        assert state is None or all(m.payload == b"before" for m in state.messages.values())
