@@ -25,7 +25,9 @@ from mqtt_persist.session.events import (
     ConnectRefused,
     Event,
     MessageReceived,
+    Notice,
     PublishCompleted,
+    PublishRefused,
     SubscribeCompleted,
     UnsubscribeCompleted,
 )
@@ -71,6 +73,10 @@ class EventDispatcher:
                     # The connection supervisor ends the connection the moment the session
                     # refuses a CONNACK (connection.py); there is nothing left to resolve.
                     pass
+                case PublishRefused():
+                    self._publish_refused(event)
+                case Notice(text=text):
+                    self._log.warning("%s", text)
                 case Anomaly(text=text):
                     self._log.warning("broker anomaly: %s", text)
 
@@ -88,14 +94,34 @@ class EventDispatcher:
                 "QoS 2 message seq %d is in doubt: the broker lost its session after PUBREC",
                 event.seq,
             )
+        elif outcome is DeliveryOutcome.EXPIRED:
+            self._log.warning(
+                "message seq %d (topic %r) expired before the broker took it; discarded",
+                event.seq,
+                delivery.topic if delivery else "?",
+            )
         if delivery is not None:
             delivery._set_result(outcome)
+
+    def _publish_refused(self, event: PublishRefused) -> None:
+        delivery = self.deliveries.pop(event.seq, None)
+        self._log.warning(
+            "message seq %d (topic %r) refused, reason code 0x%02x: %s; discarded",
+            event.seq,
+            delivery.topic if delivery else "?",
+            event.reason_code,
+            event.reason_string or "no reason given",
+        )
+        if delivery is not None:
+            delivery.reason_code = event.reason_code
+            delivery.reason_string = event.reason_string
+            delivery._set_result(DeliveryOutcome.REFUSED)
 
     def _subscribe_completed(self, event: SubscribeCompleted) -> None:
         request = self.requests.pop(event.token, None)
         if isinstance(request, SubscribeRequest):
             request._complete(event.return_codes)
-        refused = [c for c in event.return_codes if c == 0x80]
+        refused = [c for c in event.return_codes if c >= 0x80]
         if refused:
             self._log.warning("broker refused %d subscription filter(s)", len(refused))
 

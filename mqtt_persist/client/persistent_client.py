@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -33,20 +34,36 @@ from mqtt_persist.backoff import Backoff
 from mqtt_persist.client.connection import ConnectionSupervisor
 from mqtt_persist.client.dispatch import EventDispatcher
 from mqtt_persist.client.flusher import Flusher
-from mqtt_persist.client.options import ClientOptions
+from mqtt_persist.client.options import ClientOptions, ProtocolChoice
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.client.storage import SessionStatus, SessionStorage
 from mqtt_persist.completion import Delivery, SubscribeRequest, UnsubscribeRequest
-from mqtt_persist.errors import ClientClosed, ConnectionLost, InvalidInput, QueueFull, StoreError
+from mqtt_persist.errors import (
+    ClientClosed,
+    ConnectionLost,
+    InvalidInput,
+    PayloadTooLarge,
+    QueueFull,
+    StoreError,
+)
 from mqtt_persist.log import LOGGER_NAME, client_logger
 from mqtt_persist.message import Message
-from mqtt_persist.protocol.packets import Will
+from mqtt_persist.protocol.packets import (
+    MQTT_3_1_1,
+    MQTT_5,
+    NO_PROPERTIES,
+    Properties,
+    ProtocolVersion,
+    Will,
+)
 from mqtt_persist.session.machine import ConnectionState, QueueFullPolicy, Session
 from mqtt_persist.stores.base import SessionStore
 from mqtt_persist.stores.memory import MemoryStore
 from mqtt_persist.validation import (
     coerce_payload,
     max_payload_for,
+    publish_packet_size,
+    validate_publish_properties,
     validate_qos,
     validate_topic,
     validate_topic_filter,
@@ -69,10 +86,15 @@ class ClientStats:
     duplicates_suppressed: int
     #: Successful connections (the first one included).
     connections: int
+    #: Messages whose MQTT 5 Message Expiry Interval passed before the broker took them.
+    expired: int = 0
+    #: Messages the broker refused (MQTT 5 PUBACK/PUBREC reason codes) or announced it cannot
+    #: take (Maximum Packet Size, Maximum QoS, Retain Available).
+    refused: int = 0
 
 
 class PersistentClient:
-    """An asyncio MQTT 3.1.1 client whose session survives restarts, crashes and outages.
+    """An asyncio MQTT 5 and 3.1.1 client whose session survives restarts, crashes and outages.
 
     Use it as an async context manager. Entering opens the store, takes the ownership lease of
     ``client_id``'s stored session, restores it, and starts connecting in the background (with
@@ -116,6 +138,21 @@ class PersistentClient:
         on_corrupt: unreadable stored data raises :class:`SessionCorrupt` (``"raise"``) or
             starts a new session after logging it loudly (``"start_clean"``); either way the
             damaged data is kept aside by the store, never deleted.
+        protocol: ``ProtocolVersion.V5``, ``ProtocolVersion.V311``, or ``"auto"`` (the
+            default): MQTT 5, and MQTT 3.1.1 from the moment a broker shows it does not speak 5
+            (it answers the MQTT 5 CONNECT with "unacceptable protocol version", or closes the
+            connection without answering). :attr:`protocol_version` tells which one is in use.
+            On MQTT 5 ``clean_session`` and ``session_expiry`` become Clean Start and the
+            Session Expiry Interval, the broker's Receive Maximum bounds the in-flight window
+            (in place of ``max_inflight_qos2``), and publish properties, subscription options,
+            message expiry and reason codes work; see the README's MQTT 5 section.
+        receive_maximum: MQTT 5: how many QoS 1/2 messages the broker may leave
+            unacknowledged with this client (None: no limit announced, i.e. 65,535). A broker
+            that sends more ends the connection with DISCONNECT 0x93.
+        max_packet_size: MQTT 5: the largest packet this client accepts, announced in CONNECT
+            so that the broker never sends a larger one (None: the protocol's 256 MB).
+        topic_alias_maximum: MQTT 5: how many topic aliases the broker may set up on a
+            connection to this client (0: none); aliases are resolved before ``messages``.
         logger: log through this logger's name instead of ``"mqtt_persist"``.
     """
 
@@ -144,6 +181,10 @@ class PersistentClient:
         session_expiry: float | None = None,
         cleanup_interval: float | None = 300.0,
         on_corrupt: Literal["raise", "start_clean"] = "raise",
+        protocol: ProtocolChoice = "auto",
+        receive_maximum: int | None = None,
+        max_packet_size: int | None = None,
+        topic_alias_maximum: int = 16,
         logger: logging.Logger | None = None,
     ) -> None:
         options = ClientOptions(
@@ -168,6 +209,10 @@ class PersistentClient:
             session_expiry=session_expiry,
             cleanup_interval=cleanup_interval,
             on_corrupt=on_corrupt,
+            protocol=protocol,
+            receive_maximum=receive_maximum,
+            max_packet_size=max_packet_size,
+            topic_alias_maximum=topic_alias_maximum,
             logger_name=logger.name if logger else LOGGER_NAME,
         )
         self._options = options
@@ -263,6 +308,7 @@ class PersistentClient:
             wake_flusher=wake.set,
             fail=self._fail,
             closing=lambda: self._closing,
+            on_granted_expiry=self._follow_granted_expiry,
         )
         flusher = Flusher(
             session,
@@ -276,6 +322,23 @@ class PersistentClient:
             wake=wake,
         )
         return _Running(session, dispatcher, connection, flusher)
+
+    async def _follow_granted_expiry(self, granted: int) -> None:
+        """MQTT 5: the broker's Session Expiry Interval wins; the stored session follows it.
+
+        0 (the broker keeps no session) is not followed: the store's session still holds the
+        messages this client accepted, and those must survive a restart all the same.
+        """
+        if granted == 0 or self._options.clean_session:
+            return
+        seconds = None if granted == 0xFFFFFFFF else float(granted)
+        if seconds == self.session_expiry:
+            return
+        self.session_expiry = seconds
+        try:
+            await self.store.update_ttl(self.client_id, seconds)
+        except Exception as exc:  # the session itself is unharmed; only its expiry lags
+            self._log.warning("could not store the broker's session expiry: %r", exc)
 
     async def __aexit__(
         self,
@@ -333,6 +396,8 @@ class PersistentClient:
         payload: bytes | bytearray | memoryview | str = b"",
         qos: int = 0,
         retain: bool = False,
+        *,
+        properties: Properties | None = None,
     ) -> Delivery:
         """Put a message in the session and return its :class:`Delivery`.
 
@@ -343,6 +408,20 @@ class PersistentClient:
         before anything is stored. With a full queue it waits (``queue_full="block"``), raises
         :class:`~mqtt_persist.errors.QueueFull` (``"error"``) or drops the oldest queued message
         (``"drop_oldest"``, counted in :attr:`stats` and logged).
+
+        ``properties`` (MQTT 5) are the message's PUBLISH properties: user properties, content
+        type, payload format indicator, response topic, correlation data and message expiry
+        interval, e.g. ``Properties(user_properties=(("k", "v"),), message_expiry_interval=60)``.
+        They are stored with the message. The expiry runs from this call: every (re)send
+        carries what is left of it, and a message that expires before it reached the broker
+        is discarded, counted in :attr:`stats` and logged, and its delivery resolves
+        ``EXPIRED``. With ``protocol=ProtocolVersion.V311`` properties are refused; with
+        ``"auto"`` against a 3.1.1-only broker they are not sent (logged once a connection),
+        while the expiry is still kept here. A message the connected MQTT 5 broker announced
+        it cannot take (over its Maximum Packet Size) raises
+        :class:`~mqtt_persist.errors.PayloadTooLarge`; one found out later resolves
+        ``REFUSED``. A PUBACK/PUBREC with a failure reason code resolves ``REFUSED`` too, with
+        ``delivery.reason_code``.
         """
         parts = self._require_open()
         session, flusher = parts.session, parts.flusher
@@ -355,6 +434,17 @@ class PersistentClient:
         data = coerce_payload(payload, limit=limit)
         if not isinstance(retain, bool):
             raise InvalidInput(f"retain must be a bool, not {type(retain).__name__}")
+        props = NO_PROPERTIES
+        expires_at = None
+        if properties is not None and properties is not NO_PROPERTIES:
+            if options.protocol == MQTT_3_1_1:
+                raise InvalidInput("publish properties need MQTT 5, not protocol=V311")
+            props, encoded, expiry = validate_publish_properties(properties, data)
+            if expiry is not None:
+                expires_at = time.time() + expiry
+            self._check_fits(session, len(topic_bytes), len(data), qos, len(encoded), expiry)
+        elif session.terms.max_packet_size is not None:
+            self._check_fits(session, len(topic_bytes), len(data), qos, 0, None)
         while session.queue_is_full and options.queue_full == "block":
             flusher.room.clear()
             await flusher.room.wait()
@@ -363,13 +453,39 @@ class PersistentClient:
             raise QueueFull(
                 f"outgoing queue is full ({options.max_queued} messages waiting); message refused"
             )
-        seq = session.publish(topic, data, qos, retain)
+        seq = session.publish(topic, data, qos, retain, props, expires_at)
         delivery = Delivery(seq, topic, qos)
         parts.dispatcher.deliveries[seq] = delivery
         flusher.wake.set()
         if qos and self._storage.durable:
             await flusher.committed()
         return delivery
+
+    @staticmethod
+    def _check_fits(
+        session: Session,
+        topic_bytes: int,
+        payload_bytes: int,
+        qos: int,
+        properties_bytes: int,
+        expiry: int | None,
+    ) -> None:
+        """Refuse a message larger than the connected MQTT 5 broker's Maximum Packet Size."""
+        terms = session.terms
+        limit = terms.max_packet_size
+        if limit is None or session.connection_state is ConnectionState.DISCONNECTED:
+            return
+        if expiry is not None:
+            properties_bytes += 5  # the Message Expiry Interval each send adds
+        v5 = terms.protocol_version == MQTT_5
+        size = publish_packet_size(
+            topic_bytes, payload_bytes, qos, properties_bytes if v5 else None
+        )
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the PUBLISH would be {size} bytes; the broker takes {limit} at most "
+                "(its CONNACK Maximum Packet Size)"
+            )
 
     # --- subscriptions -----------------------------------------------------------------------
 
@@ -468,6 +584,15 @@ class PersistentClient:
                 self._require_open()
 
     @property
+    def protocol_version(self) -> ProtocolVersion | None:
+        """The protocol of the current connection (or of the last one), once one was
+        accepted: ``ProtocolVersion.V5`` or ``ProtocolVersion.V311``; None before."""
+        parts = self._parts
+        if parts is None or not parts.dispatcher.connections:
+            return None
+        return ProtocolVersion(parts.session.protocol_version)
+
+    @property
     def stats(self) -> ClientStats:
         """Current counters."""
         parts = self._parts
@@ -482,6 +607,8 @@ class PersistentClient:
             requeued=session.requeued,
             duplicates_suppressed=session.duplicates_suppressed,
             connections=parts.dispatcher.connections,
+            expired=session.expired,
+            refused=session.refused,
         )
 
     def _require_open(self) -> _Running:

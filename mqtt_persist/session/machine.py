@@ -24,17 +24,27 @@ QoS 1/2 flows), ``inbound.py`` (messages from the broker) and ``subscriptions.py
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
-from mqtt_persist.errors import KeepaliveTimeout, ProtocolError
+from mqtt_persist.errors import (
+    ClientIdAssigned,
+    KeepaliveTimeout,
+    ProtocolError,
+    ServerDisconnected,
+)
 from mqtt_persist.protocol.packets import (
+    MQTT_5,
+    NO_PROPERTIES,
     ConnAck,
     Connect,
     Disconnect,
     Packet,
+    PacketType,
     PingReq,
     PingResp,
+    Properties,
     PubAck,
     PubComp,
     Publish,
@@ -43,8 +53,9 @@ from mqtt_persist.protocol.packets import (
     SubAck,
     UnsubAck,
 )
-from mqtt_persist.session.config import QueueFullPolicy, SessionConfig
-from mqtt_persist.session.events import ConnectionReady, ConnectRefused
+from mqtt_persist.protocol.reason_codes import describe_reason_code
+from mqtt_persist.session.config import NEVER_EXPIRES, QueueFullPolicy, SessionConfig
+from mqtt_persist.session.events import ConnectionReady, ConnectRefused, Notice
 from mqtt_persist.session.inbound import InboundFlows
 from mqtt_persist.session.outbound import OutboundFlows
 from mqtt_persist.session.outgoing_queue import OutgoingQueue
@@ -52,6 +63,7 @@ from mqtt_persist.session.output import Outbox, PendingOutput
 from mqtt_persist.session.packet_ids import PacketIdAllocator
 from mqtt_persist.session.state import SessionState, StoredMessage
 from mqtt_persist.session.subscriptions import Subscriptions
+from mqtt_persist.session.terms import ConnectionTerms, accepted_terms, initial_terms
 from mqtt_persist.session.transitions import (
     AWAITING_CONNACK,
     CONNECTED,
@@ -77,7 +89,14 @@ PacketHandler = Callable[[Any], None]
 class Session:
     """A client session: connection state, keepalive, and the parts that do the rest. No I/O."""
 
-    def __init__(self, config: SessionConfig, state: SessionState | None = None) -> None:
+    def __init__(
+        self,
+        config: SessionConfig,
+        state: SessionState | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock`` gives the Unix time (only messages with an MQTT 5 expiry read it)."""
         self.config = config
         #: Counts connections; the shell drops packets produced for an older one.
         self.generation = 0
@@ -85,7 +104,9 @@ class Session:
         # One packet-ID space for PUBLISH, SUBSCRIBE and UNSUBSCRIBE alike.
         self._ids = PacketIdAllocator()
         self._queue = OutgoingQueue(config, self._out)
-        self._outbound = OutboundFlows(config, self._ids, self._out, self._queue)
+        self._outbound = OutboundFlows(config, self._ids, self._out, self._queue, clock)
+        #: What the current (or last) connection allows.
+        self.terms: ConnectionTerms = initial_terms(config, config.protocol_version)
         self._inbound = InboundFlows(self._out)
         self._subscriptions = Subscriptions(self._ids, self._out)
         # Per state, the handler of every packet type it accepts: _packet_table read by state,
@@ -122,6 +143,8 @@ class Session:
             SubAck: (self._on_suback, CONNECTED),
             UnsubAck: (self._subscriptions.on_unsuback, CONNECTED),
             PingResp: (self._on_pingresp, CONNECTED),
+            # MQTT 5 only: the 3.1.1 decoder yields a DISCONNECT too, refused below.
+            Disconnect: (self._on_disconnect, CONNECTED),
         }
 
     def _fire(self, trigger: Trigger) -> None:
@@ -212,6 +235,21 @@ class Session:
         return self._outbound.requeued
 
     @property
+    def expired(self) -> int:
+        """Messages whose MQTT 5 Message Expiry Interval passed before the broker took them."""
+        return self._outbound.expired
+
+    @property
+    def refused(self) -> int:
+        """Messages the broker refused (MQTT 5 reason codes) or announced it cannot take."""
+        return self._outbound.refused
+
+    @property
+    def protocol_version(self) -> int:
+        """The protocol of the current (or last) connection: 4 (3.1.1) or 5."""
+        return self.terms.protocol_version
+
+    @property
     def duplicates_suppressed(self) -> int:
         """Resent inbound QoS 2 messages acknowledged without delivering them again."""
         return self._inbound.duplicates_suppressed
@@ -236,14 +274,24 @@ class Session:
 
     # --- application requests ----------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool = False,
+        properties: Properties = NO_PROPERTIES,
+        expires_at: float | None = None,
+    ) -> int:
         """Accept a message (already validated); returns its sequence number.
 
-        Raises :class:`QueueFull` when the queue is full and the policy is not drop_oldest;
-        with ``"block"`` the shell is expected to wait for room before calling.
+        ``properties`` are its MQTT 5 PUBLISH properties without the Message Expiry Interval;
+        ``expires_at`` (Unix time) is when that interval ends. Raises :class:`QueueFull` when
+        the queue is full and the policy is not drop_oldest; with ``"block"`` the shell is
+        expected to wait for room before calling.
         """
         queue = self._queue
-        seq = queue.add(topic, payload, qos, retain)
+        seq = queue.add(topic, payload, qos, retain, properties, expires_at)
         # Nothing spilled: the message joined the in-memory queue and may leave at once. (A
         # spilled one waits for refill(), which pumps.)
         if not queue.spilled and self._connection_state is ConnectionState.READY:
@@ -276,11 +324,22 @@ class Session:
 
     # --- connection lifecycle ----------------------------------------------------------------
 
-    def connect(self, now: float) -> int:
-        """A transport is open: emit CONNECT. Returns the new connection generation."""
+    def connect(self, now: float, protocol_version: int | None = None) -> int:
+        """A transport is open: emit CONNECT. Returns the new connection generation.
+
+        ``protocol_version`` (4: MQTT 3.1.1, 5: MQTT 5) is what this connection speaks;
+        default ``config.protocol_version``.
+        """
         self._fire(Trigger.CONNECT)  # RuntimeError unless disconnected
         self.generation += 1
         cfg = self.config
+        version = cfg.protocol_version if protocol_version is None else protocol_version
+        self._set_terms(initial_terms(cfg, version))
+        self._inbound.new_connection(version, cfg.receive_maximum, cfg.topic_alias_maximum)
+        will = cfg.will
+        if will is not None and version != MQTT_5 and will.properties:
+            # The will's MQTT 5 properties (will delay, expiry, ...) cannot travel in 3.1.1.
+            will = type(will)(will.topic, will.payload, will.qos, will.retain)
         self._out.packets.append(
             Connect(
                 client_id=cfg.client_id,
@@ -288,12 +347,32 @@ class Session:
                 keepalive=cfg.keepalive,
                 username=cfg.username,
                 password=cfg.password,
-                will=cfg.will,
+                will=will,
+                protocol_level=version,
+                properties=self._connect_properties() if version == MQTT_5 else NO_PROPERTIES,
             )
         )
         self._ping_sent_at = None
         self._last_sent = now
         return self.generation
+
+    def _connect_properties(self) -> Properties:
+        """MQTT 5 CONNECT properties: the session's lifetime and the limits we announce."""
+        cfg = self.config
+        expiry = cfg.session_expiry_interval
+        if expiry is None:
+            # Clean Start with expiry 0 is 3.1.1's clean session; a persistent one never ends.
+            expiry = 0 if cfg.clean_session else NEVER_EXPIRES
+        return Properties(
+            session_expiry_interval=expiry or None,  # absent means 0 (§3.1.2.11.2)
+            receive_maximum=cfg.receive_maximum,
+            maximum_packet_size=cfg.max_packet_size,
+            topic_alias_maximum=cfg.topic_alias_maximum or None,
+        )
+
+    def _set_terms(self, terms: ConnectionTerms) -> None:
+        self.terms = terms
+        self._outbound.new_connection(terms)
 
     def disconnect(self) -> None:
         """Graceful close: emit DISCONNECT; the session stays stored for the next connect."""
@@ -306,6 +385,7 @@ class Session:
         # Packets produced for the dead connection are dropped by generation in the shell.
         self._out.packets = []
         self._subscriptions.connection_lost()
+        self._outbound.held.clear()
         self._ping_sent_at = None
         # QoS 0 messages already written are gone; those still queued wait for the next connect.
 
@@ -316,7 +396,7 @@ class Session:
 
         Raises :class:`KeepaliveTimeout` when the broker left a PINGREQ unanswered too long.
         """
-        keepalive = self.config.keepalive
+        keepalive = self.terms.keepalive
         if self._connection_state is ConnectionState.DISCONNECTED or not keepalive:
             return None
         timeout = self.config.ping_timeout or float(keepalive)
@@ -351,11 +431,34 @@ class Session:
     def _on_pingresp(self, packet: PingResp) -> None:
         pass  # receive() already cleared the outstanding ping
 
+    def _on_disconnect(self, packet: Disconnect) -> None:
+        """MQTT 5: the broker ends the connection and says why."""
+        if self.terms.protocol_version != MQTT_5:
+            # MQTT 3.1.1 has no DISCONNECT from the broker: refused like any other stray packet.
+            raise ProtocolError(REFUSALS[self._connection_state].format("DISCONNECT"))
+        props = packet.properties
+        raise ServerDisconnected(
+            packet.reason_code,
+            describe_reason_code(packet.reason_code, PacketType.DISCONNECT),
+            reason_string=props.reason_string,
+            server_reference=props.server_reference,
+        )
+
     def _on_connack(self, connack: ConnAck) -> None:
         if connack.return_code != 0:
-            self._out.events.append(ConnectRefused(connack.return_code))
+            self._out.events.append(
+                ConnectRefused(connack.return_code, connack.properties.reason_string)
+            )
             self._fire(Trigger.CONNACK_REFUSED)
             return
+        cfg = self.config
+        terms = accepted_terms(cfg, self.terms.protocol_version, connack)
+        if terms.assigned_client_id is not None and not cfg.clean_session:
+            # Raised before the session changes: the shell ends the connection.
+            raise ClientIdAssigned(cfg.client_id, terms.assigned_client_id)
+        self._set_terms(terms)
+        if terms.v5:
+            self._note_granted_expiry(terms.session_expiry_interval)
         if connack.session_present:
             self._lost_requeued = self._lost_in_doubt = 0
             self._become_ready(session_present=True)
@@ -366,6 +469,17 @@ class Session:
             self._subscriptions.resubscribe_all()
         else:
             self._become_ready(session_present=False)
+
+    def _note_granted_expiry(self, granted: int | None) -> None:
+        asked = self._connect_properties().session_expiry_interval or 0
+        if granted is not None and granted != asked:
+            shown = "never" if granted == NEVER_EXPIRES else f"{granted} s"
+            self._out.events.append(
+                Notice(
+                    f"the broker keeps the session for {shown} after a disconnect, not the "
+                    f"{'never' if asked == NEVER_EXPIRES else f'{asked} s'} asked for"
+                )
+            )
 
     def _broker_lost_session(self) -> None:
         """CONNACK said the broker holds no session: discard its flows, keep every message."""

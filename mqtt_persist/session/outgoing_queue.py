@@ -16,6 +16,7 @@ from collections import deque
 
 from mqtt_persist.errors import QueueFull
 from mqtt_persist.message import DeliveryOutcome
+from mqtt_persist.protocol.packets import NO_PROPERTIES, Properties
 from mqtt_persist.session.config import SessionConfig
 from mqtt_persist.session.events import PublishCompleted
 from mqtt_persist.session.output import PendingOutput
@@ -28,7 +29,18 @@ class OutgoingMessage:
     The same object moves from the queue into the in-flight window, where it gets its packet ID.
     """
 
-    __slots__ = ("packet_id", "payload", "qos", "released", "retain", "seq", "topic")
+    __slots__ = (
+        "expired_release",
+        "expires_at",
+        "packet_id",
+        "payload",
+        "properties",
+        "qos",
+        "released",
+        "retain",
+        "seq",
+        "topic",
+    )
 
     def __init__(
         self,
@@ -39,6 +51,8 @@ class OutgoingMessage:
         retain: bool,
         packet_id: int | None = None,
         released: bool = False,
+        properties: Properties = NO_PROPERTIES,
+        expires_at: float | None = None,
     ) -> None:
         self.seq = seq
         self.topic = topic
@@ -49,6 +63,13 @@ class OutgoingMessage:
         self.packet_id = packet_id
         #: QoS 2: PUBREC arrived, the flow continues with PUBREL.
         self.released = released
+        #: MQTT 5 PUBLISH properties, without the Message Expiry Interval (``expires_at``
+        #: holds it, so that every send carries what is left of it).
+        self.properties = properties
+        #: Unix time at which the message expires (MQTT 5 Message Expiry Interval), or None.
+        self.expires_at = expires_at
+        #: QoS 2: it expired in flight and was released instead of resent (outbound.py).
+        self.expired_release = False
 
 
 class OutgoingQueue:
@@ -112,7 +133,15 @@ class OutgoingQueue:
         limit = self._config.max_queued
         return bool(limit) and self.queued >= limit
 
-    def add(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
+    def add(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties = NO_PROPERTIES,
+        expires_at: float | None = None,
+    ) -> int:
         """Queue an accepted message (QoS 1/2: write-ahead ``MessageAdded``); returns its seq.
 
         Raises :class:`QueueFull` when the queue is full and the policy is not drop_oldest.
@@ -135,7 +164,9 @@ class OutgoingQueue:
                     self.spill_after = seq - 1
                 self.spilled += 1
                 return seq
-        message = OutgoingMessage(seq, topic, payload, qos, retain)
+        message = OutgoingMessage(
+            seq, topic, payload, qos, retain, None, False, properties, expires_at
+        )
         if self.spilled:
             self.overflow_qos0.append(message)  # must not overtake the spilled messages
         else:

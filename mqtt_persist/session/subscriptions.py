@@ -194,7 +194,7 @@ class Subscriptions:
             self.filters_in_flight.discard(topic_filter)
             current = self.wanted.get(topic_filter)
             if current is not None and current.qos == qos:
-                if code == SUBACK_FAILURE:
+                if code >= SUBACK_FAILURE:
                     del self.wanted[topic_filter]
                     ops.append(SubscriptionRemoved(topic_filter, unsubscribe_pending=False))
                 elif not current.confirmed:
