@@ -34,9 +34,12 @@ from mqtt_persist.session.state import (
     MessageReleased,
     MessageRemoved,
     MessageRequeued,
+    MessageSetAside,
     Operation,
     PacketIdAssigned,
     SessionState,
+    SetAsideMessage,
+    SetAsideRemoved,
     StoredMessage,
     SubscriptionSet,
 )
@@ -146,6 +149,42 @@ async def test_every_message_transition_survives_compaction_and_reopen(tmp_path:
             await check_queued_reads(store, "c", expected, probes)
 
 
+async def test_set_aside_messages_stay_readable_across_compaction(tmp_path: Path) -> None:
+    """A set-aside message's bytes are copied into every rewrite, however long it stays."""
+    poison = StoredMessage(1, "poison", b"p" * 500, 2, properties=b"\x01\x01", expires_at=9.5)
+    aside = {1: SetAsideMessage(poison, "refused", 2.0)}
+    first: list[Operation] = [
+        MessageAdded(poison),
+        PacketIdAssigned(1, 7),
+        MessageReleased(1),
+        MessageSetAside(1, "refused", 2.0),
+    ]
+    async with FileStore(tmp_path / "s", fsync=False, compact_threshold_bytes=600) as store:
+        await store.apply("c", first)
+        sizes = []
+        for n in range(2, 60):
+            await store.apply(
+                "c", [MessageAdded(msg(n, payload=bytes(100))), MessageRemoved(n - 1)]
+            )
+            sizes.append(store.journal_path("c").stat().st_size)
+        assert min(sizes) < max(sizes)  # compacted, again and again
+        state = await store.load("c")
+        assert state is not None and state.set_aside == aside and list(state.messages) == [59]
+        await store.save(state)
+        assert await store.load("c") == state
+    async with FileStore(tmp_path / "s", fsync=False) as store:
+        state = await store.load("c")
+        assert state is not None and state.set_aside == aside
+        [info] = await store.list_sessions()
+        assert info.set_aside == 1
+        await store.apply("c", [SetAsideRemoved(1)])
+    async with FileStore(tmp_path / "s", fsync=False, compact_threshold_bytes=1) as store:
+        await store.apply("c", [MessageAdded(msg(60))])  # compacts: the discarded bytes go
+        assert store.journal_path("c").stat().st_size < 500
+        state = await store.load("c")
+        assert state is not None and not state.set_aside
+
+
 async def test_last_seq_survives_compaction_of_removed_messages(tmp_path: Path) -> None:
     async with FileStore(tmp_path / "s", fsync=False, compact_threshold_bytes=1) as store:
         await store.apply("c", [MessageAdded(msg(s)) for s in range(1, 11)])
@@ -196,13 +235,12 @@ async def test_migrated_journal_is_read_back_from_the_new_file(tmp_path: Path) -
         path = store.journal_path("c")
     current = path.read_bytes()
     path.write_bytes(current[:4] + struct.pack("<H", 0) + current[6:])
-    with mock.patch.dict(
-        file_journal.MIGRATIONS, {0: lambda data: data[:4] + struct.pack("<H", 1) + data[6:]}
-    ):
+    version = struct.pack("<H", file_journal.FORMAT_VERSION)
+    with mock.patch.dict(file_journal.MIGRATIONS, {0: lambda data: data[:4] + version + data[6:]}):
         async with FileStore(directory, fsync=False) as store:
             state = await store.load("c", queued_limit=10)
             assert state is not None and list(state.messages) == list(range(1, 11))
-            assert struct.unpack_from("<H", path.read_bytes(), 4)[0] == 1
+            assert struct.unpack_from("<H", path.read_bytes(), 4)[0] == file_journal.FORMAT_VERSION
             page = await store.read_queued("c", 150, 100)
             assert [m.seq for m in page] == list(range(151, 251))
             assert page == [msg(s) for s in range(151, 251)]

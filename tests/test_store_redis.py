@@ -40,6 +40,7 @@ from mqtt_persist.session.state import (
     MessageReleased,
     MessageRemoved,
     MessageRequeued,
+    MessageSetAside,
     Operation,
     PacketIdAssigned,
     SessionState,
@@ -425,6 +426,33 @@ DAMAGES: dict[str, tuple[str, Damage]] = {
     "subscription-flags": ("subs", lambda r, k: r.hset(k["subs"], "s", "7")),
     "queue-member": ("queue", lambda r, k: r.zadd(k["queue"], {b"zz": 0})),
     "orphan-message": ("msg", lambda r, k: r.hset(k["msg"], b"%016x" % (5 + 2**63), b"?")),
+    "meta-protocol": ("meta", lambda r, k: r.hset(k["meta"], "protocol", "3")),
+    "subscription-retain-handling-3": ("subs", lambda r, k: r.hset(k["subs"], "s", 0x30 << 8)),
+    "subscription-reserved-bits": ("subs", lambda r, k: r.hset(k["subs"], "s", 8)),
+    "subscription-id-range": ("subs", lambda r, k: r.hset(k["subs"], "s", 268_435_456 << 16)),
+    "aside-wrong-type": ("aside", lambda r, k: _replace_type(r, k["aside"])),
+    "aside-garbage": ("aside", lambda r, k: r.hset(k["aside"], SEQ1, b"\x0d\x00")),
+    "aside-message-only": (
+        "aside",
+        lambda r, k: r.hset(k["aside"], SEQ1, encode_operation(MessageAdded(msg(1)))),
+    ),
+    "aside-of-another-seq": (
+        "aside",
+        lambda r, k: r.hset(
+            k["aside"],
+            SEQ1,
+            encode_operation(MessageAdded(msg(2))) + encode_operation(MessageSetAside(2, "", 0)),
+        ),
+    ),
+    "aside-with-packet-id": (
+        "aside",
+        lambda r, k: r.hset(
+            k["aside"],
+            SEQ1,
+            encode_operation(MessageAdded(msg(1, packet_id=3)))
+            + encode_operation(MessageSetAside(1, "", 0)),
+        ),
+    ),
 }
 
 
@@ -568,17 +596,22 @@ async def test_migration_hook(
     await store.apply("a", [MessageAdded(msg(1))])
     meta = store.session_keys("a")["meta"]
     await raw.hset(meta, "v", 0)
-    calls: list[bytes] = []
+    calls: list[object] = []
+    # Runs like every session script: KEYS[1] is the session's meta.
+    script = raw.register_script(
+        "redis.call('HSET', KEYS[1], 'v', '1', 'by', ARGV[4]) return {'ok'}"
+    )
 
-    async def migrate_0_to_1(client: Redis, keys: Any) -> None:
-        calls.append(keys.meta)
-        await client.hset(keys.meta, "v", 1)
+    def migrate_0_to_1(scripts: Any) -> Any:
+        calls.append(scripts)
+        return script
 
     monkeypatch.setitem(redis_server_module.MIGRATIONS, 0, migrate_0_to_1)
     state = await store.load("a")
     assert state is not None and list(state.messages) == [1]
-    assert calls == [meta]
-    assert await raw.hget(meta, "v") == b"1"
+    assert len(calls) == 1 and await raw.hget(meta, "by") == b"a"
+    # ... and then the real migrations up to the current version.
+    assert await raw.hget(meta, "v") == b"%d" % redis_module.FORMAT_VERSION
     # A version no migration starts from is damage.
     monkeypatch.delitem(redis_server_module.MIGRATIONS, 0)
     await raw.hset(meta, "v", 0)

@@ -33,8 +33,10 @@ from mqtt_persist.session.state import (
     InboundReceived,
     MessageAdded,
     MessageRemoved,
+    MessageSetAside,
     Operation,
     PacketIdAssigned,
+    ProtocolVersionSet,
     SessionState,
     StoredMessage,
     SubscriptionRemoved,
@@ -326,7 +328,7 @@ async def test_save_keeps_created_at_ttl_and_last_seq(store: SQLiteStore, clock:
 
 # --- damage -------------------------------------------------------------------------------------
 
-_TABLES = ("messages", "inbound", "subscriptions", "pending_unsubscribes")
+_TABLES = ("messages", "inbound", "subscriptions", "pending_unsubscribes", "set_aside")
 
 _GARBAGE = [
     ("qos-7", "messages", "UPDATE messages SET qos = 7 WHERE sid = :sid AND seq = 2"),
@@ -361,6 +363,26 @@ _GARBAGE = [
         "UPDATE sessions SET created_at = 'yesterday' WHERE sid = :sid",
     ),
     ("negative-count", "sessions", "UPDATE sessions SET queued = -1 WHERE sid = :sid"),
+    (
+        "properties-not-bytes",
+        "messages",
+        "UPDATE messages SET properties = 'p' WHERE sid = :sid AND seq = 2",
+    ),
+    ("properties-null", "messages", "UPDATE messages SET properties = NULL WHERE sid = :sid"),
+    ("expiry-text", "messages", "UPDATE messages SET expires_at = 'soon' WHERE sid = :sid"),
+    ("expiry-infinite", "messages", "UPDATE messages SET expires_at = 9e999 WHERE sid = :sid"),
+    ("options-3", "subscriptions", "UPDATE subscriptions SET options = 48 WHERE sid = :sid"),
+    ("options-qos", "subscriptions", "UPDATE subscriptions SET options = 1 WHERE sid = :sid"),
+    (
+        "subscription-id-0",
+        "subscriptions",
+        "UPDATE subscriptions SET subscription_id = 0 WHERE sid = :sid",
+    ),
+    ("protocol-3", "sessions", "UPDATE sessions SET protocol_version = 3 WHERE sid = :sid"),
+    ("aside-reason-null", "set_aside", "UPDATE set_aside SET reason = NULL WHERE sid = :sid"),
+    ("aside-qos-9", "set_aside", "UPDATE set_aside SET qos = 9 WHERE sid = :sid"),
+    ("aside-time", "set_aside", "UPDATE set_aside SET set_aside_at = X'00' WHERE sid = :sid"),
+    ("aside-payload", "set_aside", "UPDATE set_aside SET payload = 1 WHERE sid = :sid"),
 ]
 
 _SESSION_OPS: list[Operation] = [
@@ -370,6 +392,11 @@ _SESSION_OPS: list[Operation] = [
     InboundReceived(7),
     SubscriptionSet("s/#", 1, confirmed=True),
     SubscriptionRemoved("old/+", unsubscribe_pending=True),
+    MessageAdded(StoredMessage(8, "v5", b"8", 2, properties=b"\x01\x01", expires_at=T0)),
+    MessageAdded(StoredMessage(9, "poison", b"9", 1, properties=b"\x01\x00")),
+    MessageSetAside(9, "refused", T0),
+    SubscriptionSet("v5/#", 2, options=0x2C, subscription_id=7),
+    ProtocolVersionSet(5),
 ]
 
 
@@ -380,15 +407,23 @@ def _quoted_rows(
     return sorted(conn.execute(sql, params).fetchall())
 
 
+_SET_ASIDE_QUOTED = (
+    "quote(seq), quote(topic), quote(payload), quote(qos), quote(retain), quote(properties), "
+    "quote(expires_at), quote(reason), quote(set_aside_at)"
+)
+
+
 def _session_rows(conn: sqlite3.Connection, sid: int) -> dict[str, list[tuple[object, ...]]]:
     quote = {
         "sessions": "quote(client_id), quote(created_at), quote(last_access), quote(ttl), "
-        "quote(last_seq), quote(inflight), quote(queued)",
+        "quote(last_seq), quote(inflight), quote(queued), quote(protocol_version)",
         "messages": "quote(seq), quote(topic), quote(payload), quote(qos), quote(retain), "
-        "quote(packet_id), quote(released)",
+        "quote(packet_id), quote(released), quote(properties), quote(expires_at)",
         "inbound": "quote(packet_id)",
-        "subscriptions": "quote(filter), quote(qos), quote(confirmed)",
+        "subscriptions": "quote(filter), quote(qos), quote(confirmed), quote(options), "
+        "quote(subscription_id)",
         "pending_unsubscribes": "quote(filter)",
+        "set_aside": _SET_ASIDE_QUOTED,
     }
     return {
         table: _quoted_rows(conn, f"SELECT {columns} FROM {table} WHERE sid = ?", (sid,))
@@ -399,12 +434,14 @@ def _session_rows(conn: sqlite3.Connection, sid: int) -> dict[str, list[tuple[ob
 def _quarantined_rows(conn: sqlite3.Connection, qid: int) -> dict[str, list[tuple[object, ...]]]:
     quote = {
         "quarantine": "quote(client_id), quote(created_at), quote(last_access), quote(ttl), "
-        "quote(last_seq), quote(inflight), quote(queued)",
+        "quote(last_seq), quote(inflight), quote(queued), quote(protocol_version)",
         "quarantine_messages": "quote(seq), quote(topic), quote(payload), quote(qos), "
-        "quote(retain), quote(packet_id), quote(released)",
+        "quote(retain), quote(packet_id), quote(released), quote(properties), quote(expires_at)",
         "quarantine_inbound": "quote(packet_id)",
-        "quarantine_subscriptions": "quote(filter), quote(qos), quote(confirmed)",
+        "quarantine_subscriptions": "quote(filter), quote(qos), quote(confirmed), "
+        "quote(options), quote(subscription_id)",
         "quarantine_pending_unsubscribes": "quote(filter)",
+        "quarantine_set_aside": _SET_ASIDE_QUOTED,
     }
     return {
         table.removeprefix("quarantine_").replace("quarantine", "sessions"): _quoted_rows(
@@ -579,17 +616,19 @@ async def test_migration_hook_upgrades_an_older_version(
         await store.apply("a", [MessageAdded(msg(1))])
     calls: list[bool] = []
 
-    def migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    current = sqlite_schema.FORMAT_VERSION
+
+    def migrate_to_next(conn: sqlite3.Connection) -> None:
         calls.append(conn.in_transaction)
         conn.execute("ALTER TABLE sessions ADD COLUMN note TEXT")
 
-    monkeypatch.setattr(sqlite_schema, "FORMAT_VERSION", 2)
-    monkeypatch.setitem(sqlite_schema.MIGRATIONS, 1, migrate_1_to_2)
+    monkeypatch.setattr(sqlite_schema, "FORMAT_VERSION", current + 1)
+    monkeypatch.setitem(sqlite_schema.MIGRATIONS, current, migrate_to_next)
     async with SQLiteStore(db) as store:
         assert await store.load("a") == replay("a", [[MessageAdded(msg(1))]])
     assert calls == [True]  # once, inside the upgrade's transaction
     with raw(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == current + 1
         assert b"note" in [row[1] for row in conn.execute("PRAGMA table_info(sessions)")]
     async with SQLiteStore(db) as store:
         await store.open()

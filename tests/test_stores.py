@@ -35,9 +35,13 @@ from mqtt_persist.session.state import (
     MessageReleased,
     MessageRemoved,
     MessageRequeued,
+    MessageSetAside,
     Operation,
     PacketIdAssigned,
+    ProtocolVersionSet,
     SessionState,
+    SetAsideMessage,
+    SetAsideRemoved,
     StoredMessage,
     SubscriptionRemoved,
     SubscriptionSet,
@@ -189,6 +193,19 @@ def every_operation() -> list[Operation]:
         SubscriptionRemoved("z", unsubscribe_pending=False),
         SubscriptionRemoved("w", unsubscribe_pending=True),
         UnsubscribeDone("w"),
+        # Format 2: MQTT 5 fields, the protocol level, set-aside messages.
+        MessageAdded(
+            StoredMessage(5, "v5", b"five", 2, properties=b"\x03\x00\x01t", expires_at=T0)
+        ),
+        MessageAdded(StoredMessage(6, "poison", b"p" * 300, 1, expires_at=-1.5)),
+        PacketIdAssigned(6, 9),
+        MessageSetAside(6, "the broker closed the connection after it, 3 times", T0 + 0.25),
+        MessageAdded(StoredMessage(7, "aside, then discarded", b"", 1, properties=b"\x01\x01")),
+        MessageSetAside(7, "", T0),
+        SetAsideRemoved(7),
+        SubscriptionSet("v5/#", 1, confirmed=True, options=0x04 | 0x08 | 0x20, subscription_id=1),
+        SubscriptionSet("v5/id", 2, options=0x10, subscription_id=268_435_455),
+        ProtocolVersionSet(5),
     ]
 
 
@@ -215,8 +232,24 @@ def test_operation_edge_values_round_trip() -> None:
         MessageAdded(StoredMessage(-(2**63), "t", b"", 1, packet_id=0)),
         PacketIdAssigned(0, 0),
         SubscriptionSet("f" * 65535, 0),
+        MessageAdded(StoredMessage(1, "", b"", 1, properties=b"p" * 70000, expires_at=-(2.0**60))),
+        SubscriptionSet("", 0, options=0x2C, subscription_id=268_435_455),
+        MessageSetAside(-(2**63), "r" * 65535, 1e300),
+        SetAsideRemoved(2**63 - 1),
+        ProtocolVersionSet(4),
     ]
     assert decode_operations(encode_operations(ops)) == ops
+
+
+def test_format_1_operations_keep_their_bytes() -> None:
+    """Operations without format-2 fields encode exactly as format 1 wrote them."""
+    message = StoredMessage(5, "t", b"p", 2, retain=True, packet_id=3, released=True)
+    assert encode_operation(MessageAdded(message)) == (
+        bytes([1]) + struct.pack("<qBHHI", 5, 2 | 4 | 8 | 16, 3, 1, 1) + b"tp"
+    )
+    assert encode_operation(SubscriptionSet("f", 1, confirmed=True)) == (
+        bytes([9]) + struct.pack("<BH", 1 | 4, 1) + b"f"
+    )
 
 
 @pytest.mark.parametrize(
@@ -230,6 +263,21 @@ def test_operation_edge_values_round_trip() -> None:
         PacketIdAssigned(1, -1),
         SubscriptionSet("f", 3),
         typing.cast(Operation, "not an operation"),
+        MessageAdded(StoredMessage(1, "t", b"", 1, properties=typing.cast(bytes, "text"))),
+        MessageAdded(StoredMessage(1, "t", b"", 1, expires_at=float("nan"))),
+        MessageAdded(StoredMessage(1, "t", b"", 1, expires_at=float("inf"))),
+        MessageAdded(StoredMessage(1, "t", b"", 1, expires_at=typing.cast(float, "soon"))),
+        SubscriptionSet("f", 1, options=0x01),  # QoS bits are not options
+        SubscriptionSet("f", 1, options=0x30),  # retain handling 3
+        SubscriptionSet("f", 1, options=0x40),
+        SubscriptionSet("f", 1, subscription_id=0),
+        SubscriptionSet("f", 1, subscription_id=268_435_456),
+        ProtocolVersionSet(3),
+        ProtocolVersionSet(6),
+        MessageSetAside(1, "r", float("nan")),
+        MessageSetAside(1, "\ud800", 0.0),
+        MessageSetAside(2**63, "r", 0.0),
+        SetAsideRemoved(-(2**63) - 1),
     ],
     ids=lambda op: repr(op)[:40],
 )
@@ -246,18 +294,44 @@ def test_unencodable_operation_raises_encode_error(op: Operation) -> None:
         b"\x00",
         b"\x0c",
         b"\xff",
-        bytes([1]) + struct.pack("<qBHHI", 1, 0x23, 0, 0, 0),  # reserved message flag
+        bytes([1]) + struct.pack("<qBHHI", 1, 0x81, 0, 0, 0),  # reserved message flag
         bytes([1]) + struct.pack("<qBHHI", 1, 0x03, 0, 0, 0),  # QoS 3
         bytes([1]) + struct.pack("<qBHHI", 1, 0x01, 5, 0, 0),  # packet id without its flag
         bytes([1]) + struct.pack("<qBHHI", 1, 0x01, 0, 2, 0) + b"\xff\xfe",  # bad UTF-8
-        bytes([9]) + struct.pack("<BH", 0x08, 0),  # reserved subscription flag
+        bytes([9]) + struct.pack("<BH", 0x20, 0),  # reserved subscription flag
         bytes([8, 8, 99]),
+        bytes([1]) + struct.pack("<qBHHII", 1, 0x41, 0, 0, 0, 0),  # empty properties, flagged
+        bytes([1]) + struct.pack("<qBHHII", 1, 0x41, 0, 0, 0, 9) + b"abc",  # properties cut
+        bytes([1]) + struct.pack("<qBHHId", 1, 0x21, 0, 0, 0, float("nan")),  # expiry NaN
+        bytes([1]) + struct.pack("<qBHHI", 1, 0x21, 0, 0, 0) + b"\x00" * 7,  # expiry cut
+        bytes([9]) + struct.pack("<BH", 0x08, 0) + b"\x00",  # options flagged, but none
+        bytes([9]) + struct.pack("<BH", 0x08, 0) + b"\x30",  # retain handling 3
+        bytes([9]) + struct.pack("<BH", 0x08, 0) + b"\x03",  # QoS bits in the options
+        bytes([9]) + struct.pack("<BH", 0x08, 0),  # options flagged, cut
+        bytes([9]) + struct.pack("<BHI", 0x10, 0, 0),  # subscription identifier 0
+        bytes([9]) + struct.pack("<BHI", 0x10, 0, 268_435_456),
+        bytes([12, 3]),  # protocol level 3.1 was never spoken
+        bytes([12]),
+        bytes([13]) + struct.pack("<qdH", 1, float("inf"), 0),
+        bytes([13]) + struct.pack("<qdH", 1, 0.0, 2) + b"\xff\xfe",  # reason not UTF-8
+        bytes([14]) + b"\x01",
+        b"\x0f",
     ],
 )
 def test_garbage_raises_decode_error(data: bytes) -> None:
     with pytest.raises(DecodeError):
         decode_operations(data)
 
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+#: Valid MQTT 5 subscription options besides QoS: no local, retain as published, retain handling.
+subscription_options = st.builds(
+    lambda no_local, as_published, handling: no_local << 2 | as_published << 3 | handling << 4,
+    st.integers(0, 1),
+    st.integers(0, 1),
+    st.integers(0, 2),
+)
+subscription_ids = st.none() | st.integers(1, 268_435_455)
 
 wide_ops = st.one_of(
     st.builds(
@@ -271,6 +345,8 @@ wide_ops = st.one_of(
             retain=st.booleans(),
             packet_id=st.none() | st.integers(0, 65535),
             released=st.booleans(),
+            properties=st.binary(max_size=30),
+            expires_at=st.none() | finite,
         ),
     ),
     st.builds(PacketIdAssigned, st.integers(-(2**63), 2**63 - 1), st.integers(0, 65535)),
@@ -280,9 +356,19 @@ wide_ops = st.one_of(
     st.builds(InboundReceived, st.integers(0, 65535)),
     st.builds(InboundReleased, st.integers(0, 65535)),
     st.just(InboundCleared()),
-    st.builds(SubscriptionSet, st.text(max_size=30), st.integers(0, 2), st.booleans()),
+    st.builds(
+        SubscriptionSet,
+        st.text(max_size=30),
+        st.integers(0, 2),
+        st.booleans(),
+        subscription_options,
+        subscription_ids,
+    ),
     st.builds(SubscriptionRemoved, st.text(max_size=30), st.booleans()),
     st.builds(UnsubscribeDone, st.text(max_size=30)),
+    st.builds(ProtocolVersionSet, st.sampled_from([4, 5])),
+    st.builds(MessageSetAside, st.integers(-(2**63), 2**63 - 1), st.text(max_size=30), finite),
+    st.builds(SetAsideRemoved, st.integers(-(2**63), 2**63 - 1)),
 )
 
 
@@ -392,6 +478,78 @@ async def test_save_replaces_the_session(harness: Harness) -> None:
     snapshot.apply(MessageRemoved(5))
     store = await harness.reopen()
     assert await store.load("c1") == snapshot
+
+
+async def test_set_aside_messages(harness: Harness) -> None:
+    """Set aside: out of the flow (no packet ID kept), loaded in full, counted, kept until
+    discarded."""
+    v5 = StoredMessage(2, "v5", b"two", 2, properties=b"\x01\x01", expires_at=T0 + 60)
+    await harness.store.apply(
+        "c",
+        [
+            MessageAdded(msg(1)),
+            MessageAdded(v5),
+            MessageAdded(msg(3)),
+            MessageAdded(msg(4)),
+            PacketIdAssigned(2, 7),
+            MessageReleased(2),
+        ],
+    )
+    await harness.store.apply(
+        "c",
+        [
+            MessageSetAside(2, "closed 3 times", T0 + 5),
+            MessageSetAside(3, "first", T0 + 6),
+            MessageSetAside(3, "again: changes nothing", T0 + 7),
+            MessageSetAside(9, "no such message: nothing", T0),
+        ],
+    )
+    aside = {
+        2: SetAsideMessage(v5, "closed 3 times", T0 + 5),  # packet ID 7 and PUBREC forgotten
+        3: SetAsideMessage(msg(3), "first", T0 + 6),
+    }
+    for reopen in (False, True):
+        store = await harness.reopen() if reopen else harness.store
+        state = await store.load("c")
+        assert state is not None and state.set_aside == aside
+        assert list(state.messages) == [1, 4] and state.last_seq == 4 and not state.is_empty
+        limited = await store.load("c", queued_limit=0)
+        assert limited is not None and limited.set_aside == aside and not limited.messages
+        assert limited.queued_not_loaded == 2
+        assert await store.read_queued("c", 0, 10) == [msg(1), msg(4)]  # never in the flow
+        [info] = await store.list_sessions()
+        assert (info.queued, info.inflight, info.set_aside) == (2, 0, 2)
+    store = harness.store
+    await store.apply("c", [SetAsideRemoved(2), SetAsideRemoved(2), MessageRemoved(1)])
+    await store.apply("c", [MessageRemoved(4)])
+    state = await store.load("c")
+    assert state is not None and state.set_aside == {3: aside[3]} and not state.is_empty
+    await store.apply("c", [SetAsideRemoved(3)])
+    store = await harness.reopen()
+    state = await store.load("c")
+    assert state is not None and state.is_empty and state.last_seq == 4
+    [info] = await store.list_sessions()
+    assert info.set_aside == 0
+
+
+async def test_save_keeps_format_2_data(harness: Harness) -> None:
+    full = replay("c", [every_operation()])
+    assert full.protocol_version == 5 and set(full.set_aside) == {6}
+    await harness.store.save(full)
+    assert await harness.store.load("c") == full
+    store = await harness.reopen()
+    assert await store.load("c") == full
+    # A snapshot replaces everything: no protocol level, and a set-aside message saved with a
+    # packet ID comes back without (as a replay of the snapshot gives it).
+    plain = SessionState("c")
+    plain.set_aside[4] = SetAsideMessage(msg(4, packet_id=9), "r", T0)
+    await store.save(plain)
+    for reopen in (False, True):
+        store = await harness.reopen() if reopen else store
+        state = await store.load("c")
+        assert state is not None and state.protocol_version is None and not state.messages
+        assert state.set_aside == {4: SetAsideMessage(msg(4), "r", T0)}
+        assert state.last_seq >= 4
 
 
 async def test_delete_and_exists(store: SessionStore) -> None:
@@ -554,6 +712,8 @@ STORE_OP_STRATEGIES: dict[type, st.SearchStrategy[Operation]] = {
             retain=st.booleans(),
             packet_id=st.none() | packet_ids,
             released=st.booleans(),
+            properties=st.sampled_from([b"", b"", b"\x01\x01", b"\x26\x00\x01k\x00\x01v"]),
+            expires_at=st.none() | st.floats(0, 2e9),
         ),
     ),
     PacketIdAssigned: st.builds(PacketIdAssigned, seqs, packet_ids),
@@ -563,9 +723,21 @@ STORE_OP_STRATEGIES: dict[type, st.SearchStrategy[Operation]] = {
     InboundReceived: st.builds(InboundReceived, st.integers(1, 20)),
     InboundReleased: st.builds(InboundReleased, st.integers(1, 20)),
     InboundCleared: st.just(InboundCleared()),
-    SubscriptionSet: st.builds(SubscriptionSet, filters, st.integers(0, 2), st.booleans()),
+    SubscriptionSet: st.builds(
+        SubscriptionSet,
+        filters,
+        st.integers(0, 2),
+        st.booleans(),
+        st.just(0) | subscription_options,
+        st.none() | st.integers(1, 3),
+    ),
     SubscriptionRemoved: st.builds(SubscriptionRemoved, filters, st.booleans()),
     UnsubscribeDone: st.builds(UnsubscribeDone, filters),
+    ProtocolVersionSet: st.builds(ProtocolVersionSet, st.sampled_from([4, 5])),
+    MessageSetAside: st.builds(
+        MessageSetAside, seqs, st.sampled_from(["", "refused 3 times", "ü"]), st.floats(0, 2e9)
+    ),
+    SetAsideRemoved: st.builds(SetAsideRemoved, seqs),
 }
 store_ops = st.one_of(*STORE_OP_STRATEGIES.values())
 
@@ -1000,11 +1172,10 @@ async def test_migration_hook(file_store: FileStore, monkeypatch: pytest.MonkeyP
     await file_store.release("a")
     path = file_store.journal_path("a")
     current = _read(path)
-    # Pretend version 0 differed from version 1 only in its version field.
+    # Pretend version 0 differed from the current version only in its version field.
     _write(path, current[:4] + struct.pack("<H", 0) + current[6:])
-    monkeypatch.setitem(
-        file_journal.MIGRATIONS, 0, lambda data: data[:4] + struct.pack("<H", 1) + data[6:]
-    )
+    version = struct.pack("<H", file_module.FORMAT_VERSION)
+    monkeypatch.setitem(file_journal.MIGRATIONS, 0, lambda data: data[:4] + version + data[6:])
     state = await file_store.load("a")
     assert state is not None and list(state.messages) == [1]
     assert struct.unpack_from("<H", _read(path), 4)[0] == file_module.FORMAT_VERSION

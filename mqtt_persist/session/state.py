@@ -10,6 +10,11 @@ Outgoing QoS 1/2 messages are keyed by a sequence number that orders them ("orde
 ID is only assigned when a message enters the in-flight window, and that transition is itself an
 operation ("packet IDs are continuous"), so a restore knows which messages reached the wire under
 which ID.
+
+Format version 2 added what MQTT 5 and poison messages need: a message's PUBLISH properties and
+expiry, a subscription's options and identifier, the protocol level the session was made with
+(:class:`ProtocolVersionSet`), and messages *set aside* (:class:`MessageSetAside`): kept, never
+sent again, until the application discards them (:class:`SetAsideRemoved`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ class StoredMessage:
     packet_id: int | None = None
     #: QoS 2 only: PUBREC was received, so the next packet of the flow is PUBREL.
     released: bool = False
+    #: MQTT 5 PUBLISH properties, wire-encoded (without their length prefix), opaque to stores.
+    #: Only what is sent with every attempt: never Topic Alias (chosen per connection) nor
+    #: Message Expiry Interval (sent as what is left of :attr:`expires_at`).
+    properties: bytes = b""
+    #: Unix time at which the message expires (MQTT 5 Message Expiry Interval, also usable on
+    #: 3.1.1 as a local deadline); None: never.
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +51,26 @@ class StoredSubscription:
     topic_filter: str
     qos: int
     confirmed: bool = False
+    #: MQTT 5 subscription option bits besides QoS, as in the SUBSCRIBE packet: no local 0x04,
+    #: retain as published 0x08, retain handling 0x30 (0, 1 or 2 shifted by 4).
+    options: int = 0
+    #: MQTT 5 Subscription Identifier (1..268,435,455); None: none.
+    subscription_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetAsideMessage:
+    """A message taken out of the flow (a poison message): kept, never sent again by itself.
+
+    ``message`` has no packet ID and is not released: a restored session reserves no packet ID
+    for it. Only :class:`SetAsideRemoved` (the application, a tool) discards it.
+    """
+
+    message: StoredMessage
+    #: Why it was set aside, in words (for logs, the application and tools).
+    reason: str
+    #: Unix time at which it was set aside.
+    at: float
 
 
 # --- operations -------------------------------------------------------------------------------
@@ -106,6 +138,10 @@ class SubscriptionSet:
     topic_filter: str
     qos: int
     confirmed: bool = False
+    #: See :attr:`StoredSubscription.options`.
+    options: int = 0
+    #: See :attr:`StoredSubscription.subscription_id`.
+    subscription_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +159,39 @@ class UnsubscribeDone:
     topic_filter: str
 
 
+@dataclass(frozen=True, slots=True)
+class ProtocolVersionSet:
+    """The session is (now) spoken in this MQTT protocol level: 4 (3.1.1) or 5 (MQTT 5)."""
+
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSetAside:
+    """Take the message out of the flow and keep it aside (see :class:`SetAsideMessage`).
+
+    Its packet ID, if it had one, is free again in the stored session. Nothing happens when the
+    message is not (or no longer) in the flow, so applying it twice changes nothing more.
+
+    The store does not judge whether that is safe; the session must: a broker that received a
+    QoS 2 PUBLISH keeps its packet ID until PUBREL and answers any later PUBLISH under that ID
+    with PUBREC without delivering it, so the ID of a QoS 2 message that may have reached the
+    broker (sent, or released) must not carry a new message before that flow is closed.
+    """
+
+    seq: int
+    reason: str
+    #: Unix time.
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SetAsideRemoved:
+    """Discard a set-aside message: an explicit decision of the application or a tool."""
+
+    seq: int
+
+
 Operation = (
     MessageAdded
     | PacketIdAssigned
@@ -135,6 +204,9 @@ Operation = (
     | SubscriptionSet
     | SubscriptionRemoved
     | UnsubscribeDone
+    | ProtocolVersionSet
+    | MessageSetAside
+    | SetAsideRemoved
 )
 
 
@@ -156,6 +228,12 @@ class SessionState:
     #: Queued messages the store holds beyond those in ``messages``: a load with
     #: ``queued_limit`` leaves them in the store, to be read with ``read_queued`` when due.
     queued_not_loaded: int = field(default=0, compare=False)
+    #: Messages taken out of the flow (poison messages) by sequence number: always loaded in
+    #: full, never sent; their sequence numbers are not in ``messages``.
+    set_aside: dict[int, SetAsideMessage] = field(default_factory=dict)
+    #: The MQTT protocol level the session was made with (4: 3.1.1, 5: MQTT 5); None for a
+    #: session not connected yet.
+    protocol_version: int | None = None
 
     def apply(self, op: Operation) -> None:
         """Replay one operation. Idempotent: applying an operation twice changes nothing more."""
@@ -175,16 +253,22 @@ class SessionState:
             if (m := messages.get(op.seq)) is not None:
                 # The constructor, not dataclasses.replace: this runs once per message sent.
                 messages[op.seq] = StoredMessage(
-                    m.seq, m.topic, m.payload, m.qos, m.retain, op.packet_id, m.released
+                    m.seq,
+                    m.topic,
+                    m.payload,
+                    m.qos,
+                    m.retain,
+                    op.packet_id,
+                    m.released,
+                    m.properties,
+                    m.expires_at,
                 )
         elif type(op) is MessageReleased:
             if (m := messages.get(op.seq)) is not None:
-                messages[op.seq] = StoredMessage(
-                    m.seq, m.topic, m.payload, m.qos, m.retain, m.packet_id, True
-                )
+                messages[op.seq] = with_flow(m, m.packet_id, True)
         elif type(op) is MessageRequeued:
             if (m := messages.get(op.seq)) is not None:
-                messages[op.seq] = StoredMessage(m.seq, m.topic, m.payload, m.qos, m.retain)
+                messages[op.seq] = with_flow(m)
         elif type(op) is MessageRemoved:
             messages.pop(op.seq, None)
         elif type(op) is InboundReceived:
@@ -195,7 +279,7 @@ class SessionState:
             self.inbound_qos2.clear()
         elif type(op) is SubscriptionSet:
             self.subscriptions[op.topic_filter] = StoredSubscription(
-                op.topic_filter, op.qos, op.confirmed
+                op.topic_filter, op.qos, op.confirmed, op.options, op.subscription_id
             )
             self.pending_unsubscribes.discard(op.topic_filter)
         elif type(op) is SubscriptionRemoved:
@@ -204,6 +288,13 @@ class SessionState:
                 self.pending_unsubscribes.add(op.topic_filter)
         elif type(op) is UnsubscribeDone:
             self.pending_unsubscribes.discard(op.topic_filter)
+        elif type(op) is ProtocolVersionSet:
+            self.protocol_version = op.version
+        elif type(op) is MessageSetAside:
+            if (m := messages.pop(op.seq, None)) is not None:
+                self.set_aside[op.seq] = SetAsideMessage(with_flow(m), op.reason, op.at)
+        elif type(op) is SetAsideRemoved:
+            self.set_aside.pop(op.seq, None)
         else:  # pragma: no cover - exhaustiveness guard
             raise TypeError(f"unknown session operation {op!r}")
 
@@ -222,24 +313,61 @@ class SessionState:
             pending_unsubscribes=set(self.pending_unsubscribes),
             last_seq=self.last_seq,
             queued_not_loaded=self.queued_not_loaded,
+            set_aside=dict(self.set_aside),
+            protocol_version=self.protocol_version,
         )
 
     def to_operations(self) -> list[Operation]:
-        """Operations that rebuild this state from empty: a compacted journal (a snapshot)."""
+        """Operations that rebuild this state from empty: a compacted journal (a snapshot).
+
+        Set-aside messages come first (each added, then set aside), so that a message of the
+        same sequence number in ``messages`` (possible only after an odd replay) is added after
+        its namesake left the flow.
+        """
         ops: list[Operation] = []
+        for aside in self.set_aside.values():
+            ops.append(MessageAdded(aside.message))
+            ops.append(MessageSetAside(aside.message.seq, aside.reason, aside.at))
         for message in self.messages.values():
             ops.append(MessageAdded(message))
         for packet_id in sorted(self.inbound_qos2):
             ops.append(InboundReceived(packet_id))
         for sub in self.subscriptions.values():
-            ops.append(SubscriptionSet(sub.topic_filter, sub.qos, sub.confirmed))
+            ops.append(subscription_set(sub))
         for topic_filter in sorted(self.pending_unsubscribes):
             ops.append(SubscriptionRemoved(topic_filter, unsubscribe_pending=True))
+        if self.protocol_version is not None:
+            ops.append(ProtocolVersionSet(self.protocol_version))
         return ops
 
     @property
     def is_empty(self) -> bool:
-        """True when nothing worth restoring is left."""
+        """True when nothing worth restoring is left (the protocol level alone is not)."""
         return not (
-            self.messages or self.inbound_qos2 or self.subscriptions or self.pending_unsubscribes
+            self.messages
+            or self.inbound_qos2
+            or self.subscriptions
+            or self.pending_unsubscribes
+            or self.set_aside
         )
+
+
+def with_flow(
+    message: StoredMessage, packet_id: int | None = None, released: bool = False
+) -> StoredMessage:
+    """``message`` with this packet ID and released flag (by default none: a queued message)."""
+    m = message
+    return StoredMessage(
+        m.seq, m.topic, m.payload, m.qos, m.retain, packet_id, released, m.properties, m.expires_at
+    )
+
+
+def subscription_set(sub: StoredSubscription, confirmed: bool | None = None) -> SubscriptionSet:
+    """The operation that stores ``sub`` (``confirmed`` None: as it is)."""
+    return SubscriptionSet(
+        sub.topic_filter,
+        sub.qos,
+        sub.confirmed if confirmed is None else confirmed,
+        sub.options,
+        sub.subscription_id,
+    )

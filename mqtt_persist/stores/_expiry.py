@@ -46,6 +46,7 @@ def session_info(
     ttl: float | None,
     inflight: int,
     queued: int,
+    set_aside: int,
 ) -> SessionInfo:
     """The :class:`SessionInfo` of a stored session (``ttl`` None: never expires)."""
     return SessionInfo(
@@ -55,4 +56,5 @@ def session_info(
         expires_at=expires_at(last_access, ttl),
         inflight=inflight,
         queued=queued,
+        set_aside=set_aside,
     )

@@ -32,6 +32,8 @@ class SessionInfo:
     inflight: int
     #: QoS 1/2 messages still waiting for the window.
     queued: int
+    #: Messages set aside (poison messages), kept until discarded.
+    set_aside: int = 0
 
 
 @runtime_checkable
@@ -64,9 +66,10 @@ class SessionStore(Protocol):
 
         With ``queued_limit``, at most that many *queued* messages (no packet ID yet) are
         included: those with the lowest sequence numbers. In-flight messages (with a packet ID)
-        are always included. ``state.queued_not_loaded`` then counts the queued messages left
-        in the store, and ``state.last_seq`` is the highest sequence number stored either way,
-        so a client's memory grows with its in-flight window, not with its queue.
+        and set-aside messages (``state.set_aside``, few by nature) are always included.
+        ``state.queued_not_loaded`` then counts the queued messages left in the store, and
+        ``state.last_seq`` is the highest sequence number stored either way, so a client's
+        memory grows with its in-flight window, not with its queue.
 
         Raises :class:`~mqtt_persist.errors.SessionExpired` for an expired session (which is
         then removed) and :class:`~mqtt_persist.errors.SessionCorrupt` for unreadable data

@@ -13,7 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mqtt_persist.errors import SessionExpired, SessionLocked
-from mqtt_persist.session.state import Operation, SessionState, StoredMessage
+from mqtt_persist.session.state import (
+    Operation,
+    SessionState,
+    SetAsideMessage,
+    StoredMessage,
+    with_flow,
+)
 from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
 from mqtt_persist.stores._expiry import is_expired, session_info, ttl_from
 from mqtt_persist.stores.base import SessionInfo, StoreContext
@@ -114,6 +120,8 @@ class MemoryStore(StoreContext):
             set(state.pending_unsubscribes),
             last_seq=state.last_seq,
             queued_not_loaded=queued - loaded,
+            set_aside=dict(state.set_aside),
+            protocol_version=state.protocol_version,
         )
 
     async def read_queued(self, client_id: str, after_seq: int, limit: int) -> list[StoredMessage]:
@@ -149,8 +157,15 @@ class MemoryStore(StoreContext):
         now = self._clock()
         stored = state.copy()
         stored.messages = dict(sorted(stored.messages.items()))
+        # As a replay of the snapshot keeps them: by their own number, out of the flow.
+        stored.set_aside = {
+            a.message.seq: SetAsideMessage(with_flow(a.message), a.reason, a.at)
+            for a in sorted(state.set_aside.values(), key=lambda a: a.message.seq)
+        }
         stored.queued_not_loaded = 0
-        stored.last_seq = max(stored.last_seq, next(reversed(stored.messages), 0))
+        stored.last_seq = max(
+            stored.last_seq, next(reversed(stored.messages), 0), next(reversed(stored.set_aside), 0)
+        )
         entry = self._entries.get(state.client_id)
         if entry is None:
             self._entries[state.client_id] = _Entry(stored, now, now)
@@ -200,6 +215,7 @@ class MemoryStore(StoreContext):
                     ttl=entry.ttl,
                     inflight=inflight,
                     queued=len(entry.state.messages) - inflight,
+                    set_aside=len(entry.state.set_aside),
                 )
             )
         return infos

@@ -8,25 +8,38 @@ that stores it (a journal record, a database row, a Redis list entry) frames it,
 records the format version, and turns :class:`DecodeError` into
 :class:`~mqtt_persist.errors.SessionCorrupt`.
 
-Layouts (``<`` little-endian; ``q`` int64, ``H`` uint16, ``I`` uint32, ``B`` uint8)::
+Layouts (``<`` little-endian; ``q`` int64, ``d`` float64, ``I`` uint32, ``H`` uint16, ``B``
+uint8; ``[...]`` only when its flag is set)::
 
-    MessageAdded         B type, q seq, B flags, H packet_id, H topic_len, I payload_len,
-                         topic, payload          flags: qos | 4 retain | 8 has packet_id
-                                                        | 16 released
-    PacketIdAssigned     B type, q seq, H packet_id
-    MessageReleased      B type, q seq            (also MessageRequeued, MessageRemoved)
-    InboundReceived      B type, H packet_id      (also InboundReleased)
-    InboundCleared       B type
-    SubscriptionSet      B type, B flags, H filter_len, filter   flags: qos | 4 confirmed
-    SubscriptionRemoved  B type, B flags, H filter_len, filter   flags: 1 unsubscribe_pending
-    UnsubscribeDone      B type, B flags (0), H filter_len, filter
+    MessageAdded         B type 1, q seq, B flags, H packet_id, H topic_len, I payload_len,
+                         [d expires_at], [I properties_len, properties], topic, payload
+                             flags: qos | 4 retain | 8 has packet_id | 16 released
+                                    | 32 expires_at (v2) | 64 properties, never empty (v2)
+    PacketIdAssigned     B type 2, q seq, H packet_id
+    MessageReleased      B type 3, q seq      (also 4 MessageRequeued, 5 MessageRemoved,
+                                               14 SetAsideRemoved)
+    InboundReceived      B type 6, H packet_id  (also 7 InboundReleased)
+    InboundCleared       B type 8
+    SubscriptionSet      B type 9, B flags, H filter_len, filter, [B options],
+                         [I subscription_id]
+                             flags: qos | 4 confirmed | 8 options, never 0 (v2)
+                                    | 16 subscription_id, 1..268,435,455 (v2)
+    SubscriptionRemoved  B type 10, B flags, H filter_len, filter  flags: 1 unsubscribe_pending
+    UnsubscribeDone      B type 11, B flags (0), H filter_len, filter
+    ProtocolVersionSet   B type 12, B version (4 or 5)                                     (v2)
+    MessageSetAside      B type 13, q seq, d at, H reason_len, reason                      (v2)
 
-Type bytes and layouts are part of the on-disk format: never renumber or change them; add new
-type bytes instead and bump the version the stores record.
+Type bytes and layouts are part of the on-disk format: never renumber or change them. A new
+field is either a new type byte or an optional field behind a flag bit that every earlier
+version refused (so earlier data decodes exactly as before); either way the version the stores
+record goes up. Version 2 added the fields and types marked (v2). The encoding is canonical
+(whatever decodes re-encodes to the same bytes): a flag is set exactly when its field is not
+the default, and floats are finite.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -40,8 +53,11 @@ from mqtt_persist.session.state import (
     MessageReleased,
     MessageRemoved,
     MessageRequeued,
+    MessageSetAside,
     Operation,
     PacketIdAssigned,
+    ProtocolVersionSet,
+    SetAsideRemoved,
     StoredMessage,
     SubscriptionRemoved,
     SubscriptionSet,
@@ -58,10 +74,11 @@ __all__ = [
     "decode_operations",
     "encode_operation",
     "encode_operations",
+    "message_layout",
 ]
 
 #: Version of the operation encoding; stores record it (or a container version implying it).
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 
 
 class SerializationError(StoreError, ValueError):
@@ -88,18 +105,39 @@ _T_INBOUND_CLEARED = 8
 _T_SUBSCRIPTION_SET = 9
 _T_SUBSCRIPTION_REMOVED = 10
 _T_UNSUBSCRIBE_DONE = 11
+_T_PROTOCOL_VERSION_SET = 12
+_T_MESSAGE_SET_ASIDE = 13
+_T_SET_ASIDE_REMOVED = 14
 
 _MSG_QOS_MASK = 0x03
 _MSG_RETAIN = 0x04
 _MSG_HAS_PACKET_ID = 0x08
 _MSG_RELEASED = 0x10
-_MSG_KNOWN_FLAGS = _MSG_QOS_MASK | _MSG_RETAIN | _MSG_HAS_PACKET_ID | _MSG_RELEASED
+_MSG_EXPIRES = 0x20
+_MSG_PROPERTIES = 0x40
+#: The flags of the optional fields: a MessageAdded without them has the version-1 layout.
+_MSG_EXTRAS = _MSG_EXPIRES | _MSG_PROPERTIES
+_MSG_KNOWN_FLAGS = _MSG_QOS_MASK | _MSG_RETAIN | _MSG_HAS_PACKET_ID | _MSG_RELEASED | _MSG_EXTRAS
 
 _SUB_QOS_MASK = 0x03
 _SUB_CONFIRMED = 0x04
+_SUB_HAS_OPTIONS = 0x08
+_SUB_HAS_ID = 0x10
 _UNSUB_PENDING = 0x01
 
+#: MQTT 5 subscription option bits besides QoS: no local, retain as published, retain handling.
+SUBSCRIPTION_OPTION_BITS = 0x3C
+_RETAIN_HANDLING = 0x30
+#: The largest MQTT 5 Subscription Identifier (a variable byte integer of up to four bytes).
+SUBSCRIPTION_ID_MAX = 268_435_455
+#: The MQTT protocol levels a session can be made with: 3.1.1 and 5.
+PROTOCOL_VERSIONS = frozenset({4, 5})
+
 _MSG = struct.Struct("<BqBHHI")
+_F64 = struct.Struct("<d")
+_U32 = struct.Struct("<I")
+_ASIDE = struct.Struct("<BqdH")
+_U8 = struct.Struct("<B")
 _SEQ_PID = struct.Struct("<BqH")
 _SEQ = struct.Struct("<Bq")
 _PID = struct.Struct("<BH")
@@ -116,6 +154,8 @@ _seq_pid_unpack_from = _SEQ_PID.unpack_from
 _seq_unpack_from = _SEQ.unpack_from
 _pid_unpack_from = _PID.unpack_from
 _filter_unpack_from = _FILTER.unpack_from
+_f64_unpack_from = _F64.unpack_from
+_u32_unpack_from = _U32.unpack_from
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -138,8 +178,27 @@ def _encode_message_added(op: MessageAdded) -> bytes:
         flags |= _MSG_RELEASED
     topic = message.topic.encode()
     payload = message.payload
+    properties = message.properties
+    expires_at = message.expires_at
+    if not properties and expires_at is None:
+        # The usual message: the version-1 layout.
+        return (
+            _msg_pack(_T_MESSAGE_ADDED, message.seq, flags, packet_id, len(topic), len(payload))
+            + topic
+            + payload
+        )
+    extras = b""
+    if expires_at is not None:
+        if not math.isfinite(expires_at):
+            raise EncodeError(f"expires_at {expires_at!r} is not a finite time in {op!r}")
+        flags |= _MSG_EXPIRES
+        extras = _F64.pack(expires_at)
+    if properties:
+        flags |= _MSG_PROPERTIES
+        extras += _U32.pack(len(properties)) + properties
     return (
         _msg_pack(_T_MESSAGE_ADDED, message.seq, flags, packet_id, len(topic), len(payload))
+        + extras
         + topic
         + payload
     )
@@ -182,7 +241,19 @@ def _encode_subscription_set(op: SubscriptionSet) -> bytes:
         raise EncodeError(f"QoS {qos!r} out of range in {op!r}")
     topic_filter = op.topic_filter.encode()
     flags = qos | (_SUB_CONFIRMED if op.confirmed else 0)
-    return _filter_pack(_T_SUBSCRIPTION_SET, flags, len(topic_filter)) + topic_filter
+    options, subscription_id = op.options, op.subscription_id
+    extras = b""
+    if options:
+        if options & ~SUBSCRIPTION_OPTION_BITS or options & _RETAIN_HANDLING == _RETAIN_HANDLING:
+            raise EncodeError(f"subscription options {options!r} are not valid in {op!r}")
+        flags |= _SUB_HAS_OPTIONS
+        extras = _U8.pack(options)
+    if subscription_id is not None:
+        if not 1 <= subscription_id <= SUBSCRIPTION_ID_MAX:
+            raise EncodeError(f"subscription identifier {subscription_id!r} out of range in {op!r}")
+        flags |= _SUB_HAS_ID
+        extras += _U32.pack(subscription_id)
+    return _filter_pack(_T_SUBSCRIPTION_SET, flags, len(topic_filter)) + topic_filter + extras
 
 
 def _encode_subscription_removed(op: SubscriptionRemoved) -> bytes:
@@ -194,6 +265,23 @@ def _encode_subscription_removed(op: SubscriptionRemoved) -> bytes:
 def _encode_unsubscribe_done(op: UnsubscribeDone) -> bytes:
     topic_filter = op.topic_filter.encode()
     return _filter_pack(_T_UNSUBSCRIBE_DONE, 0, len(topic_filter)) + topic_filter
+
+
+def _encode_protocol_version_set(op: ProtocolVersionSet) -> bytes:
+    if op.version not in PROTOCOL_VERSIONS:
+        raise EncodeError(f"protocol version {op.version!r} is not 4 (3.1.1) or 5 in {op!r}")
+    return bytes((_T_PROTOCOL_VERSION_SET, op.version))
+
+
+def _encode_message_set_aside(op: MessageSetAside) -> bytes:
+    if not math.isfinite(op.at):
+        raise EncodeError(f"time {op.at!r} is not finite in {op!r}")
+    reason = op.reason.encode()
+    return _ASIDE.pack(_T_MESSAGE_SET_ASIDE, op.seq, op.at, len(reason)) + reason
+
+
+def _encode_set_aside_removed(op: SetAsideRemoved) -> bytes:
+    return _seq_pack(_T_SET_ASIDE_REMOVED, op.seq)
 
 
 # Keyed by exact type: operations are final dataclasses, and a dict hit beats isinstance chains.
@@ -209,6 +297,9 @@ _ENCODERS: dict[type, Callable[[Any], bytes]] = {
     SubscriptionSet: _encode_subscription_set,
     SubscriptionRemoved: _encode_subscription_removed,
     UnsubscribeDone: _encode_unsubscribe_done,
+    ProtocolVersionSet: _encode_protocol_version_set,
+    MessageSetAside: _encode_message_set_aside,
+    SetAsideRemoved: _encode_set_aside_removed,
 }
 
 
@@ -251,6 +342,36 @@ def _text(buf: bytes, start: int, length: int, what: str) -> str:
         raise DecodeError(f"{what} at offset {start} is not valid UTF-8") from exc
 
 
+def message_layout(buf: bytes, at: int, flags: int, end: int) -> tuple[int, float | None, int]:
+    """The optional fields of the ``MessageAdded`` at ``buf[at:]`` whose ``flags`` are given:
+    where its topic starts, its ``expires_at`` and the length of its properties (which end
+    where the topic starts).
+
+    For the stores that read a stored message in place. ``end`` bounds the operation's bytes;
+    raises :class:`DecodeError` when the optional fields run past it or are not canonical.
+    """
+    position = at + _MSG.size
+    if not flags & _MSG_EXTRAS:
+        return position, None, 0
+    expires_at: float | None = None
+    properties_length = 0
+    if flags & _MSG_EXPIRES:
+        if position + _F64.size > end:
+            raise DecodeError(f"message expiry runs past the end of the data (at offset {at})")
+        expires_at = _f64_unpack_from(buf, position)[0]
+        if not math.isfinite(expires_at):
+            raise DecodeError(f"message expiry is not a finite time at offset {at}")
+        position += _F64.size
+    if flags & _MSG_PROPERTIES:
+        if position + _U32.size > end:
+            raise DecodeError(f"message properties run past the end of the data (at offset {at})")
+        properties_length = _u32_unpack_from(buf, position)[0]
+        if not properties_length:
+            raise DecodeError(f"empty message properties with their flag at offset {at}")
+        position += _U32.size + properties_length
+    return position, expires_at, properties_length
+
+
 def _decode_message_added(buf: bytes, offset: int) -> tuple[Operation, int]:
     _, seq, flags, packet_id, topic_len, payload_len = _msg_unpack_from(buf, offset)
     if flags & ~_MSG_KNOWN_FLAGS or flags & _MSG_QOS_MASK == 3:
@@ -261,8 +382,11 @@ def _decode_message_added(buf: bytes, offset: int) -> tuple[Operation, int]:
         pid: int | None = None
     else:
         pid = packet_id
-    start = offset + _MSG.size
+    start, expires_at, properties_length = message_layout(buf, offset, flags, len(buf))
+    if start > len(buf):
+        raise DecodeError(f"message properties run past the end of the data (at offset {offset})")
     topic = _text(buf, start, topic_len, "topic")
+    properties = buf[start - properties_length : start] if properties_length else b""
     start += topic_len
     end = start + payload_len
     if end > len(buf):
@@ -275,6 +399,8 @@ def _decode_message_added(buf: bytes, offset: int) -> tuple[Operation, int]:
         bool(flags & _MSG_RETAIN),
         pid,
         bool(flags & _MSG_RELEASED),
+        properties,
+        expires_at,
     )
     return MessageAdded(message), end
 
@@ -316,12 +442,32 @@ def _filter_fields(buf: bytes, offset: int, known_flags: int) -> tuple[int, str,
     return flags, _text(buf, start, length, "topic filter"), start + length
 
 
+_SUB_KNOWN_FLAGS = _SUB_QOS_MASK | _SUB_CONFIRMED | _SUB_HAS_OPTIONS | _SUB_HAS_ID
+
+
 def _decode_subscription_set(buf: bytes, offset: int) -> tuple[Operation, int]:
-    flags, topic_filter, end = _filter_fields(buf, offset, _SUB_QOS_MASK | _SUB_CONFIRMED)
+    flags, topic_filter, end = _filter_fields(buf, offset, _SUB_KNOWN_FLAGS)
     qos = flags & _SUB_QOS_MASK
     if qos == 3:
         raise DecodeError(f"invalid subscription QoS 3 at offset {offset}")
-    return SubscriptionSet(topic_filter, qos, bool(flags & _SUB_CONFIRMED)), end
+    options = 0
+    subscription_id: int | None = None
+    if flags & _SUB_HAS_OPTIONS:
+        options = buf[end] if end < len(buf) else -1
+        if (
+            options <= 0
+            or options & ~SUBSCRIPTION_OPTION_BITS
+            or options & _RETAIN_HANDLING == _RETAIN_HANDLING
+        ):
+            raise DecodeError(f"invalid subscription options at offset {end}")
+        end += 1
+    if flags & _SUB_HAS_ID:
+        subscription_id = _u32_unpack_from(buf, end)[0]
+        if not 1 <= subscription_id <= SUBSCRIPTION_ID_MAX:
+            raise DecodeError(f"subscription identifier out of range at offset {end}")
+        end += _U32.size
+    op = SubscriptionSet(topic_filter, qos, bool(flags & _SUB_CONFIRMED), options, subscription_id)
+    return op, end
 
 
 def _decode_subscription_removed(buf: bytes, offset: int) -> tuple[Operation, int]:
@@ -332,6 +478,26 @@ def _decode_subscription_removed(buf: bytes, offset: int) -> tuple[Operation, in
 def _decode_unsubscribe_done(buf: bytes, offset: int) -> tuple[Operation, int]:
     _, topic_filter, end = _filter_fields(buf, offset, 0)
     return UnsubscribeDone(topic_filter), end
+
+
+def _decode_protocol_version_set(buf: bytes, offset: int) -> tuple[Operation, int]:
+    version = buf[offset + 1] if offset + 1 < len(buf) else -1
+    if version not in PROTOCOL_VERSIONS:
+        raise DecodeError(f"invalid protocol version at offset {offset}")
+    return ProtocolVersionSet(version), offset + 2
+
+
+def _decode_message_set_aside(buf: bytes, offset: int) -> tuple[Operation, int]:
+    _, seq, at, reason_length = _ASIDE.unpack_from(buf, offset)
+    if not math.isfinite(at):
+        raise DecodeError(f"time of a set-aside message is not finite at offset {offset}")
+    start = offset + _ASIDE.size
+    reason = _text(buf, start, reason_length, "reason")
+    return MessageSetAside(seq, reason, at), start + reason_length
+
+
+def _decode_set_aside_removed(buf: bytes, offset: int) -> tuple[Operation, int]:
+    return SetAsideRemoved(_seq_unpack_from(buf, offset)[1]), offset + _SEQ.size
 
 
 _Decoder = Callable[[bytes, int], tuple[Operation, int]]
@@ -348,6 +514,9 @@ _DECODER_BY_TYPE: dict[int, _Decoder] = {
     _T_SUBSCRIPTION_SET: _decode_subscription_set,
     _T_SUBSCRIPTION_REMOVED: _decode_subscription_removed,
     _T_UNSUBSCRIBE_DONE: _decode_unsubscribe_done,
+    _T_PROTOCOL_VERSION_SET: _decode_protocol_version_set,
+    _T_MESSAGE_SET_ASIDE: _decode_message_set_aside,
+    _T_SET_ASIDE_REMOVED: _decode_set_aside_removed,
 }
 # Indexed by the type byte itself (None: not an operation type), so a lookup cannot raise.
 _DECODERS: list[_Decoder | None] = [_DECODER_BY_TYPE.get(byte) for byte in range(256)]

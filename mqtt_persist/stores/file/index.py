@@ -2,7 +2,8 @@
 
 :data:`RULES` is the one place that says what each journal operation type does to a
 FileStore session: operations about messages change the index (where each message's
-``MessageAdded`` lies in the journal, plus its packet ID and released flag), the others are
+``MessageAdded`` lies in the journal, plus its packet ID and released flag; where each
+set-aside message's lies, plus why and when it was set aside), the others are
 replayed onto ``Index.meta`` by :meth:`SessionState.apply
 <mqtt_persist.session.state.SessionState.apply>` itself. The module refuses to import if an
 operation type has no rule, and the conformance tests compare the index's view with
@@ -24,9 +25,13 @@ from mqtt_persist.session.state import (
     MessageReleased,
     MessageRemoved,
     MessageRequeued,
+    MessageSetAside,
     Operation,
     PacketIdAssigned,
+    ProtocolVersionSet,
     SessionState,
+    SetAsideMessage,
+    SetAsideRemoved,
     StoredMessage,
     SubscriptionRemoved,
     SubscriptionSet,
@@ -65,6 +70,9 @@ class Index:
     amortised, except inserting below the highest queued number (a requeue, or a message added
     out of order), which shifts the arrays behind it.
 
+    Set-aside messages (few: the poison messages nobody discarded yet) are a dict by sequence
+    number of where their ``MessageAdded`` lies, why and when; ``meta.set_aside`` stays empty.
+
     Invariants: ``q_seq[q_head:]`` is strictly ascending; entries before ``q_head`` are all
     removed; ``q_dead`` counts every removed entry still in the arrays; a sequence number is
     in ``inflight`` or live in the arrays, never both.
@@ -81,6 +89,7 @@ class Index:
         "q_off",
         "q_released",
         "q_seq",
+        "set_aside",
     )
 
     def __init__(self, client_id: str) -> None:
@@ -98,12 +107,15 @@ class Index:
         #: Queued messages flagged released (MessageReleased before a packet ID: odd, but a
         #: replay keeps it, so the index does too).
         self.q_released: set[int] = set()
+        #: seq -> (offset, length, reason, at) of set-aside messages.
+        self.set_aside: dict[int, tuple[int, int, str, float]] = {}
 
     def live_bytes(self) -> int:
         """Bytes of the operations that still describe a live message (what a rewrite keeps)."""
         q_off, q_len = self.q_off, self.q_len
         queued = sum(q_len[i] for i in range(self.q_head, len(q_off)) if q_off[i] >= 0)
-        return queued + sum(entry[1] for entry in self.inflight.values())
+        aside = sum(entry[1] for entry in self.set_aside.values())
+        return queued + aside + sum(entry[1] for entry in self.inflight.values())
 
     # --- queued entries --------------------------------------------------------------------
 
@@ -246,8 +258,20 @@ class Index:
         if self.inflight.pop(op.seq, None) is None and (i := self._find(op.seq)) >= 0:
             self._remove_queued(i)
 
+    def _message_set_aside(self, op: MessageSetAside, offset: int, length: int) -> None:
+        # The message's MessageAdded stays where it is; readback clears packet ID and released.
+        seq = op.seq
+        if (entry := self.inflight.pop(seq, None)) is not None:
+            self.set_aside[seq] = (entry[0], entry[1], op.reason, op.at)
+        elif (i := self._find(seq)) >= 0:
+            self.set_aside[seq] = (self.q_off[i], self.q_len[i], op.reason, op.at)
+            self._remove_queued(i)
+
+    def _set_aside_removed(self, op: SetAsideRemoved, offset: int, length: int) -> None:
+        self.set_aside.pop(op.seq, None)
+
     def _not_about_messages(self, op: Operation, offset: int, length: int) -> None:
-        # Inbound IDs and subscriptions: SessionState.apply itself is the rule.
+        # Inbound IDs, subscriptions, the protocol level: SessionState.apply itself is the rule.
         self.meta.apply(op)
 
     def apply_batch(self, ops: Sequence[Operation], encoded: Sequence[bytes], offset: int) -> None:
@@ -296,9 +320,20 @@ class Index:
             yield (seq, offset, q_len[i], None, seq in released)
         yield from inflight[k:]
 
-    def to_state(self, messages: list[StoredMessage], queued_loaded: int) -> SessionState:
-        """The session with these messages (read back for ``load``), as a new SessionState."""
+    def set_aside_entries(self) -> list[Entry]:
+        """Set-aside messages' entries, ascending (no packet ID, not released)."""
+        return [
+            (seq, offset, length, None, False)
+            for seq, (offset, length, _, _) in sorted(self.set_aside.items())
+        ]
+
+    def to_state(
+        self, messages: list[StoredMessage], queued_loaded: int, set_aside: list[StoredMessage]
+    ) -> SessionState:
+        """The session with these messages and these set-aside messages (read back for
+        ``load``), as a new SessionState."""
         meta = self.meta
+        aside = self.set_aside
         return SessionState(
             meta.client_id,
             {m.seq: m for m in messages},
@@ -307,6 +342,10 @@ class Index:
             set(meta.pending_unsubscribes),
             last_seq=self.last_seq,
             queued_not_loaded=self.q_live - queued_loaded,
+            set_aside={
+                m.seq: SetAsideMessage(m, aside[m.seq][2], aside[m.seq][3]) for m in set_aside
+            },
+            protocol_version=meta.protocol_version,
         )
 
 
@@ -323,5 +362,8 @@ RULES: dict[type, Callable[[Index, Any, int, int], None]] = {
     SubscriptionSet: Index._not_about_messages,
     SubscriptionRemoved: Index._not_about_messages,
     UnsubscribeDone: Index._not_about_messages,
+    ProtocolVersionSet: Index._not_about_messages,
+    MessageSetAside: Index._message_set_aside,
+    SetAsideRemoved: Index._set_aside_removed,
 }
 check_handlers("FileStore", RULES)

@@ -1,6 +1,6 @@
 """FileStore's journal file: its format, and how one is read (checked and replayed).
 
-Journal format (version 1, little-endian)::
+Journal format (version 2, little-endian)::
 
     header   4s magic b"MQPJ", H format version, H flags (0), d created_at (Unix time),
              I client id length, client id (UTF-8), I CRC32 of the header bytes before it
@@ -11,13 +11,22 @@ Journal format (version 1, little-endian)::
 Magic and version sit at fixed offsets in every version, so a newer file is recognised
 before anything else is interpreted. Older versions go through :data:`MIGRATIONS`.
 
+Version 2 differs from version 1 only in the operations a body may hold (the types and optional
+fields marked v2 in :mod:`~mqtt_persist.stores.serialization`: message properties and expiry,
+subscription options and identifier, ``ProtocolVersionSet``, ``MessageSetAside``,
+``SetAsideRemoved``); every version-1 operation reads the same. The migration from version 1
+rewrites the header's version (and its CRC) and puts one record right after the header,
+``ProtocolVersionSet(4)`` (version 1 spoke MQTT 3.1.1 only): before every other record, so a
+torn tail stays a tail. The store then rewrites the migrated journal as a snapshot.
+
 An ``apply`` appends one record. A rewrite (compaction, ``save``) writes the header and then
-the session as ``MessageAdded`` operations in ascending sequence order followed by the rest
-(inbound IDs, subscriptions, pending unsubscribes), cut into records of about
+the session: each set-aside message as ``MessageAdded`` + ``MessageSetAside``, the messages as
+``MessageAdded`` operations in ascending sequence order, then the rest (inbound IDs,
+subscriptions, pending unsubscribes, the protocol level), cut into records of about
 ``sizes.SNAPSHOT_CHUNK`` bytes; the first record carries last access and TTL. When messages
 with higher sequence numbers than every remaining one were removed, the rewrite ends with
 ``MessageAdded`` + ``MessageRemoved`` of that highest number (an empty message), so the
-replayed ``last_seq`` never goes backwards. All of this is plain version 1.
+replayed ``last_seq`` never goes backwards. A rewrite is made of ordinary operations only.
 
 Metadata lives in the journal itself: ``created_at`` in the header (never rewritten; compaction
 copies it), ``last_access`` and the TTL in record bodies, so metadata is exactly as atomic and
@@ -49,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mqtt_persist.errors import StoreError
+from mqtt_persist.session.state import ProtocolVersionSet
 from mqtt_persist.stores.file import sizes
 from mqtt_persist.stores.file.index import Index
 
@@ -57,6 +67,7 @@ from mqtt_persist.stores.file.index import Index
 # a fraction of building operation objects for 100,000s of messages.
 from mqtt_persist.stores.serialization import (
     _MSG,
+    _MSG_EXTRAS,
     _MSG_HAS_PACKET_ID,
     _MSG_KNOWN_FLAGS,
     _MSG_QOS_MASK,
@@ -64,12 +75,14 @@ from mqtt_persist.stores.serialization import (
     _T_MESSAGE_ADDED,
     DecodeError,
     decode_operation_from,
+    encode_operation,
+    message_layout,
 )
 
 #: First bytes of every journal file.
 MAGIC = b"MQPJ"
 #: The journal format this module writes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # The preamble (magic, version) is the same in every version; the rest may change with it.
 _PREAMBLE = struct.Struct("<4sH")
@@ -89,9 +102,8 @@ _BODY_KNOWN = _BODY_ACCESS | _BODY_TTL
 PLAIN_BODY = bytes((0,))
 
 #: Upgrades of whole journal files, keyed by the version they upgrade FROM: each returns the
-#: file's bytes in the next version. Empty while version 1 is the only version; when version 2
-#: arrives, add ``1: _migrate_1_to_2``. A migrated journal is rewritten in the current format
-#: the first time it is opened for writing.
+#: file's bytes in a later version (or raises :class:`Damaged`). A migrated journal is
+#: rewritten in the current format the first time it is opened for writing. Filled in below.
 MIGRATIONS: dict[int, Callable[[bytes], bytes]] = {}
 
 #: Positioned read of a journal: ``read(offset, length)``, shorter only where the file ends.
@@ -130,7 +142,11 @@ class Parsed:
 
 def encode_header(client_id: str, created_at: float) -> bytes:
     client_id_bytes = client_id.encode("utf-8", "surrogatepass")
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, 0, created_at, len(client_id_bytes)) + client_id_bytes
+    return _header(FORMAT_VERSION, created_at, client_id_bytes)
+
+
+def _header(version: int, created_at: float, client_id: bytes) -> bytes:
+    head = HEADER.pack(MAGIC, version, 0, created_at, len(client_id)) + client_id
     return head + U32.pack(zlib.crc32(head))
 
 
@@ -181,6 +197,25 @@ def _valid_record_after(data: bytes, offset: int) -> int | None:
             return position
         position = data.find(_RECORD_MARK_BYTE, position + 1)
     return None
+
+
+def _migrate_1_to_2(data: bytes) -> bytes:
+    """Version 1 -> 2: the header's version, and ``ProtocolVersionSet(4)`` right after it."""
+    if len(data) < HEADER.size:
+        raise Damaged("file too short for a journal header")
+    _, _, flags, created_at, id_length = HEADER.unpack_from(data, 0)
+    id_end = HEADER.size + id_length
+    if flags or id_end + U32.size > len(data):
+        raise Damaged("journal header truncated or with unknown flags")
+    if zlib.crc32(data[:id_end]) != U32.unpack_from(data, id_end)[0]:
+        # Checked here: the new header gets a checksum of its own, which must not hide damage.
+        raise Damaged("journal header checksum mismatch")
+    # Version 1 spoke MQTT 3.1.1 (protocol level 4) only.
+    spoken = encode_record(PLAIN_BODY + encode_operation(ProtocolVersionSet(4)))
+    return _header(2, created_at, data[HEADER.size : id_end]) + spoken + data[id_end + U32.size :]
+
+
+MIGRATIONS[1] = _migrate_1_to_2
 
 
 def _migrate(data: bytes, version: int) -> bytes:
@@ -355,12 +390,14 @@ def _replay_ops(index: Index, buf: bytes, at: int, end: int, base: int) -> None:
         if at + header_size > end:
             raise DecodeError(f"operation at offset {at - first} is truncated")
         _, seq, flags, packet_id, topic_length, payload_length = unpack(buf, at)
-        topic_at = at + header_size
-        next_at = topic_at + topic_length + payload_length
         if flags & ~_MSG_KNOWN_FLAGS or flags & _MSG_QOS_MASK == 3:
             raise DecodeError(f"invalid message flags 0x{flags:02x} at offset {at - first}")
         if packet_id and not flags & _MSG_HAS_PACKET_ID:
             raise DecodeError(f"packet id without its flag at offset {at - first}")
+        topic_at = at + header_size
+        if flags & _MSG_EXTRAS:  # expiry, properties: checked, left in the file like the payload
+            topic_at = message_layout(buf, at, flags, end)[0]
+        next_at = topic_at + topic_length + payload_length
         if next_at > end:
             raise DecodeError(f"message at offset {at - first} runs past the end of its record")
         try:

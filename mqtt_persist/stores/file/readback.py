@@ -20,9 +20,12 @@ from mqtt_persist.stores.file.journal import Read, reader
 # docstring), read in place: a page of the queue is built without decoding operation objects.
 from mqtt_persist.stores.serialization import (
     _MSG,
+    _MSG_EXTRAS,
     _MSG_QOS_MASK,
     _MSG_RETAIN,
     _T_MESSAGE_ADDED,
+    DecodeError,
+    message_layout,
 )
 
 __all__ = ["messages_in", "not_there", "read_exactly", "read_messages", "stored_header"]
@@ -66,8 +69,14 @@ def read_exactly(read: Read, start: int, end: int) -> bytes:
     return buf
 
 
-def stored_header(buf: bytes, at: int, entry: Entry) -> tuple[int, int, int]:
-    """Flags, stored packet ID field and topic length of the ``MessageAdded`` at ``buf[at:]``.
+#: What :func:`stored_header` reads: flags, the stored packet ID field, where the topic starts
+#: in the buffer, the topic's length, expires_at, and the length of the properties (which end
+#: where the topic starts).
+Header = tuple[int, int, int, int, float | None, int]
+
+
+def stored_header(buf: bytes, at: int, entry: Entry) -> Header:
+    """The fixed and optional fields of the ``MessageAdded`` at ``buf[at:]`` (see :data:`Header`).
 
     Raises :func:`not_there` unless those bytes are the operation ``entry`` expects: a
     ``MessageAdded`` of its sequence number and exactly its length.
@@ -76,13 +85,19 @@ def stored_header(buf: bytes, at: int, entry: Entry) -> tuple[int, int, int]:
     if length < _MSG.size:
         raise not_there(entry)
     kind, stored_seq, flags, packet_id, topic_length, payload_length = _MSG.unpack_from(buf, at)
-    if (
-        kind != _T_MESSAGE_ADDED
-        or stored_seq != seq
-        or _MSG.size + topic_length + payload_length != length
-    ):
+    if kind != _T_MESSAGE_ADDED or stored_seq != seq:
         raise not_there(entry)
-    return flags, packet_id, topic_length
+    topic_at = at + _MSG.size
+    expires_at: float | None = None
+    properties_length = 0
+    if flags & _MSG_EXTRAS:
+        try:
+            topic_at, expires_at, properties_length = message_layout(buf, at, flags, at + length)
+        except DecodeError as exc:  # checked when the journal was opened
+            raise not_there(entry) from exc
+    if topic_at - at + topic_length + payload_length != length:
+        raise not_there(entry)
+    return flags, packet_id, topic_at, topic_length, expires_at, properties_length
 
 
 def not_there(entry: Entry) -> StoreError:
@@ -107,14 +122,14 @@ def messages_in(group: list[Entry], buf: bytes, start: int) -> list[StoredMessag
     operation the index expects (type, sequence number, length); packet ID and released come
     from the index, as later operations may have changed them.
     """
-    header_size = _MSG.size
     messages: list[StoredMessage] = []
     append = messages.append
     for entry in group:
         seq, offset, length, packet_id, released = entry
         at = offset - start
-        flags, _, topic_length = stored_header(buf, at, entry)
-        topic_at = at + header_size
+        flags, _, topic_at, topic_length, expires_at, properties_length = stored_header(
+            buf, at, entry
+        )
         payload_at = topic_at + topic_length
         try:
             topic = buf[topic_at:payload_at].decode()
@@ -129,6 +144,8 @@ def messages_in(group: list[Entry], buf: bytes, start: int) -> list[StoredMessag
                 bool(flags & _MSG_RETAIN),
                 packet_id,
                 released,
+                buf[topic_at - properties_length : topic_at] if properties_length else b"",
+                expires_at,
             )
         )
     return messages

@@ -297,7 +297,8 @@ class FileStore(StoreContext):
         index = session.index
         queued = index.queued_after(None, queued_limit)
         entries = sorted(queued + index.inflight_entries()) if index.inflight else queued
-        return index.to_state(self._read(session, entries), len(queued))
+        aside = self._read(session, index.set_aside_entries())
+        return index.to_state(self._read(session, entries), len(queued), aside)
 
     def _read_queued_job(self, client_id: str, after_seq: int, limit: int) -> list[StoredMessage]:
         if client_id not in self._sessions and not self._has_journal(client_id):
@@ -322,14 +323,8 @@ class FileStore(StoreContext):
         except SessionCorrupt:
             # The damaged journal was moved aside; the snapshot replaces it anyway.
             session = self._session(client_id)
-        meta = SessionState(
-            client_id,
-            inbound_qos2=state.inbound_qos2,
-            subscriptions=state.subscriptions,
-            pending_unsubscribes=state.pending_unsubscribes,
-        )
         source = snapshot.state_source(state)
-        session.rewrite(source, meta, state.last_seq, self._clock())
+        session.rewrite(source, snapshot.meta_of(state), state.last_seq, self._clock())
 
     def _apply_job(self, client_id: str, ops: Sequence[Operation], encoded: list[bytes]) -> None:
         if not ops:
@@ -568,4 +563,5 @@ def _info(
         ttl=ttl,
         inflight=len(index.inflight),
         queued=index.q_live,
+        set_aside=len(index.set_aside),
     )

@@ -26,14 +26,18 @@ from mqtt_persist.session.state import (
     MessageReleased,
     MessageRemoved,
     MessageRequeued,
+    MessageSetAside,
     Operation,
     PacketIdAssigned,
+    ProtocolVersionSet,
     SessionState,
+    SetAsideMessage,
+    SetAsideRemoved,
     StoredMessage,
-    StoredSubscription,
     SubscriptionRemoved,
     SubscriptionSet,
     UnsubscribeDone,
+    with_flow,
 )
 from mqtt_persist.stores._checks import check_handlers
 from mqtt_persist.stores._expiry import session_info
@@ -41,7 +45,6 @@ from mqtt_persist.stores.base import SessionInfo
 from mqtt_persist.stores.redis.keys import (
     PID_MAX,
     SEQ_OFFSET,
-    SUB_CONFIRMED,
     Damage,
     Keys,
     filter_bytes,
@@ -51,15 +54,24 @@ from mqtt_persist.stores.redis.keys import (
     parse_text,
     pid_bytes,
     seq_key,
-    sub_flags,
+    sub_value,
+    subscription_from_value,
     text,
 )
-from mqtt_persist.stores.serialization import DecodeError, decode_operation, encode_operation
+from mqtt_persist.stores.serialization import (
+    PROTOCOL_VERSIONS,
+    DecodeError,
+    decode_operation,
+    decode_operations,
+    encode_operation,
+)
 
 __all__ = [
     "RULES",
     "Rule",
+    "aside_value",
     "build_state",
+    "decode_aside",
     "decode_message",
     "encode_ops",
     "info_from",
@@ -75,10 +87,7 @@ def message_args(message: StoredMessage) -> list[bytes]:
         packet_id = b""
     else:
         # The stored value never carries the mutable part; it lives in inflight/released.
-        base = StoredMessage(
-            message.seq, message.topic, message.payload, message.qos, message.retain
-        )
-        value = encode_operation(MessageAdded(base))
+        value = encode_operation(MessageAdded(with_flow(message)))
         packet_id = b"" if message.packet_id is None else pid_bytes(message.packet_id)
     return [seq_key(message.seq), value, packet_id, b"1" if message.released else b"0"]
 
@@ -89,7 +98,7 @@ class Rule:
 
     #: The code of its branch in apply.lua.
     code: bytes
-    #: The session keys it writes, as digits of KEYS (1 meta ... 8 unsub).
+    #: The session keys it writes, as digits of KEYS (1 meta ... 8 unsub, 9 aside).
     keys: bytes
     #: Its fields, given the operation and its encoding (``_checks.check_operations``).
     fields: Callable[[Any, bytes], Sequence[bytes]]
@@ -103,7 +112,9 @@ def _added(op: MessageAdded, encoded: bytes) -> list[bytes]:
     return message_args(message)
 
 
-def _seq(op: MessageReleased | MessageRequeued | MessageRemoved, encoded: bytes) -> list[bytes]:
+def _seq(
+    op: MessageReleased | MessageRequeued | MessageRemoved | SetAsideRemoved, encoded: bytes
+) -> list[bytes]:
     return [seq_key(op.seq)]
 
 
@@ -111,9 +122,15 @@ def _packet_id(op: InboundReceived | InboundReleased, encoded: bytes) -> list[by
     return [pid_bytes(op.packet_id)]
 
 
+def _subscription_set(op: SubscriptionSet, encoded: bytes) -> list[bytes]:
+    value = sub_value(op.qos, op.confirmed, op.options, op.subscription_id)
+    return [filter_bytes(op.topic_filter), value]
+
+
 _MESSAGES = b"2345"
 _INBOUND = b"6"
 _SUBSCRIPTIONS = b"78"
+_SET_ASIDE = b"9"
 
 #: Every operation type: its apply.lua branch, the keys it writes, its fields.
 RULES: dict[type, Rule] = {
@@ -127,17 +144,17 @@ RULES: dict[type, Rule] = {
     InboundReceived: Rule(b"I", _INBOUND, _packet_id),
     InboundReleased: Rule(b"i", _INBOUND, _packet_id),
     InboundCleared: Rule(b"C", _INBOUND, lambda op, _: []),
-    SubscriptionSet: Rule(
-        b"S",
-        _SUBSCRIPTIONS,
-        lambda op, _: [filter_bytes(op.topic_filter), sub_flags(op.qos, op.confirmed)],
-    ),
+    SubscriptionSet: Rule(b"S", _SUBSCRIPTIONS, _subscription_set),
     SubscriptionRemoved: Rule(
         b"U",
         _SUBSCRIPTIONS,
         lambda op, _: [filter_bytes(op.topic_filter), b"1" if op.unsubscribe_pending else b"0"],
     ),
     UnsubscribeDone: Rule(b"D", _SUBSCRIPTIONS, lambda op, _: [filter_bytes(op.topic_filter)]),
+    ProtocolVersionSet: Rule(b"V", b"1", lambda op, _: [b"%d" % op.version]),
+    # The script appends the operation's encoding to the stored MessageAdded: the aside value.
+    MessageSetAside: Rule(b"X", _MESSAGES + _SET_ASIDE, lambda op, data: [seq_key(op.seq), data]),
+    SetAsideRemoved: Rule(b"x", _SET_ASIDE, _seq),
 }
 check_handlers("RedisStore", RULES)
 
@@ -163,7 +180,7 @@ def encode_ops(ops: Sequence[Operation], encoded: Sequence[bytes]) -> tuple[byte
         touched.add(rule.keys)
         if type(op) is MessageAdded and (top is None or op.message.seq > top):
             top = op.message.seq
-    mask = b"".join(part for part in (b"1", _MESSAGES, _INBOUND, _SUBSCRIPTIONS) if part in touched)
+    mask = bytes(sorted(set(b"".join(touched))))
     pack = _U32.pack
     blob = b"".join([pack(len(field)) + field for field in args])
     return (b"" if top is None else b"%d" % top), mask, blob
@@ -173,9 +190,12 @@ def snapshot_args(state: SessionState) -> list[Any]:
     """The arguments of ``save.lua`` after the common four: ``state`` as counted sections."""
     messages = list(state.messages.values())
     tail: list[Any] = []
-    top = max([state.last_seq, *(m.seq for m in messages)])
+    aside = sorted(state.set_aside.values(), key=lambda a: a.message.seq)
+    top = max([state.last_seq, *(m.seq for m in messages), *(a.message.seq for a in aside)])
     seq_key(top)
     tail.append(b"%d" % top)
+    protocol = state.protocol_version
+    tail.append(b"" if protocol is None else b"%d" % protocol)
     tail.append(len(messages))
     for message in messages:
         tail += message_args(message)
@@ -185,19 +205,48 @@ def snapshot_args(state: SessionState) -> list[Any]:
     subs = list(state.subscriptions.values())
     tail.append(len(subs))
     for sub in subs:
-        tail += (filter_bytes(sub.topic_filter), sub_flags(sub.qos, sub.confirmed))
+        value = sub_value(sub.qos, sub.confirmed, sub.options, sub.subscription_id)
+        tail += (filter_bytes(sub.topic_filter), value)
     pending = sorted(state.pending_unsubscribes)
     tail.append(len(pending))
     tail += [filter_bytes(topic_filter) for topic_filter in pending]
+    tail.append(len(aside))
+    for a in aside:
+        tail += (seq_key(a.message.seq), aside_value(a))
     return tail
 
 
+def aside_value(aside: SetAsideMessage) -> bytes:
+    """A set-aside message as the ``aside`` key stores it (see ``keys``)."""
+    m = with_flow(aside.message)
+    added = encode_operation(MessageAdded(m))
+    return added + encode_operation(MessageSetAside(m.seq, aside.reason, aside.at))
+
+
+def decode_aside(keys: Keys, seq_raw: object, value: object) -> SetAsideMessage:
+    """One field of the ``aside`` key; :class:`Damage` unless it is what ``apply.lua`` writes."""
+    seq = parse_seq_key(seq_raw, keys.aside)
+    where = f"field {text(typing.cast(bytes, seq_raw))}"
+    if not isinstance(value, bytes):
+        raise Damage(keys.aside, f"{where} is not a string")
+    try:
+        ops = decode_operations(value)
+    except DecodeError as exc:
+        raise Damage(keys.aside, f"{where}: {exc}") from None
+    match ops:
+        case [MessageAdded(message=m), MessageSetAside(seq=aside_seq, reason=reason, at=at)] if (
+            m.seq == seq == aside_seq and m.packet_id is None and not m.released
+        ):
+            return SetAsideMessage(m, reason, at)
+    raise Damage(keys.aside, f"{where} holds no set-aside message of its sequence number")
+
+
 def info_from(
-    client_id: str, keys: Keys, meta: object, inflight: object, queued: object
+    client_id: str, keys: Keys, meta: object, inflight: object, queued: object, aside: object
 ) -> SessionInfo | None:
     """A session's info from its meta fields (created_at, last_access, ttl) and counts, as a
     pipeline returned them; None when Redis expired it; Damage for anything unreadable."""
-    if any(isinstance(r, Exception) for r in (meta, inflight, queued)):
+    if any(isinstance(r, Exception) for r in (meta, inflight, queued, aside)):
         raise Damage(keys.meta, "a key of the wrong type")
     assert isinstance(meta, list)
     if meta == [None, None, None]:
@@ -209,6 +258,7 @@ def info_from(
         ttl=parse_float(meta[2], keys.meta, "ttl") or None,  # Redis writes "never" as 0
         inflight=int(typing.cast(int, inflight)),
         queued=int(typing.cast(int, queued)),
+        set_aside=int(typing.cast(int, aside)),
     )
 
 
@@ -257,7 +307,7 @@ def decode_message(
         raise Damage(keys.msg, f"field {seq_raw!r} holds a different message: {m!r}")
     if packet_id is None and not released:
         return m
-    return StoredMessage(m.seq, m.topic, m.payload, m.qos, m.retain, packet_id, released)
+    return with_flow(m, packet_id, released)
 
 
 def build_state(client_id: str, keys: Keys, reply: list[Any], *, full: bool) -> SessionState:
@@ -277,6 +327,7 @@ def build_state(client_id: str, keys: Keys, reply: list[Any], *, full: bool) -> 
         inbound_raw,
         subs_flat,
         unsub_raw,
+        aside_flat,
     ) = reply
     last_seq = parse_int(meta[3], keys.meta, "field last_seq", -SEQ_OFFSET, SEQ_OFFSET - 1)
     inflight = {
@@ -323,11 +374,16 @@ def build_state(client_id: str, keys: Keys, reply: list[Any], *, full: bool) -> 
     }
     for n in range(0, len(subs_flat), 2):
         topic_filter = parse_text(subs_flat[n], keys.subs)
-        flags = parse_int(subs_flat[n + 1], keys.subs, f"flags of {topic_filter!r}", 0, 6)
-        if flags & 3 == 3:
-            raise Damage(keys.subs, f"flags of {topic_filter!r}: QoS 3")
-        state.subscriptions[topic_filter] = StoredSubscription(
-            topic_filter, flags & 3, bool(flags & SUB_CONFIRMED)
+        state.subscriptions[topic_filter] = subscription_from_value(
+            topic_filter, subs_flat[n + 1], keys.subs
         )
     state.pending_unsubscribes = {parse_text(raw, keys.unsub) for raw in unsub_raw}
+    for n in range(0, len(aside_flat), 2):
+        aside = decode_aside(keys, aside_flat[n], aside_flat[n + 1])
+        state.set_aside[aside.message.seq] = aside
+    if meta[4] is not None:
+        protocol = parse_int(meta[4], keys.meta, "field protocol", 0, 255)
+        if protocol not in PROTOCOL_VERSIONS:
+            raise Damage(keys.meta, f"field protocol {protocol} is not 4 or 5")
+        state.protocol_version = protocol
     return state

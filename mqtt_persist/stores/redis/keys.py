@@ -9,7 +9,8 @@ int64 and range reads are exact; Redis scores are doubles, exact only to 2**53):
                                   that tells "expired by Redis" from "never existed")
     P:expiry              zset    client id -> expires_at (the store clock's seconds)
     P:lease:ID            string  the owner's JSON (host, pid, ...), PX lease_ttl
-    P:s:ID:meta           hash    v (format), created_at, last_access, ttl (0 = never), last_seq
+    P:s:ID:meta           hash    v (format), created_at, last_access, ttl (0 = never), last_seq,
+                                  protocol (4 or 5; missing while not set)
     P:s:ID:msg            hash    SEQ -> the message as added, without packet id and released
                                   flag (a MessageAdded in :mod:`~mqtt_persist.stores.serialization`)
     P:s:ID:queue          zset    SEQ of every queued message (no packet id), all scores 0:
@@ -17,9 +18,18 @@ int64 and range reads are exact; Redis scores are doubles, exact only to 2**53):
     P:s:ID:inflight       hash    SEQ -> packet id (decimal) of every in-flight message
     P:s:ID:released       set     SEQ of messages whose PUBREC arrived (QoS 2)
     P:s:ID:inbound        set     packet ids of open inbound QoS 2 flows
-    P:s:ID:subs           hash    topic filter -> flags (qos | 4 if confirmed)
+    P:s:ID:subs           hash    topic filter -> qos | 4 if confirmed | options << 8
+                                  | subscription id << 16 (decimal; options and identifier 0
+                                  when none)
     P:s:ID:unsub          set     topic filters with an UNSUBSCRIBE pending
+    P:s:ID:aside          hash    SEQ -> a set-aside message: its MessageAdded (as in msg)
+                                  followed by its MessageSetAside
     P:quarantine:STAMP:ID:NAME    a damaged session's keys, moved aside
+
+Format version 2 added ``meta.protocol``, the ``aside`` key and the option and identifier bits
+of ``subs`` values; version-1 values read the same (a stored message's encoding gained only
+optional fields), so the migration from version 1 (``scripts/migrate_1.lua``) only sets
+``meta.v`` 2 and ``meta.protocol`` 4 (version 1 spoke MQTT 3.1.1 only).
 
 A message's stored bytes never change after it was added: a packet id, a release or a requeue
 writes one small field, never rewrites the payload. Empty collections vanish (Redis deletes
@@ -32,13 +42,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mqtt_persist.stores.serialization import EncodeError
+from mqtt_persist.session.state import StoredSubscription
+from mqtt_persist.stores.serialization import (
+    SUBSCRIPTION_ID_MAX,
+    SUBSCRIPTION_OPTION_BITS,
+    EncodeError,
+)
 
 __all__ = [
     "NAMES",
     "PID_MAX",
     "SEQ_OFFSET",
     "SUB_CONFIRMED",
+    "SUB_VALUE_MAX",
     "Damage",
     "KeyLayout",
     "Keys",
@@ -50,15 +66,18 @@ __all__ = [
     "parse_text",
     "pid_bytes",
     "seq_key",
-    "sub_flags",
+    "sub_value",
+    "subscription_from_value",
     "text",
 ]
 
 SEQ_OFFSET = 1 << 63
 PID_MAX = 0xFFFF
-#: Session key names, in the order of KEYS[1..8] in every script.
-NAMES = ("meta", "msg", "queue", "inflight", "released", "inbound", "subs", "unsub")
+#: Session key names, in the order of KEYS[1..9] in every script.
+NAMES = ("meta", "msg", "queue", "inflight", "released", "inbound", "subs", "unsub", "aside")
 SUB_CONFIRMED = 4
+#: The largest value of a ``subs`` field.
+SUB_VALUE_MAX = (SUBSCRIPTION_ID_MAX << 16) | (SUBSCRIPTION_OPTION_BITS << 8) | 7
 
 
 class KeyLayout:
@@ -76,7 +95,7 @@ class KeyLayout:
         """Every key a session script of ``client_id`` touches."""
         ident = id_bytes(client_id)
         base = self.key(b"s", ident)
-        meta, msg, queue, inflight, released, inbound, subs, unsub = (
+        meta, msg, queue, inflight, released, inbound, subs, unsub, aside = (
             base + b":" + name.encode() for name in NAMES
         )
         return Keys(
@@ -88,6 +107,7 @@ class KeyLayout:
             inbound,
             subs,
             unsub,
+            aside,
             lease=self.key(b"lease", ident),
             sessions=self.key(b"sessions"),
             expiry=self.key(b"expiry"),
@@ -101,7 +121,7 @@ class KeyLayout:
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """The Redis keys of one session (and what a migration in :data:`_MIGRATIONS` receives)."""
+    """The Redis keys of one session: the KEYS of every session script, migrations included."""
 
     meta: bytes
     msg: bytes
@@ -111,13 +131,14 @@ class Keys:
     inbound: bytes
     subs: bytes
     unsub: bytes
+    aside: bytes
     lease: bytes
     sessions: bytes
     expiry: bytes
 
     @property
     def session(self) -> tuple[bytes, ...]:
-        """The eight keys holding the session's data, in script order."""
+        """The nine keys holding the session's data, in script order."""
         return (
             self.meta,
             self.msg,
@@ -127,6 +148,7 @@ class Keys:
             self.inbound,
             self.subs,
             self.unsub,
+            self.aside,
         )
 
     @property
@@ -216,7 +238,28 @@ def filter_bytes(topic_filter: object) -> bytes:
         raise EncodeError(f"topic filter {topic_filter!r} is not valid Unicode") from exc
 
 
-def sub_flags(qos: object, confirmed: bool) -> bytes:
+def sub_value(qos: object, confirmed: bool, options: int, subscription_id: int | None) -> bytes:
+    """A ``subs`` field (the operation was checked by the encoding: options are valid)."""
     if type(qos) is not int or not 0 <= qos <= 2:
         raise EncodeError(f"subscription QoS {qos!r} out of range")
-    return b"%d" % (qos | (SUB_CONFIRMED if confirmed else 0))
+    value = qos | (SUB_CONFIRMED if confirmed else 0) | options << 8
+    if subscription_id is not None:
+        value |= subscription_id << 16
+    return b"%d" % value
+
+
+def subscription_from_value(topic_filter: str, raw: object, key: bytes) -> StoredSubscription:
+    """The subscription a ``subs`` field holds; :class:`Damage` for a value no rule writes."""
+    value = parse_int(raw, key, f"value of {topic_filter!r}", 0, SUB_VALUE_MAX)
+    options = value >> 8 & 0xFF
+    if (
+        value & 3 == 3
+        or value & 0xF8
+        or options & ~SUBSCRIPTION_OPTION_BITS
+        or options & 0x30 == 0x30  # retain handling 3
+    ):
+        raise Damage(key, f"value of {topic_filter!r} is not a subscription: {value}")
+    subscription_id = value >> 16 or None
+    return StoredSubscription(
+        topic_filter, value & 3, bool(value & SUB_CONFIRMED), options, subscription_id
+    )

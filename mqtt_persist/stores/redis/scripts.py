@@ -44,6 +44,7 @@ SESSION_SCRIPTS = (
     "delete",
     "cleanup_one",
     "quarantine",
+    "migrate_1",
 )
 #: Scripts with keys of their own.
 STANDALONE_SCRIPTS = ("lease_takeover", "lease_renew", "lease_release", "format")
@@ -72,6 +73,7 @@ class Scripts:
     delete: AsyncScript
     cleanup_one: AsyncScript
     quarantine: AsyncScript
+    migrate_1: AsyncScript
     lease_takeover: AsyncScript
     lease_renew: AsyncScript
     lease_release: AsyncScript

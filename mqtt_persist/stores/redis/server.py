@@ -9,15 +9,17 @@ raised to ours, and its sessions are upgraded one by one by :data:`MIGRATIONS` a
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from mqtt_persist.errors import SessionCorrupt, UnsupportedFormatVersion
-from mqtt_persist.stores.redis.keys import Keys, text
+from mqtt_persist.stores.redis.keys import text
 from mqtt_persist.stores.redis.scripts import Scripts
 
 __all__ = [
@@ -32,12 +34,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The key layout this module writes (``P:format`` and every session's ``meta.v``).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-#: Upgrades of one session, keyed by the version they upgrade FROM: each rewrites the session's
-#: keys (atomically, e.g. in one script) and must set ``meta.v`` to a higher version. Empty
-#: while version 1 is the only one; when version 2 arrives, add ``1: _migrate_1_to_2``.
-MIGRATIONS: dict[int, Callable[[Redis, Keys], Awaitable[None]]] = {}
+#: Upgrades of one session, keyed by the version they upgrade FROM: each picks the script that
+#: rewrites the session's keys, atomically, and sets ``meta.v`` to a higher version. It runs
+#: like every session script (KEYS: the session's; ARGV: lease token, now, format, client id)
+#: and answers ``{'ok'}`` or a refusal (a lease another owner holds, damage), so it never
+#: upgrades a session under a client that holds it.
+MIGRATIONS: dict[int, Callable[[Scripts], AsyncScript]] = {1: attrgetter("migrate_1")}
 
 
 async def check_prefix_format(scripts: Scripts, key: bytes, prefix: str) -> None:

@@ -233,7 +233,7 @@ class RedisStore(StoreContext):
         self, client_id: str, pick: Callable[[Scripts], AsyncScript], tail: Sequence[Any]
     ) -> list[Any]:
         """Run a session script; refusals become exceptions, older formats are migrated first."""
-        client, scripts = await self._ready()
+        _, scripts = await self._ready()
         keys = self._keys(client_id)
         migrated_from: set[bytes] = set()
         while True:
@@ -258,8 +258,9 @@ class RedisStore(StoreContext):
                 )
                 raise await self._quarantine(client_id, keys, keys.meta, reason)
             migrated_from.add(version_raw)
-            with self._errors():
-                await migration(client, keys)
+            await self._checked(
+                client_id, keys, await self._eval(migration(scripts), keys.script, args)
+            )
 
     async def _checked(self, client_id: str, keys: Keys, reply: list[Any]) -> list[Any]:
         status = reply[0]
@@ -537,11 +538,12 @@ class RedisStore(StoreContext):
                         pipe.hmget(keys.meta, [b"created_at", b"last_access", b"ttl"])
                         pipe.hlen(keys.inflight)
                         pipe.zcard(keys.queue)
+                        pipe.hlen(keys.aside)
                     results = await pipe.execute(raise_on_error=False)
             for n, client_id in enumerate(chunk):
                 keys = self._keys(client_id)
                 try:
-                    info = info_from(client_id, keys, *results[3 * n : 3 * n + 3])
+                    info = info_from(client_id, keys, *results[4 * n : 4 * n + 4])
                 except Damage as damage:
                     logger.warning(
                         "skipping damaged session %r (%s: %s)",

@@ -8,7 +8,8 @@ and the conformance tests compare the result of random operation sequences with
 Each rule takes a run of consecutive operations of one type (one ``executemany`` per run).
 Within such a run, executing the statements per table in order is the same as executing them
 per operation: the two tables a run may touch (subscriptions and pending_unsubscribes) are
-changed independently per filter.
+changed independently per filter. ``MessageSetAside`` is the exception, run per operation: its
+copy into set_aside depends on the message still being in messages.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from mqtt_persist.session.state import (
     MessageReleased,
     MessageRemoved,
     MessageRequeued,
+    MessageSetAside,
     PacketIdAssigned,
+    ProtocolVersionSet,
+    SetAsideRemoved,
     SubscriptionRemoved,
     SubscriptionSet,
     UnsubscribeDone,
@@ -40,7 +44,7 @@ def _messages_added(conn: sqlite3.Connection, sid: int, ops: list[MessageAdded])
     messages = [op.message for op in ops]
     conn.executemany(
         "INSERT OR IGNORE INTO messages (sid, seq, topic, payload, qos, retain, packet_id, "
-        "released) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "released, properties, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 sid,
@@ -51,6 +55,8 @@ def _messages_added(conn: sqlite3.Connection, sid: int, ops: list[MessageAdded])
                 1 if m.retain else 0,
                 m.packet_id,
                 1 if m.released else 0,
+                m.properties,
+                m.expires_at,
             )
             for m in messages
         ],
@@ -103,8 +109,12 @@ def _inbound_cleared(conn: sqlite3.Connection, sid: int, ops: list[InboundCleare
 
 def _subscriptions_set(conn: sqlite3.Connection, sid: int, ops: list[SubscriptionSet]) -> None:
     conn.executemany(
-        "INSERT OR REPLACE INTO subscriptions (sid, filter, qos, confirmed) VALUES (?, ?, ?, ?)",
-        [(sid, op.topic_filter, op.qos, 1 if op.confirmed else 0) for op in ops],
+        "INSERT OR REPLACE INTO subscriptions (sid, filter, qos, confirmed, options, "
+        "subscription_id) VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (sid, op.topic_filter, op.qos, 1 if op.confirmed else 0, op.options, op.subscription_id)
+            for op in ops
+        ],
     )
     conn.executemany(
         "DELETE FROM pending_unsubscribes WHERE sid = ? AND filter = ?",
@@ -132,6 +142,31 @@ def _unsubscribes_done(conn: sqlite3.Connection, sid: int, ops: list[Unsubscribe
     )
 
 
+def _protocol_version_set(
+    conn: sqlite3.Connection, sid: int, ops: list[ProtocolVersionSet]
+) -> None:
+    conn.execute("UPDATE sessions SET protocol_version = ? WHERE sid = ?", (ops[-1].version, sid))
+
+
+def _messages_set_aside(conn: sqlite3.Connection, sid: int, ops: list[MessageSetAside]) -> None:
+    # The row moves with its stored fields; packet_id and released stay behind (set-aside
+    # messages have none). Only a message still in messages moves, replacing an older one.
+    for op in ops:
+        conn.execute(
+            "INSERT OR REPLACE INTO set_aside (sid, seq, topic, payload, qos, retain, properties, "
+            "expires_at, reason, set_aside_at) SELECT sid, seq, topic, payload, qos, retain, "
+            "properties, expires_at, ?, ? FROM messages WHERE sid = ? AND seq = ?",
+            (op.reason, op.at, sid, op.seq),
+        )
+        conn.execute("DELETE FROM messages WHERE sid = ? AND seq = ?", (sid, op.seq))
+
+
+def _set_aside_removed(conn: sqlite3.Connection, sid: int, ops: list[SetAsideRemoved]) -> None:
+    conn.executemany(
+        "DELETE FROM set_aside WHERE sid = ? AND seq = ?", [(sid, op.seq) for op in ops]
+    )
+
+
 #: The rule of every operation type: ``rule(connection, sid, run of operations)``.
 HANDLERS: dict[type, Callable[[sqlite3.Connection, int, list[Any]], None]] = {
     MessageAdded: _messages_added,
@@ -145,5 +180,8 @@ HANDLERS: dict[type, Callable[[sqlite3.Connection, int, list[Any]], None]] = {
     SubscriptionSet: _subscriptions_set,
     SubscriptionRemoved: _subscriptions_removed,
     UnsubscribeDone: _unsubscribes_done,
+    ProtocolVersionSet: _protocol_version_set,
+    MessageSetAside: _messages_set_aside,
+    SetAsideRemoved: _set_aside_removed,
 }
 check_handlers("SQLiteStore", HANDLERS)

@@ -1,16 +1,25 @@
 """The SQLiteStore database: its schema, its format version, and upgrades of older versions.
 
-Schema (format version 1, ``PRAGMA user_version``; ``PRAGMA application_id`` = ``MQPS``)::
+Schema (format version 2, ``PRAGMA user_version``; ``PRAGMA application_id`` = ``MQPS``)::
 
     sessions(sid INTEGER PRIMARY KEY, client_id TEXT UNIQUE, created_at, last_access,
-             ttl NULL = never, last_seq, inflight, queued)
+             ttl NULL = never, last_seq, inflight, queued, protocol_version NULL = not yet)
     messages(sid, seq, topic, payload, qos, retain, packet_id NULL = queued, released,
+             properties (x'' = none), expires_at NULL = never,
              PRIMARY KEY (sid, seq)) WITHOUT ROWID
         messages_inflight ON messages(sid, seq) WHERE packet_id IS NOT NULL
-    inbound(sid, packet_id), subscriptions(sid, filter, qos, confirmed),
-    pending_unsubscribes(sid, filter)                       (all WITHOUT ROWID, keyed by sid)
+    inbound(sid, packet_id), pending_unsubscribes(sid, filter),
+    subscriptions(sid, filter, qos, confirmed, options, subscription_id NULL = none),
+    set_aside(sid, seq, topic, payload, qos, retain, properties, expires_at, reason,
+              set_aside_at)                                 (all WITHOUT ROWID, keyed by sid)
     quarantine(qid, quarantined_at, reason, <the sessions row>) and quarantine_messages,
-    quarantine_inbound, quarantine_subscriptions, quarantine_pending_unsubscribes (qid, <row>)
+    quarantine_inbound, quarantine_subscriptions, quarantine_pending_unsubscribes,
+    quarantine_set_aside (qid, <row>)
+
+Version 2 added the columns after ``released``, ``queued`` and ``confirmed``, and the
+set_aside tables; the migration from version 1 adds them (existing rows get the defaults:
+no properties, no expiry, no options, no identifier) and sets ``protocol_version`` 4 for every
+session (version 1 spoke MQTT 3.1.1 only), all in the upgrade's transaction.
 
 Messages are clustered by ``(sid, seq)``, so a session's messages are one range of the table:
 "the first N queued messages after seq S" is a walk of that range that skips only in-flight
@@ -52,13 +61,55 @@ logger = logging.getLogger(__name__)
 #: ``PRAGMA application_id`` of every database this module writes (``b"MQPS"``).
 APPLICATION_ID = 0x4D515053
 #: The schema version this module writes (``PRAGMA user_version``).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+_SET_ASIDE = """
+    CREATE TABLE set_aside (
+        sid          INTEGER NOT NULL,
+        seq          INTEGER NOT NULL,
+        topic        TEXT,
+        payload      BLOB,
+        qos          INTEGER,
+        retain       INTEGER,
+        properties   BLOB,
+        expires_at   REAL,
+        reason       TEXT,
+        set_aside_at REAL,
+        PRIMARY KEY (sid, seq)
+    ) WITHOUT ROWID
+    """
+_QUARANTINE_SET_ASIDE = """
+    CREATE TABLE quarantine_set_aside (
+        qid, seq, topic, payload, qos, retain, properties, expires_at, reason, set_aside_at
+    )
+    """
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Columns and tables for MQTT 5 and set-aside messages; every session spoke 3.1.1."""
+    for statement in (
+        "ALTER TABLE sessions ADD COLUMN protocol_version INTEGER",
+        # Version 1 spoke MQTT 3.1.1 (protocol level 4) only.
+        "UPDATE sessions SET protocol_version = 4",
+        "ALTER TABLE messages ADD COLUMN properties BLOB DEFAULT x''",
+        "ALTER TABLE messages ADD COLUMN expires_at REAL",
+        "ALTER TABLE subscriptions ADD COLUMN options INTEGER DEFAULT 0",
+        "ALTER TABLE subscriptions ADD COLUMN subscription_id INTEGER",
+        _SET_ASIDE,
+        "ALTER TABLE quarantine ADD COLUMN protocol_version",
+        "ALTER TABLE quarantine_messages ADD COLUMN properties",
+        "ALTER TABLE quarantine_messages ADD COLUMN expires_at",
+        "ALTER TABLE quarantine_subscriptions ADD COLUMN options",
+        "ALTER TABLE quarantine_subscriptions ADD COLUMN subscription_id",
+        _QUARANTINE_SET_ASIDE,
+    ):
+        conn.execute(statement)
+
 
 #: Upgrades of the schema, keyed by the version they upgrade FROM: each gets the connection
 #: inside the upgrade's transaction and brings the schema one version up (the caller then sets
-#: ``user_version``). Empty while version 1 is the only version; when version 2 arrives, add
-#: ``1: _migrate_1_to_2``.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+#: ``user_version``).
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
 
 SCHEMA = (
     """
@@ -70,7 +121,8 @@ SCHEMA = (
         ttl         REAL,
         last_seq    INTEGER DEFAULT 0,
         inflight    INTEGER DEFAULT 0,
-        queued      INTEGER DEFAULT 0
+        queued      INTEGER DEFAULT 0,
+        protocol_version INTEGER
     )
     """,
     """
@@ -83,6 +135,8 @@ SCHEMA = (
         retain    INTEGER,
         packet_id INTEGER,
         released  INTEGER,
+        properties BLOB DEFAULT x'',
+        expires_at REAL,
         PRIMARY KEY (sid, seq)
     ) WITHOUT ROWID
     """,
@@ -95,6 +149,7 @@ SCHEMA = (
     """
     CREATE TABLE subscriptions (
         sid INTEGER NOT NULL, filter TEXT NOT NULL, qos INTEGER, confirmed INTEGER,
+        options INTEGER DEFAULT 0, subscription_id INTEGER,
         PRIMARY KEY (sid, filter)
     ) WITHOUT ROWID
     """,
@@ -103,6 +158,7 @@ SCHEMA = (
         sid INTEGER NOT NULL, filter TEXT NOT NULL, PRIMARY KEY (sid, filter)
     ) WITHOUT ROWID
     """,
+    _SET_ASIDE,
     # Counters and last_seq follow every change to messages, whichever statement made it.
     # last_seq only grows: a removed message does not lower it (SessionState.apply agrees).
     """
@@ -135,17 +191,18 @@ SCHEMA = (
     """
     CREATE TABLE quarantine (
         qid INTEGER PRIMARY KEY, quarantined_at, reason, sid, client_id, created_at,
-        last_access, ttl, last_seq, inflight, queued
+        last_access, ttl, last_seq, inflight, queued, protocol_version
     )
     """,
     """
     CREATE TABLE quarantine_messages (
-        qid, seq, topic, payload, qos, retain, packet_id, released
+        qid, seq, topic, payload, qos, retain, packet_id, released, properties, expires_at
     )
     """,
     "CREATE TABLE quarantine_inbound (qid, packet_id)",
-    "CREATE TABLE quarantine_subscriptions (qid, filter, qos, confirmed)",
+    "CREATE TABLE quarantine_subscriptions (qid, filter, qos, confirmed, options, subscription_id)",
     "CREATE TABLE quarantine_pending_unsubscribes (qid, filter)",
+    _QUARANTINE_SET_ASIDE,
 )
 
 SCHEMA_OBJECTS = frozenset(
@@ -156,6 +213,7 @@ SCHEMA_OBJECTS = frozenset(
         "inbound",
         "subscriptions",
         "pending_unsubscribes",
+        "set_aside",
         "messages_insert",
         "messages_delete",
         "messages_move",
@@ -164,6 +222,7 @@ SCHEMA_OBJECTS = frozenset(
         "quarantine_inbound",
         "quarantine_subscriptions",
         "quarantine_pending_unsubscribes",
+        "quarantine_set_aside",
     }
 )
 

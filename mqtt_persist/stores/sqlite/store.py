@@ -412,6 +412,7 @@ class SQLiteStore(StoreContext):
                 ttl=meta.ttl,
                 inflight=meta.inflight,
                 queued=meta.queued,
+                set_aside=meta.set_aside,
             )
             for client_id, meta in list_metas(self._db(), self._path)
         ]

@@ -80,6 +80,22 @@ while pos <= size do
     if field() == '1' then redis.call('SADD', UNSUB, topic_filter) end
   elseif op == 'D' then -- UnsubscribeDone
     redis.call('SREM', UNSUB, field())
+  elseif op == 'V' then -- ProtocolVersionSet
+    redis.call('HSET', META, 'protocol', field())
+  elseif op == 'X' then -- MessageSetAside
+    local sk = field()
+    local set_aside = field()
+    -- The stored MessageAdded has no packet id nor released flag: exactly what is kept aside.
+    local value = redis.call('HGET', MSG, sk)
+    if value then
+      redis.call('HSET', ASIDE, sk, value .. set_aside)
+      redis.call('HDEL', MSG, sk)
+      redis.call('HDEL', INFLIGHT, sk)
+      redis.call('SREM', RELEASED, sk)
+      redis.call('ZREM', QUEUE, sk)
+    end
+  elseif op == 'x' then -- SetAsideRemoved
+    redis.call('HDEL', ASIDE, field())
   end
 end
 if top ~= '' and seq_less(meta.last_seq, top) then redis.call('HSET', META, 'last_seq', top) end

@@ -4,7 +4,7 @@
 -- (prelude.lua comes first)
 local client_id = ARGV[2]
 if redis.call('EXISTS', LEASE) == 1 then return 0 end
-if damage('12345678') or index_damage() then return 0 end
+if damage(ALL) or index_damage() then return 0 end
 if redis.call('EXISTS', META) == 0 then
   return (redis.call('SREM', SESSIONS, client_id) + redis.call('ZREM', EXPIRY, client_id) > 0)
          and 1 or 0

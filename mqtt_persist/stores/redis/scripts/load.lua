@@ -3,7 +3,7 @@
 local now_s, client_id = ARGV[2], ARGV[4]
 local refusal = lease_refusal(ARGV[1])
 if refusal then return refusal end
-refusal = damage('12345678') or index_damage()
+refusal = damage(ALL) or index_damage()
 if refusal then return refusal end
 if redis.call('EXISTS', META) == 0 then
   -- Still indexed but without data: Redis expired it (every key carries the session's TTL).
@@ -44,6 +44,7 @@ if not packed then
   if 2 * missing <= #inflight then lister = INFLIGHT end
   return {'corrupt', lister, 'lists ' .. seqs[missing] .. ', which ' .. MSG .. ' does not hold'}
 end
-return {'ok', {meta.created_at_s, now_s, meta.ttl_s, meta.last_seq}, inflight, packed,
-        redis.call('ZCARD', QUEUE), redis.call('HLEN', MSG), redis.call('SMEMBERS', RELEASED),
-        redis.call('SMEMBERS', INBOUND), redis.call('HGETALL', SUBS), redis.call('SMEMBERS', UNSUB)}
+return {'ok', {meta.created_at_s, now_s, meta.ttl_s, meta.last_seq, meta.protocol}, inflight,
+        packed, redis.call('ZCARD', QUEUE), redis.call('HLEN', MSG),
+        redis.call('SMEMBERS', RELEASED), redis.call('SMEMBERS', INBOUND),
+        redis.call('HGETALL', SUBS), redis.call('SMEMBERS', UNSUB), redis.call('HGETALL', ASIDE)}

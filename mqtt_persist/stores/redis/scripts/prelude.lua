@@ -1,11 +1,12 @@
 -- Shared by every session script (prepended to it when the scripts are loaded).
--- Shared by every session script. KEYS: the 8 session keys, lease, sessions index, expiry index.
+-- Shared by every session script. KEYS: the 9 session keys, lease, sessions index, expiry index.
 -- Numbers that must stay exact (sequence numbers, times) travel as strings: Lua numbers are
 -- doubles, and Lua's string comparison follows the server's locale, so neither is used on them.
 local META, MSG, QUEUE, INFLIGHT = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local RELEASED, INBOUND, SUBS, UNSUB = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local LEASE, SESSIONS, EXPIRY = KEYS[9], KEYS[10], KEYS[11]
-local TYPES = {'hash', 'hash', 'zset', 'hash', 'set', 'set', 'hash', 'set'}
+local RELEASED, INBOUND, SUBS, UNSUB, ASIDE = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local LEASE, SESSIONS, EXPIRY = KEYS[10], KEYS[11], KEYS[12]
+local TYPES = {'hash', 'hash', 'zset', 'hash', 'set', 'set', 'hash', 'set', 'hash'}
+local ALL = '123456789' -- the digits of every session key, for damage()
 
 local function number(s)
   local x = tonumber(s)
@@ -54,11 +55,11 @@ end
 
 -- Run before the first write: Redis keeps the writes of a script that fails half way, so
 -- nothing that could fail (WRONGTYPE above all) may be left for later.
--- mask: digits naming the session keys the script will touch ('12345678': all). A session
+-- mask: digits naming the session keys the script will touch (ALL: all). A session
 -- without meta gets every key checked: other keys without meta are damage, not a new session.
 local function damage(mask)
   local has_meta = redis.call('EXISTS', META) == 1
-  if not has_meta then mask = '12345678' end
+  if not has_meta then mask = ALL end
   local any = false
   for k = 1, #mask do
     local i = string.byte(mask, k) - 48
@@ -79,14 +80,16 @@ end
 -- The session's meta (nil: no session), or nil and the refusing reply.
 local function read_meta(format)
   if redis.call('EXISTS', META) == 0 then return nil, nil end
-  local m = redis.call('HMGET', META, 'v', 'created_at', 'last_access', 'ttl', 'last_seq')
+  local m = redis.call('HMGET', META, 'v', 'created_at', 'last_access', 'ttl', 'last_seq',
+                       'protocol')
   local v = m[1]
   if not is_int(v) or string.sub(v, 1, 1) == '-' or #v > 9 then
     return nil, {'corrupt', META, 'field v is not a format version: ' .. tostring(v)}
   end
   if v ~= format then return nil, {'version', v} end
+  -- protocol: checked by the Python side, which alone reads it (false: not set).
   local meta = {created_at_s = m[2], last_access = number(m[3]), ttl_s = m[4], ttl = number(m[4]),
-                last_seq = m[5]}
+                last_seq = m[5], protocol = m[6]}
   local bad
   if not number(m[2]) then
     bad = 'field created_at is not a number'
@@ -106,7 +109,7 @@ local function expired(meta, now)
 end
 
 local function remove_all(client_id)
-  redis.call('DEL', META, MSG, QUEUE, INFLIGHT, RELEASED, INBOUND, SUBS, UNSUB)
+  redis.call('DEL', META, MSG, QUEUE, INFLIGHT, RELEASED, INBOUND, SUBS, UNSUB, ASIDE)
   redis.call('SREM', SESSIONS, client_id)
   redis.call('ZREM', EXPIRY, client_id)
 end
@@ -116,7 +119,7 @@ end
 local function refresh_expiry(ttl, now, client_id)
   if ttl > 0 then
     local ms = string.format('%.0f', math.ceil(ttl * 1000))
-    for i = 1, 8 do redis.call('PEXPIRE', KEYS[i], ms) end
+    for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ms) end
     redis.call('ZADD', EXPIRY, string.format('%.17g', now + ttl), client_id)
   end
 end

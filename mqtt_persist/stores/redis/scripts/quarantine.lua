@@ -1,15 +1,15 @@
--- KEYS: the 11 session script keys, then the 8 quarantine targets. ARGV: token, client id.
+-- KEYS: the 12 session script keys, then the 9 quarantine targets. ARGV: token, client id.
 -- (prelude.lua comes first)
 local holder = redis.call('GET', LEASE)
 if holder and holder ~= ARGV[1] then return {'locked', holder} end
-for i = 12, 19 do
+for i = 13, 21 do
   if redis.call('EXISTS', KEYS[i]) == 1 then return {'taken'} end
 end
-for i = 1, 8 do
+for i = 1, 9 do
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('RENAME', KEYS[i], KEYS[i + 11])
+    redis.call('RENAME', KEYS[i], KEYS[i + 12])
     -- RENAME keeps the source's TTL: quarantined data must never expire.
-    redis.call('PERSIST', KEYS[i + 11])
+    redis.call('PERSIST', KEYS[i + 12])
   end
 end
 if not index_damage() then

@@ -21,7 +21,7 @@ local ttl = number(ttl_s)
 if ttl > 0 then
   refresh_expiry(ttl, now, client_id)
 else
-  for k = 1, 8 do redis.call('PERSIST', KEYS[k]) end
+  for k = 1, 9 do redis.call('PERSIST', KEYS[k]) end
   redis.call('ZREM', EXPIRY, client_id)
 end
 return {'ok'}
