@@ -47,6 +47,8 @@ class EventDispatcher:
         self.ready = Signal()
         #: Successful connections (the first one included).
         self.connections = 0
+        #: CONNACK's Session Present of the last successful connection (None before one).
+        self.session_present: bool | None = None
         # Unbounded, like the session's own queues: the application reads at its own pace,
         # and a bound here would stall the flusher and with it every publish.
         self._send_message, self._messages = anyio.create_memory_object_stream[Message](math.inf)
@@ -127,6 +129,7 @@ class EventDispatcher:
 
     def _connection_ready(self, event: ConnectionReady) -> None:
         self.connections += 1
+        self.session_present = event.session_present
         if not event.session_present and (event.requeued or event.in_doubt):
             self._log.warning(
                 "broker had lost the session: %d message(s) published again, "

@@ -54,13 +54,17 @@ from mqtt_persist.protocol.packets import (
     NO_PROPERTIES,
     Properties,
     ProtocolVersion,
+    RetainHandling,
+    SubscriptionOptions,
     Will,
 )
 from mqtt_persist.session.machine import ConnectionState, QueueFullPolicy, Session
+from mqtt_persist.session.state import StoredSubscription
 from mqtt_persist.stores.base import SessionStore
 from mqtt_persist.stores.memory import MemoryStore
 from mqtt_persist.validation import (
     coerce_payload,
+    is_shared_subscription,
     max_payload_for,
     publish_packet_size,
     validate_publish_properties,
@@ -490,7 +494,14 @@ class PersistentClient:
     # --- subscriptions -----------------------------------------------------------------------
 
     async def subscribe(
-        self, topic_filter: str | Sequence[tuple[str, int]], qos: int = 0
+        self,
+        topic_filter: str | Sequence[tuple[str, int | SubscriptionOptions]],
+        qos: int = 0,
+        *,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+        retain_handling: int = RetainHandling.SEND_ON_SUBSCRIBE,
+        subscription_identifier: int | None = None,
     ) -> SubscribeRequest:
         """Record subscriptions in the session and return a :class:`SubscribeRequest`.
 
@@ -498,11 +509,30 @@ class PersistentClient:
         pairs. It returns once the subscriptions are stored; they are sent now if connected, else
         on the next connect, and restored whenever the broker has lost them (G4). ``await`` the
         returned request for the QoS the broker granted.
+
+        MQTT 5 options, stored with each subscription and sent again whenever it is restored:
+        ``no_local`` (the broker does not send this client its own messages),
+        ``retain_as_published`` (forwarded messages keep their RETAIN flag), ``retain_handling`` (a
+        :class:`RetainHandling`: retained messages on subscribe, only for a new subscription,
+        or never), and ``subscription_identifier`` (1..268,435,455; the broker names it in
+        ``message.properties.subscription_identifiers`` of every message the subscription
+        matched). The keyword options apply to every filter given with a plain QoS; a pair
+        may give a :class:`SubscriptionOptions` of its own. A shared subscription is
+        ``$share/<group>/<filter>`` (checked; ``no_local`` is not allowed on it). With
+        ``protocol=ProtocolVersion.V311`` the options are refused; over a 3.1.1 connection of
+        ``"auto"`` they are not sent (logged once).
         """
         parts = self._require_open()
-        pairs = _subscription_pairs(topic_filter, qos)
-        token = parts.session.subscribe(pairs)
-        request = SubscribeRequest(list(dict.fromkeys(f for f, _ in pairs)))
+        defaults = _subscription_options(no_local, retain_as_published, retain_handling)
+        subs = _subscriptions(topic_filter, qos, defaults, subscription_identifier)
+        if self._options.protocol == MQTT_3_1_1 and any(
+            s.options or s.subscription_id for s in subs
+        ):
+            raise InvalidInput(
+                "subscription options and identifiers need MQTT 5, not protocol=V311"
+            )
+        token = parts.session.subscribe(subs)
+        request = SubscribeRequest(list(dict.fromkeys(s.topic_filter for s in subs)))
         parts.dispatcher.requests[token] = request
         await parts.flusher.committed()
         return request
@@ -584,6 +614,14 @@ class PersistentClient:
                 self._require_open()
 
     @property
+    def session_present(self) -> bool | None:
+        """Whether the broker still held this client's session at the last connect (CONNACK's
+        Session Present); None before the first connection. False after an expired or lost
+        broker session, whose subscriptions the client then restored."""
+        parts = self._parts
+        return parts.dispatcher.session_present if parts is not None else None
+
+    @property
     def protocol_version(self) -> ProtocolVersion | None:
         """The protocol of the current connection (or of the last one), once one was
         accepted: ``ProtocolVersion.V5`` or ``ProtocolVersion.V311``; None before."""
@@ -641,12 +679,57 @@ class _Running:
     flusher: Flusher
 
 
-def _subscription_pairs(
-    topic_filter: str | Sequence[tuple[str, int]], qos: int
-) -> list[tuple[str, int]]:
-    if isinstance(topic_filter, str):
-        return [(validate_topic_filter(topic_filter), validate_qos(qos))]
-    pairs = [(validate_topic_filter(f), validate_qos(q)) for f, q in topic_filter]
-    if not pairs:
+#: A SUBSCRIBE's Subscription Identifier is a variable byte integer (MQTT 5 §3.8.2.1.2).
+MAX_SUBSCRIPTION_IDENTIFIER = 268_435_455
+
+
+def _subscription_options(
+    no_local: object, retain_as_published: object, retain_handling: object
+) -> int:
+    """The option bits (besides QoS) of the keyword arguments, checked."""
+    for name, value in (("no_local", no_local), ("retain_as_published", retain_as_published)):
+        if not isinstance(value, bool):
+            raise InvalidInput(f"{name} must be a bool, not {value!r}")
+    if isinstance(retain_handling, bool) or retain_handling not in (0, 1, 2):
+        raise InvalidInput(
+            f"retain_handling must be a RetainHandling (0, 1 or 2), not {retain_handling!r}"
+        )
+    options = SubscriptionOptions(0, bool(no_local), bool(retain_as_published), retain_handling)
+    return options.to_byte()
+
+
+def _subscriptions(
+    topic_filter: str | Sequence[tuple[str, int | SubscriptionOptions]],
+    qos: int,
+    defaults: int,
+    subscription_id: int | None,
+) -> list[StoredSubscription]:
+    if subscription_id is not None and (
+        isinstance(subscription_id, bool)
+        or not isinstance(subscription_id, int)
+        or not 1 <= subscription_id <= MAX_SUBSCRIPTION_IDENTIFIER
+    ):
+        raise InvalidInput(
+            f"subscription_identifier must be in 1..{MAX_SUBSCRIPTION_IDENTIFIER}, "
+            f"not {subscription_id!r}"
+        )
+    entries = [(topic_filter, qos)] if isinstance(topic_filter, str) else list(topic_filter)
+    if not entries:
         raise InvalidInput("subscribe needs at least one topic filter")
-    return pairs
+    subs = []
+    for f, q in entries:
+        validate_topic_filter(f)
+        if isinstance(q, SubscriptionOptions):
+            try:
+                byte = q.to_byte()
+            except ValueError as exc:
+                raise InvalidInput(f"subscription options of {f!r}: {exc}") from None
+            sub_qos, options = byte & 3, byte & ~3
+        else:
+            sub_qos, options = validate_qos(q), defaults
+        if options & 0x04 and is_shared_subscription(f):
+            raise InvalidInput(
+                f"no_local is not allowed on the shared subscription {f!r} (MQTT 5 §3.8.3.1)"
+            )
+        subs.append(StoredSubscription(f, sub_qos, False, options, subscription_id))
+    return subs

@@ -25,7 +25,7 @@ QoS 1/2 flows), ``inbound.py`` (messages from the broker) and ``subscriptions.py
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mqtt_persist.errors import (
@@ -58,10 +58,15 @@ from mqtt_persist.session.config import NEVER_EXPIRES, QueueFullPolicy, SessionC
 from mqtt_persist.session.events import ConnectionReady, ConnectRefused, Notice
 from mqtt_persist.session.inbound import InboundFlows
 from mqtt_persist.session.outbound import OutboundFlows
-from mqtt_persist.session.outgoing_queue import OutgoingQueue
+from mqtt_persist.session.outgoing_queue import OutgoingQueue, to_stored
 from mqtt_persist.session.output import Outbox, PendingOutput
 from mqtt_persist.session.packet_ids import PacketIdAllocator
-from mqtt_persist.session.state import SessionState, StoredMessage
+from mqtt_persist.session.state import (
+    ProtocolVersionSet,
+    SessionState,
+    StoredMessage,
+    StoredSubscription,
+)
 from mqtt_persist.session.subscriptions import Subscriptions
 from mqtt_persist.session.terms import ConnectionTerms, accepted_terms, initial_terms
 from mqtt_persist.session.transitions import (
@@ -123,6 +128,8 @@ class Session:
         self._lost_in_doubt = 0
         self._last_sent = 0.0
         self._ping_sent_at: float | None = None
+        #: The protocol level the stored session was made with (None: never connected).
+        self._stored_protocol: int | None = None
         if state is not None:
             self._restore(state)
 
@@ -165,21 +172,21 @@ class Session:
         self._outbound.restore(state)
         self._inbound.qos2_received = set(state.inbound_qos2)
         self._subscriptions.restore(state)
+        self._stored_protocol = state.protocol_version
 
     def snapshot(self) -> SessionState:
         """The durable state this session implies; what a store must give back after replay."""
         messages: dict[int, StoredMessage] = {}
         stored = [o for o in (*self._outbound.inflight.values(), *self._queue.memory) if o.qos]
         for o in sorted(stored, key=lambda o: o.seq):
-            messages[o.seq] = StoredMessage(
-                o.seq, o.topic, o.payload, o.qos, o.retain, o.packet_id, o.released
-            )
+            messages[o.seq] = to_stored(o)
         return SessionState(
             client_id=self.config.client_id,
             messages=messages,
             inbound_qos2=set(self._inbound.qos2_received),
             subscriptions=dict(self._subscriptions.wanted),
             pending_unsubscribes=set(self._subscriptions.pending_unsubscribes),
+            protocol_version=self._stored_protocol,
         )
 
     # --- queries -----------------------------------------------------------------------------
@@ -213,6 +220,11 @@ class Session:
     def subscriptions(self) -> dict[str, int]:
         """Filters the session wants, with their requested QoS."""
         return {f: s.qos for f, s in self._subscriptions.wanted.items()}
+
+    @property
+    def stored_subscriptions(self) -> dict[str, StoredSubscription]:
+        """Filters the session wants, with their options and subscription identifiers."""
+        return dict(self._subscriptions.wanted)
 
     @property
     def is_idle(self) -> bool:
@@ -312,10 +324,20 @@ class Session:
         if self._connection_state is ConnectionState.READY:
             self._outbound.pump()
 
-    def subscribe(self, subscriptions: list[tuple[str, int]]) -> int:
-        """Record subscriptions (already validated); returns a token for SubscribeCompleted."""
+    def subscribe(self, subscriptions: Sequence[tuple[str, int] | StoredSubscription]) -> int:
+        """Record subscriptions (already validated); returns a token for SubscribeCompleted.
+
+        Each is a ``(filter, qos)`` pair, or a :class:`StoredSubscription` with MQTT 5 options
+        and a subscription identifier (its ``confirmed`` is ignored: the broker confirms).
+        """
         ready = self._connection_state is ConnectionState.READY
-        return self._subscriptions.subscribe(subscriptions, send=ready)
+        subs = [
+            StoredSubscription(s.topic_filter, s.qos, False, s.options, s.subscription_id)
+            if isinstance(s, StoredSubscription)
+            else StoredSubscription(s[0], s[1])
+            for s in subscriptions
+        ]
+        return self._subscriptions.subscribe(subs, send=ready)
 
     def unsubscribe(self, filters: list[str]) -> int:
         """Forget filters (already validated); returns a token for UnsubscribeCompleted."""
@@ -373,6 +395,7 @@ class Session:
     def _set_terms(self, terms: ConnectionTerms) -> None:
         self.terms = terms
         self._outbound.new_connection(terms)
+        self._subscriptions.terms = terms
 
     def disconnect(self) -> None:
         """Graceful close: emit DISCONNECT; the session stays stored for the next connect."""
@@ -459,6 +482,7 @@ class Session:
         self._set_terms(terms)
         if terms.v5:
             self._note_granted_expiry(terms.session_expiry_interval)
+        self._record_protocol(terms.protocol_version, connack.session_present)
         if connack.session_present:
             self._lost_requeued = self._lost_in_doubt = 0
             self._become_ready(session_present=True)
@@ -469,6 +493,29 @@ class Session:
             self._subscriptions.resubscribe_all()
         else:
             self._become_ready(session_present=False)
+
+    def _record_protocol(self, version: int, session_present: bool) -> None:
+        """The stored session remembers the protocol it is spoken in (``ProtocolVersionSet``).
+
+        A session made under one protocol and continued under the other is deliberately
+        allowed: the broker decides. If it kept the session (brokers keep a client's session
+        across protocol levels, mosquitto does), its open flows resume as usual; if it did
+        not, CONNACK says so and the session-lost rules apply (every message kept, sent again).
+        """
+        previous = self._stored_protocol
+        if previous == version:
+            return
+        self._stored_protocol = version
+        self._out.ops.append(ProtocolVersionSet(version))
+        if previous is not None:
+            names = {MQTT_5: "MQTT 5"}
+            self._out.events.append(
+                Notice(
+                    f"the stored session was made with {names.get(previous, 'MQTT 3.1.1')} and "
+                    f"now continues with {names.get(version, 'MQTT 3.1.1')}; the broker "
+                    f"{'kept' if session_present else 'did not keep'} its side of it"
+                )
+            )
 
     def _note_granted_expiry(self, granted: int | None) -> None:
         asked = self._connect_properties().session_expiry_interval or 0

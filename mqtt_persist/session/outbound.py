@@ -46,7 +46,7 @@ from mqtt_persist.protocol.packets import (
 from mqtt_persist.protocol.reason_codes import ReasonCode, describe_reason_code
 from mqtt_persist.session.config import SessionConfig
 from mqtt_persist.session.events import Anomaly, Notice, PublishCompleted, PublishRefused
-from mqtt_persist.session.outgoing_queue import OutgoingMessage, OutgoingQueue
+from mqtt_persist.session.outgoing_queue import OutgoingMessage, OutgoingQueue, from_stored
 from mqtt_persist.session.output import PendingOutput
 from mqtt_persist.session.packet_ids import PacketIdAllocator
 from mqtt_persist.session.state import (
@@ -127,9 +127,7 @@ class OutboundFlows:
         """Take the open flows (messages with a packet ID) of a stored session."""
         for m in state.messages.values():
             if m.packet_id is not None:
-                self.inflight[m.packet_id] = OutgoingMessage(
-                    m.seq, m.topic, m.payload, m.qos, m.retain, m.packet_id, m.released
-                )
+                self.inflight[m.packet_id] = from_stored(m, in_flight=True)
                 self.qos2_inflight += m.qos == 2
                 self._ids.reserve(m.packet_id)
 

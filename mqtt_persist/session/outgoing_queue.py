@@ -16,7 +16,8 @@ from collections import deque
 
 from mqtt_persist.errors import QueueFull
 from mqtt_persist.message import DeliveryOutcome
-from mqtt_persist.protocol.packets import NO_PROPERTIES, Properties
+from mqtt_persist.protocol.packets import NO_PROPERTIES, PacketType, Properties
+from mqtt_persist.protocol.properties import decode_properties, encode_properties
 from mqtt_persist.session.config import SessionConfig
 from mqtt_persist.session.events import PublishCompleted
 from mqtt_persist.session.output import PendingOutput
@@ -72,6 +73,37 @@ class OutgoingMessage:
         self.expired_release = False
 
 
+def from_stored(m: StoredMessage, *, in_flight: bool = False) -> OutgoingMessage:
+    """The in-memory form of a stored message (``in_flight``: with its packet ID and flow)."""
+    properties = (
+        decode_properties(m.properties, PacketType.PUBLISH) if m.properties else NO_PROPERTIES
+    )
+    packet_id, released = (m.packet_id, m.released) if in_flight else (None, False)
+    return OutgoingMessage(
+        m.seq, m.topic, m.payload, m.qos, m.retain, packet_id, released, properties, m.expires_at
+    )
+
+
+def to_stored(o: OutgoingMessage) -> StoredMessage:
+    """The stored form of an in-memory message, as the journal describes it."""
+    properties = (
+        encode_properties(o.properties, PacketType.PUBLISH)
+        if o.properties is not NO_PROPERTIES
+        else b""
+    )
+    return StoredMessage(
+        o.seq,
+        o.topic,
+        o.payload,
+        o.qos,
+        o.retain,
+        o.packet_id,
+        o.released,
+        properties,
+        o.expires_at,
+    )
+
+
 class OutgoingQueue:
     """Accepted messages waiting for the in-flight window, in memory up to a limit, then spilled."""
 
@@ -111,7 +143,7 @@ class OutgoingQueue:
         next_seq = self.next_seq
         for m in state.messages.values():
             if m.packet_id is None:
-                self.memory.append(OutgoingMessage(m.seq, m.topic, m.payload, m.qos, m.retain))
+                self.memory.append(from_stored(m))
                 self.spill_after = m.seq
             next_seq = max(next_seq, m.seq + 1)
         self.next_seq = max(next_seq, state.last_seq + 1)
@@ -154,7 +186,14 @@ class OutgoingQueue:
         seq = self.next_seq
         self.next_seq = seq + 1
         if qos:
-            self._out.ops.append(MessageAdded(StoredMessage(seq, topic, payload, qos, retain)))
+            if properties is NO_PROPERTIES and expires_at is None:
+                stored = StoredMessage(seq, topic, payload, qos, retain)
+            else:
+                encoded = encode_properties(properties, PacketType.PUBLISH) if properties else b""
+                stored = StoredMessage(
+                    seq, topic, payload, qos, retain, None, False, encoded, expires_at
+                )
+            self._out.ops.append(MessageAdded(stored))
             memory_limit = config.queue_memory_limit
             if self.spilled or (memory_limit and len(self.memory) >= memory_limit):
                 # Lives in the store only until the window needs it (want_refill). Every
@@ -215,7 +254,7 @@ class OutgoingQueue:
                 continue  # a stale read; never queue a message twice
             while overflow and overflow[0].seq < m.seq:
                 memory.append(overflow.popleft())
-            message = OutgoingMessage(m.seq, m.topic, m.payload, m.qos, m.retain)
+            message = from_stored(m)
             self.spill_after = m.seq
             self.spilled -= 1
             if self.pending_drops:
