@@ -23,6 +23,7 @@ from mqtt_persist import (
     FileStore,
     InvalidInput,
     InvalidTopicFilter,
+    MemoryStore,
     Message,
     PayloadTooLarge,
     PersistentClient,
@@ -31,7 +32,7 @@ from mqtt_persist import (
     RetainHandling,
     ServerDisconnected,
 )
-from mqtt_persist.protocol.packets import ConnAck, Connect, Disconnect
+from mqtt_persist.protocol.packets import ConnAck, Connect, Disconnect, Publish
 from tests.support.broker import BrokerFactory, MosquittoBroker
 from tests.support.fake_broker import FakeConnection, ScriptedBroker
 from tests.support.nats import NatsServer
@@ -465,3 +466,54 @@ async def test_will_delay_and_will_properties(
         assert observer.count() == 0  # the delay holds it back
         assert await observer.await_count(1, 5)
     assert observer.messages[0].properties.content_type == "text/plain"
+
+
+# --- scripted: what mosquitto 2.0.11 does not do on demand -------------------------------------
+
+
+async def test_the_brokers_granted_session_expiry_wins_and_the_store_follows() -> None:
+    async def script(conn: FakeConnection, index: int) -> None:
+        connect = await conn.expect(Connect)
+        assert connect.properties.session_expiry_interval == 0xFFFFFFFF  # we asked: never
+        await conn.send(ConnAck(False, 0, Properties(session_expiry_interval=600)))
+        await asyncio.sleep(10)
+
+    store = MemoryStore()
+    async with (
+        ScriptedBroker(script) as fake,
+        PersistentClient(fake.host, fake.port, client_id="granted", store=store) as client,
+    ):
+        await client.publish("t", b"x", qos=1)  # something to store
+        await until(lambda: client.session_expiry == 600.0, 5, "the granted expiry")
+        (info,) = [i for i in await store.list_sessions() if i.client_id == "granted"]
+        assert info.expires_at is not None
+        assert 590 < info.expires_at - info.last_access <= 600
+
+
+async def test_a_broker_exceeding_our_receive_maximum_is_told_so() -> None:
+    told: list[Disconnect] = []
+
+    async def script(conn: FakeConnection, index: int) -> None:
+        connect = await conn.expect(Connect)
+        await conn.send(ConnAck(False, 0))
+        if index == 0:
+            assert connect.properties.receive_maximum == 2
+            for packet_id in (1, 2, 3):  # three QoS 2 flows open: one too many
+                await conn.send(Publish("in/t", b"x", 2, packet_id=packet_id))
+            while True:
+                packet = await conn.receive()
+                if isinstance(packet, Disconnect):
+                    told.append(packet)
+                    return
+        await asyncio.sleep(10)
+
+    async with (
+        ScriptedBroker(script) as fake,
+        PersistentClient(
+            fake.host, fake.port, client_id="strict", receive_maximum=2, backoff=FAST
+        ) as client,
+    ):
+        await until(lambda: fake.connections >= 2, 10, "a reconnect")
+        await client.wait_connected(5)
+    assert [d.reason_code for d in told] == [0x93]
+    assert not fake.errors

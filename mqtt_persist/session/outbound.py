@@ -152,7 +152,7 @@ class OutboundFlows:
             message = queue[0]
             if restricted and self._unsendable(message):
                 continue
-            special = message.properties is not NO_PROPERTIES or message.expires_at is not None
+            special = message.special
             if message.qos == 0:
                 queue.popleft()
                 if special:

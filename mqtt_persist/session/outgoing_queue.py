@@ -40,6 +40,7 @@ class OutgoingMessage:
         "released",
         "retain",
         "seq",
+        "special",
         "topic",
     )
 
@@ -71,6 +72,8 @@ class OutgoingMessage:
         self.expires_at = expires_at
         #: QoS 2: it expired in flight and was released instead of resent (outbound.py).
         self.expired_release = False
+        #: It has MQTT 5 properties or an expiry: its PUBLISH is built the slow way.
+        self.special = properties is not NO_PROPERTIES or expires_at is not None
 
 
 def from_stored(m: StoredMessage, *, in_flight: bool = False) -> OutgoingMessage:

@@ -38,16 +38,14 @@ class ConnectionTerms:
     session_expiry_interval: int | None = None
     #: The client identifier the broker made up (it never should for a persistent session).
     assigned_client_id: str | None = None
+    #: Whether some message could be one this broker cannot take, so that each is checked: a
+    #: plain field, read once per window refill (``accepted_terms`` sets it).
+    restricted: bool = False
 
     @property
     def v5(self) -> bool:
         """Whether this connection speaks MQTT 5."""
         return self.protocol_version == MQTT_5
-
-    @property
-    def restricted(self) -> bool:
-        """Whether some message could be one this broker cannot take (checked per message)."""
-        return self.max_packet_size is not None or self.maximum_qos < 2 or not self.retain_available
 
 
 def initial_terms(config: SessionConfig, protocol_version: int) -> ConnectionTerms:
@@ -89,4 +87,7 @@ def accepted_terms(
         terms.keepalive = props.server_keep_alive
     terms.session_expiry_interval = props.session_expiry_interval
     terms.assigned_client_id = props.assigned_client_identifier
+    terms.restricted = (
+        terms.max_packet_size is not None or terms.maximum_qos < 2 or not terms.retain_available
+    )
     return terms
