@@ -517,3 +517,35 @@ async def test_a_broker_exceeding_our_receive_maximum_is_told_so() -> None:
         await client.wait_connected(5)
     assert [d.reason_code for d in told] == [0x93]
     assert not fake.errors
+
+
+async def test_request_and_respond_pair_up_by_correlation_data(broker: MosquittoBroker) -> None:
+    async with (
+        client_for(broker, "responder") as responder,
+        client_for(broker, "requester") as requester,
+    ):
+        await (await responder.subscribe("svc/req", qos=1))
+        await (await requester.subscribe("svc/reply/requester/#", qos=1))
+
+        async def serve() -> None:
+            async for message in responder.messages:
+                await responder.respond(message, b"pong:" + message.payload)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve)
+            answers = [
+                await requester.request(
+                    "svc/req", str(i).encode(), response_topic="svc/reply/requester/1", timeout=10
+                )
+                for i in range(3)
+            ]
+            # A message on the response topic that answers no request stays in ``messages``.
+            await paho_publish_async(broker.host, broker.port, "svc/reply/requester/1", [b"stray"])
+            (stray,) = await receive(requester, 1)
+            tasks.cancel_scope.cancel()
+    assert [a.payload for a in answers] == [b"pong:0", b"pong:1", b"pong:2"]
+    assert len({a.properties.correlation_data for a in answers}) == 3
+    assert stray.payload == b"stray"
+    with pytest.raises(InvalidInput, match="no response topic"):
+        async with client_for(broker, "responder-2") as client:
+            await client.respond(stray, b"x")

@@ -16,7 +16,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from mqtt_persist.client.signals import Signal
-from mqtt_persist.completion import Delivery, SubscribeRequest, UnsubscribeRequest
+from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
 from mqtt_persist.log import ClientLogger
 from mqtt_persist.message import DeliveryOutcome, Message
 from mqtt_persist.session.events import (
@@ -49,6 +49,8 @@ class EventDispatcher:
         self.connections = 0
         #: CONNACK's Session Present of the last successful connection (None before one).
         self.session_present: bool | None = None
+        #: ``request()`` calls waiting for their response, by correlation data.
+        self.responses: dict[bytes, Completion[Message]] = {}
         # Unbounded, like the session's own queues: the application reads at its own pace,
         # and a bound here would stall the flusher and with it every publish.
         self._send_message, self._messages = anyio.create_memory_object_stream[Message](math.inf)
@@ -60,6 +62,8 @@ class EventDispatcher:
                 case PublishCompleted():
                     self._publish_completed(event)
                 case MessageReceived(message=message):
+                    if self.responses and self._answers_a_request(message):
+                        continue
                     # After the client stopped, ``messages`` has ended: nobody would read it.
                     with contextlib.suppress(anyio.ClosedResourceError):
                         self._send_message.send_nowait(message)
@@ -104,6 +108,15 @@ class EventDispatcher:
             )
         if delivery is not None:
             delivery._set_result(outcome)
+
+    def _answers_a_request(self, message: Message) -> bool:
+        """Hand a response to the ``request()`` waiting for its correlation data, if any."""
+        correlation = message.properties.correlation_data
+        waiter = self.responses.pop(correlation, None) if correlation is not None else None
+        if waiter is None:
+            return False
+        waiter._set_result(message)
+        return True
 
     def _publish_refused(self, event: PublishRefused) -> None:
         delivery = self.deliveries.pop(event.seq, None)
@@ -161,5 +174,7 @@ class EventDispatcher:
             delivery._set_exception(error)
         for request in self.requests.values():
             request._set_exception(error)
+        for waiter in self.responses.values():
+            waiter._set_exception(error)
         self.end_messages()
         self._messages.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from mqtt_persist.client.flusher import Flusher
 from mqtt_persist.client.options import ClientOptions, ProtocolChoice
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.client.storage import SessionStatus, SessionStorage
-from mqtt_persist.completion import Delivery, SubscribeRequest, UnsubscribeRequest
+from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
 from mqtt_persist.errors import (
     ClientClosed,
     ConnectionLost,
@@ -550,6 +551,62 @@ class PersistentClient:
         parts.dispatcher.requests[token] = request
         await parts.flusher.committed()
         return request
+
+    # --- request / response (MQTT 5) --------------------------------------------------------
+
+    async def request(
+        self,
+        topic: str,
+        payload: bytes | bytearray | memoryview | str = b"",
+        qos: int = 1,
+        *,
+        response_topic: str,
+        properties: Properties | None = None,
+        timeout: float | None = None,
+    ) -> Message:
+        """Publish a request and wait for its response (MQTT 5 request/response, §4.10).
+
+        The request carries ``response_topic`` and a fresh Correlation Data; the first message
+        that arrives with that correlation data is the response: it is returned here and does
+        not appear in :attr:`messages`. Subscribe to ``response_topic`` first (a subscription
+        is stored and restored like any other). The request itself is published as
+        :meth:`publish` publishes, so it is durable at QoS 1/2; the wait is not: after a
+        restart, or once ``timeout`` (seconds) raised :class:`TimeoutError`, a late response
+        arrives in :attr:`messages` like any message. The responder answers with
+        :meth:`respond`.
+        """
+        validate_topic(response_topic)
+        correlation = uuid.uuid4().bytes
+        props = (properties or NO_PROPERTIES)._replace(
+            response_topic=response_topic, correlation_data=correlation
+        )
+        waiter: Completion[Message] = Completion()
+        responses = self._require_open().dispatcher.responses
+        responses[correlation] = waiter
+        try:
+            await self.publish(topic, payload, qos, properties=props)
+            with anyio.fail_after(timeout):
+                return await waiter
+        finally:
+            responses.pop(correlation, None)
+
+    async def respond(
+        self,
+        request: Message,
+        payload: bytes | bytearray | memoryview | str = b"",
+        qos: int = 1,
+        *,
+        properties: Properties | None = None,
+    ) -> Delivery:
+        """Publish the response to a received request: to its Response Topic, with its
+        Correlation Data. :class:`InvalidInput` if the message names no response topic."""
+        response_topic = request.properties.response_topic
+        if response_topic is None:
+            raise InvalidInput(f"the message on {request.topic!r} names no response topic")
+        props = properties or NO_PROPERTIES
+        if request.properties.correlation_data is not None:
+            props = props._replace(correlation_data=request.properties.correlation_data)
+        return await self.publish(response_topic, payload, qos, properties=props)
 
     # --- receiving ---------------------------------------------------------------------------
 
