@@ -74,18 +74,21 @@ def _unavailable(message: str) -> None:
     pytest.skip(message)
 
 
-def _create(name: str) -> str:
+def _create(name: str, *, server_defaults: bool = False) -> str:
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        # Tests kill clients, never this server: a COMMIT in the server's WAL buffers survives
-        # a client's SIGKILL alike, and not waiting for the WAL flush keeps the suite quick.
-        # (The benchmarks measure with the server's defaults, in a database of their own.)
-        conn.execute(
-            sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(sql.Identifier(name))
-        )
+        if not server_defaults:
+            # Tests kill clients, never this server: a COMMIT in the server's WAL buffers
+            # survives a client's SIGKILL alike, and not waiting for the WAL flush keeps the
+            # suite quick. (The benchmarks keep the server's defaults: server_defaults=True.)
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(
+                    sql.Identifier(name)
+                )
+            )
     return _dsn_for(name)
 
 
@@ -122,11 +125,15 @@ def shared_postgres_dsn() -> str:
 
 
 @contextlib.contextmanager
-def private_database() -> Iterator[str]:
-    """A database of the test's own (a unique name), dropped afterwards: its DSN."""
+def private_database(*, server_defaults: bool = False) -> Iterator[str]:
+    """A database of the caller's own (a unique name), dropped afterwards: its DSN.
+
+    ``server_defaults``: keep the server's ``synchronous_commit`` (on), as benchmarks must;
+    tests' databases do not wait for the WAL flush (see :func:`_create`).
+    """
     postgres_or_skip()
     name = f"mqtt_persist_private_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    dsn = _create(name)
+    dsn = _create(name, server_defaults=server_defaults)
     try:
         yield dsn
     finally:

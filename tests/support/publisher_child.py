@@ -3,7 +3,8 @@
 Usage: python -m tests.support.publisher_child HOST PORT STORE CLIENT_ID START COUNT [--drain]
        [--protocol 4|5]
 
-STORE names a durable store: ``file:DIR``, ``sqlite:PATH`` or ``redis:URL#PREFIX``.
+STORE names a durable store: ``file:DIR``, ``sqlite:PATH``, ``redis:URL#PREFIX`` or
+``postgres:DSN#SCHEMA``.
 Message i (START <= i < COUNT) goes to ``kill/q1`` at QoS 1 when i is even and to ``kill/q2`` at
 QoS 2 when odd, with payload ``str(i)``. After ``publish()`` returned, the child prints
 ``OK i`` and flushes, so the parent knows exactly which messages the library accepted before it
@@ -39,6 +40,11 @@ def make_store(spec: str) -> SessionStore:
 
         url, _, prefix = where.partition("#")
         return RedisStore(url, prefix=prefix or "mqtt_persist")
+    if kind == "postgres":
+        from mqtt_persist.stores.postgres import PostgresStore
+
+        dsn, _, schema = where.rpartition("#")
+        return PostgresStore(dsn, schema=schema or "mqtt_persist")
     raise SystemExit(f"unknown store spec {spec!r}")
 
 
