@@ -222,8 +222,8 @@ async def test_a_batch_that_fails_half_way_leaves_nothing(
 ) -> None:
     await store.apply("c", [MessageAdded(msg(1))])
 
-    async def broken(cur: Any, schema: str, cid: bytes, ops: list[Any]) -> None:
-        await cur.execute("SELECT 1/0")
+    def broken(schema: str, cid: bytes, ops: list[Any]) -> list[Any]:
+        return [(b"SELECT 1/0", ())]
 
     monkeypatch.setitem(pg_operations.HANDLERS, MessageRemoved, broken)
     with pytest.raises(StoreError, match="division by zero"):
@@ -347,3 +347,37 @@ def test_sigkill_loses_nothing_acknowledged(dsn: str, schema: str) -> None:
 
     for round_ in kill_rounds(batches, _WRITER, [dsn, schema], recover, rounds=4, max_delay=0.3):
         assert round_.state is not None
+
+
+def test_a_burst_becomes_as_few_runs_as_its_order_allows() -> None:
+    """100 publishes interleave MessageAdded and PacketIdAssigned: two statements, not 200;
+    an operation never moves ahead of another type's operation on the same key."""
+    burst: list[Operation] = []
+    for s in range(100):
+        burst += [MessageAdded(msg(s)), PacketIdAssigned(s, s + 1)]
+    assert [(t.__name__, len(ops)) for t, ops in pg_operations.plan_runs(burst)] == [
+        ("MessageAdded", 100),
+        ("PacketIdAssigned", 100),
+    ]
+    ordered: list[Operation] = [
+        MessageAdded(msg(1)),
+        MessageRemoved(1),
+        MessageAdded(msg(1)),  # after the removal of the same seq: a run of its own
+        MessageAdded(msg(2)),
+        InboundReceived(5),
+        MessageRemoved(2),
+    ]
+    runs = [(t.__name__, [_seq(op) for op in ops]) for t, ops in pg_operations.plan_runs(ordered)]
+    assert runs == [
+        ("MessageAdded", [1]),
+        ("MessageRemoved", [1]),
+        ("MessageAdded", [1, 2]),  # the re-added 1 after its removal; 2 joins it
+        ("InboundReceived", [None]),
+        ("MessageRemoved", [2]),  # after the run that added 2
+    ]
+
+
+def _seq(op: Any) -> int | None:
+    if isinstance(op, MessageAdded):
+        return op.message.seq
+    return getattr(op, "seq", None)

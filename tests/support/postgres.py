@@ -7,7 +7,8 @@ a PostgresStore's ``schema`` is for. Tests that need a database to themselves us
 and fail under CI (env CI set), like the broker fixtures.
 
 ``MQTT_PERSIST_PG_ADMIN`` overrides the admin DSN (default
-``postgresql://postgres@127.0.0.1:5432/test``); the test databases are created next to it.
+``postgresql://postgres@127.0.0.1:5432/postgres``: the database every cluster has; it is only
+used to create and drop the test databases).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = [
     "unique_schema",
 ]
 
-ADMIN_DSN = os.environ.get("MQTT_PERSIST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
+ADMIN_DSN = os.environ.get("MQTT_PERSIST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 _shared: str | None = None
 _shared_name: str | None = None

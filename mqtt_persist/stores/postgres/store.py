@@ -6,10 +6,10 @@ creates and upgrades itself (``schema``); one row per message, so no operation r
 session and a queue of 100,000 messages is read back in pages.
 
 Durability and atomicity
-    :meth:`PostgresStore.apply` runs the whole batch as ONE transaction: ``BEGIN``, the
-    fencing check, the session's access, one set-based statement per run of operations of one
-    type (``operations.HANDLERS``) and ``COMMIT``; the call returns once the server answered
-    the COMMIT. With
+    :meth:`PostgresStore.apply` sends the whole batch as ONE query of several statements,
+    which PostgreSQL runs as one transaction: the fencing check, the session's access, and one
+    set-based statement per run of operations of one type (``operations.HANDLERS``); one round
+    trip, and the call returns once the server committed it. With
     the server's default ``synchronous_commit = on`` that is after its WAL was flushed: the
     batch survives a crash of the client, of the server and a power cut (``durable`` is True).
     A transaction is all or nothing, so a crash at any point leaves all of a batch or none.
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
 import time
@@ -69,7 +68,7 @@ from mqtt_persist.stores._quarantine import quarantine_stamp
 from mqtt_persist.stores.base import SessionInfo, StoreContext
 from mqtt_persist.stores.postgres.connection import Pool, redact
 from mqtt_persist.stores.postgres.lease import PgLeases, fenced_error, locked_error
-from mqtt_persist.stores.postgres.operations import HANDLERS
+from mqtt_persist.stores.postgres.operations import Statement, statements_of
 from mqtt_persist.stores.postgres.rows import (
     INT64_MAX,
     INT64_MIN,
@@ -428,7 +427,7 @@ class PostgresStore(StoreContext):
                             await conn.execute(q.clear_protocol, (cid,))
                         else:
                             await conn.execute(q.create_session, (cid, now, now))
-                        await _apply_rules(conn.cursor(), self._schema, cid, ops)
+                        await conn.execute(_script(conn, statements_of(self._schema, cid, ops)))
                         await conn.execute(q.saved, (now, snapshot.last_seq, cid))
 
     async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
@@ -451,15 +450,15 @@ class PostgresStore(StoreContext):
             token, now = self._leases.token(client_id), self._clock()
             async with self._connection() as conn:
                 with self._owner_errors(client_id, token):
-                    # Not in pipeline mode: see ``operations`` (a paused owner's locks).
-                    async with conn.transaction():
-                        cursor = conn.cursor()
-                        await cursor.execute(q.check_owner, (cid, token))
-                        if not batch:
-                            await cursor.execute(q.touch, (now, cid))
-                        else:
-                            await cursor.execute(q.touch_or_create, (cid, now, now, top, top))
-                            await _apply_rules(cursor, self._schema, cid, batch)
+                    # ONE query of several statements: one transaction, one round trip (see
+                    # ``operations``: why not a pipeline).
+                    statements: list[Statement] = [(q.check_owner, (cid, token))]
+                    if not batch:
+                        statements.append((q.touch, (now, cid)))
+                    else:
+                        statements.append((q.touch_or_create, (cid, now, now, top, top)))
+                        statements += statements_of(self._schema, cid, batch)
+                    await conn.execute(_script(conn, statements))
 
     async def delete(self, client_id: str) -> None:
         """Remove the session's rows (quarantined ones stay; an acquired lease stays held).
@@ -570,9 +569,8 @@ class PostgresStore(StoreContext):
         return removed
 
 
-async def _apply_rules(
-    cursor: psycopg.AsyncCursor[Any], schema: str, cid: bytes, ops: Sequence[Operation]
-) -> None:
-    """Apply operations through :data:`~.operations.HANDLERS`, a run of one type at a time."""
-    for op_type, group in itertools.groupby(ops, type):
-        await HANDLERS[op_type](cursor, schema, cid, list(group))
+def _script(conn: AsyncConnection[Any], statements: Sequence[Statement]) -> bytes:
+    """The statements as one query, their values bound on the client side by psycopg's quoting
+    (the connection's encoding and settings): PostgreSQL runs it as one transaction."""
+    cursor = psycopg.AsyncClientCursor(conn)
+    return ";\n".join([cursor.mogrify(text, params) for text, params in statements]).encode()
