@@ -2,11 +2,11 @@
 
 A store opens at most ``max_connections`` connections, lazily, and lends each to one call at a
 time; a connection that a call left in an unknown state (cancelled mid-query, failed, inside a
-transaction) is closed rather than lent again. Every connection is in autocommit mode (a
-store's transactions are explicit) and gets ``idle_in_transaction_session_timeout``: a
-process paused (SIGSTOP, a debugger) inside one of its transactions holds that transaction's
-row locks, which would block a new owner's takeover; PostgreSQL ends such a transaction after
-the timeout. ``application_name`` names the process (``mqtt_persist pid N``) unless the DSN
+transaction) is closed rather than lent again. Every connection is in autocommit mode (an
+``apply`` is one query, which PostgreSQL runs as one transaction; the other writes use explicit
+transactions) and gets ``idle_in_transaction_session_timeout``: a process paused (SIGSTOP, a
+debugger) inside one of its transactions holds that transaction's row locks, which would block
+a new owner's takeover; PostgreSQL ends such a transaction after the timeout. ``application_name`` names the process (``mqtt_persist pid N``) unless the DSN
 sets one, so ``pg_stat_activity`` shows who is connected.
 
 The DSN's password is never logged nor put in an error message or a ``repr``: :func:`redact`
