@@ -6,8 +6,9 @@ transaction) is closed rather than lent again. Every connection is in autocommit
 ``apply`` is one query, which PostgreSQL runs as one transaction; the other writes use explicit
 transactions) and gets ``idle_in_transaction_session_timeout``: a process paused (SIGSTOP, a
 debugger) inside one of its transactions holds that transaction's row locks, which would block
-a new owner's takeover; PostgreSQL ends such a transaction after the timeout. ``application_name`` names the process (``mqtt_persist pid N``) unless the DSN
-sets one, so ``pg_stat_activity`` shows who is connected.
+a new owner's takeover; PostgreSQL ends such a transaction after the timeout.
+``application_name`` names the process (``mqtt_persist pid N``) unless the DSN sets one, so
+``pg_stat_activity`` shows who is connected.
 
 The DSN's password is never logged nor put in an error message or a ``repr``: :func:`redact`
 gives the DSN without it, :func:`scrub` removes it from a driver's message.

@@ -163,13 +163,11 @@ class Queries:
         self.delete_data = [
             q(f"DELETE FROM {{s}}.{table} WHERE client_id = %s") for table in DATA_TABLES
         ]
-        self.quarantine = [
-            q(
-                "INSERT INTO {s}.quarantine (quarantined_at, reason, client_id, "
-                f"{SESSION_COLUMNS}) SELECT %s, %s, client_id, {SESSION_COLUMNS} "
-                "FROM {s}.sessions WHERE client_id = %s RETURNING qid"
-            ),
-        ]
+        self.quarantine = q(
+            "INSERT INTO {s}.quarantine (quarantined_at, reason, client_id, "
+            f"{SESSION_COLUMNS}) SELECT %s, %s, client_id, {SESSION_COLUMNS} "
+            "FROM {s}.sessions WHERE client_id = %s RETURNING qid"
+        )
         self.quarantine_data = [
             q(
                 f"INSERT INTO {{s}}.quarantine_messages SELECT %s, {MESSAGE_COLUMNS} "

@@ -208,7 +208,7 @@ class PostgresStore(StoreContext):
         """Inside the caller's transaction: move every row of the session to quarantine*."""
         q, cid = self._q, id_bytes(client_id)
         stamp = quarantine_stamp()
-        cursor = await conn.execute(q.quarantine[0], (stamp, reason, cid))
+        cursor = await conn.execute(q.quarantine, (stamp, reason, cid))
         row = await cursor.fetchone()
         if row is None:  # data without a sessions row
             cursor = await conn.execute(q.quarantine_bare, (stamp, reason, cid))
