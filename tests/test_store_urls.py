@@ -23,7 +23,8 @@ def test_every_store_is_importable_from_the_package() -> None:
     assert {"RedisStore", "SQLiteStore", "store_from_url"} <= set(mqtt_persist.__all__)
     # ... and importing the package still needs neither redis-py nor click.
     probe = (
-        "import sys, mqtt_persist; print(sorted(m for m in ('redis', 'click') if m in sys.modules))"
+        "import sys, mqtt_persist, mqtt_persist.cli, mqtt_persist.cli.session_file; "
+        "print(sorted(m for m in ('redis', 'click') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
