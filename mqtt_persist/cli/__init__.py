@@ -4,11 +4,12 @@ The commands need click (``pip install 'mqtt-persist[cli]'``); ``import mqtt_per
 does. :func:`main` is the console script: it says how to install click when it is missing, and
 runs the command otherwise. Modules: ``app`` (the command tree and how errors become exit
 codes), ``exits`` (the exit codes), ``redaction`` (no password in any output), ``render``
-(tables and JSON), ``options`` (options shared by commands), ``sessions`` and ``inspect``
-(``sessions list/show/delete/cleanup``), ``transfer`` and ``session_file`` (``sessions
-export/import`` and their JSON Lines format), ``broker`` (connection options), ``pub``,
-``sub``, ``demo`` (the phase 1-3 demo, also run by examples/persistent_session.py) and
-``running`` (asyncio with Ctrl-C and SIGTERM).
+(tables, JSON, progress bars), ``options`` (options shared by commands), ``access`` (finding a
+session and holding its lease), ``sessions`` and ``inspect`` (``sessions
+list/show/delete/cleanup``), ``transfer`` and ``session_file`` (``sessions export/import`` and
+their JSON Lines format), ``broker`` (connection options), ``pub``, ``sub``, ``demo`` (the phase
+1-3 demo, also run by examples/persistent_session.py) and ``running`` (asyncio with Ctrl-C and
+SIGTERM).
 """
 
 from __future__ import annotations

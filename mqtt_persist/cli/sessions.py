@@ -203,7 +203,7 @@ def delete_command(
         deleted: list[str] = []
         async with opened(store):
             for client_id in client_ids:
-                await find_session_or_expired(store, client_id)
+                await _listed(store, client_id)
                 async with holding(store, client_id):
                     await store.delete(client_id)
                 deleted.append(client_id)
@@ -217,8 +217,8 @@ def delete_command(
             echo(f"deleted session {client_id}")
 
 
-async def find_session_or_expired(store: SessionStore, client_id: str) -> None:
-    """Like ``find_session``, but an expired session counts as found (it can be deleted)."""
+async def _listed(store: SessionStore, client_id: str) -> None:
+    """NO_SESSION unless listed; unlike ``find_session``, an expired session can be deleted."""
     if not any(i.client_id == client_id for i in await store.list_sessions()):
         raise CliError(f"no session {client_id!r} in this store", ExitCode.NO_SESSION)
 
