@@ -58,9 +58,9 @@ from _observer import (
     make_payloads,
 )
 from _wire import BLAST_WINDOW, StandInBroker, blast, encode_publish
-from gmqtt.mqtt.constants import MQTTv311
+from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
-from mqtt_persist import DeliveryOutcome, FileStore, MemoryStore, PersistentClient
+from mqtt_persist import DeliveryOutcome, FileStore, MemoryStore, PersistentClient, ProtocolVersion
 from mqtt_persist.stores import SQLiteStore
 
 #: Seconds without a new arrival after which a run stops waiting for missing messages.
@@ -72,6 +72,9 @@ RUN_TIMEOUT = 60.0
 WINDOW = 100
 #: Publishes per ``asyncio.gather`` in the concurrent rows of ours and aiomqtt.
 CHUNK = 100
+#: The Receive Maximum the benchmark's mosquitto announces to MQTT 5 clients (its
+#: ``max_inflight_messages``, _broker.py): the in-flight window of every MQTT 5 row.
+RECEIVE_MAXIMUM = 20
 #: Bytes per record of the raw write + fdatasync loop: about what FileStore appends for one
 #: 64-byte message (its records measured ~100 B per queued message).
 RAW_RECORD = 100
@@ -201,17 +204,26 @@ def _make_store(kind: StoreKind, workdir: Path) -> MemoryStore | FileStore | SQL
     return MemoryStore()
 
 
-def ours(store_kind: StoreKind, concurrent: bool) -> Driver:
+def ours(
+    store_kind: StoreKind, concurrent: bool, protocol: ProtocolVersion = ProtocolVersion.V311
+) -> Driver:
     """``PersistentClient`` with its defaults (``max_inflight`` = the case's window, 100 = the
-    default). Sequential: ``await publish()`` one message at a time; concurrent: ``gather``
-    ``chunk`` publishes at a time. Then ``drain()`` and
-    wait for every ``Delivery``: "acked" is when the application knows all were acknowledged."""
+    default) over ``protocol``: MQTT 3.1.1 for the rows issue 7 follows (the client's default
+    is ``"auto"``, which speaks MQTT 5 to mosquitto: the ``-v5`` rows). Sequential: ``await
+    publish()`` one message at a time; concurrent: ``gather`` ``chunk`` publishes at a time.
+    Then ``drain()`` and wait for every ``Delivery``: "acked" is when the application knows all
+    were acknowledged. Over MQTT 5 the broker's Receive Maximum (20 here) narrows the window."""
 
     async def drive(ctx: Context) -> None:
         store = _make_store(store_kind, ctx.workdir)
         try:
             async with PersistentClient(
-                HOST, ctx.port, client_id=ctx.client_id, store=store, max_inflight=ctx.window
+                HOST,
+                ctx.port,
+                client_id=ctx.client_id,
+                store=store,
+                max_inflight=ctx.window,
+                protocol=protocol,
             ) as c:
                 await c.wait_connected(10)
                 topic, qos, payloads, chunk = ctx.topic, ctx.qos, ctx.payloads, ctx.chunk
@@ -305,19 +317,25 @@ class _CountingGmqtt(gmqtt.Client):  # type: ignore[misc]
         self.room.set()
 
 
-def _gmqtt() -> Driver:
-    """gmqtt 0.8 (MQTT 3.1.1). Its ``publish()`` is synchronous and only queues the bytes, and
-    gmqtt has no window of its own: a case's window 0 issues all N at once (its natural use), a
-    positive one keeps at most that many flows open, as our client does. "Acked" is when gmqtt's
-    store of unacknowledged messages is empty, i.e. every flow completed."""
+def _gmqtt(version: int = MQTTv311) -> Driver:
+    """gmqtt 0.8 (MQTT 3.1.1, or its MQTT 5 mode). Its ``publish()`` is synchronous and only
+    queues the bytes, and gmqtt has no window of its own: a case's window 0 issues all N at once
+    (its natural use), a positive one keeps at most that many flows open, as our client does.
+    "Acked" is when gmqtt's store of unacknowledged messages is empty, i.e. every flow
+    completed. Over MQTT 5 gmqtt's packet-ID pool is the broker's Receive Maximum less one,
+    and publishing past it raises, so the window is capped there."""
 
     async def drive(ctx: Context) -> None:
         client = _CountingGmqtt(ctx.client_id, clean_session=True)
-        await client.connect(HOST, ctx.port, version=MQTTv311)
+        await client.connect(HOST, ctx.port, version=version)
         try:
             storage = client._persistent_storage
             topic, qos = ctx.topic, ctx.qos
             limit = ctx.window if ctx.window and qos else len(ctx.payloads) + 1
+            if version == MQTTv50 and qos:
+                # gmqtt sizes its packet-ID pool by the broker's Receive Maximum and raises
+                # OverflowError past Receive Maximum - 1 IDs in use: its own cap.
+                limit = min(limit, RECEIVE_MAXIMUM - 1)
             ctx.started()
             for sent, payload in enumerate(ctx.payloads):
                 while sent - client.completed >= limit:
@@ -390,6 +408,9 @@ class Case:
         return f"{self.client} {self.mode} qos{self.qos}"
 
 
+V5 = ProtocolVersion.V5
+
+
 def build_cases(args: argparse.Namespace) -> list[Case]:
     seq, conc = "sequential", f"concurrent/{CHUNK}"
     cases = [
@@ -415,11 +436,29 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
              ours("memory", True)),
         Case("ours-memory-conc-qos0", "ours", "ours MemoryStore", conc, 0, WINDOW,
              ours("memory", True)),
+        # MQTT 5 (issue 8): the same rows over MQTT 5, and a 3.1.1 row with the window MQTT 5
+        # gets from this broker, so that the ratio measures the protocol, not the quota.
+        Case("ours-memory-conc-v5", "ours", "ours MemoryStore, MQTT 5", conc, 1, WINDOW,
+             ours("memory", True, V5)),
+        Case("ours-memory-conc-qos2-v5", "ours", "ours MemoryStore, MQTT 5", conc, 2, WINDOW,
+             ours("memory", True, V5)),
+        Case("ours-file-conc-v5", "ours", "ours FileStore, MQTT 5", conc, 1, WINDOW,
+             ours("file", True, V5)),
+        Case("ours-file-conc-qos2-v5", "ours", "ours FileStore, MQTT 5", conc, 2, WINDOW,
+             ours("file", True, V5)),
+        Case("ours-memory-conc-w20", "ours", "ours MemoryStore, window 20", conc, 1,
+             RECEIVE_MAXIMUM, ours("memory", True)),
+        Case("ours-file-conc-w20", "ours", "ours FileStore, window 20", conc, 1,
+             RECEIVE_MAXIMUM, ours("file", True)),
         Case("aiomqtt-seq", "aiomqtt", "aiomqtt", seq, 1, WINDOW, _in_loop(aiomqtt_sequential)),
         Case("aiomqtt-conc", "aiomqtt", "aiomqtt", conc, 1, WINDOW, _in_loop(aiomqtt_concurrent)),
         Case("gmqtt-window", "gmqtt", "gmqtt", "windowed", 1, WINDOW, _gmqtt()),
         Case("gmqtt-unbounded", "gmqtt", "gmqtt", "all at once", 1, 0, _gmqtt()),
         Case("gmqtt-qos0", "gmqtt", "gmqtt", "all at once", 0, 0, _gmqtt()),
+        Case("gmqtt-window-v5", "gmqtt", "gmqtt, MQTT 5", "windowed", 1, RECEIVE_MAXIMUM - 1,
+             _gmqtt(MQTTv50)),
+        Case("gmqtt-window-qos2-v5", "gmqtt", "gmqtt, MQTT 5", "windowed", 2,
+             RECEIVE_MAXIMUM - 1, _gmqtt(MQTTv50)),
         Case("paho-c-seq", "paho-c", "Paho C, file persistence", "one at a time", 1, 1,
              _paho_c()),
         Case("paho-c-window", "paho-c", "Paho C, file persistence", "windowed", 1, WINDOW,
@@ -654,6 +693,21 @@ RATIOS = [
     Ratio("MemoryStore concurrent / gmqtt, window 100 (acked)", "ours-memory-conc",
           "gmqtt-window", 1.5, "acked"),
     Ratio("QoS 0: MemoryStore concurrent / gmqtt", "ours-memory-conc-qos0", "gmqtt-qos0", 1.0),
+    # Issue 8: MQTT 5 costs at most 10 % against the 3.1.1 path. Over MQTT 5 this broker's
+    # Receive Maximum (20) is the window; the "window 20" rows give 3.1.1 the same window,
+    # so these measure the protocol. The quota's own cost shows in the plain 3.1.1 rows.
+    Ratio("MQTT 5 / 3.1.1, MemoryStore concurrent QoS 1, window 20", "ours-memory-conc-v5",
+          "ours-memory-conc-w20", 0.9),
+    Ratio("MQTT 5 / 3.1.1, MemoryStore concurrent QoS 2", "ours-memory-conc-qos2-v5",
+          "ours-memory-conc-qos2", 0.9),
+    Ratio("MQTT 5 / 3.1.1, FileStore concurrent QoS 1, window 20", "ours-file-conc-v5",
+          "ours-file-conc-w20", 0.9),
+    Ratio("MQTT 5 / 3.1.1, FileStore concurrent QoS 2", "ours-file-conc-qos2-v5",
+          "ours-file-conc-qos2", 0.9),
+    Ratio("MQTT 5: MemoryStore concurrent QoS 1 / gmqtt MQTT 5 (acked)", "ours-memory-conc-v5",
+          "gmqtt-window-v5", 1.0, "acked"),
+    Ratio("MQTT 5: MemoryStore concurrent QoS 2 / gmqtt MQTT 5 (acked)",
+          "ours-memory-conc-qos2-v5", "gmqtt-window-qos2-v5", 1.0, "acked"),
 ]  # fmt: skip
 
 

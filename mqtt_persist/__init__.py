@@ -18,6 +18,7 @@ from mqtt_persist.client import ClientStats, PersistentClient
 from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
 from mqtt_persist.errors import (
     ClientClosed,
+    ClientIdAssigned,
     ConnectionLost,
     ConnectionRefused,
     InvalidClientId,
@@ -31,6 +32,7 @@ from mqtt_persist.errors import (
     PayloadTooLarge,
     ProtocolError,
     QueueFull,
+    ServerDisconnected,
     SessionCorrupt,
     SessionExpired,
     SessionLocked,
@@ -39,7 +41,14 @@ from mqtt_persist.errors import (
     UnsupportedFormatVersion,
 )
 from mqtt_persist.message import DeliveryOutcome, Message
-from mqtt_persist.protocol.packets import Will
+from mqtt_persist.protocol.packets import (
+    Properties,
+    ProtocolVersion,
+    RetainHandling,
+    SubscriptionOptions,
+    Will,
+)
+from mqtt_persist.protocol.reason_codes import ReasonCode
 from mqtt_persist.stores import (
     FileStore,
     MemoryStore,
@@ -55,6 +64,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backoff",
     "ClientClosed",
+    "ClientIdAssigned",
     "ClientStats",
     "Completion",
     "ConnectionLost",
@@ -74,10 +84,15 @@ __all__ = [
     "MqttPersistError",
     "PayloadTooLarge",
     "PersistentClient",
+    "Properties",
     "ProtocolError",
+    "ProtocolVersion",
     "QueueFull",
+    "ReasonCode",
     "RedisStore",
+    "RetainHandling",
     "SQLiteStore",
+    "ServerDisconnected",
     "SessionCorrupt",
     "SessionExpired",
     "SessionInfo",
@@ -85,6 +100,7 @@ __all__ = [
     "SessionStore",
     "StoreError",
     "SubscribeRequest",
+    "SubscriptionOptions",
     "SubscriptionRefused",
     "UnsubscribeRequest",
     "UnsupportedFormatVersion",

@@ -15,7 +15,8 @@ import anyio
 
 from mqtt_persist.errors import SubscriptionRefused
 from mqtt_persist.message import DeliveryOutcome
-from mqtt_persist.protocol.packets import SUBACK_FAILURE
+from mqtt_persist.protocol.packets import SUBACK_FAILURE, PacketType
+from mqtt_persist.protocol.reason_codes import describe_reason_code
 
 T = TypeVar("T")
 
@@ -82,13 +83,19 @@ class Delivery(Completion[DeliveryOutcome]):
     connect of a client with the same id and store).
     """
 
-    __slots__ = ("qos", "seq", "topic")
+    __slots__ = ("qos", "reason_code", "reason_string", "seq", "topic")
 
     def __init__(self, seq: int, topic: str, qos: int) -> None:
         super().__init__()
         self.seq = seq
         self.topic = topic
         self.qos = qos
+        #: With :attr:`DeliveryOutcome.REFUSED`: the MQTT 5 reason code (e.g. 0x87 not
+        #: authorized, 0x97 quota exceeded, 0x95 packet too large); else None.
+        self.reason_code: int | None = None
+        #: With :attr:`DeliveryOutcome.REFUSED`: the broker's Reason String, or our own words
+        #: when the message exceeded what the broker announced it takes.
+        self.reason_string: str | None = None
 
     @property
     def outcome(self) -> DeliveryOutcome | None:
@@ -104,7 +111,8 @@ class SubscribeRequest(Completion[tuple[int, ...]]):
     """A subscribe call; ``await`` it for the QoS the broker granted per filter.
 
     Raises :class:`~mqtt_persist.errors.SubscriptionRefused` if the broker refused any filter
-    (return code 0x80); refused filters are removed from the stored session.
+    (return code 0x80, or any MQTT 5 reason code from 0x80 on); refused filters are removed
+    from the stored session.
     """
 
     __slots__ = ("filters",)
@@ -115,11 +123,19 @@ class SubscribeRequest(Completion[tuple[int, ...]]):
 
     def _complete(self, return_codes: tuple[int, ...]) -> None:
         refused = [
-            f for f, code in zip(self.filters, return_codes, strict=True) if code == SUBACK_FAILURE
+            (f, code)
+            for f, code in zip(self.filters, return_codes, strict=True)
+            if code >= SUBACK_FAILURE
         ]
         if refused:
+            described = ", ".join(
+                f"{f!r} ({describe_reason_code(code, PacketType.SUBACK)})" for f, code in refused
+            )
             self._set_exception(
-                SubscriptionRefused(f"the broker refused the subscription to {refused!r}")
+                SubscriptionRefused(
+                    f"the broker refused the subscription to {described}",
+                    reason_codes={f: code for f, code in refused},
+                )
             )
         else:
             self._set_result(return_codes)

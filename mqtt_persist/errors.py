@@ -32,11 +32,30 @@ class InvalidClientId(InvalidInput):
 
 
 class ProtocolError(MqttPersistError):
-    """The peer sent bytes that are not valid MQTT; the connection is closed."""
+    """The peer sent bytes that are not valid MQTT; the connection is closed.
+
+    ``reason_code`` is the MQTT 5 reason code the client's DISCONNECT gives for it (MQTT 5
+    connections tell the broker why they end: 0x81 malformed packet, 0x82 protocol error,
+    0x93 receive maximum exceeded, ...).
+    """
+
+    #: The DISCONNECT reason code when the raiser gives none.
+    default_reason_code = 0x82
+
+    def __init__(self, *args: object, reason_code: int | None = None) -> None:
+        super().__init__(*args)
+        self._reason_code = reason_code
+
+    @property
+    def reason_code(self) -> int:
+        """The MQTT 5 reason code for the DISCONNECT that ends the connection."""
+        return self._reason_code if self._reason_code is not None else self.default_reason_code
 
 
 class MalformedPacket(ProtocolError):
     """A packet could not be decoded (bad length, bad flags, bad UTF-8, truncated fields)."""
+
+    default_reason_code = 0x81
 
 
 class PacketTooLarge(MalformedPacket):
@@ -46,6 +65,8 @@ class PacketTooLarge(MalformedPacket):
     whole packet's announced size, ``limit`` the decoder's maximum.
     """
 
+    default_reason_code = 0x95
+
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(f"packet of {size} bytes exceeds the maximum packet size {limit}")
         self.size = size
@@ -53,11 +74,29 @@ class PacketTooLarge(MalformedPacket):
 
 
 class ConnectionRefused(MqttPersistError):
-    """The broker answered CONNECT with a non-zero return code."""
+    """The broker answered CONNECT with a non-zero return code (MQTT 5: reason code).
 
-    def __init__(self, return_code: int, message: str) -> None:
-        super().__init__(f"broker refused the connection: {message} (return code {return_code})")
+    ``return_code`` is the 3.1.1 return code or the MQTT 5 reason code (>= 0x80);
+    ``reason_string`` the broker's MQTT 5 Reason String, if it sent one.
+    """
+
+    def __init__(self, return_code: int, message: str, *, reason_string: str | None = None) -> None:
+        code = (
+            f"reason code 0x{return_code:02x}"
+            if return_code >= 0x80
+            else f"return code {return_code}"
+        )
+        detail = f"broker refused the connection: {message} ({code})"
+        if reason_string:
+            detail += f": {reason_string}"
+        super().__init__(detail)
         self.return_code = return_code
+        self.reason_string = reason_string
+
+    @property
+    def reason_code(self) -> int:
+        """MQTT 5's name for ``return_code``."""
+        return self.return_code
 
 
 class ClientClosed(MqttPersistError):
@@ -69,7 +108,14 @@ class QueueFull(MqttPersistError):
 
 
 class SubscriptionRefused(MqttPersistError):
-    """The broker answered a SUBSCRIBE with the failure return code 0x80."""
+    """The broker answered a SUBSCRIBE with a failure code (0x80; MQTT 5: any from 0x80).
+
+    ``reason_codes`` maps each refused filter to the code the broker gave it.
+    """
+
+    def __init__(self, message: str, *, reason_codes: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.reason_codes: dict[str, int] = dict(reason_codes or {})
 
 
 class StoreError(MqttPersistError):
@@ -105,3 +151,60 @@ class ConnectionLost(MqttPersistError):
 
 class KeepaliveTimeout(ConnectionLost):
     """The broker did not answer a PINGREQ in time; the connection is treated as dead."""
+
+
+class ServerDisconnected(ConnectionLost):
+    """The broker ended the connection with an MQTT 5 DISCONNECT and said why.
+
+    ``reason_code`` is its reason code (e.g. 0x8E session taken over, 0x8B server shutting
+    down), ``reason_string`` its Reason String and ``server_reference`` the other server it
+    named, if any. The client reconnects after most reasons (logging this error) and stops
+    after those that reconnecting cannot fix (see :data:`FATAL_DISCONNECT_REASONS`), raising
+    it from ``client.messages`` and ``wait_connected()``; with ``reconnect=False`` it is raised
+    whatever the reason.
+    """
+
+    def __init__(
+        self,
+        reason_code: int,
+        description: str,
+        *,
+        reason_string: str | None = None,
+        server_reference: str | None = None,
+    ) -> None:
+        detail = f"the broker disconnected: {description}"
+        if reason_string:
+            detail += f": {reason_string}"
+        if server_reference:
+            detail += f" (server reference {server_reference!r})"
+        super().__init__(detail)
+        self.reason_code = reason_code
+        self.reason_string = reason_string
+        self.server_reference = server_reference
+
+    @property
+    def fatal(self) -> bool:
+        """Whether reconnecting cannot help, so the client stops."""
+        return self.reason_code in FATAL_DISCONNECT_REASONS
+
+
+#: DISCONNECT reason codes after which the client stops instead of reconnecting: another
+#: connection took the session over (reconnecting would take it back, and so on, for ever),
+#: the client is banned or not authorised, or its authentication method is refused.
+FATAL_DISCONNECT_REASONS = frozenset({0x87, 0x8A, 0x8C, 0x8E})
+
+
+class ClientIdAssigned(MqttPersistError):
+    """The broker assigned the client another identifier, which a persistent session cannot use.
+
+    The stored session is found by its client id at the broker and in the store alike; a
+    broker that replaces the id would strand both. ``assigned`` is the id it assigned.
+    """
+
+    def __init__(self, requested: str, assigned: str) -> None:
+        super().__init__(
+            f"the broker assigned the client identifier {assigned!r} in place of {requested!r}; "
+            "a persistent session needs a stable client id that the broker accepts as it is"
+        )
+        self.requested = requested
+        self.assigned = assigned

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from mqtt_persist.protocol.packets import NO_PROPERTIES, Properties
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -16,6 +18,10 @@ class Message:
     retain: bool = False
     #: The broker flagged it as a possible re-delivery of an earlier PUBLISH.
     dup: bool = False
+    #: MQTT 5: the message's properties (user properties, content type, payload format
+    #: indicator, response topic, correlation data, the remaining message expiry interval, and
+    #: the identifiers of the subscriptions it matched); empty on MQTT 3.1.1.
+    properties: Properties = NO_PROPERTIES
 
 
 class DeliveryOutcome(enum.Enum):
@@ -30,3 +36,11 @@ class DeliveryOutcome(enum.Enum):
     IN_DOUBT = "in_doubt"
     #: Discarded from a full queue (``queue_full="drop_oldest"``); never reached the broker.
     DROPPED = "dropped"
+    #: MQTT 5 Message Expiry Interval: the message expired before it could be sent (queued
+    #: while offline, say), so it was discarded; or, for a QoS 2 message that had been sent
+    #: but not acknowledged, the broker said it never got it (PUBCOMP 0x92).
+    EXPIRED = "expired"
+    #: The broker did not take the message: a PUBACK or PUBREC with a failure reason code
+    #: (MQTT 5), or the message exceeds what the broker announced it accepts (Maximum Packet
+    #: Size, Maximum QoS, Retain Available). ``Delivery.reason_code`` says which.
+    REFUSED = "refused"

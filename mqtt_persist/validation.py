@@ -14,6 +14,8 @@ from mqtt_persist.errors import (
     InvalidTopicFilter,
     PayloadTooLarge,
 )
+from mqtt_persist.protocol.packets import PacketType, Properties
+from mqtt_persist.protocol.properties import encode_properties
 
 #: MQTT strings carry a two-byte length prefix (MQTT 3.1.1 §1.5.3).
 MAX_STRING_BYTES = 65_535
@@ -65,6 +67,8 @@ def validate_topic_filter(topic_filter: object) -> str:
             raise InvalidTopicFilter(
                 f"topic filter {topic_filter!r}: '+' must occupy a whole level"
             )
+    if is_shared_subscription(topic_filter):
+        validate_shared_subscription(topic_filter)
     return topic_filter
 
 
@@ -115,3 +119,106 @@ def validate_client_id(client_id: object, *, clean_session: bool) -> str:
     if "\x00" in client_id:
         raise InvalidClientId("client_id must not contain U+0000 (NUL)")
     return client_id
+
+
+def validate_will_properties(properties: object) -> Properties:
+    """Check a will's MQTT 5 properties (will delay, message expiry, content type, ...)."""
+    if not isinstance(properties, Properties):
+        raise InvalidInput(f"will properties must be a Properties, not {type(properties).__name__}")
+    try:
+        encode_properties(properties, "will")
+    except ValueError as exc:
+        raise InvalidInput(f"will {exc}") from None
+    return properties
+
+
+def validate_publish_properties(
+    properties: object, payload: bytes
+) -> tuple[Properties, bytes, int | None]:
+    """Check MQTT 5 PUBLISH properties; returns them without the Message Expiry Interval, their
+    encoding (what a store keeps), and that interval (seconds, or None).
+
+    Refused: a property PUBLISH may not carry; a Topic Alias (the client sets those up per
+    connection itself, never in the store) or a Subscription Identifier (only the broker sends
+    those); a Message Expiry Interval of 0 (leave it out for a message that never expires); a
+    Response Topic that is not a valid topic name; a Payload Format Indicator of 1 (UTF-8 text)
+    on a payload that is not valid UTF-8, which the broker may answer by disconnecting.
+    """
+    if not isinstance(properties, Properties):
+        raise InvalidInput(f"properties must be a Properties, not {type(properties).__name__}")
+    try:
+        encode_properties(properties, PacketType.PUBLISH)
+    except ValueError as exc:
+        raise InvalidInput(f"publish {exc}") from None
+    if properties.topic_alias is not None:
+        raise InvalidInput(
+            "publish properties must not set topic_alias: topic aliases belong to one "
+            "connection, and the client manages them"
+        )
+    if properties.subscription_identifiers:
+        raise InvalidInput(
+            "publish properties must not set subscription_identifiers: only a broker sends "
+            "them (MQTT 5 §3.3.4)"
+        )
+    expiry = properties.message_expiry_interval
+    if expiry == 0:
+        raise InvalidInput(
+            "message_expiry_interval must be at least 1 second; leave it None for a message "
+            "that never expires"
+        )
+    if properties.response_topic is not None:
+        try:
+            validate_topic(properties.response_topic)
+        except InvalidTopic as exc:
+            raise InvalidInput(f"response_topic: {exc}") from None
+    if properties.payload_format_indicator == 1:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                f"payload_format_indicator=1 says the payload is UTF-8 text, but it is not: "
+                f"{exc.reason} at byte {exc.start}"
+            ) from None
+    if expiry is not None:
+        properties = properties._replace(message_expiry_interval=None)
+    return properties, encode_properties(properties, PacketType.PUBLISH), expiry
+
+
+def _vbi_length(n: int) -> int:
+    return 1 if n < 128 else 2 if n < 16_384 else 3 if n < 2_097_152 else 4
+
+
+def publish_packet_size(
+    topic_bytes: int, payload_bytes: int, qos: int, properties_bytes: int | None
+) -> int:
+    """The size of a whole PUBLISH packet (MQTT 5 when ``properties_bytes`` is not None:
+    the length of the encoded property list), as a Maximum Packet Size measures it."""
+    body = 2 + topic_bytes + (2 if qos else 0) + payload_bytes
+    if properties_bytes is not None:
+        body += _vbi_length(properties_bytes) + properties_bytes
+    return 1 + _vbi_length(body) + body
+
+
+#: ``$share/{ShareName}/{filter}`` (MQTT 5 §4.8.2).
+SHARED_PREFIX = "$share/"
+
+
+def is_shared_subscription(topic_filter: str) -> bool:
+    """Whether the filter names a shared subscription."""
+    return topic_filter.startswith(SHARED_PREFIX)
+
+
+def validate_shared_subscription(topic_filter: str) -> None:
+    """Check a ``$share/group/filter``: a non-empty group without ``/``, ``+`` or ``#``, then a
+    valid, non-empty filter (the whole was already checked as a filter)."""
+    group, slash, inner = topic_filter[len(SHARED_PREFIX) :].partition("/")
+    if not group or "+" in group or "#" in group:
+        raise InvalidTopicFilter(
+            f"shared subscription {topic_filter!r}: the share name after '$share/' must be "
+            "non-empty and must not contain '+' or '#'"
+        )
+    if not slash or not inner:
+        raise InvalidTopicFilter(
+            f"shared subscription {topic_filter!r} needs a topic filter after the share name: "
+            "'$share/<group>/<filter>'"
+        )

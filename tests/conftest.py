@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mqtt_persist.protocol.packets import ProtocolVersion
 from tests.support.broker import BrokerFactory, MosquittoBroker, find_mosquitto
 from tests.support.nats import NatsFactory, NatsServer, nats_server_path
 from tests.support.proxy import FaultProxy, ProxyFactory
@@ -30,6 +31,15 @@ def mosquitto_path() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(
+    params=[ProtocolVersion.V311, ProtocolVersion.V5], ids=lambda v: {4: "v311", 5: "v5"}[v]
+)
+def protocol(request: pytest.FixtureRequest) -> ProtocolVersion:
+    """Each protocol the client speaks: a test taking it runs once over MQTT 3.1.1, once over 5."""
+    version: ProtocolVersion = request.param
+    return version
 
 
 @pytest.fixture

@@ -25,12 +25,16 @@ from mqtt_persist import (
     PersistentClient,
     SessionLocked,
 )
+from mqtt_persist.protocol.packets import ProtocolVersion
 from tests.support.broker import BrokerFactory, MosquittoBroker
 from tests.support.observer import PahoObserver, paho_publish_async
 from tests.support.proxy import FaultProxy, ProxyFactory
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.broker
+
+# Every test here runs over MQTT 3.1.1 and over MQTT 5 (the ``protocol`` fixture, conftest.py):
+# the same guarantees on both.
 
 FAST = Backoff(initial=0.05, maximum=0.3, minimum=0.01)
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +57,13 @@ async def next_message(client: PersistentClient, timeout: float = 10.0) -> Messa
 # --- basics ------------------------------------------------------------------------------------
 
 
-async def test_publish_qos_0_1_2_reach_an_outside_subscriber(broker: MosquittoBroker) -> None:
+async def test_publish_qos_0_1_2_reach_an_outside_subscriber(
+    broker: MosquittoBroker, protocol: ProtocolVersion
+) -> None:
     async with PahoObserver(broker.host, broker.port, "basic/#") as observer:
-        async with client_for(broker, "basic-pub") as client:
+        async with client_for(broker, "basic-pub", protocol=protocol) as client:
             await client.wait_connected(10)
+            assert client.protocol_version is protocol
             deliveries = [
                 await client.publish(f"basic/q{qos}", f"m{qos}".encode(), qos=qos)
                 for qos in (0, 1, 2)
@@ -72,8 +79,10 @@ async def test_publish_qos_0_1_2_reach_an_outside_subscriber(broker: MosquittoBr
         assert got == {("basic/q0", b"m0", 0), ("basic/q1", b"m1", 1), ("basic/q2", b"m2", 2)}
 
 
-async def test_subscribe_and_receive_from_another_publisher(broker: MosquittoBroker) -> None:
-    async with client_for(broker, "sub-1") as client:
+async def test_subscribe_and_receive_from_another_publisher(
+    broker: MosquittoBroker, protocol: ProtocolVersion
+) -> None:
+    async with client_for(broker, "sub-1", protocol=protocol) as client:
         granted = await (await client.subscribe("in/+", qos=2))
         assert granted == (2,)
         await paho_publish_async(broker.host, broker.port, "in/x", [b"hello"], qos=2)
@@ -82,11 +91,13 @@ async def test_subscribe_and_receive_from_another_publisher(broker: MosquittoBro
 
 
 async def test_phase_1_to_3_offline_messages_arrive_after_reconnect(
-    broker: MosquittoBroker, tmp_path: Path
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    protocol: ProtocolVersion,
 ) -> None:
     store = FileStore(tmp_path / "sessions")
     # Phase 1: connect with a fixed id, subscribe, round-trip a test message, disconnect.
-    async with client_for(broker, "phase-demo", store=store) as client:
+    async with client_for(broker, "phase-demo", protocol=protocol, store=store) as client:
         await client.subscribe("persistent/test", qos=1)
         await client.publish("persistent/test", b"phase-1", qos=1)
         message = await next_message(client)
@@ -96,7 +107,7 @@ async def test_phase_1_to_3_offline_messages_arrive_after_reconnect(
     await paho_publish_async(broker.host, broker.port, "persistent/test", payloads, qos=1)
     # Phase 3: reconnect with the same id and store; the broker kept the queued messages.
     received = []
-    async with client_for(broker, "phase-demo", store=store) as client:
+    async with client_for(broker, "phase-demo", protocol=protocol, store=store) as client:
         with anyio.fail_after(10):
             async for message in client.messages:
                 received.append(message.payload)
@@ -106,10 +117,14 @@ async def test_phase_1_to_3_offline_messages_arrive_after_reconnect(
 
 
 async def test_publishing_while_broker_is_down_is_durable_and_sent_later(
-    broker_factory: BrokerFactory, tmp_path: Path
+    broker_factory: BrokerFactory,
+    tmp_path: Path,
+    protocol: ProtocolVersion,
 ) -> None:
     broker = broker_factory(start=False)
-    async with client_for(broker, "offline-pub", store=FileStore(tmp_path / "s")) as client:
+    async with client_for(
+        broker, "offline-pub", protocol=protocol, store=FileStore(tmp_path / "s")
+    ) as client:
         deliveries = [
             await client.publish("down/t", str(i).encode(), qos=1 + i % 2) for i in range(20)
         ]
@@ -122,12 +137,17 @@ async def test_publishing_while_broker_is_down_is_durable_and_sent_later(
 
 
 async def test_offline_publishes_reach_a_subscriber_in_order(
-    broker: MosquittoBroker, proxy_factory: ProxyFactory, tmp_path: Path
+    broker: MosquittoBroker,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+    protocol: ProtocolVersion,
 ) -> None:
     proxy = await proxy_factory(broker)
     proxy.refuse(True)
     async with PahoObserver(broker.host, broker.port, "order/#") as observer:
-        async with client_for(proxy, "order-pub", store=FileStore(tmp_path / "s")) as client:
+        async with client_for(
+            proxy, "order-pub", protocol=protocol, store=FileStore(tmp_path / "s")
+        ) as client:
             for i in range(100):
                 await client.publish(f"order/q{1 + i % 2}", str(i).encode(), qos=1 + i % 2)
             proxy.refuse(False)
@@ -143,12 +163,17 @@ async def test_offline_publishes_reach_a_subscriber_in_order(
 
 
 async def test_connection_cut_while_messages_in_flight_loses_nothing(
-    broker: MosquittoBroker, proxy_factory: ProxyFactory, tmp_path: Path
+    broker: MosquittoBroker,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+    protocol: ProtocolVersion,
 ) -> None:
     proxy = await proxy_factory(broker)
     total = 400
     async with PahoObserver(broker.host, broker.port, "cut/#") as observer:
-        async with client_for(proxy, "cut-pub", store=FileStore(tmp_path / "s")) as client:
+        async with client_for(
+            proxy, "cut-pub", protocol=protocol, store=FileStore(tmp_path / "s")
+        ) as client:
             await client.wait_connected(10)
             for i in range(total):
                 topic, qos = ("cut/q1", 1) if i % 2 == 0 else ("cut/q2", 2)
@@ -167,10 +192,12 @@ async def test_connection_cut_while_messages_in_flight_loses_nothing(
 
 
 async def test_stalled_connection_is_detected_by_keepalive(
-    broker: MosquittoBroker, proxy_factory: ProxyFactory
+    broker: MosquittoBroker,
+    proxy_factory: ProxyFactory,
+    protocol: ProtocolVersion,
 ) -> None:
     proxy = await proxy_factory(broker)
-    async with client_for(proxy, "stall-pub", keepalive=1) as client:
+    async with client_for(proxy, "stall-pub", protocol=protocol, keepalive=1) as client:
         await client.wait_connected(10)
         proxy.stall(True)
         await until(lambda: not client.is_connected, 10, "keepalive to notice the stall")
@@ -183,9 +210,13 @@ async def test_stalled_connection_is_detected_by_keepalive(
 
 
 async def test_broker_restart_without_persistence_restores_subscriptions(
-    broker: MosquittoBroker, tmp_path: Path
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    protocol: ProtocolVersion,
 ) -> None:
-    async with client_for(broker, "resub", store=FileStore(tmp_path / "s")) as client:
+    async with client_for(
+        broker, "resub", protocol=protocol, store=FileStore(tmp_path / "s")
+    ) as client:
         await (await client.subscribe("resub/#", qos=1))
         broker.kill()
         await until(lambda: not client.is_connected, 5, "the client to notice the broker died")
@@ -205,13 +236,18 @@ async def test_broker_restart_without_persistence_restores_subscriptions(
 
 
 async def test_broker_restart_with_persistence_resumes_session(
-    persistent_broker: MosquittoBroker, proxy_factory: ProxyFactory, tmp_path: Path
+    persistent_broker: MosquittoBroker,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+    protocol: ProtocolVersion,
 ) -> None:
     broker = persistent_broker
     async with PahoObserver(
         broker.host, broker.port, "keep/#", client_id="keep-observer", clean_session=False
     ) as observer:
-        async with client_for(broker, "keep-pub", store=FileStore(tmp_path / "s")) as client:
+        async with client_for(
+            broker, "keep-pub", protocol=protocol, store=FileStore(tmp_path / "s")
+        ) as client:
             await client.wait_connected(10)
             for i in range(100):
                 await client.publish("keep/q2", str(i).encode(), qos=2)
@@ -233,14 +269,18 @@ def assert_in_order(payloads: list[bytes]) -> None:
 
 
 async def test_clean_session_deletes_the_stored_session(
-    broker: MosquittoBroker, tmp_path: Path
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    protocol: ProtocolVersion,
 ) -> None:
     store = FileStore(tmp_path / "s")
-    async with client_for(broker, "cleaner", store=store) as client:
+    async with client_for(broker, "cleaner", protocol=protocol, store=store) as client:
         await client.subscribe("clean/#", qos=1)
     async with store:
         assert await store.exists("cleaner")
-    async with client_for(broker, "cleaner", store=store, clean_session=True) as client:
+    async with client_for(
+        broker, "cleaner", protocol=protocol, store=store, clean_session=True
+    ) as client:
         assert client.stats.queued == 0
     async with store:
         state = await store.load("cleaner")
@@ -249,21 +289,28 @@ async def test_clean_session_deletes_the_stored_session(
 
 async def test_refused_connection_is_fatal_and_surfaces(
     broker_factory: BrokerFactory,
+    protocol: ProtocolVersion,
 ) -> None:
     broker = broker_factory(extra_config="allow_anonymous false\n")
-    async with client_for(broker, "refused") as client:
+    async with client_for(broker, "refused", protocol=protocol) as client:
         with pytest.raises(ConnectionRefused) as info, anyio.fail_after(10):
             async for _ in client.messages:
                 pass
-        assert info.value.return_code == 5
+        # 3.1.1's return code 5 and MQTT 5's reason code 0x87 both say "not authorized".
+        assert (
+            info.value.return_code == {ProtocolVersion.V311: 5, ProtocolVersion.V5: 0x87}[protocol]
+        )
 
 
 async def test_reconnect_false_raises_when_broker_unreachable(
     broker_factory: BrokerFactory,
+    protocol: ProtocolVersion,
 ) -> None:
     broker: MosquittoBroker = broker_factory(start=False)
     with pytest.raises(ConnectionLost):
-        async with client_for(broker, "once", reconnect=False, connect_timeout=2):
+        async with client_for(
+            broker, "once", protocol=protocol, reconnect=False, connect_timeout=2
+        ):
             pass
 
 
@@ -278,10 +325,12 @@ async def test_second_client_with_same_id_and_store_is_locked_out(
 
 
 async def test_every_log_record_carries_the_client_id(
-    broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
+    broker: MosquittoBroker,
+    caplog: pytest.LogCaptureFixture,
+    protocol: ProtocolVersion,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="mqtt_persist")
-    async with client_for(broker, "logged-1", store=MemoryStore()) as client:
+    async with client_for(broker, "logged-1", protocol=protocol, store=MemoryStore()) as client:
         await client.wait_connected(10)
     records = [r for r in caplog.records if r.name.startswith("mqtt_persist")]
     assert records
@@ -293,14 +342,16 @@ async def test_every_log_record_carries_the_client_id(
 
 
 async def test_busy_file_store_client_sends_and_delivers_nothing_twice(
-    broker: MosquittoBroker, tmp_path: Path
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    protocol: ProtocolVersion,
 ) -> None:
     """With one connection and no fault, any duplicate is a bug (once: packets produced while
     the flusher awaited a commit left twice, and inbound QoS 2 reached the app twice)."""
     total = 1500
     async with (
         PahoObserver(broker.host, broker.port, "busy/out", qos=2) as observer,
-        client_for(broker, "busy", store=FileStore(tmp_path / "s")) as client,
+        client_for(broker, "busy", protocol=protocol, store=FileStore(tmp_path / "s")) as client,
     ):
         await (await client.subscribe("busy/in", qos=2))
         inbound = asyncio.create_task(

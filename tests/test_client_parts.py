@@ -24,12 +24,13 @@ from mqtt_persist import (
 )
 from mqtt_persist.client.options import ClientOptions
 from mqtt_persist.client.signals import CommitTicket, Signal
-from mqtt_persist.protocol.packets import ConnAck, Connect, PubAck, Publish
+from mqtt_persist.protocol.packets import ConnAck, Connect, ProtocolVersion, PubAck, Publish
 from mqtt_persist.session.state import MessageAdded, MessageRemoved, Operation
 from tests.support.fake_broker import FakeConnection, ScriptedBroker
 from tests.support.waiting import until
 
 FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
+V311 = ProtocolVersion.V311
 
 
 # --- options -----------------------------------------------------------------------------------
@@ -162,7 +163,9 @@ async def test_server_unavailable_is_retried_and_not_fatal(
 
     async with (
         ScriptedBroker(script) as fake,
-        PersistentClient(fake.host, fake.port, client_id="busy-broker", backoff=FAST) as client,
+        PersistentClient(
+            fake.host, fake.port, client_id="busy-broker", backoff=FAST, protocol=V311
+        ) as client,
     ):
         await client.wait_connected(10)
         assert client.stats.connections == 1

@@ -2,8 +2,9 @@
 
 A child process publishes 500 QoS 1 and 500 QoS 2 messages, printing each one ``publish()``
 returned for; it is killed with SIGKILL at random moments (20 cycles) and restarted on the same
-store. An independent paho subscriber counts: nothing reported as accepted may be lost, no QoS 2
-message may arrive twice, and each topic's messages arrive in order.
+store, over MQTT 3.1.1 and over MQTT 5. An independent paho subscriber counts: nothing reported
+as accepted may be lost, no QoS 2 message may arrive twice, and each topic's messages arrive in
+order.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mqtt_persist.protocol.packets import ProtocolVersion
 from tests.support.broker import MosquittoBroker
 from tests.support.crash import run_kill_cycles
 
@@ -35,7 +37,7 @@ def store_spec(kind: str, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("kind", ["file", "sqlite", "redis"])
 def test_sigkill_cycles_lose_nothing_and_duplicate_no_qos2(
-    kind: str, broker: MosquittoBroker, tmp_path: Path
+    kind: str, broker: MosquittoBroker, tmp_path: Path, protocol: ProtocolVersion
 ) -> None:
     figures = run_kill_cycles(
         broker.host,
@@ -43,6 +45,7 @@ def test_sigkill_cycles_lose_nothing_and_duplicate_no_qos2(
         store_spec(kind, tmp_path),
         cycles=CYCLES,
         seed=int(os.environ.get("KILL_SEED", "1")),
+        protocol=protocol,
     )
     print(figures)
     assert figures.accepted == 1000

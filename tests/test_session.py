@@ -536,7 +536,7 @@ def test_any_event_sequence_replays_to_the_same_state(
             s.unsubscribe([action[1]])  # type: ignore[list-item]
         elif kind == "suback" and s.connection_state is not ConnectionState.DISCONNECTED:
             for packet_id, pairs in list(s._subscriptions.subscribe_packets.items()):
-                s.receive(SubAck(packet_id, [q for _, q in pairs]))
+                s.receive(SubAck(packet_id, [sub.qos for sub in pairs]))
             for packet_id in list(s._subscriptions.unsubscribe_packets):
                 s.receive(UnsubAck(packet_id))
         elif kind == "drop":

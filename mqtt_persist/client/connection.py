@@ -11,23 +11,51 @@ the first connection is the only one and losing it stops the client.
 Whether a CONNACK is refused is decided by the session alone (it answers a non-zero return code
 by going back to DISCONNECTED); the reader turns that decision into :class:`ConnectionRefused`,
 and the supervisor decides whether retrying can help.
+
+The protocol: each connection speaks MQTT 3.1.1 or MQTT 5, as ``options.protocol`` says. With
+``"auto"`` the first attempt speaks 5, and a broker that does not speak it is recognised by
+its answer to that CONNECT: a CONNACK in the 3.1.1 form with return code 1 (unacceptable
+protocol version; nats-server 2.9 does this), an MQTT 5 CONNACK with 0x84 (unsupported protocol
+version), or the connection closed before any CONNACK (RabbitMQ 3.10 does this; a TCP
+connection that cannot even open, or a CONNACK that does not come in time, says nothing about
+the protocol and is retried as usual). The next attempt, at once, speaks 3.1.1, and so does
+every later connection of this client: a broker does not learn MQTT 5 while we are connected.
+An MQTT 5 connection that ends over a protocol error tells the broker why (DISCONNECT with a
+reason code); a broker's DISCONNECT is turned into :class:`ServerDisconnected`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import anyio
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
 from mqtt_persist.client.options import ClientOptions
 from mqtt_persist.client.signals import Signal
-from mqtt_persist.errors import ConnectionLost, ConnectionRefused, KeepaliveTimeout, ProtocolError
+from mqtt_persist.errors import (
+    ClientIdAssigned,
+    ConnectionLost,
+    ConnectionRefused,
+    KeepaliveTimeout,
+    ProtocolError,
+    ServerDisconnected,
+)
 from mqtt_persist.log import ClientLogger
 from mqtt_persist.protocol.codec import Decoder, encode
-from mqtt_persist.protocol.packets import ConnAck, ConnectReturnCode, Packet
+from mqtt_persist.protocol.packets import (
+    MQTT_3_1_1,
+    MQTT_5,
+    ConnAck,
+    ConnectReturnCode,
+    Disconnect,
+    Packet,
+    PacketType,
+)
+from mqtt_persist.protocol.reason_codes import ReasonCode, describe_reason_code
 from mqtt_persist.session.machine import ConnectionState, Session
 from mqtt_persist.transport import open_stream
 
@@ -38,6 +66,14 @@ _FATAL_REFUSALS = {
     ConnectReturnCode.BAD_USERNAME_OR_PASSWORD,
     ConnectReturnCode.NOT_AUTHORIZED,
 }
+#: MQTT 5 CONNACK reason codes after which retrying the same CONNECT cannot succeed (the
+#: others: unspecified error, implementation specific, server unavailable or busy, quota or
+#: connection rate exceeded, use another server, server moved, are retried with backoff).
+_FATAL_REFUSALS_V5 = frozenset(
+    {
+        0x81, 0x82, 0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x95, 0x99, 0x9A, 0x9B,
+    }
+)  # fmt: skip
 _REFUSAL_TEXT = {
     1: "unacceptable protocol version",
     2: "client identifier rejected",
@@ -58,6 +94,10 @@ _CONNECTION_ERRORS = (
 _READ_SIZE = 65536
 
 
+class _NotMqtt5(Exception):
+    """The broker refused an MQTT 5 CONNECT in a way that says it does not speak MQTT 5."""
+
+
 class ConnectionSupervisor:
     """Keeps the client connected (or, with ``reconnect=False``, connected once)."""
 
@@ -71,6 +111,7 @@ class ConnectionSupervisor:
         wake_flusher: Callable[[], None],
         fail: Callable[[BaseException], None],
         closing: Callable[[], bool],
+        on_granted_expiry: Callable[[int], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self._session = session
         self._options = options
@@ -87,6 +128,12 @@ class ConnectionSupervisor:
         self._ready_once = False
         # Why the keepalive ended the current connection (its reader only sees a closed stream).
         self._connection_error: BaseException | None = None
+        self._on_granted_expiry = on_granted_expiry
+        #: The protocol of the next connection attempt (``"auto"`` moves it to 3.1.1 for good
+        #: once a broker shows that it does not speak MQTT 5).
+        self.next_protocol = options.first_protocol
+        # The protocol of the current connection, for encoding what the flusher sends.
+        self._version = self.next_protocol
 
     # --- the two ways to run -----------------------------------------------------------------
 
@@ -97,11 +144,22 @@ class ConnectionSupervisor:
         while not self._closing():
             try:
                 await self._connect_once()
+            except _NotMqtt5 as exc:
+                self._fall_back(exc)
+                continue  # at once: the broker is there, it only wants 3.1.1
             except ConnectionRefused as exc:
-                if exc.return_code in _FATAL_REFUSALS:
+                if self._fatal_refusal(exc):
                     self._fail(exc)
                     return
                 self._log.warning("%s; retrying", exc)
+            except ClientIdAssigned as exc:
+                self._fail(exc)
+                return
+            except ServerDisconnected as exc:
+                if exc.fatal:
+                    self._fail(exc)
+                    return
+                self._log.warning("%s; reconnecting", exc)
             except _CONNECTION_ERRORS as exc:
                 if self._closing():
                     return
@@ -127,7 +185,11 @@ class ConnectionSupervisor:
         (to ``PersistentClient.__aenter__``).
         """
         try:
-            await self._connect_once(task_status=task_status)
+            try:
+                await self._connect_once(task_status=task_status)
+            except _NotMqtt5 as exc:
+                self._fall_back(exc)
+                await self._connect_once(task_status=task_status)
         except Exception as exc:
             if not self._ready_once:
                 raise
@@ -136,6 +198,20 @@ class ConnectionSupervisor:
         else:
             if not self._closing():
                 self._fail(ConnectionLost("connection lost"))
+
+    def _fall_back(self, reason: _NotMqtt5) -> None:
+        self.next_protocol = MQTT_3_1_1
+        self._log.info("the broker does not speak MQTT 5 (%s); using MQTT 3.1.1", reason)
+
+    def _fatal_refusal(self, exc: ConnectionRefused) -> bool:
+        if self._version == MQTT_5 and exc.return_code >= 0x80:
+            return exc.return_code in _FATAL_REFUSALS_V5
+        return exc.return_code in _FATAL_REFUSALS
+
+    @property
+    def protocol_version(self) -> int:
+        """The protocol of the current connection, or of the last one attempted."""
+        return self._version
 
     # --- what the flusher and the client use -------------------------------------------------
 
@@ -148,7 +224,8 @@ class ConnectionSupervisor:
         stream = self._stream
         if stream is None or self._generation != generation:
             return
-        data = b"".join([encode(packet) for packet in packets])
+        version = self._version
+        data = b"".join([encode(packet, version) for packet in packets])
         try:
             await stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -174,9 +251,10 @@ class ConnectionSupervisor:
             options.hostname, options.port, tls=options.tls, timeout=options.connect_timeout
         )
         self._stream = stream
+        self._version = version = self.next_protocol
         try:
             connected_at = anyio.current_time()
-            self._generation = session.connect(connected_at)
+            self._generation = session.connect(connected_at, version)
             self._wake_flusher()
             error: Exception | None = None
             async with anyio.create_task_group() as tasks:
@@ -187,6 +265,11 @@ class ConnectionSupervisor:
                         deadline=connected_at + options.connect_timeout
                     ) as connack_deadline:
                         await self._read_loop(stream, connack_deadline, tasks, task_status)
+                except ProtocolError as exc:
+                    error = exc
+                    if version == MQTT_5:
+                        # Tell the broker why; best effort, the connection ends either way.
+                        await _say_goodbye(stream, exc.reason_code)
                 except Exception as exc:
                     error = exc
                 if connack_deadline.cancelled_caught:
@@ -208,8 +291,10 @@ class ConnectionSupervisor:
         task_status: TaskStatus[None],
     ) -> None:
         """Feed the session until the connection ends (it only ends by raising)."""
-        session = self._session
-        decoder = Decoder()
+        session, options = self._session, self._options
+        version = self._version
+        limit = options.max_packet_size if version == MQTT_5 else None
+        decoder = Decoder(protocol_version=version, **({"max_packet_size": limit} if limit else {}))
         wake_flusher = self._wake_flusher
         awaiting_connack = True
         started = False
@@ -217,16 +302,21 @@ class ConnectionSupervisor:
             try:
                 data = await stream.receive(_READ_SIZE)
             except anyio.EndOfStream:
+                if awaiting_connack and version == MQTT_5 and options.protocol == "auto":
+                    raise _NotMqtt5("it closed the connection without answering CONNECT") from None
                 raise ConnectionLost("the broker closed the connection") from None
             for packet in decoder.feed(data):
                 session.receive(packet)
                 if session.connection_state is ConnectionState.DISCONNECTED:
-                    raise _refusal(packet)
+                    raise self._refusal(packet)
             if awaiting_connack and session.connection_state is not ConnectionState.CONNECTING:
                 awaiting_connack = False
                 connack_deadline.deadline = math.inf
-                if self._options.keepalive:
+                if session.terms.keepalive:
                     tasks.start_soon(self._keepalive_loop, name="mqtt_persist keepalive")
+                granted = session.terms.session_expiry_interval
+                if granted is not None and self._on_granted_expiry is not None:
+                    tasks.start_soon(self._on_granted_expiry, granted)
             if not started and session.connection_state is ConnectionState.READY:
                 started = True
                 self._ready_once = True
@@ -251,14 +341,32 @@ class ConnectionSupervisor:
             self._connection_error = exc
             await self.drop()
 
+    def _refusal(self, packet: Packet) -> Exception:
+        """Why the session hung up while reading ``packet``: it refused this CONNACK."""
+        match packet:
+            case ConnAck(return_code=code, properties=props):
+                if self._version == MQTT_5 and code >= 0x80:
+                    # "Not authorized (0x87)" -> "not authorized": the error adds the code.
+                    name = describe_reason_code(code, PacketType.CONNACK).rsplit(" (", 1)[0]
+                    text = name[:1].lower() + name[1:]
+                else:
+                    text = _REFUSAL_TEXT.get(code, "unknown reason")
+                unsupported = (
+                    ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION,
+                    ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
+                )
+                auto = self._options.protocol == "auto"
+                if auto and self._version == MQTT_5 and code in unsupported:
+                    return _NotMqtt5(f"CONNACK {text}")
+                return ConnectionRefused(code, text, reason_string=props.reason_string)
+            case _:  # the session leaves a connection by itself on nothing else
+                return ProtocolError(f"the session dropped the connection at {packet!r}")
 
-def _refusal(packet: Packet) -> Exception:
-    """Why the session hung up while reading ``packet``: it refused this CONNACK."""
-    match packet:
-        case ConnAck(return_code=code):
-            return ConnectionRefused(code, _REFUSAL_TEXT.get(code, "unknown reason"))
-        case _:  # the session leaves a connection by itself on nothing else
-            return ProtocolError(f"the session dropped the connection at {packet!r}")
+
+async def _say_goodbye(stream: ByteStream, reason_code: int) -> None:
+    """Write an MQTT 5 DISCONNECT with ``reason_code``; never raises, never waits long."""
+    with anyio.move_on_after(1.0), contextlib.suppress(Exception):
+        await stream.send(encode(Disconnect(reason_code), MQTT_5))
 
 
 def describe(exc: BaseException) -> str:

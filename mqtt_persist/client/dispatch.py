@@ -16,7 +16,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from mqtt_persist.client.signals import Signal
-from mqtt_persist.completion import Delivery, SubscribeRequest, UnsubscribeRequest
+from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
 from mqtt_persist.log import ClientLogger
 from mqtt_persist.message import DeliveryOutcome, Message
 from mqtt_persist.session.events import (
@@ -25,7 +25,9 @@ from mqtt_persist.session.events import (
     ConnectRefused,
     Event,
     MessageReceived,
+    Notice,
     PublishCompleted,
+    PublishRefused,
     SubscribeCompleted,
     UnsubscribeCompleted,
 )
@@ -45,6 +47,10 @@ class EventDispatcher:
         self.ready = Signal()
         #: Successful connections (the first one included).
         self.connections = 0
+        #: CONNACK's Session Present of the last successful connection (None before one).
+        self.session_present: bool | None = None
+        #: ``request()`` calls waiting for their response, by correlation data.
+        self.responses: dict[bytes, Completion[Message]] = {}
         # Unbounded, like the session's own queues: the application reads at its own pace,
         # and a bound here would stall the flusher and with it every publish.
         self._send_message, self._messages = anyio.create_memory_object_stream[Message](math.inf)
@@ -56,6 +62,8 @@ class EventDispatcher:
                 case PublishCompleted():
                     self._publish_completed(event)
                 case MessageReceived(message=message):
+                    if self.responses and self._answers_a_request(message):
+                        continue
                     # After the client stopped, ``messages`` has ended: nobody would read it.
                     with contextlib.suppress(anyio.ClosedResourceError):
                         self._send_message.send_nowait(message)
@@ -71,6 +79,10 @@ class EventDispatcher:
                     # The connection supervisor ends the connection the moment the session
                     # refuses a CONNACK (connection.py); there is nothing left to resolve.
                     pass
+                case PublishRefused():
+                    self._publish_refused(event)
+                case Notice(text=text):
+                    self._log.warning("%s", text)
                 case Anomaly(text=text):
                     self._log.warning("broker anomaly: %s", text)
 
@@ -88,19 +100,49 @@ class EventDispatcher:
                 "QoS 2 message seq %d is in doubt: the broker lost its session after PUBREC",
                 event.seq,
             )
+        elif outcome is DeliveryOutcome.EXPIRED:
+            self._log.warning(
+                "message seq %d (topic %r) expired before the broker took it; discarded",
+                event.seq,
+                delivery.topic if delivery else "?",
+            )
         if delivery is not None:
             delivery._set_result(outcome)
+
+    def _answers_a_request(self, message: Message) -> bool:
+        """Hand a response to the ``request()`` waiting for its correlation data, if any."""
+        correlation = message.properties.correlation_data
+        waiter = self.responses.pop(correlation, None) if correlation is not None else None
+        if waiter is None:
+            return False
+        waiter._set_result(message)
+        return True
+
+    def _publish_refused(self, event: PublishRefused) -> None:
+        delivery = self.deliveries.pop(event.seq, None)
+        self._log.warning(
+            "message seq %d (topic %r) refused, reason code 0x%02x: %s; discarded",
+            event.seq,
+            delivery.topic if delivery else "?",
+            event.reason_code,
+            event.reason_string or "no reason given",
+        )
+        if delivery is not None:
+            delivery.reason_code = event.reason_code
+            delivery.reason_string = event.reason_string
+            delivery._set_result(DeliveryOutcome.REFUSED)
 
     def _subscribe_completed(self, event: SubscribeCompleted) -> None:
         request = self.requests.pop(event.token, None)
         if isinstance(request, SubscribeRequest):
             request._complete(event.return_codes)
-        refused = [c for c in event.return_codes if c == 0x80]
+        refused = [c for c in event.return_codes if c >= 0x80]
         if refused:
             self._log.warning("broker refused %d subscription filter(s)", len(refused))
 
     def _connection_ready(self, event: ConnectionReady) -> None:
         self.connections += 1
+        self.session_present = event.session_present
         if not event.session_present and (event.requeued or event.in_doubt):
             self._log.warning(
                 "broker had lost the session: %d message(s) published again, "
@@ -132,5 +174,7 @@ class EventDispatcher:
             delivery._set_exception(error)
         for request in self.requests.values():
             request._set_exception(error)
+        for waiter in self.responses.values():
+            waiter._set_exception(error)
         self.end_messages()
         self._messages.close()

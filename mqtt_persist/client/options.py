@@ -6,17 +6,28 @@ fails at ``PersistentClient(...)`` with a message naming it, never half way into
 
 from __future__ import annotations
 
+import math
 import ssl
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mqtt_persist.backoff import Backoff
 from mqtt_persist.errors import InvalidInput
-from mqtt_persist.protocol.packets import Will
+from mqtt_persist.protocol.codec import MAX_PACKET_SIZE
+from mqtt_persist.protocol.packets import MQTT_3_1_1, MQTT_5, ProtocolVersion, Will
+from mqtt_persist.session.config import NEVER_EXPIRES
 from mqtt_persist.session.machine import QueueFullPolicy, SessionConfig
-from mqtt_persist.validation import validate_client_id, validate_qos, validate_topic
+from mqtt_persist.validation import (
+    validate_client_id,
+    validate_qos,
+    validate_topic,
+    validate_will_properties,
+)
 
 CorruptPolicy = Literal["raise", "start_clean"]
+#: ``ProtocolVersion.V311``, ``ProtocolVersion.V5``, or ``"auto"``: MQTT 5, falling back to
+#: 3.1.1 when the broker does not speak 5.
+ProtocolChoice = ProtocolVersion | Literal["auto"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +60,10 @@ class ClientOptions:
     session_expiry: float | None = None
     cleanup_interval: float | None = 300.0
     on_corrupt: CorruptPolicy = "raise"
+    protocol: ProtocolChoice = "auto"
+    receive_maximum: int | None = None
+    max_packet_size: int | None = None
+    topic_alias_maximum: int = 16
     #: The stdlib logger the client writes through (``logger.name`` of the client's argument).
     logger_name: str = "mqtt_persist"
 
@@ -72,9 +87,36 @@ class ClientOptions:
             )
         if self.max_payload_size is not None and self.max_payload_size < 0:
             raise InvalidInput("max_payload_size must not be negative")
+        protocol = self.protocol
+        if protocol != "auto" and protocol not in (MQTT_3_1_1, MQTT_5):
+            raise InvalidInput(
+                "protocol must be ProtocolVersion.V311, ProtocolVersion.V5 or 'auto', "
+                f"not {protocol!r}"
+            )
         if self.will is not None:
             validate_topic(self.will.topic)
             validate_qos(self.will.qos)
+            if self.will.properties and protocol == MQTT_3_1_1:
+                raise InvalidInput("will properties need MQTT 5, not protocol=ProtocolVersion.V311")
+            validate_will_properties(self.will.properties)
+        receive_maximum = self.receive_maximum
+        if receive_maximum is not None and (
+            not isinstance(receive_maximum, int) or not 1 <= receive_maximum <= 65535
+        ):
+            raise InvalidInput(
+                f"receive_maximum must be in 1..65535 or None, not {receive_maximum!r}"
+            )
+        packet_size = self.max_packet_size
+        if packet_size is not None and (
+            not isinstance(packet_size, int) or not 64 <= packet_size <= MAX_PACKET_SIZE
+        ):
+            raise InvalidInput(
+                f"max_packet_size must be in 64..{MAX_PACKET_SIZE} bytes or None, "
+                f"not {packet_size!r}"
+            )
+        aliases = self.topic_alias_maximum
+        if not isinstance(aliases, int) or not 0 <= aliases <= 65535:
+            raise InvalidInput(f"topic_alias_maximum must be in 0..65535, not {aliases!r}")
         limit = self.queue_memory_limit
         if not isinstance(limit, int) or limit < 0:
             raise InvalidInput(
@@ -97,6 +139,26 @@ class ClientOptions:
         # 0 has always meant "never" here, like None: an expiry of zero would expire at once.
         return self.session_expiry or None
 
+    @property
+    def session_expiry_interval(self) -> int:
+        """The MQTT 5 Session Expiry Interval CONNECT asks for.
+
+        A clean session ends with its connection (0); a persistent one lives as long as
+        ``session_expiry`` says, and for ever (0xFFFFFFFF) when that is None or 0, which is
+        what a 3.1.1 broker does with a persistent session.
+        """
+        if self.clean_session:
+            return 0
+        expires_after = self.expires_after
+        if expires_after is None:
+            return NEVER_EXPIRES
+        return min(NEVER_EXPIRES - 1, max(1, math.ceil(expires_after)))
+
+    @property
+    def first_protocol(self) -> int:
+        """The protocol the first connection attempt speaks."""
+        return MQTT_3_1_1 if self.protocol == MQTT_3_1_1 else MQTT_5
+
     def session_config(self) -> SessionConfig:
         """The part of the settings the sans-IO session machine needs."""
         password = self.password
@@ -112,4 +174,9 @@ class ClientOptions:
             max_queued=self.max_queued or 0,
             queue_full=self.queue_full,
             queue_memory_limit=self.queue_memory_limit,
+            protocol_version=self.first_protocol,
+            session_expiry_interval=self.session_expiry_interval,
+            receive_maximum=self.receive_maximum,
+            max_packet_size=self.max_packet_size,
+            topic_alias_maximum=self.topic_alias_maximum,
         )

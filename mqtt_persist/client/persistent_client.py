@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -33,20 +35,40 @@ from mqtt_persist.backoff import Backoff
 from mqtt_persist.client.connection import ConnectionSupervisor
 from mqtt_persist.client.dispatch import EventDispatcher
 from mqtt_persist.client.flusher import Flusher
-from mqtt_persist.client.options import ClientOptions
+from mqtt_persist.client.options import ClientOptions, ProtocolChoice
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.client.storage import SessionStatus, SessionStorage
-from mqtt_persist.completion import Delivery, SubscribeRequest, UnsubscribeRequest
-from mqtt_persist.errors import ClientClosed, ConnectionLost, InvalidInput, QueueFull, StoreError
+from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
+from mqtt_persist.errors import (
+    ClientClosed,
+    ConnectionLost,
+    InvalidInput,
+    PayloadTooLarge,
+    QueueFull,
+    StoreError,
+)
 from mqtt_persist.log import LOGGER_NAME, client_logger
 from mqtt_persist.message import Message
-from mqtt_persist.protocol.packets import Will
+from mqtt_persist.protocol.packets import (
+    MQTT_3_1_1,
+    MQTT_5,
+    NO_PROPERTIES,
+    Properties,
+    ProtocolVersion,
+    RetainHandling,
+    SubscriptionOptions,
+    Will,
+)
 from mqtt_persist.session.machine import ConnectionState, QueueFullPolicy, Session
+from mqtt_persist.session.state import StoredSubscription
 from mqtt_persist.stores.base import SessionStore
 from mqtt_persist.stores.memory import MemoryStore
 from mqtt_persist.validation import (
     coerce_payload,
+    is_shared_subscription,
     max_payload_for,
+    publish_packet_size,
+    validate_publish_properties,
     validate_qos,
     validate_topic,
     validate_topic_filter,
@@ -69,10 +91,15 @@ class ClientStats:
     duplicates_suppressed: int
     #: Successful connections (the first one included).
     connections: int
+    #: Messages whose MQTT 5 Message Expiry Interval passed before the broker took them.
+    expired: int = 0
+    #: Messages the broker refused (MQTT 5 PUBACK/PUBREC reason codes) or announced it cannot
+    #: take (Maximum Packet Size, Maximum QoS, Retain Available).
+    refused: int = 0
 
 
 class PersistentClient:
-    """An asyncio MQTT 3.1.1 client whose session survives restarts, crashes and outages.
+    """An asyncio MQTT 5 and 3.1.1 client whose session survives restarts, crashes and outages.
 
     Use it as an async context manager. Entering opens the store, takes the ownership lease of
     ``client_id``'s stored session, restores it, and starts connecting in the background (with
@@ -116,6 +143,21 @@ class PersistentClient:
         on_corrupt: unreadable stored data raises :class:`SessionCorrupt` (``"raise"``) or
             starts a new session after logging it loudly (``"start_clean"``); either way the
             damaged data is kept aside by the store, never deleted.
+        protocol: ``ProtocolVersion.V5``, ``ProtocolVersion.V311``, or ``"auto"`` (the
+            default): MQTT 5, and MQTT 3.1.1 from the moment a broker shows it does not speak 5
+            (it answers the MQTT 5 CONNECT with "unacceptable protocol version", or closes the
+            connection without answering). :attr:`protocol_version` tells which one is in use.
+            On MQTT 5 ``clean_session`` and ``session_expiry`` become Clean Start and the
+            Session Expiry Interval, the broker's Receive Maximum bounds the in-flight window
+            (in place of ``max_inflight_qos2``), and publish properties, subscription options,
+            message expiry and reason codes work; see the README's MQTT 5 section.
+        receive_maximum: MQTT 5: how many QoS 1/2 messages the broker may leave
+            unacknowledged with this client (None: no limit announced, i.e. 65,535). A broker
+            that sends more ends the connection with DISCONNECT 0x93.
+        max_packet_size: MQTT 5: the largest packet this client accepts, announced in CONNECT
+            so that the broker never sends a larger one (None: the protocol's 256 MB).
+        topic_alias_maximum: MQTT 5: how many topic aliases the broker may set up on a
+            connection to this client (0: none); aliases are resolved before ``messages``.
         logger: log through this logger's name instead of ``"mqtt_persist"``.
     """
 
@@ -144,6 +186,10 @@ class PersistentClient:
         session_expiry: float | None = None,
         cleanup_interval: float | None = 300.0,
         on_corrupt: Literal["raise", "start_clean"] = "raise",
+        protocol: ProtocolChoice = "auto",
+        receive_maximum: int | None = None,
+        max_packet_size: int | None = None,
+        topic_alias_maximum: int = 16,
         logger: logging.Logger | None = None,
     ) -> None:
         options = ClientOptions(
@@ -168,6 +214,10 @@ class PersistentClient:
             session_expiry=session_expiry,
             cleanup_interval=cleanup_interval,
             on_corrupt=on_corrupt,
+            protocol=protocol,
+            receive_maximum=receive_maximum,
+            max_packet_size=max_packet_size,
+            topic_alias_maximum=topic_alias_maximum,
             logger_name=logger.name if logger else LOGGER_NAME,
         )
         self._options = options
@@ -263,6 +313,7 @@ class PersistentClient:
             wake_flusher=wake.set,
             fail=self._fail,
             closing=lambda: self._closing,
+            on_granted_expiry=self._follow_granted_expiry,
         )
         flusher = Flusher(
             session,
@@ -276,6 +327,23 @@ class PersistentClient:
             wake=wake,
         )
         return _Running(session, dispatcher, connection, flusher)
+
+    async def _follow_granted_expiry(self, granted: int) -> None:
+        """MQTT 5: the broker's Session Expiry Interval wins; the stored session follows it.
+
+        0 (the broker keeps no session) is not followed: the store's session still holds the
+        messages this client accepted, and those must survive a restart all the same.
+        """
+        if granted == 0 or self._options.clean_session:
+            return
+        seconds = None if granted == 0xFFFFFFFF else float(granted)
+        if seconds == self.session_expiry:
+            return
+        self.session_expiry = seconds
+        try:
+            await self.store.update_ttl(self.client_id, seconds)
+        except Exception as exc:  # the session itself is unharmed; only its expiry lags
+            self._log.warning("could not store the broker's session expiry: %r", exc)
 
     async def __aexit__(
         self,
@@ -333,6 +401,8 @@ class PersistentClient:
         payload: bytes | bytearray | memoryview | str = b"",
         qos: int = 0,
         retain: bool = False,
+        *,
+        properties: Properties | None = None,
     ) -> Delivery:
         """Put a message in the session and return its :class:`Delivery`.
 
@@ -343,6 +413,20 @@ class PersistentClient:
         before anything is stored. With a full queue it waits (``queue_full="block"``), raises
         :class:`~mqtt_persist.errors.QueueFull` (``"error"``) or drops the oldest queued message
         (``"drop_oldest"``, counted in :attr:`stats` and logged).
+
+        ``properties`` (MQTT 5) are the message's PUBLISH properties: user properties, content
+        type, payload format indicator, response topic, correlation data and message expiry
+        interval, e.g. ``Properties(user_properties=(("k", "v"),), message_expiry_interval=60)``.
+        They are stored with the message. The expiry runs from this call: every (re)send
+        carries what is left of it, and a message that expires before it reached the broker
+        is discarded, counted in :attr:`stats` and logged, and its delivery resolves
+        ``EXPIRED``. With ``protocol=ProtocolVersion.V311`` properties are refused; with
+        ``"auto"`` against a 3.1.1-only broker they are not sent (logged once a connection),
+        while the expiry is still kept here. A message the connected MQTT 5 broker announced
+        it cannot take (over its Maximum Packet Size) raises
+        :class:`~mqtt_persist.errors.PayloadTooLarge`; one found out later resolves
+        ``REFUSED``. A PUBACK/PUBREC with a failure reason code resolves ``REFUSED`` too, with
+        ``delivery.reason_code``.
         """
         parts = self._require_open()
         session, flusher = parts.session, parts.flusher
@@ -355,6 +439,17 @@ class PersistentClient:
         data = coerce_payload(payload, limit=limit)
         if not isinstance(retain, bool):
             raise InvalidInput(f"retain must be a bool, not {type(retain).__name__}")
+        props = NO_PROPERTIES
+        expires_at = None
+        if properties is not None and properties is not NO_PROPERTIES:
+            if options.protocol == MQTT_3_1_1:
+                raise InvalidInput("publish properties need MQTT 5, not protocol=V311")
+            props, encoded, expiry = validate_publish_properties(properties, data)
+            if expiry is not None:
+                expires_at = time.time() + expiry
+            self._check_fits(session, len(topic_bytes), len(data), qos, len(encoded), expiry)
+        elif session.terms.max_packet_size is not None:
+            self._check_fits(session, len(topic_bytes), len(data), qos, 0, None)
         while session.queue_is_full and options.queue_full == "block":
             flusher.room.clear()
             await flusher.room.wait()
@@ -363,7 +458,7 @@ class PersistentClient:
             raise QueueFull(
                 f"outgoing queue is full ({options.max_queued} messages waiting); message refused"
             )
-        seq = session.publish(topic, data, qos, retain)
+        seq = session.publish(topic, data, qos, retain, props, expires_at)
         delivery = Delivery(seq, topic, qos)
         parts.dispatcher.deliveries[seq] = delivery
         flusher.wake.set()
@@ -371,10 +466,43 @@ class PersistentClient:
             await flusher.committed()
         return delivery
 
+    @staticmethod
+    def _check_fits(
+        session: Session,
+        topic_bytes: int,
+        payload_bytes: int,
+        qos: int,
+        properties_bytes: int,
+        expiry: int | None,
+    ) -> None:
+        """Refuse a message larger than the connected MQTT 5 broker's Maximum Packet Size."""
+        terms = session.terms
+        limit = terms.max_packet_size
+        if limit is None or session.connection_state is ConnectionState.DISCONNECTED:
+            return
+        if expiry is not None:
+            properties_bytes += 5  # the Message Expiry Interval each send adds
+        v5 = terms.protocol_version == MQTT_5
+        size = publish_packet_size(
+            topic_bytes, payload_bytes, qos, properties_bytes if v5 else None
+        )
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the PUBLISH would be {size} bytes; the broker takes {limit} at most "
+                "(its CONNACK Maximum Packet Size)"
+            )
+
     # --- subscriptions -----------------------------------------------------------------------
 
     async def subscribe(
-        self, topic_filter: str | Sequence[tuple[str, int]], qos: int = 0
+        self,
+        topic_filter: str | Sequence[tuple[str, int | SubscriptionOptions]],
+        qos: int = 0,
+        *,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+        retain_handling: int = RetainHandling.SEND_ON_SUBSCRIBE,
+        subscription_identifier: int | None = None,
     ) -> SubscribeRequest:
         """Record subscriptions in the session and return a :class:`SubscribeRequest`.
 
@@ -382,11 +510,30 @@ class PersistentClient:
         pairs. It returns once the subscriptions are stored; they are sent now if connected, else
         on the next connect, and restored whenever the broker has lost them (G4). ``await`` the
         returned request for the QoS the broker granted.
+
+        MQTT 5 options, stored with each subscription and sent again whenever it is restored:
+        ``no_local`` (the broker does not send this client its own messages),
+        ``retain_as_published`` (forwarded messages keep their RETAIN flag), ``retain_handling`` (a
+        :class:`RetainHandling`: retained messages on subscribe, only for a new subscription,
+        or never), and ``subscription_identifier`` (1..268,435,455; the broker names it in
+        ``message.properties.subscription_identifiers`` of every message the subscription
+        matched). The keyword options apply to every filter given with a plain QoS; a pair
+        may give a :class:`SubscriptionOptions` of its own. A shared subscription is
+        ``$share/<group>/<filter>`` (checked; ``no_local`` is not allowed on it). With
+        ``protocol=ProtocolVersion.V311`` the options are refused; over a 3.1.1 connection of
+        ``"auto"`` they are not sent (logged once).
         """
         parts = self._require_open()
-        pairs = _subscription_pairs(topic_filter, qos)
-        token = parts.session.subscribe(pairs)
-        request = SubscribeRequest(list(dict.fromkeys(f for f, _ in pairs)))
+        defaults = _subscription_options(no_local, retain_as_published, retain_handling)
+        subs = _subscriptions(topic_filter, qos, defaults, subscription_identifier)
+        if self._options.protocol == MQTT_3_1_1 and any(
+            s.options or s.subscription_id for s in subs
+        ):
+            raise InvalidInput(
+                "subscription options and identifiers need MQTT 5, not protocol=V311"
+            )
+        token = parts.session.subscribe(subs)
+        request = SubscribeRequest(list(dict.fromkeys(s.topic_filter for s in subs)))
         parts.dispatcher.requests[token] = request
         await parts.flusher.committed()
         return request
@@ -404,6 +551,62 @@ class PersistentClient:
         parts.dispatcher.requests[token] = request
         await parts.flusher.committed()
         return request
+
+    # --- request / response (MQTT 5) --------------------------------------------------------
+
+    async def request(
+        self,
+        topic: str,
+        payload: bytes | bytearray | memoryview | str = b"",
+        qos: int = 1,
+        *,
+        response_topic: str,
+        properties: Properties | None = None,
+        timeout: float | None = None,
+    ) -> Message:
+        """Publish a request and wait for its response (MQTT 5 request/response, §4.10).
+
+        The request carries ``response_topic`` and a fresh Correlation Data; the first message
+        that arrives with that correlation data is the response: it is returned here and does
+        not appear in :attr:`messages`. Subscribe to ``response_topic`` first (a subscription
+        is stored and restored like any other). The request itself is published as
+        :meth:`publish` publishes, so it is durable at QoS 1/2; the wait is not: after a
+        restart, or once ``timeout`` (seconds) raised :class:`TimeoutError`, a late response
+        arrives in :attr:`messages` like any message. The responder answers with
+        :meth:`respond`.
+        """
+        validate_topic(response_topic)
+        correlation = uuid.uuid4().bytes
+        props = (properties or NO_PROPERTIES)._replace(
+            response_topic=response_topic, correlation_data=correlation
+        )
+        waiter: Completion[Message] = Completion()
+        responses = self._require_open().dispatcher.responses
+        responses[correlation] = waiter
+        try:
+            await self.publish(topic, payload, qos, properties=props)
+            with anyio.fail_after(timeout):
+                return await waiter
+        finally:
+            responses.pop(correlation, None)
+
+    async def respond(
+        self,
+        request: Message,
+        payload: bytes | bytearray | memoryview | str = b"",
+        qos: int = 1,
+        *,
+        properties: Properties | None = None,
+    ) -> Delivery:
+        """Publish the response to a received request: to its Response Topic, with its
+        Correlation Data. :class:`InvalidInput` if the message names no response topic."""
+        response_topic = request.properties.response_topic
+        if response_topic is None:
+            raise InvalidInput(f"the message on {request.topic!r} names no response topic")
+        props = properties or NO_PROPERTIES
+        if request.properties.correlation_data is not None:
+            props = props._replace(correlation_data=request.properties.correlation_data)
+        return await self.publish(response_topic, payload, qos, properties=props)
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -468,6 +671,23 @@ class PersistentClient:
                 self._require_open()
 
     @property
+    def session_present(self) -> bool | None:
+        """Whether the broker still held this client's session at the last connect (CONNACK's
+        Session Present); None before the first connection. False after an expired or lost
+        broker session, whose subscriptions the client then restored."""
+        parts = self._parts
+        return parts.dispatcher.session_present if parts is not None else None
+
+    @property
+    def protocol_version(self) -> ProtocolVersion | None:
+        """The protocol of the current connection (or of the last one), once one was
+        accepted: ``ProtocolVersion.V5`` or ``ProtocolVersion.V311``; None before."""
+        parts = self._parts
+        if parts is None or not parts.dispatcher.connections:
+            return None
+        return ProtocolVersion(parts.session.protocol_version)
+
+    @property
     def stats(self) -> ClientStats:
         """Current counters."""
         parts = self._parts
@@ -482,6 +702,8 @@ class PersistentClient:
             requeued=session.requeued,
             duplicates_suppressed=session.duplicates_suppressed,
             connections=parts.dispatcher.connections,
+            expired=session.expired,
+            refused=session.refused,
         )
 
     def _require_open(self) -> _Running:
@@ -514,12 +736,57 @@ class _Running:
     flusher: Flusher
 
 
-def _subscription_pairs(
-    topic_filter: str | Sequence[tuple[str, int]], qos: int
-) -> list[tuple[str, int]]:
-    if isinstance(topic_filter, str):
-        return [(validate_topic_filter(topic_filter), validate_qos(qos))]
-    pairs = [(validate_topic_filter(f), validate_qos(q)) for f, q in topic_filter]
-    if not pairs:
+#: A SUBSCRIBE's Subscription Identifier is a variable byte integer (MQTT 5 §3.8.2.1.2).
+MAX_SUBSCRIPTION_IDENTIFIER = 268_435_455
+
+
+def _subscription_options(
+    no_local: object, retain_as_published: object, retain_handling: object
+) -> int:
+    """The option bits (besides QoS) of the keyword arguments, checked."""
+    for name, value in (("no_local", no_local), ("retain_as_published", retain_as_published)):
+        if not isinstance(value, bool):
+            raise InvalidInput(f"{name} must be a bool, not {value!r}")
+    if isinstance(retain_handling, bool) or retain_handling not in (0, 1, 2):
+        raise InvalidInput(
+            f"retain_handling must be a RetainHandling (0, 1 or 2), not {retain_handling!r}"
+        )
+    options = SubscriptionOptions(0, bool(no_local), bool(retain_as_published), retain_handling)
+    return options.to_byte()
+
+
+def _subscriptions(
+    topic_filter: str | Sequence[tuple[str, int | SubscriptionOptions]],
+    qos: int,
+    defaults: int,
+    subscription_id: int | None,
+) -> list[StoredSubscription]:
+    if subscription_id is not None and (
+        isinstance(subscription_id, bool)
+        or not isinstance(subscription_id, int)
+        or not 1 <= subscription_id <= MAX_SUBSCRIPTION_IDENTIFIER
+    ):
+        raise InvalidInput(
+            f"subscription_identifier must be in 1..{MAX_SUBSCRIPTION_IDENTIFIER}, "
+            f"not {subscription_id!r}"
+        )
+    entries = [(topic_filter, qos)] if isinstance(topic_filter, str) else list(topic_filter)
+    if not entries:
         raise InvalidInput("subscribe needs at least one topic filter")
-    return pairs
+    subs = []
+    for f, q in entries:
+        validate_topic_filter(f)
+        if isinstance(q, SubscriptionOptions):
+            try:
+                byte = q.to_byte()
+            except ValueError as exc:
+                raise InvalidInput(f"subscription options of {f!r}: {exc}") from None
+            sub_qos, options = byte & 3, byte & ~3
+        else:
+            sub_qos, options = validate_qos(q), defaults
+        if options & 0x04 and is_shared_subscription(f):
+            raise InvalidInput(
+                f"no_local is not allowed on the shared subscription {f!r} (MQTT 5 §3.8.3.1)"
+            )
+        subs.append(StoredSubscription(f, sub_qos, False, options, subscription_id))
+    return subs

@@ -23,6 +23,21 @@ class PublishCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class PublishRefused:
+    """The flow of the message with this sequence number ended without the broker taking it.
+
+    Either the broker answered with a failure reason code (MQTT 5 PUBACK/PUBREC >= 0x80), or
+    the message can never be sent to this broker (larger than its Maximum Packet Size, a QoS
+    or a retain flag it does not support): MQTT 5 §3.1.2.11.4 says to discard such a message
+    as if it had been sent. Either way it is answered, so it is neither retried nor kept.
+    """
+
+    seq: int
+    reason_code: int
+    reason_string: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SubscribeCompleted:
     """Every filter of a ``subscribe`` request got its SUBACK return code (0x80: refused)."""
 
@@ -53,6 +68,19 @@ class ConnectRefused:
     """CONNACK carried a non-zero return code; the shell closes the connection."""
 
     return_code: int
+    #: MQTT 5: the broker's Reason String, if it gave one.
+    reason_string: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the application should know that is not a fault (logged as a warning).
+
+    For example: a message published with MQTT 5 properties leaves over an MQTT 3.1.1
+    connection without them, or the broker granted a shorter session expiry than asked for.
+    """
+
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +93,11 @@ class Anomaly:
 Event = (
     MessageReceived
     | PublishCompleted
+    | PublishRefused
     | SubscribeCompleted
     | UnsubscribeCompleted
     | ConnectionReady
     | ConnectRefused
+    | Notice
     | Anomaly
 )

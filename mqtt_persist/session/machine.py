@@ -24,17 +24,27 @@ QoS 1/2 flows), ``inbound.py`` (messages from the broker) and ``subscriptions.py
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from mqtt_persist.errors import KeepaliveTimeout, ProtocolError
+from mqtt_persist.errors import (
+    ClientIdAssigned,
+    KeepaliveTimeout,
+    ProtocolError,
+    ServerDisconnected,
+)
 from mqtt_persist.protocol.packets import (
+    MQTT_5,
+    NO_PROPERTIES,
     ConnAck,
     Connect,
     Disconnect,
     Packet,
+    PacketType,
     PingReq,
     PingResp,
+    Properties,
     PubAck,
     PubComp,
     Publish,
@@ -43,15 +53,22 @@ from mqtt_persist.protocol.packets import (
     SubAck,
     UnsubAck,
 )
-from mqtt_persist.session.config import QueueFullPolicy, SessionConfig
-from mqtt_persist.session.events import ConnectionReady, ConnectRefused
+from mqtt_persist.protocol.reason_codes import describe_reason_code
+from mqtt_persist.session.config import NEVER_EXPIRES, QueueFullPolicy, SessionConfig
+from mqtt_persist.session.events import ConnectionReady, ConnectRefused, Notice
 from mqtt_persist.session.inbound import InboundFlows
 from mqtt_persist.session.outbound import OutboundFlows
-from mqtt_persist.session.outgoing_queue import OutgoingQueue
+from mqtt_persist.session.outgoing_queue import OutgoingQueue, to_stored
 from mqtt_persist.session.output import Outbox, PendingOutput
 from mqtt_persist.session.packet_ids import PacketIdAllocator
-from mqtt_persist.session.state import SessionState, StoredMessage
+from mqtt_persist.session.state import (
+    ProtocolVersionSet,
+    SessionState,
+    StoredMessage,
+    StoredSubscription,
+)
 from mqtt_persist.session.subscriptions import Subscriptions
+from mqtt_persist.session.terms import ConnectionTerms, accepted_terms, initial_terms
 from mqtt_persist.session.transitions import (
     AWAITING_CONNACK,
     CONNECTED,
@@ -77,7 +94,14 @@ PacketHandler = Callable[[Any], None]
 class Session:
     """A client session: connection state, keepalive, and the parts that do the rest. No I/O."""
 
-    def __init__(self, config: SessionConfig, state: SessionState | None = None) -> None:
+    def __init__(
+        self,
+        config: SessionConfig,
+        state: SessionState | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock`` gives the Unix time (only messages with an MQTT 5 expiry read it)."""
         self.config = config
         #: Counts connections; the shell drops packets produced for an older one.
         self.generation = 0
@@ -85,7 +109,9 @@ class Session:
         # One packet-ID space for PUBLISH, SUBSCRIBE and UNSUBSCRIBE alike.
         self._ids = PacketIdAllocator()
         self._queue = OutgoingQueue(config, self._out)
-        self._outbound = OutboundFlows(config, self._ids, self._out, self._queue)
+        self._outbound = OutboundFlows(config, self._ids, self._out, self._queue, clock)
+        #: What the current (or last) connection allows.
+        self.terms: ConnectionTerms = initial_terms(config, config.protocol_version)
         self._inbound = InboundFlows(self._out)
         self._subscriptions = Subscriptions(self._ids, self._out)
         # Per state, the handler of every packet type it accepts: _packet_table read by state,
@@ -102,6 +128,8 @@ class Session:
         self._lost_in_doubt = 0
         self._last_sent = 0.0
         self._ping_sent_at: float | None = None
+        #: The protocol level the stored session was made with (None: never connected).
+        self._stored_protocol: int | None = None
         if state is not None:
             self._restore(state)
 
@@ -122,6 +150,8 @@ class Session:
             SubAck: (self._on_suback, CONNECTED),
             UnsubAck: (self._subscriptions.on_unsuback, CONNECTED),
             PingResp: (self._on_pingresp, CONNECTED),
+            # MQTT 5 only: the 3.1.1 decoder yields a DISCONNECT too, refused below.
+            Disconnect: (self._on_disconnect, CONNECTED),
         }
 
     def _fire(self, trigger: Trigger) -> None:
@@ -142,21 +172,21 @@ class Session:
         self._outbound.restore(state)
         self._inbound.qos2_received = set(state.inbound_qos2)
         self._subscriptions.restore(state)
+        self._stored_protocol = state.protocol_version
 
     def snapshot(self) -> SessionState:
         """The durable state this session implies; what a store must give back after replay."""
         messages: dict[int, StoredMessage] = {}
         stored = [o for o in (*self._outbound.inflight.values(), *self._queue.memory) if o.qos]
         for o in sorted(stored, key=lambda o: o.seq):
-            messages[o.seq] = StoredMessage(
-                o.seq, o.topic, o.payload, o.qos, o.retain, o.packet_id, o.released
-            )
+            messages[o.seq] = to_stored(o)
         return SessionState(
             client_id=self.config.client_id,
             messages=messages,
             inbound_qos2=set(self._inbound.qos2_received),
             subscriptions=dict(self._subscriptions.wanted),
             pending_unsubscribes=set(self._subscriptions.pending_unsubscribes),
+            protocol_version=self._stored_protocol,
         )
 
     # --- queries -----------------------------------------------------------------------------
@@ -192,6 +222,11 @@ class Session:
         return {f: s.qos for f, s in self._subscriptions.wanted.items()}
 
     @property
+    def stored_subscriptions(self) -> dict[str, StoredSubscription]:
+        """Filters the session wants, with their options and subscription identifiers."""
+        return dict(self._subscriptions.wanted)
+
+    @property
     def is_idle(self) -> bool:
         """Nothing left to deliver: no queued or in-flight messages."""
         return not self._outbound.inflight and not self._queue.queued
@@ -210,6 +245,21 @@ class Session:
     def requeued(self) -> int:
         """Messages published again as new because a broker lost the session."""
         return self._outbound.requeued
+
+    @property
+    def expired(self) -> int:
+        """Messages whose MQTT 5 Message Expiry Interval passed before the broker took them."""
+        return self._outbound.expired
+
+    @property
+    def refused(self) -> int:
+        """Messages the broker refused (MQTT 5 reason codes) or announced it cannot take."""
+        return self._outbound.refused
+
+    @property
+    def protocol_version(self) -> int:
+        """The protocol of the current (or last) connection: 4 (3.1.1) or 5."""
+        return self.terms.protocol_version
 
     @property
     def duplicates_suppressed(self) -> int:
@@ -236,14 +286,24 @@ class Session:
 
     # --- application requests ----------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool = False,
+        properties: Properties = NO_PROPERTIES,
+        expires_at: float | None = None,
+    ) -> int:
         """Accept a message (already validated); returns its sequence number.
 
-        Raises :class:`QueueFull` when the queue is full and the policy is not drop_oldest;
-        with ``"block"`` the shell is expected to wait for room before calling.
+        ``properties`` are its MQTT 5 PUBLISH properties without the Message Expiry Interval;
+        ``expires_at`` (Unix time) is when that interval ends. Raises :class:`QueueFull` when
+        the queue is full and the policy is not drop_oldest; with ``"block"`` the shell is
+        expected to wait for room before calling.
         """
         queue = self._queue
-        seq = queue.add(topic, payload, qos, retain)
+        seq = queue.add(topic, payload, qos, retain, properties, expires_at)
         # Nothing spilled: the message joined the in-memory queue and may leave at once. (A
         # spilled one waits for refill(), which pumps.)
         if not queue.spilled and self._connection_state is ConnectionState.READY:
@@ -264,10 +324,20 @@ class Session:
         if self._connection_state is ConnectionState.READY:
             self._outbound.pump()
 
-    def subscribe(self, subscriptions: list[tuple[str, int]]) -> int:
-        """Record subscriptions (already validated); returns a token for SubscribeCompleted."""
+    def subscribe(self, subscriptions: Sequence[tuple[str, int] | StoredSubscription]) -> int:
+        """Record subscriptions (already validated); returns a token for SubscribeCompleted.
+
+        Each is a ``(filter, qos)`` pair, or a :class:`StoredSubscription` with MQTT 5 options
+        and a subscription identifier (its ``confirmed`` is ignored: the broker confirms).
+        """
         ready = self._connection_state is ConnectionState.READY
-        return self._subscriptions.subscribe(subscriptions, send=ready)
+        subs = [
+            StoredSubscription(s.topic_filter, s.qos, False, s.options, s.subscription_id)
+            if isinstance(s, StoredSubscription)
+            else StoredSubscription(s[0], s[1])
+            for s in subscriptions
+        ]
+        return self._subscriptions.subscribe(subs, send=ready)
 
     def unsubscribe(self, filters: list[str]) -> int:
         """Forget filters (already validated); returns a token for UnsubscribeCompleted."""
@@ -276,11 +346,22 @@ class Session:
 
     # --- connection lifecycle ----------------------------------------------------------------
 
-    def connect(self, now: float) -> int:
-        """A transport is open: emit CONNECT. Returns the new connection generation."""
+    def connect(self, now: float, protocol_version: int | None = None) -> int:
+        """A transport is open: emit CONNECT. Returns the new connection generation.
+
+        ``protocol_version`` (4: MQTT 3.1.1, 5: MQTT 5) is what this connection speaks;
+        default ``config.protocol_version``.
+        """
         self._fire(Trigger.CONNECT)  # RuntimeError unless disconnected
         self.generation += 1
         cfg = self.config
+        version = cfg.protocol_version if protocol_version is None else protocol_version
+        self._set_terms(initial_terms(cfg, version))
+        self._inbound.new_connection(version, cfg.receive_maximum, cfg.topic_alias_maximum)
+        will = cfg.will
+        if will is not None and version != MQTT_5 and will.properties:
+            # The will's MQTT 5 properties (will delay, expiry, ...) cannot travel in 3.1.1.
+            will = type(will)(will.topic, will.payload, will.qos, will.retain)
         self._out.packets.append(
             Connect(
                 client_id=cfg.client_id,
@@ -288,12 +369,33 @@ class Session:
                 keepalive=cfg.keepalive,
                 username=cfg.username,
                 password=cfg.password,
-                will=cfg.will,
+                will=will,
+                protocol_level=version,
+                properties=self._connect_properties() if version == MQTT_5 else NO_PROPERTIES,
             )
         )
         self._ping_sent_at = None
         self._last_sent = now
         return self.generation
+
+    def _connect_properties(self) -> Properties:
+        """MQTT 5 CONNECT properties: the session's lifetime and the limits we announce."""
+        cfg = self.config
+        expiry = cfg.session_expiry_interval
+        if expiry is None:
+            # Clean Start with expiry 0 is 3.1.1's clean session; a persistent one never ends.
+            expiry = 0 if cfg.clean_session else NEVER_EXPIRES
+        return Properties(
+            session_expiry_interval=expiry or None,  # absent means 0 (§3.1.2.11.2)
+            receive_maximum=cfg.receive_maximum,
+            maximum_packet_size=cfg.max_packet_size,
+            topic_alias_maximum=cfg.topic_alias_maximum or None,
+        )
+
+    def _set_terms(self, terms: ConnectionTerms) -> None:
+        self.terms = terms
+        self._outbound.new_connection(terms)
+        self._subscriptions.terms = terms
 
     def disconnect(self) -> None:
         """Graceful close: emit DISCONNECT; the session stays stored for the next connect."""
@@ -306,6 +408,7 @@ class Session:
         # Packets produced for the dead connection are dropped by generation in the shell.
         self._out.packets = []
         self._subscriptions.connection_lost()
+        self._outbound.held.clear()
         self._ping_sent_at = None
         # QoS 0 messages already written are gone; those still queued wait for the next connect.
 
@@ -316,7 +419,7 @@ class Session:
 
         Raises :class:`KeepaliveTimeout` when the broker left a PINGREQ unanswered too long.
         """
-        keepalive = self.config.keepalive
+        keepalive = self.terms.keepalive
         if self._connection_state is ConnectionState.DISCONNECTED or not keepalive:
             return None
         timeout = self.config.ping_timeout or float(keepalive)
@@ -351,11 +454,35 @@ class Session:
     def _on_pingresp(self, packet: PingResp) -> None:
         pass  # receive() already cleared the outstanding ping
 
+    def _on_disconnect(self, packet: Disconnect) -> None:
+        """MQTT 5: the broker ends the connection and says why."""
+        if self.terms.protocol_version != MQTT_5:
+            # MQTT 3.1.1 has no DISCONNECT from the broker: refused like any other stray packet.
+            raise ProtocolError(REFUSALS[self._connection_state].format("DISCONNECT"))
+        props = packet.properties
+        raise ServerDisconnected(
+            packet.reason_code,
+            describe_reason_code(packet.reason_code, PacketType.DISCONNECT),
+            reason_string=props.reason_string,
+            server_reference=props.server_reference,
+        )
+
     def _on_connack(self, connack: ConnAck) -> None:
         if connack.return_code != 0:
-            self._out.events.append(ConnectRefused(connack.return_code))
+            self._out.events.append(
+                ConnectRefused(connack.return_code, connack.properties.reason_string)
+            )
             self._fire(Trigger.CONNACK_REFUSED)
             return
+        cfg = self.config
+        terms = accepted_terms(cfg, self.terms.protocol_version, connack)
+        if terms.assigned_client_id is not None and not cfg.clean_session:
+            # Raised before the session changes: the shell ends the connection.
+            raise ClientIdAssigned(cfg.client_id, terms.assigned_client_id)
+        self._set_terms(terms)
+        if terms.v5:
+            self._note_granted_expiry(terms.session_expiry_interval)
+        self._record_protocol(terms.protocol_version, connack.session_present)
         if connack.session_present:
             self._lost_requeued = self._lost_in_doubt = 0
             self._become_ready(session_present=True)
@@ -366,6 +493,40 @@ class Session:
             self._subscriptions.resubscribe_all()
         else:
             self._become_ready(session_present=False)
+
+    def _record_protocol(self, version: int, session_present: bool) -> None:
+        """The stored session remembers the protocol it is spoken in (``ProtocolVersionSet``).
+
+        A session made under one protocol and continued under the other is deliberately
+        allowed: the broker decides. If it kept the session (brokers keep a client's session
+        across protocol levels, mosquitto does), its open flows resume as usual; if it did
+        not, CONNACK says so and the session-lost rules apply (every message kept, sent again).
+        """
+        previous = self._stored_protocol
+        if previous == version:
+            return
+        self._stored_protocol = version
+        self._out.ops.append(ProtocolVersionSet(version))
+        if previous is not None:
+            names = {MQTT_5: "MQTT 5"}
+            self._out.events.append(
+                Notice(
+                    f"the stored session was made with {names.get(previous, 'MQTT 3.1.1')} and "
+                    f"now continues with {names.get(version, 'MQTT 3.1.1')}; the broker "
+                    f"{'kept' if session_present else 'did not keep'} its side of it"
+                )
+            )
+
+    def _note_granted_expiry(self, granted: int | None) -> None:
+        asked = self._connect_properties().session_expiry_interval or 0
+        if granted is not None and granted != asked:
+            shown = "never" if granted == NEVER_EXPIRES else f"{granted} s"
+            self._out.events.append(
+                Notice(
+                    f"the broker keeps the session for {shown} after a disconnect, not the "
+                    f"{'never' if asked == NEVER_EXPIRES else f'{asked} s'} asked for"
+                )
+            )
 
     def _broker_lost_session(self) -> None:
         """CONNACK said the broker holds no session: discard its flows, keep every message."""

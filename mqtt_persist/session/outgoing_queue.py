@@ -16,6 +16,8 @@ from collections import deque
 
 from mqtt_persist.errors import QueueFull
 from mqtt_persist.message import DeliveryOutcome
+from mqtt_persist.protocol.packets import NO_PROPERTIES, PacketType, Properties
+from mqtt_persist.protocol.properties import decode_properties, encode_properties
 from mqtt_persist.session.config import SessionConfig
 from mqtt_persist.session.events import PublishCompleted
 from mqtt_persist.session.output import PendingOutput
@@ -28,7 +30,19 @@ class OutgoingMessage:
     The same object moves from the queue into the in-flight window, where it gets its packet ID.
     """
 
-    __slots__ = ("packet_id", "payload", "qos", "released", "retain", "seq", "topic")
+    __slots__ = (
+        "expired_release",
+        "expires_at",
+        "packet_id",
+        "payload",
+        "properties",
+        "qos",
+        "released",
+        "retain",
+        "seq",
+        "special",
+        "topic",
+    )
 
     def __init__(
         self,
@@ -39,6 +53,8 @@ class OutgoingMessage:
         retain: bool,
         packet_id: int | None = None,
         released: bool = False,
+        properties: Properties = NO_PROPERTIES,
+        expires_at: float | None = None,
     ) -> None:
         self.seq = seq
         self.topic = topic
@@ -49,6 +65,46 @@ class OutgoingMessage:
         self.packet_id = packet_id
         #: QoS 2: PUBREC arrived, the flow continues with PUBREL.
         self.released = released
+        #: MQTT 5 PUBLISH properties, without the Message Expiry Interval (``expires_at``
+        #: holds it, so that every send carries what is left of it).
+        self.properties = properties
+        #: Unix time at which the message expires (MQTT 5 Message Expiry Interval), or None.
+        self.expires_at = expires_at
+        #: QoS 2: it expired in flight and was released instead of resent (outbound.py).
+        self.expired_release = False
+        #: It has MQTT 5 properties or an expiry: its PUBLISH is built the slow way.
+        self.special = properties is not NO_PROPERTIES or expires_at is not None
+
+
+def from_stored(m: StoredMessage, *, in_flight: bool = False) -> OutgoingMessage:
+    """The in-memory form of a stored message (``in_flight``: with its packet ID and flow)."""
+    properties = (
+        decode_properties(m.properties, PacketType.PUBLISH) if m.properties else NO_PROPERTIES
+    )
+    packet_id, released = (m.packet_id, m.released) if in_flight else (None, False)
+    return OutgoingMessage(
+        m.seq, m.topic, m.payload, m.qos, m.retain, packet_id, released, properties, m.expires_at
+    )
+
+
+def to_stored(o: OutgoingMessage) -> StoredMessage:
+    """The stored form of an in-memory message, as the journal describes it."""
+    properties = (
+        encode_properties(o.properties, PacketType.PUBLISH)
+        if o.properties is not NO_PROPERTIES
+        else b""
+    )
+    return StoredMessage(
+        o.seq,
+        o.topic,
+        o.payload,
+        o.qos,
+        o.retain,
+        o.packet_id,
+        o.released,
+        properties,
+        o.expires_at,
+    )
 
 
 class OutgoingQueue:
@@ -90,7 +146,7 @@ class OutgoingQueue:
         next_seq = self.next_seq
         for m in state.messages.values():
             if m.packet_id is None:
-                self.memory.append(OutgoingMessage(m.seq, m.topic, m.payload, m.qos, m.retain))
+                self.memory.append(from_stored(m))
                 self.spill_after = m.seq
             next_seq = max(next_seq, m.seq + 1)
         self.next_seq = max(next_seq, state.last_seq + 1)
@@ -112,7 +168,15 @@ class OutgoingQueue:
         limit = self._config.max_queued
         return bool(limit) and self.queued >= limit
 
-    def add(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
+    def add(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties = NO_PROPERTIES,
+        expires_at: float | None = None,
+    ) -> int:
         """Queue an accepted message (QoS 1/2: write-ahead ``MessageAdded``); returns its seq.
 
         Raises :class:`QueueFull` when the queue is full and the policy is not drop_oldest.
@@ -125,7 +189,14 @@ class OutgoingQueue:
         seq = self.next_seq
         self.next_seq = seq + 1
         if qos:
-            self._out.ops.append(MessageAdded(StoredMessage(seq, topic, payload, qos, retain)))
+            if properties is NO_PROPERTIES and expires_at is None:
+                stored = StoredMessage(seq, topic, payload, qos, retain)
+            else:
+                encoded = encode_properties(properties, PacketType.PUBLISH) if properties else b""
+                stored = StoredMessage(
+                    seq, topic, payload, qos, retain, None, False, encoded, expires_at
+                )
+            self._out.ops.append(MessageAdded(stored))
             memory_limit = config.queue_memory_limit
             if self.spilled or (memory_limit and len(self.memory) >= memory_limit):
                 # Lives in the store only until the window needs it (want_refill). Every
@@ -135,7 +206,9 @@ class OutgoingQueue:
                     self.spill_after = seq - 1
                 self.spilled += 1
                 return seq
-        message = OutgoingMessage(seq, topic, payload, qos, retain)
+        message = OutgoingMessage(
+            seq, topic, payload, qos, retain, None, False, properties, expires_at
+        )
         if self.spilled:
             self.overflow_qos0.append(message)  # must not overtake the spilled messages
         else:
@@ -184,7 +257,7 @@ class OutgoingQueue:
                 continue  # a stale read; never queue a message twice
             while overflow and overflow[0].seq < m.seq:
                 memory.append(overflow.popleft())
-            message = OutgoingMessage(m.seq, m.topic, m.payload, m.qos, m.retain)
+            message = from_stored(m)
             self.spill_after = m.seq
             self.spilled -= 1
             if self.pending_drops:

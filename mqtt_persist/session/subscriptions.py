@@ -6,28 +6,42 @@ SUBSCRIBE/UNSUBSCRIBE packet IDs carry which filters, and which SUBSCRIBEs resto
 broker lost ("subscriptions come back": the connection is ready only once all of them are
 answered). Per process: the ``subscribe()``/``unsubscribe()`` calls waiting for the broker's answer
 on each of their filters.
+
+MQTT 5 adds, per filter, subscription options (no local, retain as published, retain handling)
+and a subscription identifier, stored with the subscription. A SUBSCRIBE carries at most one
+identifier, so filters with different identifiers travel in separate packets. Over MQTT 3.1.1
+neither can be sent: the filters are subscribed with their QoS alone, and that is said once.
 """
 
 from __future__ import annotations
 
 from mqtt_persist.errors import ProtocolError
 from mqtt_persist.protocol.packets import (
+    NO_PROPERTIES,
     SUBACK_FAILURE,
+    Properties,
     SubAck,
     Subscribe,
+    SubscriptionOptions,
     UnsubAck,
     Unsubscribe,
 )
-from mqtt_persist.session.events import Anomaly, SubscribeCompleted, UnsubscribeCompleted
+from mqtt_persist.session.events import (
+    Anomaly,
+    Notice,
+    SubscribeCompleted,
+    UnsubscribeCompleted,
+)
 from mqtt_persist.session.output import PendingOutput
 from mqtt_persist.session.packet_ids import PacketIdAllocator
 from mqtt_persist.session.state import (
     SessionState,
     StoredSubscription,
     SubscriptionRemoved,
-    SubscriptionSet,
     UnsubscribeDone,
+    subscription_set,
 )
+from mqtt_persist.session.terms import ConnectionTerms
 
 #: Filters per SUBSCRIBE when re-subscribing a large stored set; keeps packets modest.
 RESUBSCRIBE_CHUNK = 64
@@ -53,10 +67,12 @@ class Subscriptions:
         "_ids",
         "_next_token",
         "_out",
+        "_told_3_1_1",
         "filters_in_flight",
         "pending_unsubscribes",
         "resubscribe_ids",
         "subscribe_packets",
+        "terms",
         "unsubscribe_packets",
         "waiters",
         "wanted",
@@ -69,8 +85,8 @@ class Subscriptions:
         self.wanted: dict[str, StoredSubscription] = {}
         #: Filters removed locally whose UNSUBSCRIBE the broker has not acknowledged (durable).
         self.pending_unsubscribes: set[str] = set()
-        #: Per connection: SUBSCRIBE packet IDs and the (filter, QoS) pairs they carry.
-        self.subscribe_packets: dict[int, list[tuple[str, int]]] = {}
+        #: Per connection: SUBSCRIBE packet IDs and the subscriptions they carry.
+        self.subscribe_packets: dict[int, list[StoredSubscription]] = {}
         #: Per connection: UNSUBSCRIBE packet IDs and the filters they carry.
         self.unsubscribe_packets: dict[int, list[str]] = {}
         #: Per connection: filters some SUBSCRIBE carries that has not been answered yet.
@@ -80,6 +96,9 @@ class Subscriptions:
         #: Requests waiting for an answer, by filter.
         self.waiters: dict[str, list[SubscriptionRequest]] = {}
         self._next_token = 1
+        #: What the current connection allows (the session sets it).
+        self.terms = ConnectionTerms()
+        self._told_3_1_1 = False
 
     def restore(self, state: SessionState) -> None:
         """Take the subscriptions of a stored session."""
@@ -88,18 +107,23 @@ class Subscriptions:
 
     # --- application requests ------------------------------------------------------------------
 
-    def subscribe(self, subscriptions: list[tuple[str, int]], *, send: bool) -> int:
+    def subscribe(self, subscriptions: list[StoredSubscription], *, send: bool) -> int:
         """Record subscriptions, SUBSCRIBE now if ``send``; returns the request's token."""
         token = self._new_token()
-        request = SubscriptionRequest(token, [f for f, _ in subscriptions], unsubscribe=False)
+        request = SubscriptionRequest(
+            token, [s.topic_filter for s in subscriptions], unsubscribe=False
+        )
         ops = self._out.ops
-        for topic_filter, qos in subscriptions:
-            self.wanted[topic_filter] = StoredSubscription(topic_filter, qos, False)
+        latest: dict[str, StoredSubscription] = {}
+        for sub in subscriptions:
+            topic_filter = sub.topic_filter
+            self.wanted[topic_filter] = sub
+            latest[topic_filter] = sub
             self.pending_unsubscribes.discard(topic_filter)
-            ops.append(SubscriptionSet(topic_filter, qos, False))
+            ops.append(subscription_set(sub))
             self.waiters.setdefault(topic_filter, []).append(request)
         if send:
-            self._send_subscribe(list(dict(subscriptions).items()))
+            self._send_subscriptions(list(latest.values()))
         return token
 
     def unsubscribe(self, filters: list[str], *, send: bool) -> int:
@@ -127,10 +151,7 @@ class Subscriptions:
 
     def resubscribe_all(self) -> None:
         """The broker lost the session: SUBSCRIBE every wanted filter, in modest packets."""
-        pairs = [(f, s.qos) for f, s in self.wanted.items()]
-        for start in range(0, len(pairs), RESUBSCRIBE_CHUNK):
-            packet_id = self._send_subscribe(pairs[start : start + RESUBSCRIBE_CHUNK])
-            self.resubscribe_ids.add(packet_id)
+        self.resubscribe_ids.update(self._send_subscriptions(list(self.wanted.values())))
 
     def send_missing(self) -> None:
         """The connection is ready: send what the broker may not have yet.
@@ -139,12 +160,10 @@ class Subscriptions:
         not already on its way, and every pending unsubscribe.
         """
         missing = [
-            (f, s.qos)
-            for f, s in self.wanted.items()
-            if not s.confirmed and f not in self.filters_in_flight
+            s for f, s in self.wanted.items() if not s.confirmed and f not in self.filters_in_flight
         ]
         if missing:
-            self._send_subscribe(missing)
+            self._send_subscriptions(missing)
         if self.pending_unsubscribes:
             self._send_unsubscribe(sorted(self.pending_unsubscribes))
 
@@ -166,11 +185,42 @@ class Subscriptions:
 
     # --- packets ---------------------------------------------------------------------------------
 
-    def _send_subscribe(self, pairs: list[tuple[str, int]]) -> int:
+    def _send_subscriptions(self, subs: list[StoredSubscription]) -> list[int]:
+        """SUBSCRIBE ``subs``: one packet per subscription identifier, in modest packets."""
+        v5 = self.terms.v5
+        groups: dict[int | None, list[StoredSubscription]] = {}
+        for sub in subs:
+            groups.setdefault(sub.subscription_id if v5 else None, []).append(sub)
+        if not v5 and not self._told_3_1_1 and any(s.options or s.subscription_id for s in subs):
+            self._told_3_1_1 = True
+            self._out.events.append(
+                Notice(
+                    "this connection speaks MQTT 3.1.1: subscription options and identifiers "
+                    "are not sent, the filters are subscribed with their QoS alone"
+                )
+            )
+        packet_ids = []
+        for subscription_id, group in groups.items():
+            for start in range(0, len(group), RESUBSCRIBE_CHUNK):
+                chunk = group[start : start + RESUBSCRIBE_CHUNK]
+                packet_ids.append(self._send_subscribe(chunk, subscription_id))
+        return packet_ids
+
+    def _send_subscribe(self, subs: list[StoredSubscription], subscription_id: int | None) -> int:
         packet_id = self._ids.allocate()
-        self.subscribe_packets[packet_id] = pairs
-        self.filters_in_flight.update(f for f, _ in pairs)
-        self._out.packets.append(Subscribe(packet_id, pairs))
+        self.subscribe_packets[packet_id] = subs
+        self.filters_in_flight.update(s.topic_filter for s in subs)
+        properties = NO_PROPERTIES
+        if subscription_id is not None and self.terms.subscription_identifiers:
+            properties = Properties(subscription_identifiers=(subscription_id,))
+        v5 = self.terms.v5
+        self._out.packets.append(
+            Subscribe(
+                packet_id,
+                [(s.topic_filter, _options(s) if v5 and s.options else s.qos) for s in subs],
+                properties,
+            )
+        )
         return packet_id
 
     def _send_unsubscribe(self, filters: list[str]) -> None:
@@ -190,16 +240,24 @@ class Subscriptions:
                 f"SUBACK carries {len(suback.return_codes)} return codes for {len(pairs)} filters"
             )
         ops = self._out.ops
-        for (topic_filter, qos), code in zip(pairs, suback.return_codes, strict=True):
+        for sent, code in zip(pairs, suback.return_codes, strict=True):
+            topic_filter = sent.topic_filter
             self.filters_in_flight.discard(topic_filter)
             current = self.wanted.get(topic_filter)
-            if current is not None and current.qos == qos:
-                if code == SUBACK_FAILURE:
+            if current is not None and _same(current, sent):
+                if code >= SUBACK_FAILURE:
                     del self.wanted[topic_filter]
                     ops.append(SubscriptionRemoved(topic_filter, unsubscribe_pending=False))
                 elif not current.confirmed:
-                    self.wanted[topic_filter] = StoredSubscription(topic_filter, qos, True)
-                    ops.append(SubscriptionSet(topic_filter, qos, True))
+                    confirmed = subscription_set(current, confirmed=True)
+                    self.wanted[topic_filter] = StoredSubscription(
+                        topic_filter,
+                        current.qos,
+                        True,
+                        current.options,
+                        current.subscription_id,
+                    )
+                    ops.append(confirmed)
             self._answer(topic_filter, code, unsubscribe=False)
         if suback.packet_id in self.resubscribe_ids:
             self.resubscribe_ids.discard(suback.packet_id)
@@ -245,3 +303,13 @@ class Subscriptions:
             self.waiters[topic_filter] = keep
         else:
             del self.waiters[topic_filter]
+
+
+def _same(a: StoredSubscription, b: StoredSubscription) -> bool:
+    """The same subscription, whether confirmed or not."""
+    return (a.qos, a.options, a.subscription_id) == (b.qos, b.options, b.subscription_id)
+
+
+def _options(sub: StoredSubscription) -> SubscriptionOptions:
+    """The SUBSCRIBE options of a stored subscription (QoS plus its MQTT 5 option bits)."""
+    return SubscriptionOptions.from_byte(sub.qos | sub.options)

@@ -82,9 +82,14 @@ def run_kill_cycles(
     client_id: str = "killed-child",
     seed: int = 1,
     window: tuple[float, float] = (0.005, 0.06),
+    protocol: int | None = None,
 ) -> CrashFigures:
-    """Kill a publishing child ``cycles`` times (fewer if it finishes first); see the module."""
+    """Kill a publishing child ``cycles`` times (fewer if it finishes first); see the module.
+
+    ``protocol`` (4 or 5) is the MQTT version the child speaks; None: the client's default.
+    """
     rng = random.Random(seed)
+    extra = ("--protocol", str(protocol)) if protocol is not None else ()
     figures = CrashFigures(store=store.partition(":")[0])
     accepted: set[int] = set()
     boundary: set[int] = set()
@@ -92,7 +97,7 @@ def run_kill_cycles(
         start = 0
         while figures.kills < cycles and start < total:
             child = subprocess.Popen(
-                _child(host, port, store, client_id, start, total),
+                _child(host, port, store, client_id, start, total, *extra),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
             )  # fmt: skip
             assert child.stdout is not None and child.stderr is not None
@@ -114,7 +119,7 @@ def run_kill_cycles(
             boundary.add(last + 1)
             start = last + 1
         final = subprocess.run(
-            _child(host, port, store, client_id, start, total, "--drain"),
+            _child(host, port, store, client_id, start, total, "--drain", *extra),
             capture_output=True, env=_env(), cwd=ROOT, timeout=180,
         )  # fmt: skip
         if final.returncode != 0 or b"DRAINED" not in final.stdout:

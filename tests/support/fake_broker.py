@@ -4,7 +4,8 @@ mosquitto never sends malformed bytes, never refuses a subscription with 0x80 (i
 ACL-denied filter and then delivers nothing), and cannot be told to resend an inbound QoS 2
 PUBLISH at an exact moment. A test hands :class:`ScriptedBroker` a coroutine that plays the
 broker's side of each connection, packet by packet, through our codec (itself cross-checked
-byte for byte against paho-mqtt in tests/test_codec.py).
+byte for byte against paho-mqtt in tests/test_codec.py). It answers in the protocol the
+client's CONNECT announced (MQTT 3.1.1 or 5), as a broker does.
 """
 
 from __future__ import annotations
@@ -45,9 +46,15 @@ class FakeConnection:
             raise AssertionError(f"expected {kind.__name__}, got {packet!r}")
         return packet
 
+    @property
+    def protocol_version(self) -> int:
+        """The protocol the client's CONNECT announced (3.1.1 until one arrived)."""
+        return self._decoder.protocol_version
+
     async def send(self, *packets: Packet) -> None:
+        version = self.protocol_version
         for packet in packets:
-            self._writer.write(encode(packet))
+            self._writer.write(encode(packet, version))
         await self._writer.drain()
 
     async def send_raw(self, data: bytes) -> None:

@@ -1,4 +1,5 @@
-"""An independent MQTT observer and publisher built on paho-mqtt 2.x (MQTT 3.1.1).
+"""An independent MQTT observer and publisher built on paho-mqtt 2.x (MQTT 3.1.1, or MQTT 5
+with ``protocol=5``, recording each message's properties).
 
 The observer is deliberately *not* our client: end-to-end tests check what mqtt_persist
 did by looking at what a third party received from the broker.
@@ -27,7 +28,11 @@ from typing import Any, Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from mqtt_persist.protocol.packets import NO_PROPERTIES, Properties
 
 __all__ = ["Observed", "PahoObserver", "paho_publish", "paho_publish_async"]
 
@@ -43,15 +48,65 @@ class Observed:
     qos: int
     retain: bool
     dup: bool
+    #: MQTT 5 observers: the PUBLISH properties as paho decoded them, in our type.
+    properties: Properties = NO_PROPERTIES
 
 
-def _new_client(client_id: str | None, clean_session: bool, prefix: str) -> mqtt.Client:
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id or f"{prefix}-{uuid.uuid4().hex[:12]}",
-        protocol=mqtt.MQTTv311,
-        clean_session=clean_session,
-    )
+#: paho's property attribute -> our Properties field, for what a PUBLISH carries.
+_PUBLISH_PROPERTIES = {
+    "PayloadFormatIndicator": "payload_format_indicator",
+    "MessageExpiryInterval": "message_expiry_interval",
+    "ContentType": "content_type",
+    "ResponseTopic": "response_topic",
+    "CorrelationData": "correlation_data",
+    "SubscriptionIdentifier": "subscription_identifiers",
+    "UserProperty": "user_properties",
+}
+
+
+def from_paho(props: PahoProperties | None) -> Properties:
+    """A PUBLISH's properties as paho decoded them, in our type (for comparing)."""
+    if props is None:
+        return NO_PROPERTIES
+    values: dict[str, Any] = {}
+    for paho_name, field in _PUBLISH_PROPERTIES.items():
+        value = getattr(props, paho_name, None)
+        if value is None:
+            continue
+        if field == "user_properties":
+            value = tuple(tuple(pair) for pair in value)
+        elif field == "subscription_identifiers":
+            value = tuple(value)
+        elif field == "correlation_data":
+            value = bytes(value)
+        values[field] = value
+    return Properties(**values)
+
+
+def to_paho(props: Properties) -> PahoProperties:
+    """Our PUBLISH properties as paho's, for publishing with paho."""
+    paho = PahoProperties(PacketTypes.PUBLISH)
+    for paho_name, field in _PUBLISH_PROPERTIES.items():
+        value = getattr(props, field)
+        if value is None or value == ():
+            continue
+        setattr(paho, paho_name, list(value) if field == "user_properties" else value)
+    return paho
+
+
+def _new_client(
+    client_id: str | None, clean_session: bool, prefix: str, protocol: int = 4
+) -> mqtt.Client:
+    client_id = client_id or f"{prefix}-{uuid.uuid4().hex[:12]}"
+    if protocol == 5:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    else:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=clean_session,
+        )
     client.reconnect_delay_set(min_delay=1, max_delay=2)
     return client
 
@@ -92,6 +147,7 @@ class PahoObserver:
         *,
         connect_timeout: float = 10.0,
         keepalive: int = 60,
+        protocol: int = 4,
     ) -> None:
         self.host = host
         self.port = port
@@ -100,7 +156,9 @@ class PahoObserver:
         self.clean_session = clean_session
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
-        self.client = _new_client(client_id, clean_session, "observer")
+        #: 4: MQTT 3.1.1; 5: MQTT 5 (a clean start, and no session kept after it).
+        self.protocol = protocol
+        self.client = _new_client(client_id, clean_session, "observer", protocol)
         self.client_id: str = self.client._client_id.decode()
         self._cond = threading.Condition()
         self._messages: list[Observed] = []
@@ -189,6 +247,9 @@ class PahoObserver:
             qos=msg.qos,
             retain=bool(msg.retain),
             dup=bool(msg.dup),
+            properties=from_paho(getattr(msg, "properties", None))
+            if self.protocol == 5
+            else NO_PROPERTIES,
         )
         with self._cond:
             self._messages.append(obs)
@@ -309,13 +370,16 @@ def paho_publish(
     *,
     retain: bool = False,
     timeout: float = 10.0,
+    properties: Properties | None = None,
 ) -> None:
     """Publish every payload with paho, wait until each is acknowledged, disconnect cleanly.
 
     "Acknowledged" is paho's ``wait_for_publish``: PUBACK for QoS 1, PUBCOMP for QoS 2,
-    written to the socket for QoS 0. Raises ``ConnectionError``/``TimeoutError``.
+    written to the socket for QoS 0. Raises ``ConnectionError``/``TimeoutError``. With
+    ``properties`` it speaks MQTT 5 and sends them with every message.
     """
-    client = _new_client(client_id, True, "publisher")
+    client = _new_client(client_id, True, "publisher", 5 if properties is not None else 4)
+    paho_properties = to_paho(properties) if properties is not None else None
     connected = threading.Event()
     failure: list[str] = []
 
@@ -343,7 +407,10 @@ def paho_publish(
             raise ConnectionError(
                 f"paho_publish could not connect to {host}:{port}: {failure or 'timeout'}"
             )
-        infos = [client.publish(topic, p, qos=qos, retain=retain) for p in payloads]
+        infos = [
+            client.publish(topic, p, qos=qos, retain=retain, properties=paho_properties)
+            for p in payloads
+        ]
         for i, info in enumerate(infos):
             info.wait_for_publish(max(0.0, deadline - time.monotonic()))
             if not info.is_published():
@@ -365,6 +432,7 @@ async def paho_publish_async(
     *,
     retain: bool = False,
     timeout: float = 10.0,
+    properties: Properties | None = None,
 ) -> None:
     """:func:`paho_publish` in a worker thread, for async tests (and proxies on this loop)."""
     await asyncio.to_thread(
@@ -377,4 +445,5 @@ async def paho_publish_async(
         client_id,
         retain=retain,
         timeout=timeout,
+        properties=properties,
     )

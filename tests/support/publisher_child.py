@@ -1,13 +1,15 @@
 """A child process for crash tests: publishes numbered messages and reports each accepted one.
 
 Usage: python -m tests.support.publisher_child HOST PORT STORE CLIENT_ID START COUNT [--drain]
+       [--protocol 4|5]
 
 STORE names a durable store: ``file:DIR``, ``sqlite:PATH`` or ``redis:URL#PREFIX``.
 Message i (START <= i < COUNT) goes to ``kill/q1`` at QoS 1 when i is even and to ``kill/q2`` at
 QoS 2 when odd, with payload ``str(i)``. After ``publish()`` returned, the child prints
 ``OK i`` and flushes, so the parent knows exactly which messages the library accepted before it
 killed the child with SIGKILL. With ``--drain`` it waits for every acknowledgement, prints
-``DRAINED`` and exits cleanly.
+``DRAINED`` and exits cleanly. ``--protocol`` chooses MQTT 3.1.1 (4) or MQTT 5 (5); without it
+the client's default.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import asyncio
 import sys
 
 from mqtt_persist import Backoff, FileStore, PersistentClient, SessionStore
+from mqtt_persist.client.options import ProtocolChoice
+from mqtt_persist.protocol.packets import ProtocolVersion
 
 
 def topic_and_qos(i: int) -> tuple[str, int]:
@@ -42,12 +46,16 @@ async def main(argv: list[str]) -> None:
     host, port, store_spec, client_id = argv[0], int(argv[1]), argv[2], argv[3]
     start, count = int(argv[4]), int(argv[5])
     drain = "--drain" in argv
+    protocol: ProtocolChoice = "auto"
+    if "--protocol" in argv:
+        protocol = ProtocolVersion(int(argv[argv.index("--protocol") + 1]))
     async with PersistentClient(
         host,
         port,
         client_id=client_id,
         store=make_store(store_spec),
         backoff=Backoff(initial=0.05, maximum=0.5),
+        protocol=protocol,
     ) as client:
         print("STARTED", flush=True)
         for i in range(start, count):
