@@ -63,7 +63,7 @@ def test_pub_stores_with_the_broker_down_and_a_later_run_sends(
         # The broker is reachable: this run sends the earlier runs' messages first, in order.
         third = run_cli(
             "pub", *common, "-m", "six", "-q", "2", "--port", str(broker.port), "--wait-ack",
-            "--json",
+            "--json", "--protocol", "3.1.1",
         )  # fmt: skip
         assert third.code == 0, third
         assert third.json() | {"connected": True} == {
@@ -78,13 +78,15 @@ def test_pub_stores_with_the_broker_down_and_a_later_run_sends(
         assert observer.wait_for(6), observer.messages
         assert observer.payloads() == [b"one", b"two", b"three", b"four", b"five", b"six"]
         assert [m.qos for m in observer.messages] == [1, 1, 1, 1, 1, 2]
+        sent = load(store, "edge-1")
+        assert sent is not None and not sent.messages and sent.protocol_version == 4
 
 
 def test_sub_prints_a_persistent_session_and_holds_it(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     store = (tmp_path / "sessions").as_uri()
-    common = ["--store", store, "-i", "reader", "--port", str(broker.port)]
+    common = ["--store", store, "-i", "reader", "--port", str(broker.port), "--protocol", "5"]
 
     # The first run subscribes (kept by the broker and the store) and ends at --timeout.
     first = run_cli("sub", *common, "-t", "news/#", "-q", "2", "--timeout", "0.2")
@@ -118,6 +120,7 @@ def test_sub_prints_a_persistent_session_and_holds_it(
             running.kill()
             running.wait()
     printed = [json.loads(line) for line in lines]
+    assert (load(store, "reader") or SessionState("?")).protocol_version == 5
     assert [(p["topic"], p["qos"]) for p in printed] == [
         ("news/a", 1), ("news/a", 1), ("news/b", 2), ("news/c", 1)
     ]  # fmt: skip

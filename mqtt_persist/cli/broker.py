@@ -6,7 +6,17 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BrokerOptions"]
+from mqtt_persist.client.options import ProtocolChoice
+from mqtt_persist.protocol.packets import ProtocolVersion
+
+__all__ = ["PROTOCOLS", "BrokerOptions"]
+
+#: ``--protocol``: what each choice asks the client for.
+PROTOCOLS: dict[str, ProtocolChoice] = {
+    "auto": "auto",
+    "5": ProtocolVersion.V5,
+    "3.1.1": ProtocolVersion.V311,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +33,8 @@ class BrokerOptions:
     keyfile: str | None
     insecure: bool
     connect_timeout: float
+    #: A key of :data:`PROTOCOLS`.
+    protocol: str = "auto"
 
     @property
     def uses_tls(self) -> bool:
@@ -63,4 +75,5 @@ class BrokerOptions:
             "password": self.password,
             "tls": self.ssl_context(),
             "connect_timeout": self.connect_timeout,
+            "protocol": PROTOCOLS[self.protocol],
         }

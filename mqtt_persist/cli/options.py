@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from mqtt_persist.cli.broker import BrokerOptions
+from mqtt_persist.cli.broker import PROTOCOLS, BrokerOptions
 from mqtt_persist.cli.redaction import SECRETS
 from mqtt_persist.errors import InvalidInput
 from mqtt_persist.stores.base import SessionStore
@@ -113,6 +113,7 @@ def broker_options(function: _F) -> _F:
             keyfile=kwargs.pop("key"),
             insecure=kwargs.pop("insecure"),
             connect_timeout=kwargs.pop("connect_timeout"),
+            protocol=kwargs.pop("protocol"),
         )
         return function(broker=broker, **kwargs)
 
@@ -168,6 +169,13 @@ def broker_options(function: _F) -> _F:
             default=10.0,
             show_default=True,
             help="Seconds for one connection attempt (TCP, TLS and CONNACK).",
+        ),
+        click.option(
+            "--protocol",
+            type=click.Choice(list(PROTOCOLS)),
+            default="auto",
+            show_default=True,
+            help="MQTT version: auto tries 5, then falls back to 3.1.1.",
         ),
     ]
     decorated: Callable[..., Any] = wrapper
