@@ -50,7 +50,15 @@ from mqtt_persist.protocol.packets import (
     Will,
 )
 from mqtt_persist.protocol.reason_codes import ReasonCode
-from mqtt_persist.stores import FileStore, MemoryStore, SessionInfo, SessionStore
+from mqtt_persist.stores import (
+    FileStore,
+    MemoryStore,
+    SessionInfo,
+    SessionStore,
+    SQLiteStore,
+    redact_url,
+    store_from_url,
+)
 
 __version__ = "0.1.0"
 
@@ -82,7 +90,9 @@ __all__ = [
     "ProtocolVersion",
     "QueueFull",
     "ReasonCode",
+    "RedisStore",
     "RetainHandling",
+    "SQLiteStore",
     "ServerDisconnected",
     "SessionCorrupt",
     "SessionExpired",
@@ -98,4 +108,22 @@ __all__ = [
     "UnsupportedFormatVersion",
     "Will",
     "__version__",
+    "redact_url",
+    "store_from_url",
 ]
+
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    # For type checkers only; at run time __getattr__ below imports it on first use.
+    from mqtt_persist.stores.redis import RedisStore as RedisStore
+
+
+def __getattr__(name: str) -> object:
+    # RedisStore needs redis-py, an optional extra: imported on first use (as in
+    # mqtt_persist.stores), so that ``import mqtt_persist`` never requires redis-py.
+    if name == "RedisStore":
+        from mqtt_persist.stores.redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,27 @@
 """Session stores: where a client's session lives between runs.
 
 :class:`SessionStore` is the contract; :class:`MemoryStore` keeps sessions for the life of the
-process, :class:`FileStore` in crash-safe journal files.
+process, :class:`FileStore` in crash-safe journal files, :class:`SQLiteStore` in one SQLite
+database, :class:`RedisStore` in Redis (imported on first use: redis-py is optional).
+:func:`store_from_url` builds any of them from a URL such as ``sqlite:///var/lib/app/s.db``.
 """
 
 from mqtt_persist.stores.base import SessionInfo, SessionStore
 from mqtt_persist.stores.file import FileStore
 from mqtt_persist.stores.memory import MemoryStore
 from mqtt_persist.stores.sqlite import SQLiteStore
+from mqtt_persist.stores.urls import redact_url, store_from_url
 
-__all__ = ["FileStore", "MemoryStore", "SQLiteStore", "SessionInfo", "SessionStore"]
+__all__ = [
+    "FileStore",
+    "MemoryStore",
+    "RedisStore",
+    "SQLiteStore",
+    "SessionInfo",
+    "SessionStore",
+    "redact_url",
+    "store_from_url",
+]
 
 import typing as _typing
 

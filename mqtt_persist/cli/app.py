@@ -1,0 +1,170 @@
+"""The command tree of ``mqtt-persist``, and the one place where errors become exit codes.
+
+Every failure ends as one line on stderr, ``mqtt-persist: error: ...``, scrubbed of secrets,
+with the exit code of :class:`~mqtt_persist.cli.exits.ExitCode`; ``--debug`` adds the
+traceback (scrubbed too) and the library's debug log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from mqtt_persist import __version__
+from mqtt_persist.cli.access import held_error
+from mqtt_persist.cli.demo import parse_broker, private_mosquitto, run_demo
+from mqtt_persist.cli.exits import CliError, ExitCode
+from mqtt_persist.cli.options import store_option
+from mqtt_persist.cli.pub import pub_command
+from mqtt_persist.cli.redaction import SECRETS, ScrubFilter
+from mqtt_persist.cli.running import run_async
+from mqtt_persist.cli.sessions import sessions
+from mqtt_persist.cli.sub import sub_command
+from mqtt_persist.errors import InvalidInput, MqttPersistError, SessionLocked
+from mqtt_persist.log import LOGGER_NAME
+from mqtt_persist.stores.base import SessionStore
+from mqtt_persist.stores.file import FileStore
+
+__all__ = ["cli", "run"]
+
+
+class _Settings:
+    """What the top-level options decided, for the error handler that runs after click."""
+
+    debug = False
+
+
+SETTINGS = _Settings()
+
+
+@click.group(context_settings={"max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks and the library's debug log.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the library's informational log.")
+@click.version_option(__version__, prog_name="mqtt-persist")
+def cli(debug: bool, verbose: bool) -> None:
+    """Sessions of mqtt_persist clients, from the shell: inspect, move, publish, subscribe.
+
+    Stores are named by URL (--store, or the env MQTT_PERSIST_STORE): file:///var/lib/app,
+    sqlite:///var/lib/app/sessions.db, redis://host:6379/0?prefix=app, memory://.
+    Exit codes: 0 ok, 1 failed, 2 bad usage, 3 session held by a live client, 4 no such
+    session, 5 session exists (import), 6 timeout, 130 interrupted.
+    """
+    SETTINGS.debug = debug
+    _configure_logging(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+
+
+def _configure_logging(level: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ScrubFilter())
+    handler.setFormatter(logging.Formatter("mqtt-persist: %(levelname)s: %(message)s"))
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+cli.add_command(sessions)
+cli.add_command(pub_command)
+cli.add_command(sub_command)
+
+
+@cli.command("demo")
+@click.option("--broker", help="mqtt://HOST:PORT (default: start a private mosquitto).")
+@click.option("-i", "--client-id", default="persistent-demo", show_default=True)
+@store_option(required=False)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the queued messages.",
+)
+def demo_command(
+    broker: str | None, client_id: str, store: SessionStore | None, timeout: float
+) -> int:
+    """The phase 1-3 reconnect demo (default store: a temporary directory)."""
+    try:
+        address = parse_broker(broker) if broker else None
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc), param_hint="--broker") from None
+    with tempfile.TemporaryDirectory(prefix="mqtt-persist-demo-") as tmp:
+        workdir = Path(tmp)
+        chosen = store or FileStore(workdir / "sessions")
+        where = "the store" if store else str(workdir / "sessions")
+
+        def demo(host: str, port: int) -> bool:
+            def say(line: str) -> None:
+                click.echo(line)
+
+            return run_async(
+                lambda: run_demo(
+                    host, port, client_id, chosen, where=where, timeout=timeout, say=say
+                )
+            )
+
+        if address is not None:
+            ok = demo(*address)
+        else:
+            with private_mosquitto(workdir) as (host, port):
+                click.echo(f"Started a private mosquitto on {host}:{port}")
+                ok = demo(host, port)
+    return ExitCode.OK if ok else ExitCode.FAILED
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; its exit code. Nothing but a one-line message on failure."""
+    try:
+        result = cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="mqtt-persist",
+            standalone_mode=False,
+        )
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return _fail("aborted", ExitCode.INTERRUPTED)
+    except click.ClickException as exc:
+        # Usage errors: click's own text (it names the option), on one line like every error.
+        message = exc.format_message()
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            message += f" (see '{exc.ctx.command_path} --help')"
+        return _fail(message, exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        # The reader of stdout left (`... | head`): nothing more to say, and nowhere to say it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.FAILED
+    except Exception as exc:
+        return _fail_with(exc)
+    return int(result) if isinstance(result, int) else ExitCode.OK
+
+
+def _fail_with(exc: Exception) -> int:
+    if isinstance(exc, SessionLocked):
+        exc = held_error(exc)
+    if isinstance(exc, CliError):
+        code, message = exc.code, str(exc)
+    elif isinstance(exc, InvalidInput):
+        code, message = ExitCode.USAGE, str(exc)
+    elif isinstance(exc, MqttPersistError):
+        code, message = ExitCode.FAILED, str(exc)
+    else:
+        code, message = ExitCode.FAILED, f"{type(exc).__name__}: {exc}"
+    if SETTINGS.debug:
+        text = "".join(traceback.format_exception(exc))
+        sys.stderr.write(SECRETS.scrub(text))
+    return _fail(message, code)
+
+
+def _fail(message: str, code: int) -> int:
+    line = " ".join(SECRETS.scrub(message).split()) or "failed"
+    sys.stderr.write(f"mqtt-persist: error: {line}\n")
+    return code

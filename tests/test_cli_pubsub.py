@@ -1,0 +1,173 @@
+"""``mqtt-persist pub``, ``sub`` and ``demo`` against a real mosquitto, observed by paho.
+
+Also where the CLI must refuse a session a live client holds (here the client is a running
+``sub``), and must never print a password.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from mqtt_persist.cli.session_file import Header, encode_header
+from mqtt_persist.session.state import SessionState
+from tests.support.broker import MosquittoBroker, free_port
+from tests.support.cli import Result, run_cli, start_cli
+from tests.support.observer import PahoObserver, paho_publish
+from tests.support.redis_server import shared_redis_url, unique_prefix
+from tests.test_cli_sessions import one_line_error, with_store
+
+pytestmark = pytest.mark.broker
+
+
+def load(url: str, client_id: str) -> SessionState | None:
+    return with_store(url, lambda store: store.load(client_id))
+
+
+def test_pub_stores_with_the_broker_down_and_a_later_run_sends(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    store = f"sqlite://{tmp_path / 'edge.db'}"
+    down = str(free_port())  # nothing listens there
+    common = ["--store", store, "-i", "edge-1", "-t", "edge/data"]
+    with PahoObserver(broker.host, broker.port, "edge/#", qos=2) as observer:
+        # Broker down: exit 0 once the messages are in the store, saying they are queued.
+        first = run_cli("pub", *common, "-m", "one", "-m", "two", "--port", down, "--linger", "0")
+        assert first.code == 0, first
+        assert "stored 2 message(s)" in first.out and "2 queued in the store" in first.out
+        assert "not reached" in first.out
+
+        # Lines of stdin (a blank one skipped); --wait-ack gives up after --timeout: exit 6,
+        # and the messages stay stored.
+        second = run_cli(
+            "pub", *common, "-l", "--port", down, "--wait-ack", "--timeout", "0.3", "--json",
+            input=b"three\n\nfour\r\nfive",
+        )  # fmt: skip
+        assert second.code == 6, second
+        report = second.json()
+        assert (report["stored"], report["acknowledged"], report["timed_out"]) == (3, 0, True)
+        assert report["unsent"] == 5
+
+        state = load(store, "edge-1")
+        assert state is not None
+        assert [m.payload for m in state.messages.values()] == [
+            b"one", b"two", b"three", b"four", b"five"
+        ]  # fmt: skip
+        assert observer.messages == []
+
+        # The broker is reachable: this run sends the earlier runs' messages first, in order.
+        third = run_cli(
+            "pub", *common, "-m", "six", "-q", "2", "--port", str(broker.port), "--wait-ack",
+            "--json", "--protocol", "3.1.1",
+        )  # fmt: skip
+        assert third.code == 0, third
+        assert third.json() | {"connected": True} == {
+            "client_id": "edge-1",
+            "stored": 1,
+            "acknowledged": 1,
+            "not_acknowledged": [],
+            "timed_out": False,
+            "unsent": 0,
+            "connected": True,
+        }
+        assert observer.wait_for(6), observer.messages
+        assert observer.payloads() == [b"one", b"two", b"three", b"four", b"five", b"six"]
+        assert [m.qos for m in observer.messages] == [1, 1, 1, 1, 1, 2]
+        sent = load(store, "edge-1")
+        assert sent is not None and not sent.messages and sent.protocol_version == 4
+
+
+def test_sub_prints_a_persistent_session_and_holds_it(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    store = (tmp_path / "sessions").as_uri()
+    common = ["--store", store, "-i", "reader", "--port", str(broker.port), "--protocol", "5"]
+
+    # The first run subscribes (kept by the broker and the store) and ends at --timeout.
+    first = run_cli("sub", *common, "-t", "news/#", "-q", "2", "--timeout", "0.2")
+    assert first.code == 0, first
+
+    # Published while no sub runs: the broker queues them for the session.
+    paho_publish(broker.host, broker.port, "news/a", [b"hello", b"\xff\xfe binary"], qos=1)
+    paho_publish(broker.host, broker.port, "news/b", ["grüße".encode()], qos=2)
+
+    running = start_cli("sub", *common, "-F", "json")
+    try:
+        assert running.stdout is not None
+        lines = [running.stdout.readline() for _ in range(3)]
+
+        # It holds the session: no other command may change it meanwhile.
+        export = tmp_path / "reader.jsonl"
+        export.write_bytes(encode_header(Header("reader", 4, None, 0, time.time())))
+        for args in (
+            ["sessions", "delete", "reader", "--yes", "--store", store],
+            ["sessions", "import", export, "--replace", "--store", store],
+            ["pub", *common, "-t", "x", "-m", "y"],
+        ):
+            one_line_error(run_cli(*args), 3, "reader", "held")
+
+        paho_publish(broker.host, broker.port, "news/c", [b"live"], qos=1)
+        lines.append(running.stdout.readline())
+        running.send_signal(signal.SIGINT)
+        assert running.wait(10) == 0  # Ctrl-C is how sub ends
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.wait()
+    printed = [json.loads(line) for line in lines]
+    assert (load(store, "reader") or SessionState("?")).protocol_version == 5
+    assert [(p["topic"], p["qos"]) for p in printed] == [
+        ("news/a", 1), ("news/a", 1), ("news/b", 2), ("news/c", 1)
+    ]  # fmt: skip
+    assert printed[0]["payload"] == "hello"
+    assert base64.b64decode(printed[1]["payload_base64"]) == b"\xff\xfe binary"
+    assert printed[2]["payload"] == "grüße" and printed[3]["payload"] == "live"
+
+    # --count: the next message, as "topic payload", then exit 0.
+    paho_publish(broker.host, broker.port, "news/d", [b"later"], qos=1)
+    counted = run_cli("sub", *common, "-F", "topic", "-C", "1", "--timeout", "10")
+    assert (counted.code, counted.out) == (0, "news/d later\n"), counted
+
+
+def test_no_password_in_any_output(broker: MosquittoBroker, tmp_path: Path) -> None:
+    pytest.importorskip("redis", reason="redis-py not installed")
+    secret = "S3cr3t-pw%"
+    quoted = "S3cr3t-pw%25"  # as written inside a URL
+    redis = shared_redis_url().replace("redis://", f"redis://nobody:{quoted}@")
+    prefix = unique_prefix(tmp_path)
+    pub = ["pub", "--store", (tmp_path / "s").as_uri(), "-i", "p", "-t", "t", "-m", "x"]
+    runs: list[Result] = [
+        # The store refuses the credentials: a one-line error, with --debug a traceback.
+        run_cli("--debug", "sessions", "list", "--store", f"{redis}?prefix={prefix}"),
+        # A bad store URL: a usage error that quotes the URL.
+        run_cli("sessions", "list", "--store", f"{redis}?prefix={prefix}&nope=1"),
+        # Broker credentials, with every log line shown.
+        run_cli("--debug", *pub, "-p", str(broker.port), "-u", "alice", "-P", secret, "--wait-ack"),
+        # ... from the environment, with the broker down.
+        run_cli(
+            "-v",
+            *pub,
+            *("--port", str(free_port()), "--linger", "0.3"),
+            env={"MQTT_PERSIST_USERNAME": "alice", "MQTT_PERSIST_PASSWORD": secret},
+        ),
+    ]
+    assert [r.code for r in runs] == [1, 2, 0, 0], runs
+    assert "Traceback" in runs[0].err and "nobody:***@" in runs[0].err
+    assert "nobody:***@" in runs[1].err
+    for result in runs:
+        for text in (result.out, result.err):
+            assert secret not in text and quoted not in text and "S3cr3t" not in text, result
+
+
+def test_demo_command(broker: MosquittoBroker, tmp_path: Path) -> None:
+    result = run_cli(
+        "demo", "--broker", broker.url, "-i", "demo-cli", "--store", f"sqlite:{tmp_path}/d.db"
+    )
+    assert result.code == 0, result
+    assert result.out.count("received") == 4
+    assert result.out.strip().splitlines()[-1].startswith("RESULT: OK")

@@ -1,0 +1,269 @@
+"""``mqtt-persist sessions ...`` as a subprocess against every durable store.
+
+Each test groups its assertions around few runs (a run costs about 0.3 s of start-up). The
+sessions are written in-process through the store API, the command's ``--json`` output is
+parsed back and compared with the state the operations define (``SessionState.apply``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from mqtt_persist import store_from_url
+from mqtt_persist.session.state import MessageAdded, SessionState, StoredMessage
+from mqtt_persist.stores.base import SessionStore
+from tests.support.cli import Result, rich_session_ops, run_cli
+from tests.support.redis_server import shared_redis_url, unique_prefix
+
+KINDS = ["file", "sqlite", "redis"]
+_T = TypeVar("_T")
+
+
+def store_url(kind: str, tmp_path: Path, name: str = "a") -> str:
+    """A URL of a fresh store of this kind, private to the test."""
+    if kind == "file":
+        return (tmp_path / f"{name}-sessions").as_uri()
+    if kind == "sqlite":
+        return f"sqlite://{tmp_path / f'{name}.db'}?synchronous=NORMAL"
+    pytest.importorskip("redis", reason="redis-py not installed")
+    return f"{shared_redis_url()}?prefix={unique_prefix(tmp_path / name)}"
+
+
+def with_store(url: str, work: Callable[[SessionStore], Awaitable[_T]]) -> _T:
+    """Run ``work(store)`` on the store the URL names, opened for it."""
+
+    async def run() -> _T:
+        store = store_from_url(url)
+        await store.open()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def one_line_error(result: Result, code: int, *fragments: str) -> None:
+    """The run failed with ``code`` and exactly one line on stderr naming the fragments."""
+    assert result.code == code, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mqtt-persist: error: "), result
+    for fragment in fragments:
+        assert fragment in lines[0], result
+
+
+def replayed(ops: list[Any], client_id: str = "dev-1") -> SessionState:
+    state = SessionState(client_id)
+    state.apply_all(ops)
+    return state
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_list_show_cleanup_delete(kind: str, tmp_path: Path) -> None:
+    url = store_url(kind, tmp_path)
+    ops = rich_session_ops(queued=1005)  # more than one page (1000) of queued messages
+    expected = replayed(ops)
+
+    async def setup(store: SessionStore) -> None:
+        await store.apply("dev-1", ops)
+        await store.update_ttl("dev-1", 3600)
+        await store.apply("dev-2", [MessageAdded(StoredMessage(1, "t", b"x", 1))])
+        await store.apply("old", [MessageAdded(StoredMessage(1, "t", b"x", 1))])
+        await store.update_ttl("old", 0.05)
+
+    with_store(url, setup)
+    time.sleep(0.1)  # "old" expires
+    now = time.time()
+
+    # list --json: every session, expired ones included and flagged
+    listed = run_cli("sessions", "list", "--store", url, "--json")
+    assert listed.code == 0, listed
+    rows = {row["client_id"]: row for row in listed.json()}
+    # Redis drops an expired session's keys by itself (their TTL): nothing left to clean up.
+    redis_expired_it = kind == "redis"
+    assert set(rows) == {"dev-1", "dev-2"} | (set() if redis_expired_it else {"old"})
+    queued = [m for m in expected.messages.values() if m.packet_id is None]
+    assert rows["dev-1"]["queued"] == len(queued) == 1005
+    assert rows["dev-1"]["inflight"] == 3
+    assert rows["dev-1"]["set_aside"] == 2
+    assert rows["dev-1"]["expires_at"] == pytest.approx(now + 3600, abs=30)
+    assert rows["dev-1"]["expired"] is False
+    assert redis_expired_it or rows["old"]["expired"] is True
+    assert rows["dev-2"]["expires_at"] is None
+
+    # show --json: everything the session holds, the whole queue counted and listed
+    shown = run_cli("sessions", "show", "dev-1", "--store", url, "--json", "--limit", "0")
+    assert shown.code == 0, shown
+    view = shown.json()
+    assert view["client_id"] == "dev-1" and view["protocol_version"] == 5
+    assert view["queued_count"] == 1005 and view["inflight_count"] == 3
+    assert [m["seq"] for m in view["queued"]] == [m.seq for m in queued]
+    assert [(m["seq"], m["packet_id"], m["qos"], m["state"]) for m in view["inflight"]] == [
+        (1, 101, 1, "awaiting PUBACK"),
+        (3, 103, 2, "awaiting PUBREC"),
+        (6, 106, 2, "awaiting PUBCOMP"),
+    ]
+    first = view["queued"][0]
+    message = expected.messages[first["seq"]]
+    assert (first["topic"], first["qos"], first["retain"], first["size"]) == (
+        message.topic,
+        message.qos,
+        message.retain,
+        len(message.payload),
+    )
+    assert [(a["seq"], a["reason"], a["at"]) for a in view["set_aside"]] == [
+        (seq, aside.reason, aside.at) for seq, aside in sorted(expected.set_aside.items())
+    ]
+    assert view["inbound_qos2"] == [7, 65535]
+    assert view["pending_unsubscribes"] == ["old/filter"]
+    subscriptions = {s["topic_filter"]: s for s in view["subscriptions"]}
+    assert set(subscriptions) == {"site/+/cmd", "alarms/#", "ä/ö"}
+    alarms = subscriptions["alarms/#"]
+    assert (alarms["qos"], alarms["confirmed"], alarms["subscription_id"]) == (2, False, 4242)
+    assert (alarms["no_local"], alarms["retain_as_published"], alarms["retain_handling"]) == (
+        True,
+        True,
+        2,
+    )
+    assert subscriptions["site/+/cmd"]["confirmed"] is True
+    payload_bytes = sum(len(m.payload) for m in expected.messages.values())
+    payload_bytes += sum(len(a.message.payload) for a in expected.set_aside.values())
+    assert view["payload_bytes"] == payload_bytes
+
+    if not redis_expired_it:
+        # cleanup leaves an expired session alone while a client holds it ...
+        async def cleanup_while_held(store: SessionStore) -> tuple[Result, bool]:
+            await store.acquire("old")
+            cleaned = await asyncio.to_thread(run_cli, "sessions", "cleanup", "--store", url)
+            return cleaned, "old" in {i.client_id for i in await store.list_sessions()}
+
+        skipped, kept_old = with_store(url, cleanup_while_held)
+        assert (skipped.code, skipped.out) == (0, "removed 0 expired session(s)\n"), skipped
+        assert kept_old
+
+    # ... and removes it (and nothing else) once it is free
+    cleaned = run_cli("sessions", "cleanup", "--store", url, "--json")
+    assert cleaned.code == 0, cleaned
+    # (RedisStore may still count the leftovers of the session Redis expired.)
+    assert cleaned.json()["removed"] == 1 or (redis_expired_it and cleaned.json()["removed"] == 0)
+
+    # delete is refused while a client (here: this test process) holds the session
+    async def delete_while_held(store: SessionStore) -> tuple[Result, bool]:
+        await store.acquire("dev-2")
+        refused = await asyncio.to_thread(
+            run_cli, "sessions", "delete", "dev-2", "--yes", "--store", url
+        )
+        return refused, await store.exists("dev-2")
+
+    refused, kept = with_store(url, delete_while_held)
+    one_line_error(refused, 3, "dev-2", "held")
+    assert kept
+
+    deleted = run_cli("sessions", "delete", "dev-2", "--yes", "--json", "--store", url)
+    assert deleted.code == 0, deleted
+    assert deleted.json() == {"deleted": ["dev-2"]}
+
+    async def remaining(store: SessionStore) -> list[str]:
+        return sorted(info.client_id for info in await store.list_sessions())
+
+    assert with_store(url, remaining) == ["dev-1"]
+
+
+def test_tables_for_people_and_errors(tmp_path: Path) -> None:
+    url = store_url("file", tmp_path)
+    ops = rich_session_ops(queued=30)
+    with_store(url, lambda store: store.apply("dev-1", ops))
+
+    listed = run_cli("sessions", "list", "--store", url)
+    assert listed.code == 0, listed
+    header, row = listed.out.splitlines()
+    assert header.split()[:4] == ["CLIENT", "ID", "QUEUED", "IN"]
+    assert row.split()[:4] == ["dev-1", "30", "3", "2"]
+    assert row.endswith("never")
+
+    shown = run_cli("sessions", "show", "dev-1", "--store", url, "--limit", "3")
+    assert shown.code == 0, shown
+    text = shown.out
+    for fragment in (
+        "session dev-1",
+        "protocol      MQTT 5",
+        "30 queued, 3 in flight, 2 set aside",
+        "queued (30; the first 3 shown)",
+        "awaiting PUBACK",
+        "awaiting PUBREC",
+        "awaiting PUBCOMP",
+        "poison: the broker closed the connection on it",
+        "alarms/#",
+        "pending unsubscribes: old/filter",
+        "packet ids: 7, 65535",
+    ):
+        assert fragment in text, text
+
+    # (More error paths run in-process: test_cli_units.py::test_errors_are_one_line.)
+    one_line_error(run_cli("sessions", "show", "nobody", "--store", url), 4, "no session 'nobody'")
+
+
+def test_export_import_round_trip_across_store_kinds(tmp_path: Path) -> None:
+    """file -> sqlite -> redis, exact: every field of the original state, and its TTL."""
+    file_url, sqlite_url, redis_url = (store_url(k, tmp_path, k) for k in KINDS)
+    # Queued messages past a page (1000): the export reads them in two.
+    ops = rich_session_ops(queued=1005)
+    expected = replayed(ops)
+
+    async def setup(store: SessionStore) -> None:
+        await store.apply("dev-1", ops)
+        await store.update_ttl("dev-1", 7200)
+
+    with_store(file_url, setup)
+
+    exported = tmp_path / "dev-1.jsonl"
+    first = run_cli(
+        "sessions", "export", "dev-1", "--store", file_url, "-o", exported, "--progress"
+    )
+    assert first.code == 0, first
+    assert "exporting" in first.err  # the bar's label (a terminal would see the bar itself)
+    lines = exported.read_bytes().splitlines()
+    assert len(lines) == 1 + 2 + 1008 + 2 + 3 + 1  # header, set aside, messages, ids, subs, unsub
+
+    into_sqlite = run_cli("sessions", "import", exported, "--store", sqlite_url, "--json")
+    assert into_sqlite.code == 0, into_sqlite
+    assert into_sqlite.json() == {"client_id": "dev-1", "records": len(lines) - 1}
+
+    # sqlite -> stdout -> stdin -> redis
+    second = run_cli("sessions", "export", "dev-1", "--store", sqlite_url)
+    assert second.code == 0, second
+    into_redis = run_cli("sessions", "import", "-", "--store", redis_url, input=second.out_bytes)
+    assert into_redis.code == 0, into_redis
+
+    async def loaded(store: SessionStore) -> tuple[SessionState | None, float | None]:
+        info = {i.client_id: i for i in await store.list_sessions()}["dev-1"]
+        ttl = None if info.expires_at is None else info.expires_at - info.last_access
+        return await store.load("dev-1"), ttl
+
+    state, ttl = with_store(redis_url, loaded)
+    assert state is not None
+    assert ttl == pytest.approx(7200)
+    assert state.protocol_version == expected.protocol_version == 5
+    assert list(state.messages) == list(expected.messages)
+    for seq, message in expected.messages.items():
+        assert state.messages[seq] == message, seq  # every field, packet ID and released too
+    assert state.set_aside == expected.set_aside
+    assert state.inbound_qos2 == expected.inbound_qos2
+    assert state.subscriptions == expected.subscriptions
+    assert state.pending_unsubscribes == expected.pending_unsubscribes
+    assert state == expected
+
+    # An existing session is refused without --replace, and a bad file never replaces one.
+    again = run_cli("sessions", "import", exported, "--store", redis_url)
+    one_line_error(again, 5, "dev-1", "--replace")
+    truncated = tmp_path / "truncated.jsonl"
+    truncated.write_bytes(b"\n".join(lines[:-1]) + b"\n")
+    refused = run_cli("sessions", "import", truncated, "--store", redis_url, "--replace")
+    one_line_error(refused, 2, "truncated")
+    assert with_store(redis_url, loaded)[0] == expected
