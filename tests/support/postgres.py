@@ -34,6 +34,7 @@ __all__ = [
     "postgres_or_skip",
     "private_database",
     "shared_postgres_dsn",
+    "shared_postgres_url",
     "unique_schema",
 ]
 
@@ -123,6 +124,18 @@ def shared_postgres_dsn() -> str:
             _shared_name = name
             atexit.register(_drop_shared)
         return _shared
+
+
+def shared_postgres_url() -> str:
+    """:func:`shared_postgres_dsn` as a ``postgresql://`` URL (for ``store_from_url``)."""
+    from urllib.parse import quote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(shared_postgres_dsn())
+    user = quote(str(params.get("user", "postgres")))
+    host, port = params.get("host", "127.0.0.1"), params.get("port", "5432")
+    return f"postgresql://{user}@{host}:{port}/{params['dbname']}"
 
 
 @contextlib.contextmanager
