@@ -381,3 +381,37 @@ def _seq(op: Any) -> int | None:
     if isinstance(op, MessageAdded):
         return op.message.seq
     return getattr(op, "seq", None)
+
+
+async def test_applies_of_several_sessions_share_a_transaction(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit across sessions; a fenced session's write fails alone, the others commit."""
+    async with (
+        PostgresStore(dsn, schema=schema) as store,
+        PostgresStore(dsn, schema=schema) as rival,
+    ):
+        for client_id in ("a", "b", "c"):
+            await store.acquire(client_id)
+        await rival.acquire("a", takeover=True)
+        transactions: list[int] = []
+        commit = store._commit_applies
+
+        async def counting(applies: Any) -> None:
+            transactions.append(len(applies))
+            await commit(applies)
+
+        monkeypatch.setattr(store._group, "_run", counting)
+        results = await asyncio.gather(
+            *(store.apply(c, [MessageAdded(msg(1))]) for c in ("a", "b", "c")),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], SessionFenced) and results[1:] == [None, None]
+        # One transaction for the three, which failed (a's check); then each alone.
+        assert transactions == [3, 1, 1, 1]
+        for client_id in ("b", "c"):
+            state = await store.load(client_id)
+            assert state is not None and list(state.messages) == [1]
+        assert await rival.load("a") is None  # nothing of the fenced write
+        await asyncio.gather(*(store.apply(c, [MessageAdded(msg(2))]) for c in ("b", "c")))
+        assert transactions[-1] == 2  # together, and it went through

@@ -13,9 +13,8 @@ Durability and atomicity
     the server's default ``synchronous_commit = on`` that is after its WAL was flushed: the
     batch survives a crash of the client, of the server and a power cut (``durable`` is True).
     A transaction is all or nothing, so a crash at any point leaves all of a batch or none.
-    The client hands over one burst per ``apply`` (group commit); applies of different
-    sessions run on different connections of the store's pool, and PostgreSQL flushes the WAL
-    of transactions that commit together once.
+    The client hands over one burst per ``apply`` (group commit), and applies of different
+    sessions that arrive while a transaction is on its way share the next one (``group``).
 
 Ownership and fencing
     See ``lease``: a lease per session with a fencing token that grows with every new owner,
@@ -67,6 +66,7 @@ from mqtt_persist.stores._expiry import session_info, ttl_from
 from mqtt_persist.stores._quarantine import quarantine_stamp
 from mqtt_persist.stores.base import SessionInfo, StoreContext
 from mqtt_persist.stores.postgres.connection import Pool, redact
+from mqtt_persist.stores.postgres.group import GroupCommit
 from mqtt_persist.stores.postgres.lease import PgLeases, fenced_error, locked_error
 from mqtt_persist.stores.postgres.operations import Statement, statements_of
 from mqtt_persist.stores.postgres.rows import (
@@ -142,6 +142,7 @@ class PostgresStore(StoreContext):
             dsn, max_connections, idle_timeout_ms=idle_ms, connect_timeout=connect_timeout
         )
         self._q = Queries(schema)
+        self._group = GroupCommit(self._commit_applies)
         self._leases = PgLeases(schema, self._lease_ttl, uuid.uuid4().hex, self._connection, schema)
         self._locks: dict[str, asyncio.Lock] = {}
         self._open_lock = asyncio.Lock()
@@ -197,7 +198,20 @@ class PostgresStore(StoreContext):
                 raise fenced_error(client_id, token, detail, hint, self._lease_ttl) from None
             if exc.sqlstate == LOCKED:
                 raise locked_error(client_id, exc.diag.message_detail or "") from None
-            raise
+            raise self._pool.error(exc, "a query") from None
+
+    async def _commit_applies(self, applies: Sequence[list[Statement]]) -> None:
+        """The applies' statements as ONE query: one transaction, one round trip (see
+        ``operations``: why not a pipeline). Raises the driver's error as it is: the caller
+        tells a fencing refusal from a failure."""
+        error: psycopg.Error | None = None
+        async with self._connection() as conn:
+            try:
+                await conn.execute(_script(conn, [st for apply in applies for st in apply]))
+            except psycopg.Error as exc:
+                error = exc  # raised below, outside the pool (which would make it a StoreError)
+        if error is not None:
+            raise error
 
     def _where(self) -> str:
         return f"PostgreSQL {self._safe_dsn}, schema {self._schema}"
@@ -300,6 +314,7 @@ class PostgresStore(StoreContext):
     async def close(self) -> None:
         """Stop renewing, release every lease and close the connections. Idempotent; the
         store can be opened again. A lease that cannot be released is left to lapse."""
+        await self._group.close()
         if self._opened:
             await self._leases.release_all()
         self._opened = False
@@ -448,17 +463,15 @@ class PostgresStore(StoreContext):
         cid, q = id_bytes(client_id), self._q
         async with self._lock_for(client_id):
             token, now = self._leases.token(client_id), self._clock()
-            async with self._connection() as conn:
-                with self._owner_errors(client_id, token):
-                    # ONE query of several statements: one transaction, one round trip (see
-                    # ``operations``: why not a pipeline).
-                    statements: list[Statement] = [(q.check_owner, (cid, token))]
-                    if not batch:
-                        statements.append((q.touch, (now, cid)))
-                    else:
-                        statements.append((q.touch_or_create, (cid, now, now, top, top)))
-                        statements += statements_of(self._schema, cid, batch)
-                    await conn.execute(_script(conn, statements))
+            statements: list[Statement] = [(q.check_owner, (cid, token))]
+            if not batch:
+                statements.append((q.touch, (now, cid)))
+            else:
+                statements.append((q.touch_or_create, (cid, now, now, top, top)))
+                statements += statements_of(self._schema, cid, batch)
+            with self._owner_errors(client_id, token):
+                # With other sessions' applies, in one query, one transaction (``group``).
+                await self._group.commit(statements)
 
     async def delete(self, client_id: str) -> None:
         """Remove the session's rows (quarantined ones stay; an acquired lease stays held).
