@@ -106,6 +106,12 @@ class Pool:
             await conn.execute(
                 f"SET idle_in_transaction_session_timeout = {int(self._idle_timeout_ms)}"
             )
+            # Every query of the store reads one session by its key. Before a table has
+            # statistics (a freshly filled queue, until autovacuum's first ANALYZE) the planner
+            # took "the first 1000 queued messages" for two rows and read all 100,000 into a
+            # bitmap and a sort (43 ms); without bitmap scans it walks the key in order and
+            # stops after 1000.
+            await conn.execute("SET enable_bitmapscan = off")
         except BaseException:
             await conn.close()
             raise
