@@ -78,12 +78,16 @@ def persistent_broker(broker_factory: BrokerFactory) -> MosquittoBroker:
 
 @pytest.fixture
 async def proxy_factory() -> AsyncIterator[ProxyFactory]:
-    """``await proxy_factory(broker)`` -> a started FaultProxy to it, closed at teardown."""
+    """``await proxy_factory(broker)`` -> a started FaultProxy to it, closed at teardown.
+
+    ``mqtt=True`` gives a proxy that reads the streams as MQTT packets (records, drops,
+    listens; see tests/support/proxy.py).
+    """
     proxies: list[FaultProxy] = []
 
-    async def make(target: MosquittoBroker | tuple[str, int]) -> FaultProxy:
+    async def make(target: MosquittoBroker | tuple[str, int], *, mqtt: bool = False) -> FaultProxy:
         host, port = (target.host, target.port) if isinstance(target, MosquittoBroker) else target
-        proxy = FaultProxy(host, port)
+        proxy = FaultProxy(host, port, mqtt=mqtt)
         await proxy.start()
         proxies.append(proxy)
         return proxy
@@ -167,3 +171,30 @@ def nats_factory(tmp_path: Path) -> Iterator[NatsFactory]:
 def nats_broker(nats_factory: NatsFactory) -> NatsServer:
     """A started nats-server of this test's own (it starts in about 0.1 s)."""
     return nats_factory()
+
+
+# --- the fault suite's soak runs (issue 10): minutes each, so not part of the default run ------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="also run the tests marked soak (minutes each; benchmarks/fault_matrix.py runs them)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "soak: a fault soak of a minute or more; runs only with --soak or -m soak"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak") or "soak" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with --soak (or benchmarks/fault_matrix.py)")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
