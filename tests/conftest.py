@@ -8,7 +8,7 @@ survivor. Nothing here ever talks to the system mosquitto on port 1883.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from tests.support.broker import BrokerFactory, MosquittoBroker, find_mosquitto
 from tests.support.nats import NatsFactory, NatsServer, nats_server_path
 from tests.support.proxy import FaultProxy, ProxyFactory
 from tests.support.rabbitmq import RabbitMQBroker, RabbitMQFactory, rabbitmq_paths
+from tests.support.tmpfs import MountNotPermitted, Tmpfs
 
 
 @pytest.fixture(scope="session")
@@ -198,3 +199,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def tmpfs_factory(tmp_path: Path) -> Iterator[Callable[[int], Tmpfs]]:
+    """``tmpfs_factory(size_bytes)`` -> a mounted :class:`Tmpfs` under ``tmp_path``.
+
+    Unmounted at teardown. Where this process may not mount (no root / CAP_SYS_ADMIN) the test
+    is skipped saying so, or fails under CI (env CI set): never a silent pass.
+    """
+    mounts: list[Tmpfs] = []
+
+    def make(size: int) -> Tmpfs:
+        fs = Tmpfs(tmp_path / f"tmpfs-{len(mounts)}", size)
+        try:
+            fs.mount()
+        except MountNotPermitted as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"{exc} (the disk-full tests need a tmpfs they can mount)")
+            pytest.skip(f"{exc}: the disk-full and read-only tests need to mount a tmpfs")
+        mounts.append(fs)
+        return fs
+
+    try:
+        yield make
+    finally:
+        for fs in reversed(mounts):
+            fs.__exit__(None, None, None)

@@ -297,7 +297,8 @@ class PahoObserver:
             await asyncio.sleep(POLL_INTERVAL)
 
     def _has_numbers(self, wanted: set[int]) -> Callable[[], bool]:
-        """A predicate (for :meth:`wait_until`): every number in ``wanted`` arrived as a payload.
+        """A predicate (for :meth:`wait_until`): every number in ``wanted`` arrived as a payload
+        (``b"17"``, or ``b"17 "`` followed by padding).
 
         It parses each message once, however often it is evaluated.
         """
@@ -309,14 +310,15 @@ class PahoObserver:
             messages = self._messages
             for message in messages[done:]:
                 with contextlib.suppress(ValueError):
-                    seen.add(int(message.payload))
+                    seen.add(int(message.payload.split(b" ", 1)[0]))
             done = len(messages)
             return wanted <= seen
 
         return check
 
     def wait_numbers(self, wanted: set[int], timeout: float = 10.0) -> bool:
-        """Block until every number in ``wanted`` arrived as a payload ``str(n)``."""
+        """Block until every number in ``wanted`` arrived as a payload ``str(n)`` (or
+        ``str(n)`` and a space and padding)."""
         return self.wait_until(self._has_numbers(wanted), timeout)
 
     async def await_numbers(self, wanted: set[int], timeout: float = 10.0) -> bool:
