@@ -1,10 +1,13 @@
 """SIGKILL cycles of a publishing child process, counted by an independent paho subscriber.
 
-Shared by the crash tests and ``benchmarks/crash_figures.py``. One run: start the child on a
-durable store, kill it with SIGKILL at a random moment, start it again on the same store from
-the message after the last one it reported accepted, ``cycles`` times; then let a last child
-finish and drain. Every message ``publish()`` returned for must arrive (QoS 1 at least once,
-QoS 2 exactly once), in order per topic.
+Shared by the crash tests, ``benchmarks/crash_figures.py`` and ``benchmarks/fault_matrix.py``.
+One run: start the child on a durable store, wait until it reported its first accepted message,
+kill it with SIGKILL at a random moment after that, start it again on the same store from the
+message after the last one it reported accepted, ``cycles`` times; then let a last child finish
+and drain. Waiting for the first accepted message (an event, not a time) makes every kill land
+while a child is publishing, however slowly a loaded machine starts it; ``accepted_per_kill``
+records how many each killed child had accepted. Every message ``publish()`` returned for must
+arrive (QoS 1 at least once, QoS 2 exactly once), in order per topic.
 
 Exactly one message per kill may legitimately be published twice *by the test*: the one whose
 ``publish()`` had stored it but not yet returned when the kill landed; the next child, starting
@@ -43,6 +46,8 @@ class CrashFigures:
     qos2_duplicates: list[int] = field(default_factory=list)
     boundary_repeats: int = 0
     out_of_order: int = 0
+    #: Messages each killed child reported accepted before its SIGKILL (one entry per kill).
+    accepted_per_kill: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -60,11 +65,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _collect(stream: IO[bytes], into: list[int]) -> None:
+def _collect(stream: IO[bytes], into: list[int], first: threading.Event) -> None:
     for raw in stream:
         line = raw.decode().strip()
         if line.startswith("OK "):
             into.append(int(line[3:]))
+            first.set()
+    first.set()  # EOF: the child is gone; nobody must wait for a first message any more
 
 
 def _out_of_order(payloads: list[bytes]) -> int:
@@ -81,9 +88,14 @@ def run_kill_cycles(
     total: int = 1000,
     client_id: str = "killed-child",
     seed: int = 1,
-    window: tuple[float, float] = (0.005, 0.06),
+    window: tuple[float, float] = (0.0, 0.05),
+    first_message_timeout: float = 60.0,
 ) -> CrashFigures:
-    """Kill a publishing child ``cycles`` times (fewer if it finishes first); see the module."""
+    """Kill a publishing child ``cycles`` times (fewer if it finishes first); see the module.
+
+    Each kill lands ``window`` seconds (uniformly drawn) after the child reported its first
+    accepted message.
+    """
     rng = random.Random(seed)
     figures = CrashFigures(store=store.partition(":")[0])
     accepted: set[int] = set()
@@ -101,14 +113,21 @@ def run_kill_cycles(
                 child.kill()
                 raise RuntimeError(f"child did not start: {child.stderr.read().decode()}")
             lines: list[int] = []
-            reader = threading.Thread(target=_collect, args=(child.stdout, lines), daemon=True)
+            first = threading.Event()
+            reader = threading.Thread(
+                target=_collect, args=(child.stdout, lines, first), daemon=True
+            )
             reader.start()
+            if not first.wait(first_message_timeout):
+                child.kill()
+                raise RuntimeError(f"child accepted nothing in {first_message_timeout}s")
             reader.join(rng.uniform(*window))
             child.send_signal(signal.SIGKILL)
             child.wait()
             reader.join()
             child.stderr.close()
             figures.kills += 1
+            figures.accepted_per_kill.append(len(lines))
             accepted.update(lines)
             last = max(lines, default=start - 1)
             boundary.add(last + 1)
