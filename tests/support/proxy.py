@@ -104,7 +104,7 @@ class PacketRule:
     """Drop the packets of ``types`` going ``direction`` (that ``match`` accepts, if given).
 
     ``limit`` drops at most that many and then lets everything through; ``hits`` counts the
-    packets dropped so far. :meth:`remove` (or ``FaultProxy.drop_packets(None)``) disarms it.
+    packets dropped so far. :meth:`remove` (or ``FaultProxy.clear_rules()``) disarms it.
     """
 
     direction: Direction
@@ -309,6 +309,8 @@ class FaultProxy:
     def _link_idle(self, link: _Link) -> bool:
         if link.closed:
             return True
+        if link.upstream_writer is None:
+            return False  # still connecting to the target: the client's bytes wait unread
         for direction in _DIRECTIONS:
             reader = link.readers.get(direction)
             if reader is None:
