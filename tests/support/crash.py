@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import IO
 
 from tests.support.observer import PahoObserver
+from tests.support.proxy import ThreadedProxy
+from tests.support.tally import wire_order_violations
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,13 +47,18 @@ class CrashFigures:
     lost: list[int] = field(default_factory=list)
     qos2_duplicates: list[int] = field(default_factory=list)
     boundary_repeats: int = 0
+    #: Messages the subscriber got out of order per topic: a figure only, since mosquitto
+    #: itself may reorder deliveries after reconnects (DESIGN.md, broker facts).
     out_of_order: int = 0
+    #: PUBLISH packets out of order per connection and topic on the wire, as the children
+    #: wrote them (seen by an MQTT proxy between them and the broker): must be none.
+    wire_out_of_order: list[str] = field(default_factory=list)
     #: Messages each killed child reported accepted before its SIGKILL (one entry per kill).
     accepted_per_kill: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.lost and not self.qos2_duplicates and not self.out_of_order
+        return not self.lost and not self.qos2_duplicates and not self.wire_out_of_order
 
 
 def _child(host: str, port: int, store: str, client_id: str, start: int, total: int,
@@ -100,16 +107,20 @@ def run_kill_cycles(
     figures = CrashFigures(store=store.partition(":")[0])
     accepted: set[int] = set()
     boundary: set[int] = set()
-    with PahoObserver(host, port, "kill/#", qos=2) as observer:
+    with (
+        PahoObserver(host, port, "kill/#", qos=2) as observer,
+        # The children publish through an MQTT proxy that records what they wrote: order is
+        # checked there, per connection, not at the subscriber (which mosquitto may reorder).
+        ThreadedProxy(host, port, mqtt=True) as proxy,
+    ):
         start = 0
         while figures.kills < cycles and start < total:
             child = subprocess.Popen(
-                _child(host, port, store, client_id, start, total),
+                _child(proxy.host, proxy.port, store, client_id, start, total),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
             )  # fmt: skip
             assert child.stdout is not None and child.stderr is not None
-            first = child.stdout.readline().strip()
-            if first != b"STARTED":
+            if child.stdout.readline().strip() != b"STARTED":
                 child.kill()
                 raise RuntimeError(f"child did not start: {child.stderr.read().decode()}")
             lines: list[int] = []
@@ -133,7 +144,7 @@ def run_kill_cycles(
             boundary.add(last + 1)
             start = last + 1
         final = subprocess.run(
-            _child(host, port, store, client_id, start, total, "--drain"),
+            _child(proxy.host, proxy.port, store, client_id, start, total, "--drain"),
             capture_output=True, env=_env(), cwd=ROOT, timeout=180,
         )  # fmt: skip
         if final.returncode != 0 or b"DRAINED" not in final.stdout:
@@ -142,8 +153,9 @@ def run_kill_cycles(
             int(line.split()[1]) for line in final.stdout.decode().splitlines()
             if line.startswith("OK ")
         )  # fmt: skip
-        observer.wait_until(lambda: {int(p) for p in observer.payloads()} >= accepted, 30)
+        observer.wait_numbers(accepted, 30)
         payloads = {t: observer.payloads(t) for t in ("kill/q1", "kill/q2")}
+        packets = proxy.packets()
     arrived = {int(p) for p in payloads["kill/q1"] + payloads["kill/q2"]}
     q2 = Counter(int(p) for p in payloads["kill/q2"])
     figures.accepted = len(accepted)
@@ -152,4 +164,5 @@ def run_kill_cycles(
     figures.qos2_duplicates = sorted(i for i, n in q2.items() if n > 1 and i not in boundary)
     figures.boundary_repeats = sum(1 for i, n in q2.items() if n > 1 and i in boundary)
     figures.out_of_order = _out_of_order(payloads["kill/q1"]) + _out_of_order(payloads["kill/q2"])
+    figures.wire_out_of_order = wire_order_violations(packets, may_repeat=boundary)
     return figures

@@ -89,13 +89,17 @@ def tally(
     return figures
 
 
-def wire_order_violations(packets: Iterable[WirePacket], direction: str = "up") -> list[str]:
+def wire_order_violations(
+    packets: Iterable[WirePacket], direction: str = "up", *, may_repeat: Iterable[int] = ()
+) -> list[str]:
     """PUBLISH packets that broke per-connection order on the wire.
 
     Within one connection the numbered messages of one topic must go out in increasing order,
     each once: the resends of a reconnect first, then the rest. (A subscriber's view is not
-    used: mosquitto itself may reorder deliveries after reconnects.)
+    used: mosquitto itself may reorder deliveries after reconnects.) Numbers in ``may_repeat``
+    may follow themselves (a test that publishes a message again as a new one).
     """
+    repeatable = set(may_repeat)
     sent: dict[tuple[int, str], list[int]] = {}
     for p in packets:
         if p.type == PUBLISH and p.direction == direction and p.topic and p.payload is not None:
@@ -106,6 +110,6 @@ def wire_order_violations(packets: Iterable[WirePacket], direction: str = "up") 
     problems = []
     for (link, topic), numbers in sorted(sent.items()):
         for a, b in itertools.pairwise(numbers):
-            if b <= a:
+            if b < a or (b == a and a not in repeatable):
                 problems.append(f"connection {link} {topic}: {b} after {a}")
     return problems
