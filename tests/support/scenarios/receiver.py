@@ -15,7 +15,9 @@ resend is acknowledged and not delivered again.
 
 What is only counted: messages the child received and acknowledged but had not printed when it
 was killed. Today a message is acknowledged when it is handed to ``client.messages``, so those
-are lost for the application (issue 11 changes that); ``lost`` lists them.
+are lost for the application (issue 11 changes that); ``lost`` lists them, and
+``notes["lost_unexplained"]`` those among them that no killed child had acknowledged (PUBREC
+written, as the proxy saw): any such loss would be another kind, and must not happen.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tests.support.observer import paho_publish
 from tests.support.proxy import FaultProxy
 from tests.support.tally import FaultFigures
 from tests.support.waiting import until
-from tests.support.wire import PUBCOMP, PUBLISH, PUBREL, WirePacket
+from tests.support.wire import PUBCOMP, PUBLISH, PUBREC, PUBREL, WirePacket
 
 __all__ = ["run_receiver_kills"]
 
@@ -111,6 +113,22 @@ def _payload_of(packets: list[WirePacket], dropped: WirePacket) -> bytes | None:
         if same and p.direction == "down" and p.type == PUBLISH:
             return p.payload
     return None
+
+
+def _acknowledged_on(packets: list[WirePacket], links: set[int]) -> set[bytes]:
+    """Payloads of the inbound messages the client acknowledged (wrote PUBREC for) on
+    ``links``, whether or not the proxy then dropped the PUBREC."""
+    latest: dict[tuple[int, int], bytes] = {}
+    acknowledged: set[bytes] = set()
+    for p in packets:
+        if p.link not in links or p.packet_id is None:
+            continue
+        key = (p.link, p.packet_id)
+        if p.direction == "down" and p.type == PUBLISH and p.payload is not None:
+            latest[key] = p.payload
+        elif p.direction == "up" and p.type == PUBREC and key in latest:
+            acknowledged.add(latest[key])
+    return acknowledged
 
 
 def _open_flows(packets: list[WirePacket], link: int) -> int:
@@ -204,11 +222,13 @@ async def run_receiver_kills(
             for c in children:
                 if c.process.returncode is None:
                     await _stop(c, kill=True)
+    killed_links = {c.link for c in children[:-1]}
     counts = Counter(p for c in children for p in c.got if p != END)
     expected = {str(n).encode() for n in range(published)}
     figures.accepted = published
     figures.arrived = len(expected & counts.keys())
     figures.lost = sorted(int(p) for p in expected - counts.keys())
+    acknowledged = _acknowledged_on(proxy.packets, killed_links)
     figures.qos2_duplicates = sorted(int(p) for p, n in counts.items() if n > 1)
     figures.faults = kills
     figures.seconds = time.monotonic() - started
@@ -218,6 +238,9 @@ async def run_receiver_kills(
             1 for p in proxy.packets if p.direction == "down" and p.type == PUBLISH and p.dup
         ),
         duplicates_suppressed=sum(c.suppressed for c in children),
+        # Every loss must be issue 11's kind: a killed child had acknowledged the message
+        # (written PUBREC, so its ID was stored and the message handed to the application).
+        lost_unexplained=[n for n in figures.lost if str(n).encode() not in acknowledged],
         final_child_closed_cleanly=children[-1].closed if children else False,
     )
     return figures
