@@ -17,29 +17,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from mqtt_persist import Backoff, FileStore, PersistentClient, SessionStore
+from mqtt_persist import Backoff, PersistentClient
 from mqtt_persist.client.options import ProtocolChoice
 from mqtt_persist.protocol.packets import ProtocolVersion
+from tests.support.stores import store_from_spec
 
 
 def topic_and_qos(i: int) -> tuple[str, int]:
     return ("kill/q1", 1) if i % 2 == 0 else ("kill/q2", 2)
-
-
-def make_store(spec: str) -> SessionStore:
-    kind, _, where = spec.partition(":")
-    if kind == "file":
-        return FileStore(where)
-    if kind == "sqlite":
-        from mqtt_persist.stores.sqlite import SQLiteStore
-
-        return SQLiteStore(where)
-    if kind == "redis":
-        from mqtt_persist.stores.redis import RedisStore
-
-        url, _, prefix = where.partition("#")
-        return RedisStore(url, prefix=prefix or "mqtt_persist")
-    raise SystemExit(f"unknown store spec {spec!r}")
 
 
 async def main(argv: list[str]) -> None:
@@ -53,7 +38,7 @@ async def main(argv: list[str]) -> None:
         host,
         port,
         client_id=client_id,
-        store=make_store(store_spec),
+        store=store_from_spec(store_spec),
         backoff=Backoff(initial=0.05, maximum=0.5),
         protocol=protocol,
     ) as client:
