@@ -235,18 +235,32 @@ async def test_damage_found_mid_batch_writes_nothing(
 # --- queued_limit and read_queued -----------------------------------------------------------------
 
 
+async def _best_of(n: int, call: Callable[[], Awaitable[object]]) -> float:
+    best = float("inf")
+    for _ in range(n):
+        began = time.perf_counter()
+        await call()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
 async def test_queued_limit_reads_only_the_front_of_100k(store: RedisStore) -> None:
     total = 100_000
     for start in range(1, total + 1, 10_000):
         await store.apply("big", [MessageAdded(msg(s)) for s in range(start, start + 10_000)])
-    began = time.perf_counter()
     state = await store.load("big", queued_limit=100)
-    elapsed = time.perf_counter() - began
     assert state is not None
     assert list(state.messages) == list(range(1, 101))
     assert state.queued_not_loaded == total - 100
     assert state.last_seq == total
-    assert elapsed < 0.5, f"load(queued_limit=100) of {total} queued took {elapsed:.3f} s"
+    # Reading the front must not touch the rest: with 100 times the queue, a limited load costs
+    # about the same, where a scan would cost about 100 times more. Compared side by side, best
+    # of five each, so the machine's load slows both alike.
+    await store.apply("small", [MessageAdded(msg(s)) for s in range(1, 1001)])
+    small = await _best_of(5, lambda: store.load("small", queued_limit=100))
+    big = await _best_of(5, lambda: store.load("big", queued_limit=100))
+    assert big < 10 * small + 0.005, f"load(queued_limit=100): {big:.4f} s vs {small:.4f} s"
+    await store.delete("small")
     seen: list[int] = []
     after = 0
     while page := await store.read_queued("big", after, 7_000):
@@ -736,7 +750,8 @@ async def test_lease_of_a_killed_process_is_taken_over_at_once(
         stop_holder(child, kill=True)
     began = time.monotonic()
     await store.acquire("a")  # the default lease_ttl is 15 s: no waiting for it
-    assert time.monotonic() - began < 1.0
+    # Waiting the lease out would take 15 s; a third of that leaves any loaded machine room.
+    assert time.monotonic() - began < 5.0
     await store.apply("a", [MessageAdded(msg(1))])
 
 
