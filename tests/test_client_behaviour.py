@@ -374,7 +374,7 @@ async def test_background_cleanup_removes_expired_sessions(tmp_path: Path) -> No
         "127.0.0.1", 9, client_id="cleaner", store=store, cleanup_interval=0.05
     ):
         infos: list[object] = []
-        for _ in range(100):
+        for _ in range(750):  # up to 15 s, a generous bound: the cleanup runs every 0.05 s
             infos = [i for i in await store.list_sessions() if i.client_id == "stale"]
             if not infos:
                 break
