@@ -80,6 +80,19 @@ def fsync_fd(fd: int) -> None:
     os.fsync(fd)
 
 
+def datasync_fd(fd: int) -> None:
+    """Make the data written to ``fd`` durable, with the metadata needed to read it back.
+
+    ``fdatasync`` where there is one (Linux): for an append it flushes the new size too, but
+    skips what reading does not need (times). Elsewhere :func:`fsync_fd`.
+    """
+    datasync = getattr(os, "fdatasync", None)
+    if datasync is None or getattr(fcntl, "F_FULLFSYNC", None) is not None:
+        fsync_fd(fd)  # macOS has F_FULLFSYNC, which reaches the medium; fdatasync does not
+        return
+    datasync(fd)
+
+
 def fsync_directory(path: str) -> None:
     """Make the names in a directory durable (a create, rename or unlink in it)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
