@@ -85,8 +85,9 @@ class OpenSession:
     broken: bool = False
     #: Set when a sync of the journal failed: what the disk holds is unknown (see ``writer``).
     sync_error: StoreError | None = None
-    #: Records handed to the syncer, and those it synced (or failed) and settled. Guarded by
-    #: the syncer's lock; equal when nothing of this session waits for a sync.
+    #: Records handed to the syncer (written by the thread that hands them over), and those
+    #: it synced (or failed) and settled (written by the syncer, under its lock); equal when
+    #: nothing of this session waits for a sync.
     submitted: int = 0
     settled: int = 0
 

@@ -209,7 +209,8 @@ class FileStore(StoreContext):
         if not self._fsync:
             return
         if scope is None:
-            self._syncer.settle(None)
+            for each in list(self._sessions.values()):
+                self._syncer.settle(each)
         elif (session := self._sessions.get(scope)) is not None:
             self._syncer.settle(session)
 

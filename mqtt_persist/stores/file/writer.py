@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -103,89 +104,85 @@ class Commit:
         self.future = future
 
 
-class _Lane:
-    """The commits of one syncer thread, which ends once it is stopping and they are done."""
-
-    __slots__ = ("commits", "stopping")
-
-    def __init__(self) -> None:
-        self.commits: list[Commit] = []
-        self.stopping = False
-
-
 class Syncer:
     """A long-lived thread that syncs written records, as many per ``fdatasync`` as it can.
 
-    :meth:`submit` may be called from any thread, right after the record was written.
-    The thread starts with the first commit and ends with :meth:`stop`; a commit submitted
-    after that starts a new one.
+    :meth:`submit` may be called from any thread, right after the record was written, but
+    for one session from one thread at a time (the store sees to that: see the module
+    docstring). The thread starts with the first commit and ends with :meth:`stop`; a commit
+    submitted after that starts a new one.
     """
 
     def __init__(self, name: str) -> None:
         """``name`` names the thread (seen in debuggers and thread dumps)."""
         self._name = name
-        # Guards every lane, and the submitted/settled counts of every session and the store.
-        self._cond = threading.Condition(threading.Lock())
-        self._lane: _Lane | None = None
-        self._submitted = 0
-        self._settled = 0
+        # The thread's queue of commits (None ends it); a SimpleQueue because its get()
+        # blocks in C: the thread lets go of the GIL right after resolving a round's callers,
+        # when their loop wakes up and wants it (measured: tens of µs per commit on 2 vCPUs).
+        self._commits: queue.SimpleQueue[Commit | None] | None = None
+        self._starting = threading.Lock()
+        # Guards the settled counts of the sessions; notified whenever a round is settled.
+        self._settled = threading.Condition(threading.Lock())
 
     def submit(self, commit: Commit) -> None:
         """Hand over a written record; its future resolves once a sync covered it."""
-        with self._cond:
-            lane = self._lane
-            if lane is None:
-                lane = self._lane = _Lane()
-                threading.Thread(
-                    target=self._serve, args=(lane,), name=self._name, daemon=True
-                ).start()
-            lane.commits.append(commit)
-            commit.session.submitted += 1
-            self._submitted += 1
-            if len(lane.commits) == 1:
-                self._cond.notify_all()  # the thread waits only while its lane is empty
+        commits = self._commits
+        if commits is None:
+            commits = self._start()
+        commit.session.submitted += 1  # only the submitting thread writes it
+        commits.put(commit)
 
-    def settle(self, session: OpenSession | None) -> None:
-        """Block until every record submitted for ``session`` (None: for any session) is
-        synced and settled, or failed. Called by the worker thread before a job."""
-        with self._cond:
-            if session is None:
-                while self._settled < self._submitted:
-                    self._cond.wait()
-            else:
-                while session.settled < session.submitted:
-                    self._cond.wait()
+    def settle(self, session: OpenSession) -> None:
+        """Block until every record submitted for ``session`` is synced and settled (or
+        failed). Called by the worker thread before a job that touches the session."""
+        with self._settled:
+            while session.settled < session.submitted:
+                self._settled.wait()
 
     def stop(self) -> None:
         """End the thread once the records submitted so far are settled (does not wait)."""
-        with self._cond:
-            lane, self._lane = self._lane, None
-            if lane is not None:
-                lane.stopping = True
-                self._cond.notify_all()
+        with self._starting:
+            commits, self._commits = self._commits, None
+        if commits is not None:
+            commits.put(None)
 
-    def _serve(self, lane: _Lane) -> None:
-        while True:
-            with self._cond:
-                while not lane.commits and not lane.stopping:
-                    self._cond.wait()
-                commits, lane.commits = lane.commits, []
-            if not commits:
-                return
+    def _start(self) -> queue.SimpleQueue[Commit | None]:
+        with self._starting:
+            commits = self._commits
+            if commits is None:
+                commits = self._commits = queue.SimpleQueue()
+                thread = threading.Thread(
+                    target=self._serve, args=(commits,), name=self._name, daemon=True
+                )
+                thread.start()
+            return commits
+
+    def _serve(self, commits: queue.SimpleQueue[Commit | None]) -> None:
+        while (first := commits.get()) is not None:
+            # One round: what was submitted before it started. The rest waits for the next.
+            batch = [first]
+            stopping = False
+            while not commits.empty():  # only this thread takes from the queue
+                following = commits.get_nowait()
+                if following is None:
+                    stopping = True
+                    break
+                batch.append(following)
             try:
-                outcomes = _sync_and_settle(commits)
+                outcomes = _sync_and_settle(batch)
             except BaseException as exc:  # a bug; never leave a caller (or settle()) hanging
                 error = StoreError(f"syncing the session journals failed: {exc!r}")
-                for commit in commits:
+                for commit in batch:
                     commit.session.broken = True
-                outcomes = [(commit, error) for commit in commits]
-            # The callers first: they wait on every commit, a worker job only now and then.
-            _resolve_callers(outcomes)
-            with self._cond:
-                for commit in commits:
+                outcomes = [(commit, error) for commit in batch]
+            with self._settled:
+                for commit in batch:
                     commit.session.settled += 1
-                self._settled += len(commits)
-                self._cond.notify_all()
+                self._settled.notify_all()
+            # Last, then straight back to get(): the callers' loop wants the GIL next.
+            _resolve_callers(outcomes)
+            if stopping:
+                return
 
 
 def _sync_and_settle(commits: list[Commit]) -> list[tuple[Commit, StoreError | None]]:
@@ -210,10 +207,12 @@ def _sync_and_settle(commits: list[Commit]) -> list[tuple[Commit, StoreError | N
 
 def _resolve_callers(outcomes: list[tuple[Commit, StoreError | None]]) -> None:
     # One wake-up per loop for the whole round, not one per caller.
-    by_loop: defaultdict[asyncio.AbstractEventLoop, list[tuple[Commit, StoreError | None]]]
-    by_loop = defaultdict(list)
-    for outcome in outcomes:
-        by_loop[outcome[0].loop].append(outcome)
+    loop = outcomes[0][0].loop
+    by_loop = {loop: outcomes}
+    if any(commit.loop is not loop for commit, _ in outcomes):
+        by_loop = defaultdict(list)
+        for outcome in outcomes:
+            by_loop[outcome[0].loop].append(outcome)
     for loop, mine in by_loop.items():
         # RuntimeError: the caller's loop is closed, nobody is left to tell.
         with contextlib.suppress(RuntimeError):
