@@ -135,6 +135,9 @@ class FileStore(StoreContext):
     it past ``max(compact_threshold_bytes, 4 * its size after the last rewrite)``.
     ``access_write_interval``: how stale the last access recorded on disk may get (seconds).
     ``clock`` returns the current Unix time (for last access and expiry).
+
+    A store is used from one event loop at a time (its appends run on that loop); one loop
+    after another is fine.
     """
 
     #: Sessions survive the process (and, with ``fsync``, power loss).
@@ -296,11 +299,18 @@ class FileStore(StoreContext):
         session.last_access = planned.now
         if planned.record_access:
             session.persisted_access = planned.now
-        settle = partial(session.index.apply_batch, ops, encoded, planned.ops_offset)
         if committed is None:
-            settle()  # the write was the commit
+            session.index.apply_batch(ops, encoded, planned.ops_offset)  # the write was the commit
             return False
-        self._syncer.submit(Commit(session, settle, committed.get_loop(), committed))
+        # A tuple: the operations are read again after the caller may have stopped waiting.
+        settle = partial(session.index.apply_batch, tuple(ops), encoded, planned.ops_offset)
+        try:
+            self._syncer.submit(Commit(session, settle, committed.get_loop(), committed))
+        except BaseException:
+            # Written but never to be synced or indexed (no thread could start): the file is
+            # not what the index says, so the next call reads it again.
+            session.broken = True
+            raise
         return True
 
     def _forget(self, session: OpenSession) -> None:
