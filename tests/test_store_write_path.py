@@ -171,9 +171,9 @@ async def test_sessions_of_one_store_share_sync_rounds(
     rounds: list[int] = []
     real_round = file_writer._sync_and_settle
 
-    def counted_round(commits: list[Any]) -> Any:
+    def counted_round(commits: list[Any], *rest: Any) -> Any:
         rounds.append(len(commits))
-        return real_round(commits)
+        return real_round(commits, *rest)
 
     monkeypatch.setattr(file_writer, "_sync_and_settle", counted_round)
     gate = SyncGate(monkeypatch, hold=True)
@@ -192,6 +192,8 @@ async def test_sessions_of_one_store_share_sync_rounds(
     assert max(rounds) >= 9, rounds
     assert len(rounds) <= 92
     assert len(gate.calls) == 100  # a session has one record per round: one sync each
+    # The sessions of a round were synced side by side (the file system commits them at once).
+    assert any(name.startswith("mqtt-persist-file-sync-helper") for name in gate.threads)
     assert {fd for _, fd in gate.calls} == {store._sessions[c].fd for c in clients}
     for client_id in clients:
         assert await reloaded(store, client_id) == replay(

