@@ -8,7 +8,8 @@ No broker, no client: each scenario drives a store the way the client's flusher 
 one-at-a-time publisher, and compares it with the cheapest durable loop Python can write.
 
 * ``raw``: ``os.write`` of 100 bytes + ``os.fdatasync``, in a loop, on one file: the ceiling of
-  a sequential durable writer on this disk (the same for both trees: measured once per round).
+  a sequential durable writer on this disk. It runs right before every other scenario, every
+  round, because this disk's sync latency wanders by 2-5x within minutes on a shared machine.
 * ``handoff``: the least any write path that keeps the sync off the event loop can cost: the
   loop writes 170 bytes (a record's size here), a thread ``fdatasync``s and resolves the
   loop's future with ``call_soon_threadsafe``; 10 lines, no store (the same for both trees).
@@ -28,10 +29,11 @@ one-at-a-time publisher, and compares it with the cheapest durable loop Python c
 warm-up) in a fresh child process that puts its tree first on ``sys.path`` (and checks that
 ``mqtt_persist`` came from there), in a fresh directory under ``--dir`` (default: the system's
 temp directory; give one on the disk you care about). Scenario by scenario, the trees alternate
-which goes first; the table gives each tree's median over the rounds, the ratio new/old, and
-each one's share of the raw loop (raw µs ÷ µs per apply: 0.6 means 60 % of the raw loop's
-rate). ``syncs/apply`` counts ``os.fsync`` + ``os.fdatasync`` calls made from Python (FileStore;
-SQLite syncs inside its C library and shows ``-``).
+which goes first; the table gives each tree's median µs over the rounds, and the medians of the
+per-round ratios: new/old, and each one's share of the raw loop run next to it (raw µs ÷ µs per
+apply: 0.6 means 60 % of the raw loop's rate). ``syncs/apply`` counts ``os.fsync`` +
+``os.fdatasync`` calls made from Python (FileStore; SQLite syncs inside its C library and shows
+``-``).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ SCENARIOS = (
 )
 #: Prototypes that exist only here, run with the candidate tree.
 CANDIDATE_ONLY = ("sqlite-seq-b", "sqlite-100-b")
-#: No store: the tree does not matter, measured once per round.
+#: No store: the tree does not matter, measured once per round (raw: before every scenario).
 TREELESS = ("raw", "handoff")
 CONCURRENT = 100
 SESSIONS = 10
@@ -386,36 +388,48 @@ def main() -> None:
     trees: list[tuple[str, str, str]] = [("new", args.candidate_python, args.candidate)]
     if args.baseline:
         trees.insert(0, ("old", args.baseline_python, args.baseline))
-    scenarios = list(args.only)
-    if "raw" not in scenarios:
-        scenarios.insert(0, "raw")
-    us: dict[tuple[str | None, str], list[float]] = {}
+    labels = [label for label, _, _ in trees]
+    scenarios = [scenario for scenario in args.only if scenario != "raw"]
+    # Per (tree label or scenario for a store-less row, scenario): one value per round.
+    us: dict[tuple[str, str], list[float]] = {}
+    share: dict[tuple[str, str], list[float]] = {}
     syncs: dict[tuple[str, str], list[float]] = {}
+    ratio: dict[str, list[float]] = {}
+    raws: list[float] = []
+    candidate = trees[-1]
     for round_no in range(args.rounds):
         for number, scenario in enumerate(scenarios):
+            # The raw loop right before each scenario: a share compares neighbours in time.
+            raw = _measure(candidate[1], candidate[2], "raw", args.seconds, args.dir)["us"]
+            raws.append(raw)
             # Alternate which tree goes first, so neither always runs on a warmer machine.
             order = trees if (round_no + number) % 2 == 0 else list(reversed(trees))
-            if scenario in TREELESS:
-                order = order[:1]  # no store: the tree does not matter
-            elif scenario in CANDIDATE_ONLY:
-                order = [tree for tree in trees if tree[0] == "new"]
+            if scenario in TREELESS or scenario in CANDIDATE_ONLY:
+                order = [candidate]  # no store, or only here: one run
+            measured: dict[str, float] = {}
             for label, python, root in order:
                 key = (scenario if scenario in TREELESS else label, scenario)
                 result = _measure(python, root, scenario, args.seconds, args.dir)
+                measured[label] = result["us"]
                 us.setdefault(key, []).append(result["us"])
+                share.setdefault(key, []).append(raw / result["us"])
                 if result["syncs"] is not None:
                     syncs.setdefault(key, []).append(result["syncs"] / result["applies"])
+            if len(measured) == 2:
+                ratio.setdefault(scenario, []).append(measured["new"] / measured["old"])
         print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
 
-    raw = statistics.median(us[("raw", "raw")])
     print(
-        f"µs per apply, median of {args.rounds} rounds of {args.seconds:g} s each "
-        f"(raw write+fdatasync loop: {raw:.0f} µs, best {min(us[('raw', 'raw')]):.0f}); "
-        f"files in {args.dir}"
+        f"µs per apply, median of {args.rounds} rounds of {args.seconds:g} s each; the raw "
+        f"write+fdatasync loop ran before every scenario: median {statistics.median(raws):.0f} "
+        f"µs, {min(raws):.0f}-{max(raws):.0f}; files in {args.dir}"
     )
     for label, python, root in trees:
         print(f"  {label}: {root} ({python})")
-    labels = [label for label, _, _ in trees]
+    print(
+        "  new/old and share (raw µs / row µs, from the raw run next to it) are medians of "
+        "the per-round ratios"
+    )
     header = f"{'scenario':<18}" + "".join(f"{label + ' µs':>10}" for label in labels)
     if args.baseline:
         header += f"{'new/old':>9}"
@@ -423,23 +437,19 @@ def main() -> None:
     header += "".join(f"{label + ' syncs/apply':>18}" for label in labels)
     print(header)
     for scenario in scenarios:
-        if scenario == "raw":
-            continue
         # A row without a store is shown once, in the last column.
-        names = [None] * (len(labels) - 1) + [scenario] if scenario in TREELESS else labels
-        medians = [
-            statistics.median(us[(name, scenario)]) if (name, scenario) in us else None
-            for name in names
-        ]
-        line = f"{scenario:<18}" + "".join(_cell(m, 10, 1) for m in medians)
+        names = [*labels[:-1], scenario] if scenario in TREELESS else labels
+        keys = [(name, scenario) for name in names]
+        line = f"{scenario:<18}" + "".join(_cell(_median(us.get(key)), 10, 1) for key in keys)
         if args.baseline:
-            old, new = medians
-            line += _cell(new / old if old and new else None, 9, 2)
-        line += "".join(_cell(raw / m if m else None, 11, 2) for m in medians)
-        for label in labels:
-            counted = syncs.get((label, scenario))
-            line += f"{statistics.median(counted):>18.3f}" if counted else f"{'-':>18}"
+            line += _cell(_median(ratio.get(scenario)), 9, 2)
+        line += "".join(_cell(_median(share.get(key)), 11, 2) for key in keys)
+        line += "".join(_cell(_median(syncs.get(key)), 18, 3) for key in keys)
         print(line)
+
+
+def _median(values: list[float] | None) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def _cell(value: float | None, width: int, decimals: int) -> str:
