@@ -256,10 +256,10 @@ def _resolve_callers(outcomes: list[tuple[Commit, StoreError | None]]) -> None:
     for loop, mine in by_loop.items():
         # RuntimeError: the caller's loop is closed, nobody is left to tell.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_resolve, mine)
+            loop.call_soon_threadsafe(_resolve_on_loop, mine)
 
 
-def _resolve(outcomes: list[tuple[Commit, StoreError | None]]) -> None:
+def _resolve_on_loop(outcomes: list[tuple[Commit, StoreError | None]]) -> None:
     # On the callers' loop. A caller cancelled while its record was synced gets nothing: the
     # record stands, as it would had the sync finished first.
     for commit, error in outcomes:
