@@ -1,4 +1,4 @@
-"""Input checks that run before anything is stored or sent (G7).
+"""Input checks that run before anything is stored or sent ("bad input is refused").
 
 Every check raises a subclass of :class:`~mqtt_persist.errors.InvalidInput` whose message names
 the offending value, so a caller learns what was wrong without reading the MQTT specification.

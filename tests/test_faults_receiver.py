@@ -1,5 +1,5 @@
 """A receiving client SIGKILLed repeatedly while its last acknowledgements are dropped
-(issue 10, item 1): no QoS 2 message reaches the application twice, across kills (G3).
+(issue 10, item 1): no QoS 2 message reaches the application twice, across kills.
 
 See tests/support/scenarios/receiver.py. Messages the child had received but not yet printed
 when it was killed are lost for the application today (acknowledged on hand-over to

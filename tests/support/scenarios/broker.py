@@ -7,9 +7,9 @@ the broker demonstrably has what it should (the outside subscriber got it, the p
 exactly the acknowledgements it should) before the fault.
 
 :func:`run_broker_lost_session`: a broker *without* persistence restarts. It forgets the session,
-so (DESIGN.md, G4) messages it never acknowledged are published again as new messages, and QoS 2
-messages that had got PUBREC end ``IN_DOUBT`` (only the broker knew whether it forwarded them;
-here the subscriber shows that it had).
+so messages it never acknowledged are published again as new messages, and QoS 2 messages that had
+got PUBREC end ``IN_DOUBT`` (only the broker knew whether it forwarded them; here the subscriber
+shows that it had).
 
 :func:`run_broker_killed`: a broker *with* persistence is SIGKILLed after its autosave caught up
 and restarted from its database. It keeps the session: the client resumes (QoS 1 resent, QoS 2

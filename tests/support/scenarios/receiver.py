@@ -9,9 +9,9 @@ in even cycles (the broker will send those messages again, DUP set), PUBCOMP onl
 whose acknowledgement was dropped, the child is SIGKILLed and a new one starts on the same
 store. A last child receives everything left (up to a final marker message) and exits cleanly.
 
-What must hold (G3): no QoS 2 message reaches the application twice, across kills: the packet
-ID of a message handed to the application is stored before PUBREC goes out, so the broker's
-resend is acknowledged and not delivered again.
+What must hold (inbound QoS 2 is delivered once): no QoS 2 message reaches the application twice,
+across kills: the packet ID of a message handed to the application is stored before PUBREC goes
+out, so the broker's resend is acknowledged and not delivered again.
 
 What is only counted: messages the child received and acknowledged but had not printed when it
 was killed. Today a message is acknowledged when it is handed to ``client.messages``, so those
