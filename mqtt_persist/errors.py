@@ -8,7 +8,7 @@ class MqttPersistError(Exception):
 
 
 class InvalidInput(MqttPersistError, ValueError):
-    """An argument was refused before anything was stored or sent (G7)."""
+    """An argument was refused before anything was stored or sent ("bad input is refused")."""
 
 
 class InvalidTopic(InvalidInput):

@@ -1,4 +1,4 @@
-"""Input checks that run before anything is stored or sent (G7).
+"""Input checks that run before anything is stored or sent ("bad input is refused").
 
 Every check raises a subclass of :class:`~mqtt_persist.errors.InvalidInput` whose message names
 the offending value, so a caller learns what was wrong without reading the MQTT specification.
@@ -25,7 +25,7 @@ MAX_REMAINING_LENGTH = 268_435_455
 PayloadLike = bytes | bytearray | memoryview | str
 
 
-def _utf8(value: str, what: str, error: type[InvalidTopic | InvalidTopicFilter]) -> bytes:
+def _encoded_name(value: str, what: str, error: type[InvalidTopic | InvalidTopicFilter]) -> bytes:
     try:
         encoded = value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -43,7 +43,7 @@ def validate_topic(topic: object) -> bytes:
     """Check a topic name for PUBLISH; returns its UTF-8 encoding."""
     if not isinstance(topic, str):
         raise InvalidTopic(f"topic must be a str, not {type(topic).__name__}")
-    encoded = _utf8(topic, "topic", InvalidTopic)
+    encoded = _encoded_name(topic, "topic", InvalidTopic)
     if "+" in topic or "#" in topic:
         raise InvalidTopic(
             f"topic {topic!r} contains a wildcard ('+' or '#'); wildcards are only allowed in "
@@ -56,7 +56,7 @@ def validate_topic_filter(topic_filter: object) -> str:
     """Check a subscription filter (MQTT 3.1.1 §4.7.1)."""
     if not isinstance(topic_filter, str):
         raise InvalidTopicFilter(f"topic filter must be a str, not {type(topic_filter).__name__}")
-    _utf8(topic_filter, "topic filter", InvalidTopicFilter)
+    _encoded_name(topic_filter, "topic filter", InvalidTopicFilter)
     levels = topic_filter.split("/")
     for index, level in enumerate(levels):
         if "#" in level and (level != "#" or index != len(levels) - 1):

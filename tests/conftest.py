@@ -8,7 +8,7 @@ survivor. Nothing here ever talks to the system mosquitto on port 1883.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from tests.support.broker import BrokerFactory, MosquittoBroker, find_mosquitto
 from tests.support.nats import NatsFactory, NatsServer, nats_server_path
 from tests.support.proxy import FaultProxy, ProxyFactory
 from tests.support.rabbitmq import RabbitMQBroker, RabbitMQFactory, rabbitmq_paths
+from tests.support.tmpfs import MountNotPermitted, Tmpfs
 
 
 @pytest.fixture(scope="session")
@@ -88,12 +89,16 @@ def persistent_broker(broker_factory: BrokerFactory) -> MosquittoBroker:
 
 @pytest.fixture
 async def proxy_factory() -> AsyncIterator[ProxyFactory]:
-    """``await proxy_factory(broker)`` -> a started FaultProxy to it, closed at teardown."""
+    """``await proxy_factory(broker)`` -> a started FaultProxy to it, closed at teardown.
+
+    ``mqtt=True`` gives a proxy that reads the streams as MQTT packets (records, drops,
+    listens; see tests/support/proxy.py).
+    """
     proxies: list[FaultProxy] = []
 
-    async def make(target: MosquittoBroker | tuple[str, int]) -> FaultProxy:
+    async def make(target: MosquittoBroker | tuple[str, int], *, mqtt: bool = False) -> FaultProxy:
         host, port = (target.host, target.port) if isinstance(target, MosquittoBroker) else target
-        proxy = FaultProxy(host, port)
+        proxy = FaultProxy(host, port, mqtt=mqtt)
         await proxy.start()
         proxies.append(proxy)
         return proxy
@@ -177,3 +182,57 @@ def nats_factory(tmp_path: Path) -> Iterator[NatsFactory]:
 def nats_broker(nats_factory: NatsFactory) -> NatsServer:
     """A started nats-server of this test's own (it starts in about 0.1 s)."""
     return nats_factory()
+
+
+# --- the fault suite's soak runs (issue 10): minutes each, so not part of the default run ------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="also run the tests marked soak (minutes each; benchmarks/fault_matrix.py runs them)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "soak: a fault soak of a minute or more; runs only with --soak or -m soak"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak") or "soak" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with --soak (or benchmarks/fault_matrix.py)")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tmpfs_factory(tmp_path: Path) -> Iterator[Callable[[int], Tmpfs]]:
+    """``tmpfs_factory(size_bytes)`` -> a mounted :class:`Tmpfs` under ``tmp_path``.
+
+    Unmounted at teardown. Where this process may not mount (no root / CAP_SYS_ADMIN) the test
+    is skipped saying so, or fails under CI (env CI set): never a silent pass.
+    """
+    mounts: list[Tmpfs] = []
+
+    def make(size: int) -> Tmpfs:
+        fs = Tmpfs(tmp_path / f"tmpfs-{len(mounts)}", size)
+        try:
+            fs.mount()
+        except MountNotPermitted as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"{exc} (the disk-full tests need a tmpfs they can mount)")
+            pytest.skip(f"{exc}: the disk-full and read-only tests need to mount a tmpfs")
+        mounts.append(fs)
+        return fs
+
+    try:
+        yield make
+    finally:
+        for fs in reversed(mounts):
+            fs.__exit__(None, None, None)

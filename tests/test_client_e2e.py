@@ -223,7 +223,7 @@ async def test_broker_restart_without_persistence_restores_subscriptions(
         # Accepted while the broker is gone: must not be lost.
         offline = [await client.publish("resub/self", f"o{i}".encode(), qos=1) for i in range(5)]
         broker.start()
-        await client.wait_connected(10)  # READY means re-subscribed (G4)
+        await client.wait_connected(10)  # READY means re-subscribed ("subscriptions come back")
         await paho_publish_async(broker.host, broker.port, "resub/other", [b"after"], qos=1)
         got = []
         with anyio.fail_after(10):

@@ -1,10 +1,11 @@
-"""SIGKILL at random points, over and over, on every durable store (G1, G2, G3, G5).
+"""SIGKILL at random points, over and over, on every durable store.
 
 A child process publishes 500 QoS 1 and 500 QoS 2 messages, printing each one ``publish()``
-returned for; it is killed with SIGKILL at random moments (20 cycles) and restarted on the same
-store, over MQTT 3.1.1 and over MQTT 5. An independent paho subscriber counts: nothing reported
-as accepted may be lost, no QoS 2 message may arrive twice, and each topic's messages arrive in
-order.
+returned for; it is killed with SIGKILL at random moments after it accepted its first message
+(20 cycles) and restarted on the same store, over MQTT 3.1.1 and over MQTT 5. An independent paho
+subscriber counts: nothing reported as accepted may be lost and no QoS 2 message may arrive twice;
+an MQTT proxy between the children and the broker checks that each connection carried each
+topic's messages in order.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def test_sigkill_cycles_lose_nothing_and_duplicate_no_qos2(
     assert figures.accepted == 1000
     assert figures.lost == [], f"accepted but never arrived: {figures.lost[:20]}"
     assert figures.qos2_duplicates == [], "QoS 2 delivered more than once"
-    assert figures.out_of_order == 0
-    # The kills must land while the child is working, or the test proves nothing.
+    # Order as the children wrote it, per connection and topic (the subscriber's order is
+    # mosquitto's: it may reorder after reconnects, so figures.out_of_order is only printed).
+    assert figures.wire_out_of_order == [], figures.wire_out_of_order[:10]
+    # The kills must land while the child is working, or the test proves nothing: every killed
+    # child had accepted messages (not only the final one, which is never killed), and the
+    # killed children together accepted a real share of the stream.
     assert figures.kills >= CYCLES // 2, f"only {figures.kills} kills before the child finished"
+    assert len(figures.accepted_per_kill) == figures.kills
+    assert min(figures.accepted_per_kill) >= 1, figures.accepted_per_kill
+    assert sum(figures.accepted_per_kill) >= figures.kills

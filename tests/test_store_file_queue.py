@@ -360,7 +360,6 @@ async def test_compaction_of_a_100k_queue(journal_copy: Path) -> None:
         print(f"compaction of {QUEUED} queued: {elapsed * 1000:.0f} ms")
         assert store._sessions["gw"].snapshot_size == store.journal_path("gw").stat().st_size
         assert store.journal_path("gw").stat().st_size < size
-        assert elapsed < 5.0
         page = await store.read_queued("gw", 50_000, 3)
         assert page == [big_message(s) for s in (50_001, 50_002, 50_003)]
         assert [m.seq for m in await store.read_queued("gw", QUEUED - 2, 10)] == [
@@ -415,8 +414,29 @@ async def test_open_and_compaction_memory_does_not_follow_payload_size(tmp_path:
         ]
 
 
-async def test_a_100k_queue_opens_and_pages_fast(journal_copy: Path) -> None:
-    """Opening (the first load) reads the journal once; each page is a few positioned reads."""
+def _largest_file(directory: Path) -> int:
+    return max(entry.stat().st_size for entry in os.scandir(directory))
+
+
+async def test_a_100k_queue_opens_and_pages_fast(
+    journal_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening (the first load) reads the journal once; each page is a few positioned reads.
+
+    Counted, not timed: every read of the journal goes through ``os.pread``, so the number of
+    reads and the bytes they return say whether the store reads in windows and pages, whatever
+    the machine's load. (The times are printed; benchmarks/store_throughput.py measures them.)
+    """
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, length: int, offset: int) -> bytes:
+        data = real_pread(fd, length, offset)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    size = _largest_file(journal_copy)  # the journal
     store = FileStore(journal_copy, fsync=False)
     try:
         started = time.perf_counter()
@@ -425,6 +445,11 @@ async def test_a_100k_queue_opens_and_pages_fast(journal_copy: Path) -> None:
         assert state is not None
         assert list(state.messages) == list(range(1, 1001))
         assert state.messages[500] == big_message(500)
+        # The journal once (in windows of about a megabyte), plus the 1,000 messages returned.
+        open_reads, open_bytes = len(reads), sum(reads)
+        assert open_bytes < size + 1000 * 1024, (open_bytes, size)
+        assert open_reads < size // (512 * 1024) + 10, open_reads
+        reads.clear()
         started = time.perf_counter()
         after, pages, seen = 1000, 0, 1000
         while page := await store.read_queued("gw", after, 1000):
@@ -435,11 +460,13 @@ async def test_a_100k_queue_opens_and_pages_fast(journal_copy: Path) -> None:
         paging = time.perf_counter() - started
         assert seen == QUEUED and pages == 99
         assert page == [] and after == QUEUED
+        # A page of 1,000 adjacent messages is one or two positioned reads, never one per message,
+        # and reading the whole queue page by page reads about the journal once more.
+        assert len(reads) <= 3 * pages, (len(reads), pages)
+        assert sum(reads) < 2 * size, (sum(reads), size)
         assert (await store.read_queued("gw", 77_776, 1)) == [big_message(77_777)]
-        print(f"first load {opened * 1000:.0f} ms, {paging / pages * 1000:.1f} ms per page")
-        # Generous bounds for slow machines: typical figures are a few times lower.
-        assert opened < 1.0
-        assert paging / pages < 0.05
+        print(f"first load {opened * 1000:.0f} ms ({open_reads} reads, {open_bytes:,} B), "
+              f"{paging / pages * 1000:.1f} ms per page")  # fmt: skip
     finally:
         await store.close()
 

@@ -235,18 +235,32 @@ async def test_damage_found_mid_batch_writes_nothing(
 # --- queued_limit and read_queued -----------------------------------------------------------------
 
 
+async def _best_of(n: int, call: Callable[[], Awaitable[object]]) -> float:
+    best = float("inf")
+    for _ in range(n):
+        began = time.perf_counter()
+        await call()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
 async def test_queued_limit_reads_only_the_front_of_100k(store: RedisStore) -> None:
     total = 100_000
     for start in range(1, total + 1, 10_000):
         await store.apply("big", [MessageAdded(msg(s)) for s in range(start, start + 10_000)])
-    began = time.perf_counter()
     state = await store.load("big", queued_limit=100)
-    elapsed = time.perf_counter() - began
     assert state is not None
     assert list(state.messages) == list(range(1, 101))
     assert state.queued_not_loaded == total - 100
     assert state.last_seq == total
-    assert elapsed < 0.5, f"load(queued_limit=100) of {total} queued took {elapsed:.3f} s"
+    # Reading the front must not touch the rest: with 100 times the queue, a limited load costs
+    # about the same, where a scan would cost about 100 times more. Compared side by side, best
+    # of five each, so the machine's load slows both alike.
+    await store.apply("small", [MessageAdded(msg(s)) for s in range(1, 1001)])
+    small = await _best_of(5, lambda: store.load("small", queued_limit=100))
+    big = await _best_of(5, lambda: store.load("big", queued_limit=100))
+    assert big < 10 * small + 0.005, f"load(queued_limit=100): {big:.4f} s vs {small:.4f} s"
+    await store.delete("small")
     seen: list[int] = []
     after = 0
     while page := await store.read_queued("big", after, 7_000):
@@ -326,25 +340,31 @@ async def test_read_queued_ranges(store: RedisStore) -> None:
 async def test_redis_ttl_follows_the_session_ttl_and_accesses(
     make: Callable[..., RedisStore], raw: Redis, prefix: str
 ) -> None:
+    # TTLs of seconds and comparisons of PTTLs before and after an access, so that a loaded
+    # machine (a sleep that overruns, a slow reply) cannot make a key expire early.
     store = make(clock=time.time)
     await store.apply("a", [MessageAdded(msg(1)), InboundReceived(1), SubscriptionSet("s", 1)])
-    await store.update_ttl("a", 0.5)
+    await store.update_ttl("a", 10)
     keys = store.session_keys("a")
     present = await session_keys_present(raw, store, "a")
     assert set(present) == {"meta", "msg", "queue", "inbound", "subs"}
     for name in present:
-        assert 0 < await raw.pttl(keys[name]) <= 500, name
-    await asyncio.sleep(0.3)
+        assert 0 < await raw.pttl(keys[name]) <= 10_000, name
+    await asyncio.sleep(0.5)
+    before = await raw.pttl(keys["meta"])
+    assert before <= 9_500
     assert await store.load("a") is not None  # an access: Redis' TTL starts again
     await store.apply("a", [PacketIdAssigned(1, 5)])  # creates the inflight key: TTL'd too
-    assert 400 < await raw.pttl(keys["inflight"]) <= 500
-    await asyncio.sleep(0.3)
-    assert await store.exists("a")  # 0.6 s after update_ttl, alive thanks to the access
+    assert before < await raw.pttl(keys["inflight"]) <= 10_000
+    assert await store.exists("a")
     for name in await session_keys_present(raw, store, "a"):
-        assert 0 < await raw.pttl(keys[name]) <= 500, name
-    await asyncio.sleep(0.6)
-    # Redis reclaimed every key by itself: nobody called cleanup_expired.
-    assert await session_keys_present(raw, store, "a") == []
+        assert before < await raw.pttl(keys[name]) <= 10_000, name
+    # Now let it lapse: Redis reclaims every key by itself (nobody calls cleanup_expired).
+    await store.update_ttl("a", 0.2)
+    deadline = time.monotonic() + 10
+    while await session_keys_present(raw, store, "a"):
+        assert time.monotonic() < deadline, "Redis did not expire the session's keys"
+        await asyncio.sleep(0.05)
     assert not await store.exists("a")
     assert await store.list_sessions() == []
     with pytest.raises(SessionExpired):
@@ -736,7 +756,8 @@ async def test_lease_of_a_killed_process_is_taken_over_at_once(
         stop_holder(child, kill=True)
     began = time.monotonic()
     await store.acquire("a")  # the default lease_ttl is 15 s: no waiting for it
-    assert time.monotonic() - began < 1.0
+    # Waiting the lease out would take 15 s; a third of that leaves any loaded machine room.
+    assert time.monotonic() - began < 5.0
     await store.apply("a", [MessageAdded(msg(1))])
 
 

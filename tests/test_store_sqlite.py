@@ -13,7 +13,6 @@ import sqlite3
 import stat
 import tempfile
 import textwrap
-import time
 import typing
 from collections.abc import AsyncIterator, Callable
 from contextlib import closing
@@ -257,8 +256,8 @@ async def test_queued_limit_reads_only_the_prefix(db: Path) -> None:
         [info] = await store.list_sessions()
         assert (info.inflight, info.queued) == (20, queued_total)
 
-    # NORMAL: the load's commit (of the access time) then waits for no fsync, so the time
-    # measured is the reading, not the disk's mood.
+    # The work is counted in SQLite VM steps (a progress handler), not timed: a load that read
+    # the whole queue would take about 100 times the steps of one that reads its front.
     async with SQLiteStore(db, synchronous="NORMAL") as store:
         work: list[int] = []
 
@@ -267,16 +266,13 @@ async def test_queued_limit_reads_only_the_prefix(db: Path) -> None:
             return 0
 
         await in_worker(store, lambda c: c.set_progress_handler(count_steps, 100))
-        started = time.perf_counter()
         state = await store.load("big", queued_limit=100)
-        elapsed = time.perf_counter() - started
         limited_work = len(work)
         assert state is not None
         assert list(state.messages) == sorted([*inflight, *range(11, 111)])
         assert all(state.messages[s].packet_id == s % 65535 + 1 for s in inflight)
         assert state.queued_not_loaded == queued_total - 100
         assert state.last_seq == last + 1
-        assert elapsed < 0.5, elapsed  # measured ~10 ms
 
         # Paging through the queue from the store: every queued message once, in order.
         seqs: list[int] = []

@@ -154,7 +154,11 @@ def test_non_persistent_broker_forgets_sessions_on_restart(broker: MosquittoBrok
         broker.host, broker.port, "x", qos=1, client_id=client_id, clean_session=False
     ) as obs:
         assert obs.session_present is False
-        assert not obs.wait_for(1, timeout=0.3)
+        # A marker published now arrives; had the broker kept the queued message, mosquitto
+        # would have delivered it first, on reconnect.
+        paho_publish(broker.host, broker.port, "x", [b"marker"], qos=1)
+        assert obs.wait_for(1, timeout=10)
+        assert obs.payloads() == [b"marker"]
 
 
 # --- PahoObserver / paho_publish -----------------------------------------------------------
@@ -177,8 +181,11 @@ def test_observer_counts_paho_publish(broker: MosquittoBroker) -> None:
             Observed("obs/c", b"zero", 0, False, False)
         ]
         assert {m.qos for m in obs.messages if m.topic == "obs/b"} == {2}
-        assert not obs.wait_for(54, timeout=0.1)
-        assert obs.count() == 53
+        # "nope" matches no filter: a marker published after it arrives, and nothing else did.
+        paho_publish(broker.host, broker.port, "other", [b"marker"], qos=1)
+        assert obs.wait_for(54, timeout=5)
+        assert obs.count() == 54 and obs.messages[-1].payload == b"marker"
+        assert not [m for m in obs.messages if m.topic == "nope"]
 
 
 @pytest.mark.broker

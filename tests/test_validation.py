@@ -1,4 +1,4 @@
-"""Bad input is refused with a typed error before anything is stored or sent (G7)."""
+"""Bad input is refused with a typed error before anything is stored or sent."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def describe_info(info: SessionInfo, now: float) -> dict[str, Any]:
     }
 
 
-def _message(message: StoredMessage) -> dict[str, Any]:
+def _message_row(message: StoredMessage) -> dict[str, Any]:
     return {
         "seq": message.seq,
         "topic": message.topic,
@@ -111,7 +111,7 @@ async def describe_session(
                 queued_count += 1
                 queued_bytes += len(message.payload)
                 if queued_shown is None or len(queued) < queued_shown:
-                    queued.append(_message(message))
+                    queued.append(_message_row(message))
             if len(page) < PAGE:
                 break
             after = page[-1].seq
@@ -128,7 +128,7 @@ async def describe_session(
         "inflight_count": len(inflight),
         "set_aside_count": len(set_aside),
         "payload_bytes": queued_bytes + inflight_bytes + set_aside_bytes,
-        "inflight": [_message(m) for m in inflight],
+        "inflight": [_message_row(m) for m in inflight],
         "queued": queued,
         "set_aside": [_set_aside(a) for a in set_aside],
         "inbound_qos2": sorted(state.inbound_qos2),

@@ -292,7 +292,7 @@ class Reader:
             record = self._set_aside_message(fields)
         elif kind == "inbound_qos2":
             record = InboundId(fields.integer("packet_id"))
-            _check_packet_id(record.packet_id, self._fail)
+            _check_stored_packet_id(record.packet_id, self._fail)
             _unique(record.packet_id, self._inbound, "inbound QoS 2 packet ID", self._fail)
         elif kind == "subscription":
             record = self._subscription(fields)
@@ -352,7 +352,7 @@ class Reader:
         packet_id = fields.optional("packet_id", fields.integer)
         released = fields.boolean("released")
         if packet_id is not None:
-            _check_packet_id(packet_id, self._fail)
+            _check_stored_packet_id(packet_id, self._fail)
         if released and (message.qos != 2 or packet_id is None):
             raise self._fail("only a QoS 2 message in flight (with a packet_id) can be released")
         return with_flow(message, packet_id, released)
@@ -440,7 +440,7 @@ class _Fields:
             raise self._fail(f"unknown field {extra[0]!r}")
 
 
-def _check_packet_id(packet_id: int, fail: Callable[[str], FileFormatError]) -> None:
+def _check_stored_packet_id(packet_id: int, fail: Callable[[str], FileFormatError]) -> None:
     if not 1 <= packet_id <= 65535:
         raise fail(f"a packet ID is in 1..65535, not {packet_id}")
 

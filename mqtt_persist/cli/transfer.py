@@ -51,7 +51,7 @@ async def export_session(
         state = await store.load(client_id, queued_limit=0)
         if state is None:
             raise CliError(f"no session {client_id!r} in this store", ExitCode.NO_SESSION)
-        inflight = sorted(state.messages.values(), key=_seq)
+        inflight = sorted(state.messages.values(), key=lambda m: m.seq)
         set_aside = sorted(state.set_aside.values(), key=lambda a: a.message.seq)
         tail: list[Record] = [InboundId(i) for i in sorted(state.inbound_qos2)]
         tail += [state.subscriptions[f] for f in sorted(state.subscriptions)]
@@ -83,10 +83,6 @@ async def export_session(
             "incomplete (its header count will not match, so import refuses it)"
         )
     return header
-
-
-def _seq(message: StoredMessage) -> int:
-    return message.seq
 
 
 def _write(out: BinaryIO, records: Iterable[Record], advance: Callable[[int], None]) -> None:

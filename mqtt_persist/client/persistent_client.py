@@ -77,7 +77,10 @@ from mqtt_persist.validation import (
 
 @dataclass(frozen=True, slots=True)
 class ClientStats:
-    """Counters for monitoring; every message the client gave up on is counted here (G6)."""
+    """Counters for monitoring: every message the client gave up on is counted here.
+
+    (What "nothing is lost silently" promises.)
+    """
 
     queued: int
     inflight: int
@@ -508,7 +511,7 @@ class PersistentClient:
 
         ``topic_filter`` is one filter (subscribed at ``qos``) or a sequence of ``(filter, qos)``
         pairs. It returns once the subscriptions are stored; they are sent now if connected, else
-        on the next connect, and restored whenever the broker has lost them (G4). ``await`` the
+        on the next connect, and restored whenever the broker has lost them. ``await`` the
         returned request for the QoS the broker granted.
 
         MQTT 5 options, stored with each subscription and sent again whenever it is restored:

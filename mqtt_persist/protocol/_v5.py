@@ -19,6 +19,8 @@ from mqtt_persist.protocol._wire import (
     _MAX_U16,
     _RL1,
     _check_packet_id,
+    _encode_pingreq,
+    _encode_pingresp,
     _frame,
     _read_packet_id,
     _read_str,
@@ -78,7 +80,7 @@ def _check_reason_code(code: int, packet_type: PacketType) -> int:
     return code
 
 
-def _encode_publish(p: Publish) -> bytes:
+def _encode_publish_v5(p: Publish) -> bytes:
     topic = p.topic.encode()  # UTF-8; a lone surrogate raises UnicodeEncodeError, a ValueError
     tl = len(topic)
     if tl > _MAX_U16:
@@ -135,7 +137,7 @@ def _encode_publish(p: Publish) -> bytes:
     )
 
 
-def _encode_ack(
+def _encode_ack_v5(
     p: PubAck | PubRec | PubRel | PubComp, first: int, packet_type: PacketType
 ) -> bytes:
     """PUBACK, PUBREC, PUBREL or PUBCOMP: packet id, reason code, properties.
@@ -159,32 +161,32 @@ def _encode_ack(
 # inline: PUBACK is a QoS 1 message's whole answer, the other three make up QoS 2.
 
 
-def _encode_puback(p: PubAck) -> bytes:
+def _encode_puback_v5(p: PubAck) -> bytes:
     pid = p.packet_id
     if p.reason_code == 0 and p.properties is NO_PROPERTIES and pid and 0 < pid <= _MAX_U16:
         return _BBH.pack(0x40, 2, pid)
-    return _encode_ack(p, 0x40, PacketType.PUBACK)
+    return _encode_ack_v5(p, 0x40, PacketType.PUBACK)
 
 
-def _encode_pubrec(p: PubRec) -> bytes:
+def _encode_pubrec_v5(p: PubRec) -> bytes:
     pid = p.packet_id
     if p.reason_code == 0 and p.properties is NO_PROPERTIES and pid and 0 < pid <= _MAX_U16:
         return _BBH.pack(0x50, 2, pid)
-    return _encode_ack(p, 0x50, PacketType.PUBREC)
+    return _encode_ack_v5(p, 0x50, PacketType.PUBREC)
 
 
-def _encode_pubrel(p: PubRel) -> bytes:
+def _encode_pubrel_v5(p: PubRel) -> bytes:
     pid = p.packet_id
     if p.reason_code == 0 and p.properties is NO_PROPERTIES and pid and 0 < pid <= _MAX_U16:
         return _BBH.pack(0x62, 2, pid)
-    return _encode_ack(p, 0x62, PacketType.PUBREL)
+    return _encode_ack_v5(p, 0x62, PacketType.PUBREL)
 
 
-def _encode_pubcomp(p: PubComp) -> bytes:
+def _encode_pubcomp_v5(p: PubComp) -> bytes:
     pid = p.packet_id
     if p.reason_code == 0 and p.properties is NO_PROPERTIES and pid and 0 < pid <= _MAX_U16:
         return _BBH.pack(0x70, 2, pid)
-    return _encode_ack(p, 0x70, PacketType.PUBCOMP)
+    return _encode_ack_v5(p, 0x70, PacketType.PUBCOMP)
 
 
 def _encode_connect_v5(p: Connect) -> bytes:
@@ -196,7 +198,7 @@ def _encode_connect_v5(p: Connect) -> bytes:
     return _encode_connect(p)
 
 
-def _encode_connack(p: ConnAck) -> bytes:
+def _encode_connack_v5(p: ConnAck) -> bytes:
     code = _check_reason_code(p.return_code, PacketType.CONNACK)
     if p.session_present and code:
         raise ValueError("a refusing CONNACK must not set session_present (MQTT-3.2.2-6)")
@@ -204,7 +206,7 @@ def _encode_connack(p: ConnAck) -> bytes:
     return _frame(0x20, bytes((1 if p.session_present else 0, code)) + block)
 
 
-def _encode_subscribe(p: Subscribe) -> bytes:
+def _encode_subscribe_v5(p: Subscribe) -> bytes:
     pid = _check_packet_id(p.packet_id, "SUBSCRIBE")
     if not p.subscriptions:
         raise ValueError("a SUBSCRIBE needs at least one topic filter (MQTT-3.8.3-2)")
@@ -229,7 +231,7 @@ def _reason_code_list(codes: list[int], packet_type: PacketType) -> bytes:
     return bytes(codes)
 
 
-def _encode_suback(p: SubAck) -> bytes:
+def _encode_suback_v5(p: SubAck) -> bytes:
     pid = _check_packet_id(p.packet_id, "SUBACK")
     block = _write_properties(p.properties, PacketType.SUBACK, "SUBACK")
     return _frame(
@@ -237,7 +239,7 @@ def _encode_suback(p: SubAck) -> bytes:
     )
 
 
-def _encode_unsubscribe(p: Unsubscribe) -> bytes:
+def _encode_unsubscribe_v5(p: Unsubscribe) -> bytes:
     pid = _check_packet_id(p.packet_id, "UNSUBSCRIBE")
     if not p.filters:
         raise ValueError("an UNSUBSCRIBE needs at least one topic filter (MQTT-3.10.3-2)")
@@ -246,14 +248,14 @@ def _encode_unsubscribe(p: Unsubscribe) -> bytes:
     return _frame(0xA2, b"".join(parts))
 
 
-def _encode_unsuback(p: UnsubAck) -> bytes:
+def _encode_unsuback_v5(p: UnsubAck) -> bytes:
     pid = _check_packet_id(p.packet_id, "UNSUBACK")
     block = _write_properties(p.properties, PacketType.UNSUBACK, "UNSUBACK")
     codes = _reason_code_list(p.reason_codes, PacketType.UNSUBACK)
     return _frame(0xB0, _U16.pack(pid) + block + codes)
 
 
-def _encode_disconnect(p: Disconnect) -> bytes:
+def _encode_disconnect_v5(p: Disconnect) -> bytes:
     code = _check_reason_code(p.reason_code, PacketType.DISCONNECT)
     if p.properties is NO_PROPERTIES or not p.properties:
         # The shortest forms of §3.14.2.1 and §3.14.2.2.1, as paho-mqtt writes them too.
@@ -263,7 +265,7 @@ def _encode_disconnect(p: Disconnect) -> bytes:
     )
 
 
-def _encode_auth(p: Auth) -> bytes:
+def _encode_auth_v5(p: Auth) -> bytes:
     code = _check_reason_code(p.reason_code, PacketType.AUTH)
     props = p.properties
     if code == 0 and (props is NO_PROPERTIES or not props):
@@ -273,30 +275,22 @@ def _encode_auth(p: Auth) -> bytes:
     return _frame(0xF0, bytes((code,)) + _write_properties(props, PacketType.AUTH, "AUTH"))
 
 
-def _encode_pingreq(p: PingReq) -> bytes:
-    return b"\xc0\x00"
-
-
-def _encode_pingresp(p: PingResp) -> bytes:
-    return b"\xd0\x00"
-
-
 ENCODERS: Final[dict[type[Any], Callable[[Any], bytes]]] = {
-    Publish: _encode_publish,
-    PubAck: _encode_puback,
-    PubRec: _encode_pubrec,
-    PubRel: _encode_pubrel,
-    PubComp: _encode_pubcomp,
+    Publish: _encode_publish_v5,
+    PubAck: _encode_puback_v5,
+    PubRec: _encode_pubrec_v5,
+    PubRel: _encode_pubrel_v5,
+    PubComp: _encode_pubcomp_v5,
     Connect: _encode_connect_v5,
-    ConnAck: _encode_connack,
-    Subscribe: _encode_subscribe,
-    SubAck: _encode_suback,
-    Unsubscribe: _encode_unsubscribe,
-    UnsubAck: _encode_unsuback,
+    ConnAck: _encode_connack_v5,
+    Subscribe: _encode_subscribe_v5,
+    SubAck: _encode_suback_v5,
+    Unsubscribe: _encode_unsubscribe_v5,
+    UnsubAck: _encode_unsuback_v5,
     PingReq: _encode_pingreq,
     PingResp: _encode_pingresp,
-    Disconnect: _encode_disconnect,
-    Auth: _encode_auth,
+    Disconnect: _encode_disconnect_v5,
+    Auth: _encode_auth_v5,
 }
 
 
@@ -317,7 +311,7 @@ def _reason_code(code: int, packet_type: PacketType) -> ReasonCode:
     return member
 
 
-def _decode_connack(src: bytes, p: int, end: int, b0: int) -> ConnAck:
+def _decode_connack_v5(src: bytes, p: int, end: int, b0: int) -> ConnAck:
     if end - p < 2:
         raise MalformedPacket(f"CONNACK with remaining length {end - p}, must be at least 3")
     ack_flags, code = src[p], src[p + 1]
@@ -350,7 +344,7 @@ _ACK_CLASSES: Final[dict[int, Callable[..., Packet]]] = {
 }
 
 
-def _decode_ack(src: bytes, p: int, end: int, b0: int) -> Packet:
+def _decode_ack_v5(src: bytes, p: int, end: int, b0: int) -> Packet:
     """PUBACK, PUBREC, PUBREL, PUBCOMP longer than two bytes: reason code, maybe properties."""
     ptype = PacketType(b0 >> 4)
     pid = _read_packet_id(src, p, end, ptype.name)  # remaining length 0 or 1 fails here
@@ -364,7 +358,7 @@ def _decode_ack(src: bytes, p: int, end: int, b0: int) -> Packet:
     return _ACK_CLASSES[ptype](pid, code, props)
 
 
-def _decode_subscribe(src: bytes, p: int, end: int, b0: int) -> Subscribe:
+def _decode_subscribe_v5(src: bytes, p: int, end: int, b0: int) -> Subscribe:
     pid = _read_packet_id(src, p, end, "SUBSCRIBE")
     props, p = _read_properties(src, p + 2, end, PacketType.SUBSCRIBE, "SUBSCRIBE")
     subscriptions: list[tuple[str, int | SubscriptionOptions]] = []
@@ -402,7 +396,7 @@ def _options_error(byte: int) -> str:
 _OPTIONS: Final = tuple(_options_or_none(b) for b in range(256))
 
 
-def _decode_codes(
+def _decode_codes_v5(
     src: bytes, p: int, end: int, packet_type: PacketType
 ) -> tuple[int, Properties, list[int]]:
     name = packet_type.name
@@ -414,12 +408,12 @@ def _decode_codes(
     return pid, props, codes
 
 
-def _decode_suback(src: bytes, p: int, end: int, b0: int) -> SubAck:
-    pid, props, codes = _decode_codes(src, p, end, PacketType.SUBACK)
+def _decode_suback_v5(src: bytes, p: int, end: int, b0: int) -> SubAck:
+    pid, props, codes = _decode_codes_v5(src, p, end, PacketType.SUBACK)
     return SubAck(pid, codes, props)
 
 
-def _decode_unsubscribe(src: bytes, p: int, end: int, b0: int) -> Unsubscribe:
+def _decode_unsubscribe_v5(src: bytes, p: int, end: int, b0: int) -> Unsubscribe:
     pid = _read_packet_id(src, p, end, "UNSUBSCRIBE")
     props, p = _read_properties(src, p + 2, end, PacketType.UNSUBSCRIBE, "UNSUBSCRIBE")
     filters: list[str] = []
@@ -431,19 +425,19 @@ def _decode_unsubscribe(src: bytes, p: int, end: int, b0: int) -> Unsubscribe:
     return Unsubscribe(pid, filters, props)
 
 
-def _decode_unsuback(src: bytes, p: int, end: int, b0: int) -> UnsubAck:
-    pid, props, codes = _decode_codes(src, p, end, PacketType.UNSUBACK)
+def _decode_unsuback_v5(src: bytes, p: int, end: int, b0: int) -> UnsubAck:
+    pid, props, codes = _decode_codes_v5(src, p, end, PacketType.UNSUBACK)
     return UnsubAck(pid, codes, props)
 
 
-def _decode_ping(src: bytes, p: int, end: int, b0: int) -> Packet:
+def _decode_ping_v5(src: bytes, p: int, end: int, b0: int) -> Packet:
     if end != p:
         name = PacketType(b0 >> 4).name
         raise MalformedPacket(f"{name} with remaining length {end - p}, must be 0")
     return PingReq() if b0 == 0xC0 else PingResp()
 
 
-def _decode_disconnect(src: bytes, p: int, end: int, b0: int) -> Disconnect:
+def _decode_disconnect_v5(src: bytes, p: int, end: int, b0: int) -> Disconnect:
     if p == end:  # remaining length 0: normal disconnection (§3.14.2.1)
         return Disconnect()
     code = _reason_code(src[p], PacketType.DISCONNECT)
@@ -455,7 +449,7 @@ def _decode_disconnect(src: bytes, p: int, end: int, b0: int) -> Disconnect:
     return Disconnect(code, props)
 
 
-def _decode_auth(src: bytes, p: int, end: int, b0: int) -> Auth:
+def _decode_auth_v5(src: bytes, p: int, end: int, b0: int) -> Auth:
     if p == end:  # remaining length 0: success, no properties (§3.15.2.1)
         return Auth()
     code = _reason_code(src[p], PacketType.AUTH)
@@ -469,23 +463,23 @@ def _decode_auth(src: bytes, p: int, end: int, b0: int) -> Auth:
 
 _BODY_DECODERS: Final[dict[int, Callable[[bytes, int, int, int], Packet]]] = {
     1: _decode_connect,  # in the layout its protocol level says
-    2: _decode_connack,
-    4: _decode_ack,
-    5: _decode_ack,
-    6: _decode_ack,
-    7: _decode_ack,
-    8: _decode_subscribe,
-    9: _decode_suback,
-    10: _decode_unsubscribe,
-    11: _decode_unsuback,
-    12: _decode_ping,
-    13: _decode_ping,
-    14: _decode_disconnect,
-    15: _decode_auth,
+    2: _decode_connack_v5,
+    4: _decode_ack_v5,
+    5: _decode_ack_v5,
+    6: _decode_ack_v5,
+    7: _decode_ack_v5,
+    8: _decode_subscribe_v5,
+    9: _decode_suback_v5,
+    10: _decode_unsubscribe_v5,
+    11: _decode_unsuback_v5,
+    12: _decode_ping_v5,
+    13: _decode_ping_v5,
+    14: _decode_disconnect_v5,
+    15: _decode_auth_v5,
 }
 
 
-def _first_byte_error(b0: int) -> str | None:
+def _first_byte_error_v5(b0: int) -> str | None:
     """Why an MQTT 5 packet cannot start with ``b0``, or None if it can."""
     ptype, flags = b0 >> 4, b0 & 0x0F
     if ptype == 0:
@@ -504,7 +498,7 @@ def _first_byte_error(b0: int) -> str | None:
 
 
 #: Indexed by a packet's first byte: why no MQTT 5 packet can start with it, or None.
-_FIRST_BYTE_ERRORS: Final = tuple(_first_byte_error(b) for b in range(256))
+_FIRST_BYTE_ERRORS: Final = tuple(_first_byte_error_v5(b) for b in range(256))
 
 #: Indexed by packet type: the acknowledgements decoded inline when they are two bytes long.
 _ID_ONLY_CLASSES: Final[dict[int, Callable[[int], Packet]]] = {

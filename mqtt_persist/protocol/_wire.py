@@ -48,6 +48,16 @@ def _remaining_length(n: int) -> bytes:
     return bytes(out)
 
 
+def _encode_pingreq(p: object) -> bytes:
+    """PINGREQ: the same two bytes in every protocol version."""
+    return b"\xc0\x00"
+
+
+def _encode_pingresp(p: object) -> bytes:
+    """PINGRESP: the same two bytes in every protocol version."""
+    return b"\xd0\x00"
+
+
 def _frame(first_byte: int, body: bytes) -> bytes:
     n = len(body)
     if n < 128:

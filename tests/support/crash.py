@@ -1,10 +1,13 @@
 """SIGKILL cycles of a publishing child process, counted by an independent paho subscriber.
 
-Shared by the crash tests and ``benchmarks/crash_figures.py``. One run: start the child on a
-durable store, kill it with SIGKILL at a random moment, start it again on the same store from
-the message after the last one it reported accepted, ``cycles`` times; then let a last child
-finish and drain. Every message ``publish()`` returned for must arrive (QoS 1 at least once,
-QoS 2 exactly once), in order per topic.
+Shared by the crash tests, ``benchmarks/crash_figures.py`` and ``benchmarks/fault_matrix.py``.
+One run: start the child on a durable store, wait until it reported its first accepted message,
+kill it with SIGKILL at a random moment after that, start it again on the same store from the
+message after the last one it reported accepted, ``cycles`` times; then let a last child finish
+and drain. Waiting for the first accepted message (an event, not a time) makes every kill land
+while a child is publishing, however slowly a loaded machine starts it; ``accepted_per_kill``
+records how many each killed child had accepted. Every message ``publish()`` returned for must
+arrive (QoS 1 at least once, QoS 2 exactly once), in order per topic.
 
 Exactly one message per kill may legitimately be published twice *by the test*: the one whose
 ``publish()`` had stored it but not yet returned when the kill landed; the next child, starting
@@ -27,6 +30,8 @@ from pathlib import Path
 from typing import IO
 
 from tests.support.observer import PahoObserver
+from tests.support.proxy import ThreadedProxy
+from tests.support.tally import wire_order_violations
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,11 +47,18 @@ class CrashFigures:
     lost: list[int] = field(default_factory=list)
     qos2_duplicates: list[int] = field(default_factory=list)
     boundary_repeats: int = 0
+    #: Messages the subscriber got out of order per topic: a figure only, since mosquitto
+    #: itself may reorder deliveries after reconnects (DESIGN.md, broker facts).
     out_of_order: int = 0
+    #: PUBLISH packets out of order per connection and topic on the wire, as the children
+    #: wrote them (seen by an MQTT proxy between them and the broker): must be none.
+    wire_out_of_order: list[str] = field(default_factory=list)
+    #: Messages each killed child reported accepted before its SIGKILL (one entry per kill).
+    accepted_per_kill: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.lost and not self.qos2_duplicates and not self.out_of_order
+        return not self.lost and not self.qos2_duplicates and not self.wire_out_of_order
 
 
 def _child(host: str, port: int, store: str, client_id: str, start: int, total: int,
@@ -60,11 +72,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _collect(stream: IO[bytes], into: list[int]) -> None:
+def _collect(stream: IO[bytes], into: list[int], first: threading.Event) -> None:
     for raw in stream:
         line = raw.decode().strip()
         if line.startswith("OK "):
             into.append(int(line[3:]))
+            first.set()
+    first.set()  # EOF: the child is gone; nobody must wait for a first message any more
 
 
 def _out_of_order(payloads: list[bytes]) -> int:
@@ -81,45 +95,59 @@ def run_kill_cycles(
     total: int = 1000,
     client_id: str = "killed-child",
     seed: int = 1,
-    window: tuple[float, float] = (0.005, 0.06),
+    window: tuple[float, float] = (0.0, 0.05),
+    first_message_timeout: float = 60.0,
     protocol: int | None = None,
 ) -> CrashFigures:
     """Kill a publishing child ``cycles`` times (fewer if it finishes first); see the module.
 
-    ``protocol`` (4 or 5) is the MQTT version the child speaks; None: the client's default.
+    Each kill lands ``window`` seconds (uniformly drawn) after the child reported its first
+    accepted message. ``protocol`` (4 or 5) is the MQTT version the child speaks; None: the
+    client's default.
     """
     rng = random.Random(seed)
     extra = ("--protocol", str(protocol)) if protocol is not None else ()
     figures = CrashFigures(store=store.partition(":")[0])
     accepted: set[int] = set()
     boundary: set[int] = set()
-    with PahoObserver(host, port, "kill/#", qos=2) as observer:
+    with (
+        PahoObserver(host, port, "kill/#", qos=2) as observer,
+        # The children publish through an MQTT proxy that records what they wrote: order is
+        # checked there, per connection, not at the subscriber (which mosquitto may reorder).
+        ThreadedProxy(host, port, mqtt=True) as proxy,
+    ):
         start = 0
         while figures.kills < cycles and start < total:
             child = subprocess.Popen(
-                _child(host, port, store, client_id, start, total, *extra),
+                _child(proxy.host, proxy.port, store, client_id, start, total, *extra),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
             )  # fmt: skip
             assert child.stdout is not None and child.stderr is not None
-            first = child.stdout.readline().strip()
-            if first != b"STARTED":
+            if child.stdout.readline().strip() != b"STARTED":
                 child.kill()
                 raise RuntimeError(f"child did not start: {child.stderr.read().decode()}")
             lines: list[int] = []
-            reader = threading.Thread(target=_collect, args=(child.stdout, lines), daemon=True)
+            first = threading.Event()
+            reader = threading.Thread(
+                target=_collect, args=(child.stdout, lines, first), daemon=True
+            )
             reader.start()
+            if not first.wait(first_message_timeout):
+                child.kill()
+                raise RuntimeError(f"child accepted nothing in {first_message_timeout}s")
             reader.join(rng.uniform(*window))
             child.send_signal(signal.SIGKILL)
             child.wait()
             reader.join()
             child.stderr.close()
             figures.kills += 1
+            figures.accepted_per_kill.append(len(lines))
             accepted.update(lines)
             last = max(lines, default=start - 1)
             boundary.add(last + 1)
             start = last + 1
         final = subprocess.run(
-            _child(host, port, store, client_id, start, total, "--drain", *extra),
+            _child(proxy.host, proxy.port, store, client_id, start, total, "--drain", *extra),
             capture_output=True, env=_env(), cwd=ROOT, timeout=180,
         )  # fmt: skip
         if final.returncode != 0 or b"DRAINED" not in final.stdout:
@@ -128,8 +156,9 @@ def run_kill_cycles(
             int(line.split()[1]) for line in final.stdout.decode().splitlines()
             if line.startswith("OK ")
         )  # fmt: skip
-        observer.wait_until(lambda: {int(p) for p in observer.payloads()} >= accepted, 30)
+        observer.wait_numbers(accepted, 30)
         payloads = {t: observer.payloads(t) for t in ("kill/q1", "kill/q2")}
+        packets = proxy.packets()
     arrived = {int(p) for p in payloads["kill/q1"] + payloads["kill/q2"]}
     q2 = Counter(int(p) for p in payloads["kill/q2"])
     figures.accepted = len(accepted)
@@ -138,4 +167,5 @@ def run_kill_cycles(
     figures.qos2_duplicates = sorted(i for i, n in q2.items() if n > 1 and i not in boundary)
     figures.boundary_repeats = sum(1 for i, n in q2.items() if n > 1 and i in boundary)
     figures.out_of_order = _out_of_order(payloads["kill/q1"]) + _out_of_order(payloads["kill/q2"])
+    figures.wire_out_of_order = wire_order_violations(packets, may_repeat=boundary)
     return figures

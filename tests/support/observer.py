@@ -18,6 +18,7 @@ restarts and proxy cuts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -173,6 +174,8 @@ class PahoObserver:
         self.disconnects = 0
         #: SUBACK reason codes of the most recent subscription.
         self.granted: list[int] = []
+        #: SUBACKs granted so far: one more each time the observer (re)subscribed.
+        self.subacks = 0
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -223,6 +226,7 @@ class PahoObserver:
                 self._connect_error = f"SUBACK refused: {self.granted}"
             else:
                 self._subscribed = True
+                self.subacks += 1
             self._cond.notify_all()
 
     def _on_disconnect(
@@ -352,6 +356,35 @@ class PahoObserver:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(POLL_INTERVAL)
+
+    def _has_numbers(self, wanted: set[int]) -> Callable[[], bool]:
+        """A predicate (for :meth:`wait_until`): every number in ``wanted`` arrived as a payload
+        (``b"17"``, or ``b"17 "`` followed by padding).
+
+        It parses each message once, however often it is evaluated.
+        """
+        seen: set[int] = set()
+        done = 0
+
+        def check() -> bool:
+            nonlocal done
+            messages = self._messages
+            for message in messages[done:]:
+                with contextlib.suppress(ValueError):
+                    seen.add(int(message.payload.split(b" ", 1)[0]))
+            done = len(messages)
+            return wanted <= seen
+
+        return check
+
+    def wait_numbers(self, wanted: set[int], timeout: float = 10.0) -> bool:
+        """Block until every number in ``wanted`` arrived as a payload ``str(n)`` (or
+        ``str(n)`` and a space and padding)."""
+        return self.wait_until(self._has_numbers(wanted), timeout)
+
+    async def await_numbers(self, wanted: set[int], timeout: float = 10.0) -> bool:
+        """Like :meth:`wait_numbers`, without blocking the event loop."""
+        return await self.await_until(self._has_numbers(wanted), timeout)
 
     def __repr__(self) -> str:
         return (

@@ -4,7 +4,7 @@ Usage: python -m tests.support.publisher_child HOST PORT STORE CLIENT_ID START C
        [--protocol 4|5]
 
 STORE names a durable store: ``file:DIR``, ``sqlite:PATH``, ``redis:URL#PREFIX`` or
-``postgres:DSN#SCHEMA``.
+``postgres:DSN#SCHEMA`` (``tests.support.stores.store_from_spec``).
 Message i (START <= i < COUNT) goes to ``kill/q1`` at QoS 1 when i is even and to ``kill/q2`` at
 QoS 2 when odd, with payload ``str(i)``. After ``publish()`` returned, the child prints
 ``OK i`` and flushes, so the parent knows exactly which messages the library accepted before it
@@ -18,34 +18,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from mqtt_persist import Backoff, FileStore, PersistentClient, SessionStore
+from mqtt_persist import Backoff, PersistentClient
 from mqtt_persist.client.options import ProtocolChoice
 from mqtt_persist.protocol.packets import ProtocolVersion
+from tests.support.stores import store_from_spec
 
 
 def topic_and_qos(i: int) -> tuple[str, int]:
     return ("kill/q1", 1) if i % 2 == 0 else ("kill/q2", 2)
-
-
-def make_store(spec: str) -> SessionStore:
-    kind, _, where = spec.partition(":")
-    if kind == "file":
-        return FileStore(where)
-    if kind == "sqlite":
-        from mqtt_persist.stores.sqlite import SQLiteStore
-
-        return SQLiteStore(where)
-    if kind == "redis":
-        from mqtt_persist.stores.redis import RedisStore
-
-        url, _, prefix = where.partition("#")
-        return RedisStore(url, prefix=prefix or "mqtt_persist")
-    if kind == "postgres":
-        from mqtt_persist.stores.postgres import PostgresStore
-
-        dsn, _, schema = where.rpartition("#")
-        return PostgresStore(dsn, schema=schema or "mqtt_persist")
-    raise SystemExit(f"unknown store spec {spec!r}")
 
 
 async def main(argv: list[str]) -> None:
@@ -59,7 +39,7 @@ async def main(argv: list[str]) -> None:
         host,
         port,
         client_id=client_id,
-        store=make_store(store_spec),
+        store=store_from_spec(store_spec),
         backoff=Backoff(initial=0.05, maximum=0.5),
         protocol=protocol,
     ) as client:

@@ -83,16 +83,22 @@ def _ping(port: int, timeout: float = 0.5) -> bool:
 
 
 class RedisServer:
-    """One redis-server with its own port and working directory (no persistence).
+    """One redis-server with its own port and working directory.
 
-    Use as a context manager or call :meth:`start` and :meth:`stop`.
+    Without persistence by default; ``appendonly=True`` keeps every write in an append-only
+    file fsynced on every write (``appendfsync always``), so a stop, a kill or a restart loses
+    nothing it acknowledged. Use as a context manager or call :meth:`start` and :meth:`stop`;
+    :meth:`restart` comes back on the same port.
     """
 
     host: str = HOST
 
-    def __init__(self, workdir: Path, *, binary: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, binary: str | None = None, appendonly: bool = False
+    ) -> None:
         self.workdir = Path(workdir)
         self.binary = binary
+        self.appendonly = appendonly
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -126,7 +132,9 @@ class RedisServer:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             str(self.workdir),
             "--logfile",
@@ -164,6 +172,23 @@ class RedisServer:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+
+    def restart(self, *, hard: bool = False) -> None:
+        """Stop (SIGTERM, or SIGKILL with ``hard=True``) and start again on the same port."""
+        if hard:
+            self.kill()
+        else:
+            self.stop()
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Start a stopped server on the port it had, with the same files."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError("redis-server is still running")
+        if not self._try_start(self.binary or redis_server_path()):
+            raise RedisStartError(
+                f"redis-server did not restart on {self.port}; see {self.log_path}"
+            )
 
     def kill(self) -> None:
         """SIGKILL and reap."""

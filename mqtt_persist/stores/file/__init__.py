@@ -1,8 +1,10 @@
 """FileStore: one append-only journal file per session.
 
-``store`` is the store; ``journal`` the file format and how a journal is read; ``index`` the
-in-memory index of an open session and what each operation does to it; ``readback`` reading
-messages back; ``snapshot`` rewriting a journal; ``sizes`` the tunable sizes.
+``store`` is the store; ``session`` one open journal; ``writer`` the write path (appends on the
+event loop, syncs on the syncer thread); ``journal`` the file format and how a journal is read;
+``index`` the in-memory index of an open session and what each operation does to it;
+``readback`` reading messages back; ``snapshot`` rewriting a journal; ``sizes`` the tunable
+sizes.
 """
 
 from mqtt_persist.stores.file.journal import FORMAT_VERSION, MAGIC

@@ -199,7 +199,7 @@ def _valid_record_after(data: bytes, offset: int) -> int | None:
     return None
 
 
-def _migrate_1_to_2(data: bytes) -> bytes:
+def _migrate_journal_1_to_2(data: bytes) -> bytes:
     """Version 1 -> 2: the header's version, and ``ProtocolVersionSet(4)`` right after it."""
     if len(data) < HEADER.size:
         raise Damaged("file too short for a journal header")
@@ -215,7 +215,7 @@ def _migrate_1_to_2(data: bytes) -> bytes:
     return _header(2, created_at, data[HEADER.size : id_end]) + spoken + data[id_end + U32.size :]
 
 
-MIGRATIONS[1] = _migrate_1_to_2
+MIGRATIONS[1] = _migrate_journal_1_to_2
 
 
 def _migrate(data: bytes, version: int) -> bytes:

@@ -1,10 +1,12 @@
 """One open FileStore session: its journal file, kept open, and the index of what it holds.
 
 An :class:`OpenSession` exists only while the store holds the session's lease. It is the one
-place that writes a journal: :meth:`~OpenSession.append` (one record, one fsync: the commit
-point of a batch) and :meth:`~OpenSession.rewrite` (a whole new file: create, compact, save,
-migrate). Its index always describes what is durably in the file. Everything here blocks: it
-runs on the store's worker thread.
+place that writes a journal: :meth:`~OpenSession.append` (one record, one ``pwrite``; the
+commit point of a batch is the :meth:`~OpenSession.make_durable` that follows, see ``writer``)
+and :meth:`~OpenSession.rewrite` (a whole new file: create, compact, save, migrate). Its index
+always describes what is durably in the file. ``append`` runs on the event loop or the worker
+thread, ``make_durable`` on the syncer or the worker thread, everything else on the worker
+thread; ``writer`` says why they never overlap.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from mqtt_persist.errors import SessionCorrupt, StoreError
 from mqtt_persist.session.state import SessionState
 from mqtt_persist.stores._expiry import is_expired
-from mqtt_persist.stores._files import fsync_directory, fsync_fd
+from mqtt_persist.stores._files import datasync_fd, fsync_directory, fsync_fd
 from mqtt_persist.stores.file import snapshot
 from mqtt_persist.stores.file.index import Index
 from mqtt_persist.stores.file.journal import (
@@ -30,6 +32,7 @@ from mqtt_persist.stores.file.journal import (
     reader,
     recorded_access,
 )
+from mqtt_persist.stores.file.writer import fresh, mark_failed_sync
 
 __all__ = ["OpenSession", "Paths", "close_fd"]
 
@@ -65,8 +68,9 @@ class OpenSession:
     paths: Paths
     #: Whether to fsync (the store's ``fsync`` setting).
     sync: bool
-    #: The journal, open for reading and writing, positioned at its end; None: no journal yet.
+    #: The journal, open for reading and writing; None: no journal yet.
     fd: int | None
+    #: Where the next record goes: the end of the last one written (synced or not).
     size: int
     #: Size of the journal right after it was last rewritten (0: unknown).
     snapshot_size: int
@@ -79,6 +83,13 @@ class OpenSession:
     ttl: float | None
     #: An append failed and could not be rolled back: the file is not what the index says.
     broken: bool = False
+    #: Set when a sync of the journal failed: what the disk holds is unknown (see ``writer``).
+    sync_error: StoreError | None = None
+    #: Records handed to the syncer (written by the thread that hands them over), and those
+    #: it synced (or failed) and settled (written by the syncer, under its lock); equal when
+    #: nothing of this session waits for a sync.
+    submitted: int = 0
+    settled: int = 0
 
     @classmethod
     def open(
@@ -138,31 +149,66 @@ class OpenSession:
         close_fd(fd)
 
     def append(self, record: bytes) -> None:
-        """Append one record and fsync: the commit point of a batch.
+        """Write one record after the last one (no sync: see :meth:`make_durable`).
 
-        On failure (StoreError) the file is cut back to its last committed record; if even
-        that fails, :attr:`broken` is set and the store must forget this session, so that the
-        next operation reads the file again and repairs its tail under the lease.
+        On failure (StoreError: a full disk, an I/O error) the file is cut back to the end of
+        the last record written before; if even that fails, :attr:`broken` is set and the store
+        must forget this session, so that the next operation reads the file again and repairs
+        its tail under the lease.
         """
-        assert self.fd is not None
+        fd = self.fd
+        assert fd is not None
+        at = self.size
+        view = memoryview(record)
         try:
-            snapshot.write_all(self.fd, record, self.sync)
+            while view:
+                n = os.pwrite(fd, view, at)
+                if not n:
+                    raise OSError(f"write made no progress at offset {at}")
+                view = view[n:]
+                at += n
         except OSError as exc:
             self._undo_append()
             raise StoreError(f"could not append to {self.paths.journal}: {exc}") from exc
-        self.size += len(record)
+        self.size = at
 
     def _undo_append(self) -> None:
-        # Nothing half-written may stay in the middle of the journal.
+        # Nothing half-written may stay in the middle of the journal. No sync here: the cut
+        # bytes were never synced, so until the next sync (which covers the cut) a power cut
+        # shows the old end or a torn tail after it, and a torn tail is discarded by load.
         assert self.fd is not None
         try:
             os.ftruncate(self.fd, self.size)
-            os.lseek(self.fd, self.size, os.SEEK_SET)
-            if self.sync:
-                fsync_fd(self.fd)
         except OSError as exc:
             logger.error("could not roll back %s: %s", self.paths.journal, exc)
             self.broken = True
+
+    def make_durable(self) -> StoreError | None:
+        """Sync the journal: every record written so far is durable when this returns None.
+
+        On failure the session is poisoned (:attr:`sync_error`, and for the whole process
+        ``writer.mark_failed_sync``) and the error is returned; so is the first error again
+        on every later call, whatever the disk would say now.
+        """
+        if self.sync_error is not None:
+            return self.sync_error
+        journal = self.paths.journal
+        fd = self.fd
+        try:
+            if fd is None:
+                raise OSError(f"{journal} is not open")
+            datasync_fd(fd)
+        except OSError as exc:
+            logger.error("could not sync %s: %s; the session is unusable here", journal, exc)
+            error = StoreError(
+                f"could not sync {journal}: {exc}; what the disk holds is unknown, so nothing "
+                "more is written to it in this process (restart it, or delete the session)"
+            )
+            error.__cause__ = exc
+            self.sync_error = error
+            mark_failed_sync(journal)
+            return error
+        return None
 
     def rewrite(
         self, messages: Iterator[snapshot.Placed], meta: SessionState, last_seq: int, now: float
@@ -223,6 +269,8 @@ class OpenSession:
         # The journal writes "never" as 0.
         body = encode_body(b"", last_access=now, ttl=(self.ttl or 0.0) if ttl else None)
         self.append(encode_record(body))
+        if self.sync and (error := self.make_durable()) is not None:
+            raise fresh(error)
         self.persisted_access = now
 
 
@@ -250,6 +298,4 @@ def _parse(fd: int, paths: Paths, client_id: str, sync: bool, quarantine: Quaran
             os.ftruncate(fd, parsed.good_end)
             if sync:
                 fsync_fd(fd)
-    # The parse used positioned reads; appends go where the last good record ends.
-    os.lseek(fd, parsed.good_end, os.SEEK_SET)
     return parsed

@@ -1,20 +1,26 @@
 """A crash-safe session store: one append-only journal file per session.
 
 Durability model
-    :meth:`FileStore.apply` encodes the whole batch into ONE record, appends it with one
-    ``write`` and makes it durable with ONE ``fsync`` (group commit), then returns; write and
-    fsync run back to back in the same job on the store's worker thread. A record carries its
-    length and a CRC32, so a crash at any byte leaves either the complete record (the batch
-    happened) or a torn tail that :meth:`FileStore.load` discards (it did not).
-    Creating a journal, compacting it and :meth:`FileStore.save` write a complete new file to a
-    temporary name, fsync it, ``os.replace`` it over the journal and fsync the directory: a crash
-    leaves the old file or the new one, never a mix. Those three cost two fsyncs (file and
-    directory) instead of one; a plain append costs exactly one.
+    :meth:`FileStore.apply` encodes the whole batch into ONE record, writes it with one
+    ``pwrite`` on the event loop and returns once ONE ``fdatasync`` that started after the
+    write completed (group commit: the store's syncer thread syncs once for every record
+    written before it started; see ``writer``). A record carries its length and a CRC32, so a
+    crash at any byte leaves either the complete record (the batch happened) or a torn tail
+    that :meth:`FileStore.load` discards (it did not). Creating a journal, compacting it and
+    :meth:`FileStore.save` write a complete new file to a temporary name, fsync it,
+    ``os.replace`` it over the journal and fsync the directory: a crash leaves the old file or
+    the new one, never a mix. Those three cost two fsyncs (file and directory) instead of one;
+    a plain append costs at most one, shared with whatever else was written meanwhile. With
+    ``fsync=False`` the write is the commit and ``apply`` never leaves the event loop.
 
 Threading
-    Every public method is ONE job on the store's worker thread (``_worker.Worker``), which
-    alone touches the files and the open sessions: calls happen in the order they were made,
-    and a cancelled caller's job either never started or runs to its end.
+    An ``apply`` that appends to an open session writes on the event loop; every other public
+    method, and an ``apply`` that opens, creates or compacts a journal, is ONE job on the
+    store's worker thread (``_worker.Worker``); syncs run on the syncer thread
+    (``writer.Syncer``). The loop writes to a session only while no job for it (or for the whole
+    store) is queued or running, and a job first waits for the session's records to be synced
+    (``writer``): so calls happen in the order they were made, the three threads never touch
+    one session at once, and a cancelled caller's call either never started or runs to its end.
 
 Memory
     While a session is open the store keeps an *index* of it (``index.Index``), not its
@@ -25,8 +31,9 @@ Memory
     client may queue far more than fits in memory. Payloads are read back with positioned reads
     (``readback``) when :meth:`FileStore.load` or :meth:`FileStore.read_queued` return
     messages, and compaction streams them from the old file into the new one (``snapshot``).
-    The index describes only what is durably in the file: an append updates it after the fsync
-    (read-after-write), a rewrite replaces it with the new file's; should a compaction fail
+    The index describes only what is durably in the file: an append updates it once its sync
+    completed, before ``apply`` returns (read-after-write); a rewrite replaces it with the new
+    file's; should a compaction fail
     half way, the store forgets the session and reads it from the file again. Opening a journal
     reads it in windows of about a megabyte (``sizes``); only a migration from an older format
     holds a whole file.
@@ -51,12 +58,14 @@ Leases
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from mqtt_persist.errors import (
     SessionCorrupt,
@@ -89,12 +98,32 @@ from mqtt_persist.stores.file.journal import (
 )
 from mqtt_persist.stores.file.readback import read_messages
 from mqtt_persist.stores.file.session import OpenSession, Paths
+from mqtt_persist.stores.file.writer import (
+    Commit,
+    Syncer,
+    failed_sync,
+    forget_failed_sync,
+    fresh,
+)
 
 __all__ = ["FileStore"]
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+
+class _Planned(NamedTuple):
+    """A batch encoded as the record an append would write."""
+
+    record: bytes
+    #: Where the batch's first operation lies once the record is appended.
+    ops_offset: int
+    now: float
+    #: Whether the record carries the last access time.
+    record_access: bool
+    #: False: the journal must be rewritten instead (there is none yet, or it is to be compacted).
+    fits: bool
 
 
 class FileStore(StoreContext):
@@ -106,6 +135,9 @@ class FileStore(StoreContext):
     it past ``max(compact_threshold_bytes, 4 * its size after the last rewrite)``.
     ``access_write_interval``: how stale the last access recorded on disk may get (seconds).
     ``clock`` returns the current Unix time (for last access and expiry).
+
+    A store is used from one event loop at a time (its appends run on that loop); one loop
+    after another is fine.
     """
 
     #: Sessions survive the process (and, with ``fsync``, power loss).
@@ -128,7 +160,12 @@ class FileStore(StoreContext):
         self._access_write_interval = access_write_interval
         self._clock = clock
         self._worker = Worker("mqtt-persist-file")
-        # Worker-thread side: touched only by jobs, which run one at a time in call order.
+        self._syncer = Syncer("mqtt-persist-file-sync")
+        # Event-loop side: worker jobs queued or running, per client id and for the whole store
+        # (None). The loop writes to a session only while both are zero (see ``writer``).
+        self._jobs: dict[str | None, int] = {}
+        # Worker-thread side: touched only by jobs, which run one at a time in call order (and
+        # by the loop's appends, which never overlap a job of their session).
         self._opened = False
         self._sessions: dict[str, OpenSession] = {}
         self._leases = FlockLeases(str(self._directory), self._has_journal)
@@ -144,16 +181,41 @@ class FileStore(StoreContext):
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn(*args)`` as one job on the worker thread, the directory opened first."""
-        return await self._worker.run(self._job, fn, *args)
+    async def _run(self, scope: str | None, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)`` as one job on the worker thread, the directory opened first.
 
-    def _job(self, fn: Callable[..., _T], *args: Any) -> _T:
+        ``scope`` is the client id whose session the job touches (None: any of them); the loop
+        does not write to that session until the worker is through with the job.
+        """
+        jobs = self._jobs
+        jobs[scope] = jobs.get(scope, 0) + 1
+        return await self._worker.run(self._job, scope, fn, *args, done=partial(self._done, scope))
+
+    def _done(self, scope: str | None) -> None:
+        jobs = self._jobs
+        left = jobs[scope] - 1
+        if left:
+            jobs[scope] = left
+        else:
+            del jobs[scope]
+
+    def _job(self, scope: str | None, fn: Callable[..., _T], *args: Any) -> _T:
         try:
             self._open_job()
+            self._settle(scope)
             return fn(*args)
         except OSError as exc:
             raise StoreError(f"session store I/O failed: {exc}") from exc
+
+    def _settle(self, scope: str | None) -> None:
+        """Wait until the records written to ``scope``'s session (None: to any) are synced."""
+        if not self._fsync:
+            return
+        if scope is None:
+            for each in list(self._sessions.values()):
+                self._syncer.settle(each)
+        elif (session := self._sessions.get(scope)) is not None:
+            self._syncer.settle(session)
 
     def _paths(self, client_id: str) -> Paths:
         base = os.path.join(self._directory, file_base(client_id))
@@ -179,9 +241,20 @@ class FileStore(StoreContext):
         return error(reason, location=path, quarantined_to=target)
 
     def _session(self, client_id: str) -> OpenSession:
-        """The open session of ``client_id``, taking the lease and reading it if needed."""
+        """The open session of ``client_id``, taking the lease and reading it if needed.
+
+        A session whose append could not be undone is read again (its tail repaired); one whose
+        journal failed to sync in this process is refused (StoreError).
+        """
         session = self._sessions.get(client_id)
+        if session is not None and session.broken:
+            self._forget(session)
+            session = None
+        if session is not None and session.sync_error is not None:
+            raise fresh(session.sync_error)
         if session is None:
+            if (error := failed_sync(self._paths(client_id).journal)) is not None:
+                raise error
             self._leases.ensure(client_id)
             session = OpenSession.open(
                 client_id, self._paths(client_id), self._clock(), self._fsync, self._quarantine
@@ -189,14 +262,56 @@ class FileStore(StoreContext):
             self._sessions[client_id] = session
         return session
 
-    def _append(self, session: OpenSession, record: bytes) -> None:
-        """Append one record and fsync: the commit point of a batch."""
+    def _writable_here(self, client_id: str) -> OpenSession | None:
+        """The open session the event loop may append to now, or None (then a job must)."""
+        jobs = self._jobs
+        if jobs and (None in jobs or client_id in jobs):
+            return None
+        session = self._sessions.get(client_id)
+        if session is None or session.fd is None or session.broken:
+            return None
+        if session.sync_error is not None:
+            raise fresh(session.sync_error)
+        return session
+
+    def _plan(self, session: OpenSession, encoded: list[bytes], now: float) -> _Planned:
+        """The record a batch of these encoded operations becomes, appended to ``session``."""
+        record_access = now - session.persisted_access >= self._access_write_interval
+        ops_bytes = b"".join(encoded)
+        body = encode_body(ops_bytes, last_access=now if record_access else None)
+        record = encode_record(body)
+        ops_offset = session.size + RECORD.size + len(body) - len(ops_bytes)
+        limit = max(self._compact_threshold, 4 * session.snapshot_size)
+        fits = session.fd is not None and session.size + len(record) <= limit
+        return _Planned(record, ops_offset, now, record_access, fits)
+
+    def _append(
+        self,
+        session: OpenSession,
+        ops: Sequence[Operation],
+        encoded: list[bytes],
+        planned: _Planned,
+        committed: asyncio.Future[None] | None,
+    ) -> bool:
+        """Write the planned record (on the loop or the worker thread); True: ``committed``
+        resolves once it is durable (and in the index). Without fsync it is done already."""
+        session.append(planned.record)
+        session.last_access = planned.now
+        if planned.record_access:
+            session.persisted_access = planned.now
+        if committed is None:
+            session.index.apply_batch(ops, encoded, planned.ops_offset)  # the write was the commit
+            return False
+        # A tuple: the operations are read again after the caller may have stopped waiting.
+        settle = partial(session.index.apply_batch, tuple(ops), encoded, planned.ops_offset)
         try:
-            session.append(record)
-        except StoreError:
-            if session.broken:
-                self._forget(session)
+            self._syncer.submit(Commit(session, settle, committed.get_loop(), committed))
+        except BaseException:
+            # Written but never to be synced or indexed (no thread could start): the file is
+            # not what the index says, so the next call reads it again.
+            session.broken = True
             raise
+        return True
 
     def _forget(self, session: OpenSession) -> None:
         """Drop the open session (the lease stays): the next operation reads the journal."""
@@ -210,6 +325,7 @@ class FileStore(StoreContext):
         if session is not None:
             session.close()
         paths = self._paths(client_id)
+        forget_failed_sync(paths.journal)  # a new journal of this name starts clean
         removed = []
         for path in (paths.journal, paths.tmp):
             try:
@@ -259,7 +375,8 @@ class FileStore(StoreContext):
         session = self._sessions.pop(client_id, None)
         if session is not None and session.fd is not None:
             try:
-                if session.last_access > session.persisted_access:
+                unusable = session.broken or session.sync_error is not None
+                if not unusable and session.last_access > session.persisted_access:
                     session.append_metadata(session.last_access, ttl=False)
             except (OSError, StoreError) as exc:
                 logger.warning("%s: could not record last access: %s", session.paths.journal, exc)
@@ -268,6 +385,7 @@ class FileStore(StoreContext):
         self._leases.release(client_id)
 
     def _close_job(self) -> None:
+        self._settle(None)
         failures: list[StoreError] = []
         for client_id in {*self._leases, *self._sessions}:
             try:
@@ -280,6 +398,7 @@ class FileStore(StoreContext):
                 logger.error("closing session %r failed: %s", client_id, exc)
                 failures.append(exc)
         self._opened = False
+        self._syncer.stop()
         if failures:
             raise failures[0]
 
@@ -326,42 +445,41 @@ class FileStore(StoreContext):
         source = snapshot.state_source(state)
         session.rewrite(source, snapshot.meta_of(state), state.last_seq, self._clock())
 
-    def _apply_job(self, client_id: str, ops: Sequence[Operation], encoded: list[bytes]) -> None:
+    def _apply_job(
+        self,
+        client_id: str,
+        ops: Sequence[Operation],
+        encoded: list[bytes],
+        committed: asyncio.Future[None] | None,
+    ) -> bool:
+        """An apply the loop could not do; True: ``committed`` resolves once it is durable."""
         if not ops:
             if (session := self._sessions.get(client_id)) is not None:
+                if session.sync_error is not None:
+                    raise fresh(session.sync_error)
                 session.last_access = self._clock()
-            return
+            return False
         session = self._session(client_id)
-        now = self._clock()
-        record_access = now - session.persisted_access >= self._access_write_interval
-        ops_bytes = b"".join(encoded)
-        body = encode_body(ops_bytes, last_access=now if record_access else None)
-        record = encode_record(body)
-        # Where the batch's first operation lies once the record is appended.
-        ops_offset = session.size + RECORD.size + len(body) - len(ops_bytes)
-        limit = max(self._compact_threshold, 4 * session.snapshot_size)
-        if session.fd is None or session.size + len(record) > limit:
-            # Compact instead of appending: replay the batch onto the index as if the record
-            # followed the journal, and stream the result from both into a new file.
-            index = session.index
-            index.apply_batch(ops, encoded, ops_offset)
-            read = reader(session.fd, session.size, record)
-            try:
-                source = snapshot.index_source(read, session.size + len(record), index)
-                session.rewrite(source, index.meta, index.last_seq, now)
-            except BaseException:
-                if session.index is index:
-                    # The index holds a batch the journal does not (a copy would have cost
-                    # another index): forget the session, so it is read from the file again.
-                    self._forget(session)
-                raise
-            return
-        self._append(session, record)
-        # Only now: the index must never describe a record that is not durably in the file.
-        session.index.apply_batch(ops, encoded, ops_offset)
-        session.last_access = now
-        if record_access:
-            session.persisted_access = now
+        planned = self._plan(session, encoded, self._clock())
+        if planned.fits:
+            return self._append(session, ops, encoded, planned, committed)
+        # Compact instead of appending: replay the batch onto the index as if the record
+        # followed the journal, and stream the result from both into a new file (durable when
+        # the rewrite returns).
+        record = planned.record
+        index = session.index
+        index.apply_batch(ops, encoded, planned.ops_offset)
+        read = reader(session.fd, session.size, record)
+        try:
+            source = snapshot.index_source(read, session.size + len(record), index)
+            session.rewrite(source, index.meta, index.last_seq, planned.now)
+        except BaseException:
+            if session.index is index:
+                # The index holds a batch the journal does not (a copy would have cost
+                # another index): forget the session, so it is read from the file again.
+                self._forget(session)
+            raise
+        return False
 
     def _delete_job(self, client_id: str) -> None:
         if client_id not in self._leases and not self._has_journal(client_id):
@@ -451,14 +569,16 @@ class FileStore(StoreContext):
 
     async def open(self) -> None:
         """Create the directory (mode 0700) if needed. Idempotent; other methods call it."""
-        await self._run(self._open_job)
+        await self._run(None, self._open_job)
 
     async def close(self) -> None:
         """Record last accesses, close every journal and release every lease. Idempotent.
 
         The store can be reopened afterwards.
         """
-        await self._worker.stop(self._close_job)
+        jobs = self._jobs
+        jobs[None] = jobs.get(None, 0) + 1
+        await self._worker.stop(self._close_job, done=partial(self._done, None))
 
     async def acquire(self, client_id: str) -> None:
         """Take the lease: ``flock`` on the session's lock file, held until release/close.
@@ -466,12 +586,12 @@ class FileStore(StoreContext):
         Raises :class:`~mqtt_persist.errors.SessionLocked` when another process or another store
         holds it, or when this store already acquired it.
         """
-        await self._run(self._leases.acquire, client_id)
+        await self._run(client_id, self._leases.acquire, client_id)
 
     async def release(self, client_id: str) -> None:
         """Record the last access, close the journal and give the lease back. Idempotent."""
         if self._worker.running:
-            await self._run(self._release_job, client_id)
+            await self._run(client_id, self._release_job, client_id)
 
     async def load(self, client_id: str, *, queued_limit: int | None = None) -> SessionState | None:
         """Read the session (repairing a torn tail), or None; takes the lease if not held.
@@ -485,7 +605,7 @@ class FileStore(StoreContext):
         :class:`~mqtt_persist.errors.SessionLocked` (another process holds the session).
         """
         check_queued_limit(queued_limit)
-        return await self._run(self._load_job, client_id, queued_limit)
+        return await self._run(client_id, self._load_job, client_id, queued_limit)
 
     async def read_queued(self, client_id: str, after_seq: int, limit: int) -> list[StoredMessage]:
         """Queued messages with ``seq > after_seq``, ascending, at most ``limit``.
@@ -496,7 +616,7 @@ class FileStore(StoreContext):
         holds the session.
         """
         check_read_limit(limit)
-        return await self._run(self._read_queued_job, client_id, after_seq, limit)
+        return await self._run(client_id, self._read_queued_job, client_id, after_seq, limit)
 
     async def save(self, state: SessionState) -> None:
         """Replace the stored session with this snapshot (atomic file replace).
@@ -506,18 +626,49 @@ class FileStore(StoreContext):
         """
         snapshot_state = state.copy()
         check_operations(snapshot_state.to_operations())  # refuse what cannot be stored
-        await self._run(self._save_job, snapshot_state)
+        await self._run(snapshot_state.client_id, self._save_job, snapshot_state)
 
     async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
-        """Append ``ops`` as one record with one write and one fsync; durable on return.
+        """Append ``ops`` as one record with one write; durable and in the index on return.
 
-        The first batch of a new session, and a batch that triggers compaction, replace the
-        file instead (two fsyncs). An empty batch only counts as an access. Expiry is not
-        checked: the caller holds the session.
+        The record is written on the event loop and synced by the syncer thread, one sync for
+        every record written before it started (see ``writer``); with ``fsync=False`` it is
+        done without leaving the loop. The first batch of a new session, and a batch that
+        triggers compaction, replace the file instead (two fsyncs), as a job on the worker
+        thread, as does any batch while another call for this session is queued there. An
+        empty batch only counts as an access. Expiry is not checked: the caller holds the
+        session. Raises :class:`~mqtt_persist.errors.StoreError` if the record could not be
+        written (nothing of it stays in the journal) or synced (the session is then refused
+        for the rest of the process: see ``writer``).
         """
         # The check is the encoding, kept: the index records where each operation lands.
         encoded = check_operations(ops)
-        await self._run(self._apply_job, client_id, ops, encoded)
+        session = self._writable_here(client_id)
+        if session is not None:
+            now = self._clock()
+            if not ops:
+                session.last_access = now
+                return
+            planned = self._plan(session, encoded, now)
+            if planned.fits:
+                if not self._fsync:
+                    self._append(session, ops, encoded, planned, None)  # the write is the commit
+                    return
+                durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._append(session, ops, encoded, planned, durable)
+                await durable
+                return
+        committed = asyncio.get_running_loop().create_future() if self._fsync else None
+        try:
+            wait = await self._run(client_id, self._apply_job, client_id, ops, encoded, committed)
+        except asyncio.CancelledError:
+            # The job runs (or ran) anyway; nobody will wait for its sync.
+            if committed is not None:
+                committed.cancel()
+            raise
+        if wait:
+            assert committed is not None
+            await committed
 
     async def delete(self, client_id: str) -> None:
         """Remove the session's journal (quarantined files stay). Idempotent.
@@ -526,18 +677,18 @@ class FileStore(StoreContext):
         Raises :class:`~mqtt_persist.errors.SessionLocked` when another process holds the
         session.
         """
-        await self._run(self._delete_job, client_id)
+        await self._run(client_id, self._delete_job, client_id)
 
     async def exists(self, client_id: str) -> bool:
         """True when a non-expired session is stored (reads only; takes no lease).
 
         A damaged journal counts as existing: :meth:`load` reports (and quarantines) it.
         """
-        return await self._run(self._exists_job, client_id)
+        return await self._run(client_id, self._exists_job, client_id)
 
     async def list_sessions(self) -> list[SessionInfo]:
         """Every stored session, expired ones included (reads only; damaged files are skipped)."""
-        return await self._run(self._list_job)
+        return await self._run(None, self._list_job)
 
     async def update_ttl(self, client_id: str, seconds: float | None) -> None:
         """Expire the session ``seconds`` after its last access (None or 0: never); durable.
@@ -546,11 +697,11 @@ class FileStore(StoreContext):
         expiry is in force from now on even before the first operation is applied. Takes the
         lease if not held.
         """
-        await self._run(self._update_ttl_job, client_id, ttl_from(seconds))
+        await self._run(client_id, self._update_ttl_job, client_id, ttl_from(seconds))
 
     async def cleanup_expired(self) -> int:
         """Remove every expired session nobody holds a lease on; returns how many."""
-        return await self._run(self._cleanup_job)
+        return await self._run(None, self._cleanup_job)
 
 
 def _info(

@@ -85,7 +85,7 @@ _QUARANTINE_SET_ASIDE = """
     """
 
 
-def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+def _migrate_schema_1_to_2(conn: sqlite3.Connection) -> None:
     """Columns and tables for MQTT 5 and set-aside messages; every session spoke 3.1.1."""
     for statement in (
         "ALTER TABLE sessions ADD COLUMN protocol_version INTEGER",
@@ -109,7 +109,7 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
 #: Upgrades of the schema, keyed by the version they upgrade FROM: each gets the connection
 #: inside the upgrade's transaction and brings the schema one version up (the caller then sets
 #: ``user_version``).
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_schema_1_to_2}
 
 SCHEMA = (
     """

@@ -1,12 +1,15 @@
 """A crash-safe session store in one SQLite database: one row per message, WAL, group commit.
 
 Durability model
-    :meth:`SQLiteStore.apply` runs the whole batch as ONE ``BEGIN IMMEDIATE … COMMIT``
-    transaction on the store's single connection, in the database's WAL journal mode. With
-    ``synchronous="FULL"`` (the default) SQLite appends the transaction's pages to the WAL and
-    fsyncs it once before ``COMMIT`` returns (group commit: one fsync per call, whatever the
-    number of operations), so a returned ``apply`` survives a crash or a power cut, and a crash
-    at any point leaves all of the batch or none of it (SQLite's own recovery drops a WAL tail
+    :meth:`SQLiteStore.apply` runs its batch in a ``BEGIN IMMEDIATE … COMMIT`` transaction on
+    the store's single connection, in the database's WAL journal mode. Applies that queue up
+    while a transaction commits (of one session or of many) go into the next transaction
+    together, each batch inside its own ``SAVEPOINT``: a batch that fails is rolled back to its
+    savepoint and fails alone, the others commit (group commit across calls: one COMMIT, one
+    WAL fsync, for all of them; see ``_apply_gathered_job``). With ``synchronous="FULL"`` (the
+    default) SQLite appends the transaction's pages to the WAL and fsyncs it once before
+    ``COMMIT`` returns, so a returned ``apply`` survives a crash or a power cut, and a crash at
+    any point leaves all of a batch or none of it (SQLite's own recovery drops a WAL tail
     without a commit frame). ``"NORMAL"`` skips that fsync: a process crash still loses nothing
     (the WAL is written before ``COMMIT`` returns), a power cut may lose the last commits.
     ``"EXTRA"`` is FULL plus directory fsyncs after journal deletions (which matter for
@@ -18,8 +21,9 @@ Threading
     Every database call runs on the store's worker thread (``_worker.Worker``), which owns the
     one connection, so the event loop never blocks on SQLite and calls reach the database in
     the order they were made. Each public method is a single hop to that thread, running its
-    whole transaction there: a caller cancelled while waiting either never started (nothing
-    happened) or ran to completion (everything happened).
+    whole transaction there (applies queued next to each other share one: ``run_gathered``):
+    a caller cancelled while waiting either never started (nothing happened) or ran to
+    completion (everything happened).
 
 Schema and format versions: see ``schema``; reading and checking rows: ``rows``; what each
 journal operation does: ``operations``.
@@ -81,7 +85,7 @@ from mqtt_persist.stores._checks import check_operations, check_queued_limit, ch
 from mqtt_persist.stores._expiry import session_info, ttl_from
 from mqtt_persist.stores._files import fsync_directory, quarantine_target
 from mqtt_persist.stores._leases import FlockLeases, remove_expired
-from mqtt_persist.stores._worker import Worker
+from mqtt_persist.stores._worker import Outcome, Worker
 from mqtt_persist.stores.base import SessionInfo, StoreContext
 from mqtt_persist.stores.sqlite.operations import HANDLERS
 from mqtt_persist.stores.sqlite.rows import (
@@ -187,16 +191,24 @@ class SQLiteStore(StoreContext):
         """Run a job; report SQLite's and the OS's failures as the store's."""
         try:
             return fn(*args)
-        except sqlite3.DatabaseError as exc:
-            if is_file_corruption(exc):
-                raise self._quarantine_file(str(exc)) from exc
-            raise StoreError(f"session database {self._path} failed: {exc}") from exc
-        except sqlite3.Error as exc:
-            raise StoreError(f"session database {self._path} failed: {exc}") from exc
-        except DamagedFile as exc:
-            raise self._quarantine_file(str(exc)) from None
-        except OSError as exc:
-            raise StoreError(f"session store I/O failed: {exc}") from exc
+        except (sqlite3.Error, DamagedFile, OSError) as exc:
+            error = self._store_error(exc)
+            raise error from (None if isinstance(exc, DamagedFile) else exc)
+
+    def _store_error(self, exc: Exception) -> Exception:
+        """The store's error for a failure of SQLite or of the OS (others stay as they are).
+
+        A damaged file is moved aside first (:meth:`_quarantine_file`).
+        """
+        if isinstance(exc, sqlite3.DatabaseError) and is_file_corruption(exc):
+            return self._quarantine_file(str(exc))
+        if isinstance(exc, sqlite3.Error):
+            return StoreError(f"session database {self._path} failed: {exc}")
+        if isinstance(exc, DamagedFile):
+            return self._quarantine_file(str(exc))
+        if isinstance(exc, OSError):
+            return StoreError(f"session store I/O failed: {exc}")
+        return exc
 
     def _db(self) -> sqlite3.Connection:
         """The connection, opening (and if need be creating) the database first."""
@@ -362,27 +374,59 @@ class SQLiteStore(StoreContext):
                 (now, state.last_seq, sid),
             )
 
-    def _apply_job(self, client_id: str, ops: list[Operation]) -> None:
-        conn = self._db()
-        if not ops:
-            # Only an access, and only to a session that exists.
-            if session_id(conn, client_id) is not None:
-                self._leases.ensure(client_id)
-                with transaction(conn):
-                    conn.execute(
-                        "UPDATE sessions SET last_access = ? WHERE client_id = ?",
-                        (self._clock(), client_id),
-                    )
-            return
-        self._leases.ensure(client_id)
-        now = self._clock()
-        with transaction(conn):
-            sid = session_id(conn, client_id)
-            if sid is None:
-                sid = create_session(conn, client_id, now)
-            else:
-                conn.execute("UPDATE sessions SET last_access = ? WHERE sid = ?", (now, sid))
-            _apply_rules(conn, sid, ops)
+    def _apply_gathered_job(self, calls: Sequence[tuple[Any, ...]]) -> list[Outcome]:
+        """The applies ``(client_id, ops)`` queued together, in ONE transaction and ONE COMMIT.
+
+        Each batch runs inside its own savepoint: one that fails (a bad row, a constraint, a
+        lease held elsewhere) is rolled back to it and fails alone, and the others commit. A
+        failure of the transaction itself (BEGIN, COMMIT, a damaged file, SQLite rolling the
+        whole transaction back on a full disk or an I/O error) fails every batch in it. Each
+        caller learns its own outcome once the COMMIT holding its batch returned.
+        """
+        outcomes: list[Outcome] = [(None, None)] * len(calls)
+        try:
+            conn = self._db()
+            included: list[int] = []
+            for i, (client_id, ops) in enumerate(calls):
+                try:
+                    # An empty batch is only an access, and only to a session that exists.
+                    if ops or session_id(conn, client_id) is not None:
+                        self._leases.ensure(client_id)
+                        included.append(i)
+                except Exception as exc:
+                    if _damaged(exc):
+                        raise
+                    outcomes[i] = (None, self._batch_error(exc))
+            if not included:
+                return outcomes
+            now = self._clock()
+            with transaction(conn):
+                for i in included:
+                    client_id, ops = calls[i]
+                    conn.execute("SAVEPOINT apply")
+                    try:
+                        _apply_batch(conn, client_id, ops, now)
+                    except Exception as exc:
+                        # A damaged file, or SQLite rolled the whole transaction back (a full
+                        # disk, an I/O error): every batch fails.
+                        if _damaged(exc) or not conn.in_transaction:
+                            raise
+                        conn.execute("ROLLBACK TO apply")
+                        outcomes[i] = (None, self._batch_error(exc))
+                    conn.execute("RELEASE apply")
+        except Exception as exc:
+            error = self._store_error(exc)
+            for i, (_, failed) in enumerate(outcomes):
+                if failed is None:
+                    outcomes[i] = (None, _copy_error(error, exc))
+        return outcomes
+
+    def _batch_error(self, exc: Exception) -> Exception:
+        """The store's error for one batch that failed on its own."""
+        error = self._store_error(exc)
+        if error is not exc:
+            error.__cause__ = exc
+        return error
 
     def _delete_job(self, client_id: str) -> None:
         conn = self._db()
@@ -527,8 +571,10 @@ class SQLiteStore(StoreContext):
         await self._run(self._save_job, snapshot)
 
     async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
-        """Apply ``ops`` in ONE transaction (one fsync with FULL); durable when it returns.
+        """Apply ``ops`` atomically in one transaction (one fsync with FULL); durable on return.
 
+        Applies queued while another transaction commits share the next transaction (and its
+        fsync), each batch in a savepoint of its own, so each still succeeds or fails alone.
         Creates the session if there is none. An empty batch only counts as an access. Expiry
         is not checked: the caller holds the session. Raises
         :class:`~mqtt_persist.stores.serialization.EncodeError` (nothing applied) for an
@@ -537,7 +583,7 @@ class SQLiteStore(StoreContext):
         _check_client_id(client_id)
         batch = list(ops)
         check_operations(batch)
-        await self._run(self._apply_job, client_id, batch)
+        await self._worker.run_gathered(self._apply_gathered_job, client_id, batch)
 
     async def delete(self, client_id: str) -> None:
         """Remove the session's rows (quarantined rows stay). Idempotent.
@@ -573,6 +619,38 @@ class SQLiteStore(StoreContext):
     async def cleanup_expired(self) -> int:
         """Remove every expired session nobody holds a lease on; returns how many."""
         return await self._run(self._cleanup_job)
+
+
+def _apply_batch(
+    conn: sqlite3.Connection, client_id: str, ops: Sequence[Operation], now: float
+) -> None:
+    """Inside a transaction: one apply's batch (creating the session), stamped ``now``."""
+    if not ops:
+        conn.execute("UPDATE sessions SET last_access = ? WHERE client_id = ?", (now, client_id))
+        return
+    sid = session_id(conn, client_id)
+    if sid is None:
+        sid = create_session(conn, client_id, now)
+    else:
+        conn.execute("UPDATE sessions SET last_access = ? WHERE sid = ?", (now, sid))
+    _apply_rules(conn, sid, ops)
+
+
+def _damaged(exc: Exception) -> bool:
+    """Whether ``exc`` says the database file itself is damaged."""
+    return isinstance(exc, DamagedFile) or (
+        isinstance(exc, sqlite3.DatabaseError) and is_file_corruption(exc)
+    )
+
+
+def _copy_error(error: Exception, cause: BaseException) -> Exception:
+    """A copy of ``error`` for one more caller (one instance raised in many tasks would
+    collect all their tracebacks), made without calling its ``__init__``."""
+    duplicate = type(error).__new__(type(error))
+    duplicate.args = error.args
+    duplicate.__dict__.update(error.__dict__)
+    duplicate.__cause__ = cause
+    return duplicate
 
 
 def _apply_rules(conn: sqlite3.Connection, sid: int, ops: Sequence[Operation]) -> None:

@@ -1,0 +1,67 @@
+"""Stores for the fault tests and the fault matrix, by kind, in-process or as a child's spec.
+
+``kind`` is one of :data:`KINDS`. A child process gets a *spec* string (``file:DIR``,
+``sqlite:PATH``, ``redis:URL#PREFIX``, ``postgres:DSN#SCHEMA``) that :func:`store_from_spec`
+turns back into a store.
+Stores are imported from ``mqtt_persist`` / ``mqtt_persist.stores`` only, never from a module
+inside the package, so the tests survive a reshuffle of the stores' internals.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mqtt_persist import FileStore, MemoryStore, SessionStore
+from mqtt_persist.stores import SQLiteStore
+
+__all__ = ["DURABLE_KINDS", "KINDS", "make_store", "store_from_spec", "store_spec"]
+
+KINDS = ("memory", "file", "sqlite", "redis")
+#: The kinds whose commits survive the process (a child killed with SIGKILL keeps its session).
+DURABLE_KINDS = ("file", "sqlite", "redis")
+
+
+def store_spec(kind: str, workdir: Path, *, redis_url: str | None = None, name: str = "s") -> str:
+    """The spec of a durable store of ``kind`` under ``workdir`` (Redis: key prefix from it)."""
+    if kind == "file":
+        return f"file:{workdir / name}"
+    if kind == "sqlite":
+        return f"sqlite:{workdir / (name + '.db')}"
+    if kind == "redis":
+        if redis_url is None:
+            raise ValueError("a redis store needs redis_url")
+        from tests.support.redis_server import unique_prefix
+
+        return f"redis:{redis_url}#{unique_prefix(workdir / name)}"
+    raise ValueError(f"no spec for a {kind!r} store (memory lives in one process only)")
+
+
+def store_from_spec(spec: str, **redis_kwargs: float) -> SessionStore:
+    """The store a :func:`store_spec` string names."""
+    kind, _, where = spec.partition(":")
+    if kind == "file":
+        return FileStore(where)
+    if kind == "sqlite":
+        return SQLiteStore(where)
+    if kind == "redis":
+        from mqtt_persist.stores import RedisStore
+
+        url, _, prefix = where.partition("#")
+        return RedisStore(url, prefix=prefix or "mqtt_persist", **redis_kwargs)  # type: ignore[arg-type]
+    if kind == "postgres":
+        from mqtt_persist.stores import PostgresStore
+
+        dsn, _, schema = where.rpartition("#")
+        return PostgresStore(dsn, schema=schema or "mqtt_persist")
+    raise ValueError(f"unknown store spec {spec!r}")
+
+
+def make_store(
+    kind: str, workdir: Path, *, redis_url: str | None = None, name: str = "s"
+) -> SessionStore:
+    """A new store of ``kind``; ``memory`` gives a MemoryStore (survives only this process)."""
+    if kind == "memory":
+        return MemoryStore()
+    os.makedirs(workdir, exist_ok=True)
+    return store_from_spec(store_spec(kind, workdir, redis_url=redis_url, name=name))
