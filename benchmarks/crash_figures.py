@@ -12,6 +12,7 @@ status is 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -24,11 +25,14 @@ from tests.support.broker import MosquittoBroker
 from tests.support.crash import CrashFigures, run_kill_cycles
 
 
-def store_spec(kind: str, workdir: Path, redis_url: str | None) -> str:
+def store_spec(kind: str, workdir: Path, redis_url: str | None, pg_dsn: str | None) -> str:
     if kind == "file":
         return f"file:{workdir / 'sessions'}"
     if kind == "sqlite":
         return f"sqlite:{workdir / 'sessions.db'}"
+    if kind == "postgres":
+        assert pg_dsn is not None
+        return f"postgres:{pg_dsn}#crash_figures_{int(time.time() * 1000)}"
     assert redis_url is not None
     return f"redis:{redis_url}#crash-figures-{int(time.time() * 1000)}"
 
@@ -37,13 +41,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--stores", nargs="+", default=["file", "sqlite", "redis"])
+    parser.add_argument("--stores", nargs="+", default=["file", "sqlite", "redis", "postgres"])
     args = parser.parse_args()
     redis_url = None
     if "redis" in args.stores:
         from tests.support.redis_server import shared_redis_url
 
         redis_url = shared_redis_url()
+    with contextlib.ExitStack() as stack:
+        pg_dsn = None
+        if "postgres" in args.stores:
+            from tests.support.postgres import private_database
+
+            # The server's defaults (synchronous_commit on), in a database of our own.
+            pg_dsn = stack.enter_context(private_database(server_defaults=True))
+        return run(args, redis_url, pg_dsn)
+
+
+def run(args: argparse.Namespace, redis_url: str | None, pg_dsn: str | None) -> int:
     rows: list[tuple[CrashFigures, float]] = []
     for kind in args.stores:
         with tempfile.TemporaryDirectory(prefix=f"crash-{kind}-") as tmp:
@@ -55,7 +70,7 @@ def main() -> int:
                 figures = run_kill_cycles(
                     broker.host,
                     broker.port,
-                    store_spec(kind, workdir, redis_url),
+                    store_spec(kind, workdir, redis_url, pg_dsn),
                     cycles=args.cycles,
                     seed=args.seed,
                 )

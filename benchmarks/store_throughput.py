@@ -91,7 +91,10 @@ from mqtt_persist.stores import SessionStore, SQLiteStore
 #: (20) would narrow the window and with it every durable figure.
 V311 = ProtocolVersion.V311
 
-STORES = ("memory", "file", "sqlite", "redis")
+STORES = ("memory", "file", "sqlite", "redis", "postgres")
+#: The benchmark's own PostgreSQL database (the server's defaults: synchronous_commit on),
+#: created by main() when "postgres" is among the stores.
+POSTGRES_DSN: str | None = None
 #: Our client's default window, which every row of ours uses.
 OURS_WINDOW = WINDOW
 #: aiomqtt's default window (paho's): its first baseline rows.
@@ -108,8 +111,8 @@ class StoreSpec:
     """Where one store's data lives, so that a later client (or a child process) reopens it."""
 
     kind: str
-    location: str = ""  # file: directory; sqlite: database file; redis: URL
-    prefix: str = ""  # redis only
+    location: str = ""  # file: directory; sqlite: database file; redis: URL; postgres: DSN
+    prefix: str = ""  # redis: key prefix; postgres: schema
 
     def open(self, memory: dict[str, MemoryStore] | None = None) -> SessionStore:
         """A new, unopened store object on this medium (memory: the one shared object)."""
@@ -120,6 +123,10 @@ class StoreSpec:
             return FileStore(self.location)  # fsync on, the default
         if self.kind == "sqlite":
             return SQLiteStore(self.location)  # synchronous FULL, the default
+        if self.kind == "postgres":
+            from mqtt_persist.stores.postgres import PostgresStore
+
+            return PostgresStore(self.location, schema=self.prefix)
         from mqtt_persist.stores import RedisStore
 
         return RedisStore(self.location, prefix=self.prefix)
@@ -133,7 +140,24 @@ def make_spec(kind: str, workdir: Path, name: str, redis_url: str | None) -> Sto
     if kind == "redis":
         assert redis_url is not None
         return StoreSpec(kind, redis_url, prefix=f"bench-{name}")
+    if kind == "postgres":
+        assert POSTGRES_DSN is not None
+        return StoreSpec(kind, POSTGRES_DSN, prefix="bench_" + name.replace("-", "_"))
     return StoreSpec(kind, name)
+
+
+def _postgres_schema_bytes(spec: StoreSpec) -> int:
+    """Everything the schema's tables, indexes and TOAST take on disk (pg_total_relation_size)."""
+    import psycopg
+
+    with psycopg.connect(spec.location, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
+            "AND c.relkind = 'r'",
+            (spec.prefix,),
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _size(path: Path) -> int:
@@ -211,8 +235,14 @@ def run_empty(
 ) -> EmptyRun:
     timings: dict[str, float] = {}
     driver = ours_concurrent(kind, redis_url, timings)
+    # A gather of one publish() at a time is a sequential publisher.
+    key, mode = (
+        (f"ours-{kind}-seq", "sequential")
+        if chunk == 1
+        else (f"ours-{kind}", f"concurrent/{chunk}")
+    )
     case = Case(
-        f"ours-{kind}", "ours", f"ours/{kind}", f"concurrent/{chunk}", 1, OURS_WINDOW, driver,
+        key, "ours", f"ours/{kind}", mode, 1, OURS_WINDOW, driver,
         chunk=chunk,
     )  # fmt: skip
     result = measure(case, make_payloads(n, size), tools)
@@ -401,6 +431,10 @@ async def prepare_and_measure(
             await store.close()
             run.bytes_per_msg = (_redis_used_memory(spec.location) - redis_before) / queued
             run.bytes_note = "INFO memory used_memory delta (server-side)"
+        elif spec.kind == "postgres":
+            await store.close()
+            run.bytes_per_msg = _postgres_schema_bytes(spec) / queued
+            run.bytes_note = "pg_total_relation_size of the schema's tables (heap, indexes, TOAST)"
     finally:
         await store.close()
 
@@ -839,6 +873,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--chunk", type=int, default=100, help="publishes per gather (100)")
     parser.add_argument(
+        "--sequential",
+        type=int,
+        default=2_000,
+        help="messages of the sequential durable runs, one publish() at a time (2000; 0: none)",
+    )
+    parser.add_argument(
         "--prep-chunk", type=int, default=1000, help="offline publishes per gather (1000)"
     )
     parser.add_argument("--stores", nargs="+", default=list(STORES), choices=STORES)
@@ -909,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mqtt-bench-stores-"))
     redis_server: Any = None
     broker: Mosquitto | None = None
+    stack = contextlib.ExitStack()
     try:
         try:
             broker = start_broker()
@@ -918,7 +959,15 @@ def main(argv: list[str] | None = None) -> int:
 
                 redis_server = RedisServer(workdir / "redis").start()
                 redis_url = redis_server.url
-        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            if "postgres" in args.stores:
+                global POSTGRES_DSN
+                from tests.support.postgres import private_database
+
+                # A database of our own with the server's defaults (synchronous_commit on).
+                POSTGRES_DSN = stack.enter_context(private_database(server_defaults=True))
+        except (OSError, subprocess.SubprocessError, RuntimeError, BaseException) as exc:
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
             print(f"cannot run the benchmark: {exc}", file=sys.stderr)
             return 2
         print(f"machine:  {machine_description()}")
@@ -931,6 +980,14 @@ def main(argv: list[str] | None = None) -> int:
                 check=False,
             ).stdout.split()
             print(f"redis:    {' '.join(version[:3])}, private on 127.0.0.1")
+        if POSTGRES_DSN is not None:
+            import psycopg
+
+            with psycopg.connect(POSTGRES_DSN) as conn:
+                row = conn.execute("SELECT version(), current_setting('synchronous_commit')")
+                pg_version, sync = row.fetchone() or ("?", "?")
+            print(f"postgres: {' '.join(pg_version.split()[:2])}, synchronous_commit {sync}, "
+                  "a database of our own on 127.0.0.1:5432")  # fmt: skip
         clients = versions(None)
         del clients["paho-c"]
         print("clients:  " + ", ".join(f"{k} {v}" for k, v in clients.items()))
@@ -967,6 +1024,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{run.result.unique}/{n} arrived, {_rate(run.accept_rate)} publish()/s",
                 flush=True,
             )
+        for kind in args.stores if args.sequential else ():
+            run = run_empty(kind, tools, args.sequential, size, 1, redis_url)
+            empties.append(run)
+            print(
+                f"  1. ours/{kind:<25} {_rate(run.result.rate):>7} msg/s sequential, "
+                f"{run.result.unique}/{args.sequential} arrived",
+                flush=True,
+            )
         backlogs: list[BacklogRun] = []
         for kind in args.stores:
             spec = make_spec(kind, workdir, f"{kind}-{uuid.uuid4().hex[:8]}", redis_url)
@@ -994,6 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_server.stop()
         if broker is not None:
             broker.stop()
+        stack.close()  # drops the benchmark's PostgreSQL database
         shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"\n{elapsed:.0f} s; 1-minute load average {load_before} before, {_load()} after "

@@ -35,6 +35,7 @@ from mqtt_persist.errors import (
     ServerDisconnected,
     SessionCorrupt,
     SessionExpired,
+    SessionFenced,
     SessionLocked,
     StoreError,
     SubscriptionRefused,
@@ -84,6 +85,7 @@ __all__ = [
     "MqttPersistError",
     "PayloadTooLarge",
     "PersistentClient",
+    "PostgresStore",
     "Properties",
     "ProtocolError",
     "ProtocolVersion",
@@ -95,6 +97,7 @@ __all__ = [
     "ServerDisconnected",
     "SessionCorrupt",
     "SessionExpired",
+    "SessionFenced",
     "SessionInfo",
     "SessionLocked",
     "SessionStore",
@@ -113,7 +116,8 @@ __all__ = [
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
-    # For type checkers only; at run time __getattr__ below imports it on first use.
+    # For type checkers only; at run time __getattr__ below imports them on first use.
+    from mqtt_persist.stores.postgres import PostgresStore as PostgresStore
     from mqtt_persist.stores.redis import RedisStore as RedisStore
 
 
@@ -124,4 +128,8 @@ def __getattr__(name: str) -> object:
         from mqtt_persist.stores.redis import RedisStore
 
         return RedisStore
+    if name == "PostgresStore":  # psycopg, likewise
+        from mqtt_persist.stores.postgres import PostgresStore
+
+        return PostgresStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

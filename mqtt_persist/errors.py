@@ -141,6 +141,16 @@ class SessionLocked(StoreError):
     """Another process holds the ownership lease of this client id's stored session."""
 
 
+class SessionFenced(SessionLocked):
+    """This store's lease is no longer valid: it lapsed, or a newer owner took the session over
+    (this store's fencing token is no longer current).
+
+    Raised by a shared store (Redis, PostgreSQL) for a write of a former owner, typically a
+    process that was paused past its lease while another one took the session over. Nothing of
+    that write was stored; the client stops and sends nothing it could not store.
+    """
+
+
 class SessionExpired(StoreError):
     """The stored session passed its expiry and was not restored."""
 

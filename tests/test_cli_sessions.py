@@ -31,6 +31,10 @@ def store_url(kind: str, tmp_path: Path, name: str = "a") -> str:
         return (tmp_path / f"{name}-sessions").as_uri()
     if kind == "sqlite":
         return f"sqlite://{tmp_path / f'{name}.db'}?synchronous=NORMAL"
+    if kind == "postgres":
+        from tests.support.postgres import shared_postgres_url, unique_schema
+
+        return f"{shared_postgres_url()}?schema={unique_schema(tmp_path / name)}"
     pytest.importorskip("redis", reason="redis-py not installed")
     return f"{shared_redis_url()}?prefix={unique_prefix(tmp_path / name)}"
 
@@ -64,7 +68,7 @@ def replayed(ops: list[Any], client_id: str = "dev-1") -> SessionState:
     return state
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "postgres"])
 def test_list_show_cleanup_delete(kind: str, tmp_path: Path) -> None:
     url = store_url(kind, tmp_path)
     ops = rich_session_ops(queued=1005)  # more than one page (1000) of queued messages

@@ -222,3 +222,40 @@ async def test_a_deferred_removal_is_committed_without_further_activity() -> Non
     assert len(added) == 1 and len(removed) == 1 and removed[0] > added[0]
     assert all(type(op) is MessageRemoved for op in store.batches[removed[0]])
     assert not fake.errors
+
+
+async def test_a_connection_confirms_ownership_before_connect_and_before_resending() -> None:
+    """The flusher commits (an empty batch here) before a connection's CONNECT and before its
+    first packets after CONNACK: a shared store's fencing check then runs before the client
+    takes the client id's connection or resends an open flow (docs/stores.md, fencing)."""
+    store = RecordingStore()
+    seen: list[tuple[str, list[list[Operation]]]] = []
+
+    async def script(conn: FakeConnection, index: int) -> None:
+        await conn.expect(Connect)
+        seen.append(("CONNECT", [list(b) for b in store.batches]))
+        if index == 0:
+            await conn.send(ConnAck(False, 0))
+            await conn.expect(Publish)
+            return  # the connection ends with the message in flight
+        await conn.send(ConnAck(True, 0))
+        before_resend = len(store.batches)
+        resent = await conn.expect(Publish)
+        assert resent.dup
+        seen.append(("resend", [list(b) for b in store.batches[before_resend:]]))
+        await conn.send(PubAck(resent.packet_id or 0))
+        await asyncio.sleep(10)
+
+    async with (
+        ScriptedBroker(script) as fake,
+        PersistentClient(fake.host, fake.port, client_id="owner", store=store, backoff=FAST) as c,
+    ):
+        await c.wait_connected(10)
+        delivery = await c.publish("t", b"x", qos=1)
+        with anyio.fail_after(10):
+            await delivery
+    first_connect, second_connect, resend = seen
+    assert first_connect[1][-1:] == [[]]  # before the first CONNECT: the check
+    assert second_connect[1][-1] == []  # before the reconnect's CONNECT
+    assert resend[1] == [[]]  # after CONNACK, before the resent PUBLISH
+    assert not fake.errors

@@ -33,10 +33,14 @@ def store_spec(kind: str, tmp_path: Path) -> str:
         from tests.support.redis_server import shared_redis_url
 
         return f"redis:{shared_redis_url()}#crash-{tmp_path.name}"
+    if kind == "postgres":
+        from tests.support.postgres import shared_postgres_dsn, unique_schema
+
+        return f"postgres:{shared_postgres_dsn()}#{unique_schema(tmp_path)}"
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["file", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["file", "sqlite", "redis", "postgres"])
 def test_sigkill_cycles_lose_nothing_and_duplicate_no_qos2(
     kind: str, broker: MosquittoBroker, tmp_path: Path, protocol: ProtocolVersion
 ) -> None:

@@ -47,11 +47,11 @@ from mqtt_persist.session.state import (
     StoredMessage,
     SubscriptionSet,
 )
+from mqtt_persist.stores import _owners as redis_owners
 from mqtt_persist.stores import _quarantine as quarantine_module
 from mqtt_persist.stores import redis as redis_module
 from mqtt_persist.stores.redis import RedisStore
 from mqtt_persist.stores.redis import codec as redis_codec
-from mqtt_persist.stores.redis import owners as redis_owners
 from mqtt_persist.stores.redis import scripts as redis_scripts
 from mqtt_persist.stores.redis import server as redis_server_module
 from mqtt_persist.stores.redis import store as redis_store_module

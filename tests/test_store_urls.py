@@ -10,6 +10,7 @@ import pytest
 
 import mqtt_persist
 from mqtt_persist import FileStore, InvalidInput, MemoryStore, SQLiteStore, store_from_url
+from mqtt_persist.session.state import MessageAdded
 from mqtt_persist.stores import urls
 from mqtt_persist.stores.urls import SCHEMES, StoreURL, redact_url
 
@@ -21,10 +22,10 @@ def test_every_store_is_importable_from_the_package() -> None:
     assert FromPackage is RedisStore
     assert mqtt_persist.SQLiteStore is SQLiteStore
     assert {"RedisStore", "SQLiteStore", "store_from_url"} <= set(mqtt_persist.__all__)
-    # ... and importing the package still needs neither redis-py nor click.
+    # ... and importing the package still needs neither redis-py, psycopg nor click.
     probe = (
         "import sys, mqtt_persist, mqtt_persist.cli, mqtt_persist.cli.session_file; "
-        "print(sorted(m for m in ('redis', 'click') if m in sys.modules))"
+        "print(sorted(m for m in ('redis', 'click', 'psycopg') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -67,12 +68,45 @@ def test_redis() -> None:
     assert tls._url == "rediss://h/0?ssl_cert_reqs=none"  # type: ignore[attr-defined]
 
 
+def test_postgres() -> None:
+    pytest.importorskip("psycopg", reason="psycopg not installed")
+    from mqtt_persist import PostgresStore
+
+    store = store_from_url(
+        "postgresql://user:pw@10.0.0.1:5433/db?schema=gw&lease_ttl=5&max_connections=2"
+        "&sslmode=require&application_name=gateway%207"
+    )
+    assert isinstance(store, PostgresStore)
+    # Our options are taken out; libpq's own stay in the DSN it gets.
+    assert store._pool._dsn == (
+        "postgresql://user:pw@10.0.0.1:5433/db?sslmode=require&application_name=gateway%207"
+    )
+    assert (store.schema, store._lease_ttl, store._pool._size) == ("gw", 5.0, 2)
+    assert "pw" not in repr(store) and "pw" not in store.dsn
+    # postgres:// too, and a Unix socket: no host, libpq's host parameter instead.
+    socket = store_from_url("postgres:///db?host=/var/run/postgresql")
+    assert socket._pool._dsn == "postgresql:///db?host=/var/run/postgresql"  # type: ignore[attr-defined]
+    assert socket.schema == "mqtt_persist"  # type: ignore[attr-defined]
+
+
+async def test_a_postgres_url_reaches_the_store(tmp_path: Path) -> None:
+    from tests.support.postgres import shared_postgres_url, unique_schema
+    from tests.test_stores import msg
+
+    url = f"{shared_postgres_url()}?schema={unique_schema(tmp_path)}&lease_ttl=2"
+    async with store_from_url(url) as store:  # type: ignore[attr-defined]
+        await store.acquire("a")
+        await store.apply("a", [MessageAdded(msg(1))])
+        state = await store.load("a")
+        assert state is not None and list(state.messages) == [1]
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
         ("/var/lib/x", "needs a scheme"),
         ("C:\\sessions", "needs a scheme"),
-        ("postgres://h/db", "unknown store URL scheme 'postgres'"),
+        ("mysql://h/db", "unknown store URL scheme 'mysql'"),
         ("memory://somewhere", "no host or path"),
         ("file://otherhost/x", "not one on host 'otherhost'"),
         ("file://", "names no directory"),
@@ -93,11 +127,18 @@ def test_redis() -> None:
         ("redis://:secret@h/0?prefix=p&nope=1", "unknown option nope"),
         ("redis://:secret@h/0?lease_ttl=0", "'lease_ttl' must be a number > 0"),
         ("redis://:secret@h/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+        ("postgresql://:secret@h:99999/db", "Port out of range"),
+        ("postgresql://:secret@h/db?schema=a&nope=1", "unknown option nope for a postgresql:"),
+        ("postgres://:secret@h/db?max_connections=0", "must be a number >= 1"),
+        ("postgresql://:secret@h/db?max_connections=1.5", "must be a whole number"),
+        ("postgresql://:secret@h/db?lease_ttl=-2", "'lease_ttl' must be a number > 0"),
     ],
 )
 def test_bad_urls_are_refused_by_name(url: str, message: str) -> None:
     if url.startswith("redis") and "Port" not in message:
         pytest.importorskip("redis", reason="redis-py not installed")
+    if url.startswith("postgres") and "Port" not in message:
+        pytest.importorskip("psycopg", reason="psycopg not installed")
     with pytest.raises(InvalidInput) as caught:
         store_from_url(url)
     assert message in str(caught.value)

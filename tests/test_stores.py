@@ -97,6 +97,7 @@ STORE_KINDS = [
     StoreKind("file", lambda path, clock: FileStore(path / "sessions", clock=clock), True),
     StoreKind("sqlite", lambda path, clock: SQLiteStore(path / "s.db", clock=clock), True),
     StoreKind("redis", __import__("tests.support.redis_server").support.redis_server.make, True),
+    StoreKind("postgres", __import__("tests.support.postgres").support.postgres.make, True),
 ]
 
 

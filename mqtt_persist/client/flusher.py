@@ -22,6 +22,7 @@ from mqtt_persist.errors import MqttPersistError, StoreError
 from mqtt_persist.log import ClientLogger
 from mqtt_persist.session.machine import Session
 from mqtt_persist.session.state import MessageRemoved, Operation
+from mqtt_persist.session.transitions import ConnectionState
 from mqtt_persist.stores.base import SessionStore
 
 #: How long acknowledged-message removals may wait for another commit to share its fsync.
@@ -75,6 +76,9 @@ class Flusher:
         self._deferred_since: float | None = None
         # Set while deferred removals wait for the deferral timer (deferral_timer()).
         self._timer_armed = Signal()
+        # (generation, still connecting) of the last phase of a connection whose first packets
+        # followed a commit: see _confirm_owner.
+        self._owner_confirmed: tuple[int, bool] | None = None
 
     # --- what the client's public calls use --------------------------------------------------
 
@@ -190,11 +194,15 @@ class Flusher:
             if self._deferred_ops:
                 ops = self._deferred_ops + ops
                 self._deferred_ops = []
+            committed = False
             if ops and not force and ticket is None and self._can_defer(ops, now):
                 self._deferred_ops = ops
             elif ops:
                 self._deferred_since = None
                 await self._commit(ops, ticket)
+                committed = True
+            if outbox.packets and self._owner_unconfirmed(outbox.generation, committed):
+                await self._commit([], ticket)
             if ticket is not None:
                 ticket.resolve()
             if outbox.packets:
@@ -241,6 +249,24 @@ class Flusher:
             if ticket is not None:
                 self._abandoned.append(ticket)
             raise
+
+    def _owner_unconfirmed(self, generation: int, committed: bool) -> bool:
+        """Whether a pass must commit (an empty batch if need be) before its packets: before a
+        connection's CONNECT and before its first packets after CONNACK.
+
+        A shared store (Redis, PostgreSQL) checks the session's fencing token with every
+        write, and these packets come with none: a CONNECT takes the client id's connection
+        from whoever has it (the broker drops the other), and the first packets after CONNACK
+        resend the open flows under their stored packet IDs. A former owner that wakes up after
+        another process took the session over must do neither; this commit raises
+        SessionFenced for it first, which stops the client before anything is sent. Two empty
+        commits per connection cost nothing that matters, and other stores need not know.
+        """
+        phase = (generation, self._session.connection_state is ConnectionState.CONNECTING)
+        if phase == self._owner_confirmed:
+            return False
+        self._owner_confirmed = phase
+        return not committed
 
     def _can_defer(self, ops: list[Operation], now: float) -> bool:
         """Whether a batch may wait for the next commit instead of costing an fsync of its own.

@@ -26,15 +26,20 @@ __all__ = [
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
-    # For type checkers only; at run time __getattr__ below imports it on first use.
+    # For type checkers only; at run time __getattr__ below imports them on first use.
+    from mqtt_persist.stores.postgres import PostgresStore as PostgresStore
     from mqtt_persist.stores.redis import RedisStore as RedisStore
 
 
 def __getattr__(name: str) -> object:
-    # RedisStore needs redis-py, an optional extra: it is imported on first use, so that
-    # ``import mqtt_persist`` never requires redis-py.
+    # RedisStore needs redis-py and PostgresStore psycopg, optional extras: each is imported on
+    # first use, so that ``import mqtt_persist`` requires neither.
     if name == "RedisStore":
         from mqtt_persist.stores.redis import RedisStore
 
         return RedisStore
+    if name == "PostgresStore":
+        from mqtt_persist.stores.postgres import PostgresStore
+
+        return PostgresStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

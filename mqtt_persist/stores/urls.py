@@ -16,7 +16,11 @@ The URL forms (docs/cli.md has the full table):
   options ``synchronous`` (FULL, NORMAL, EXTRA) and ``busy_timeout`` (seconds);
 - ``redis://[user:password@]host:port/db``, ``rediss://...`` (TLS): a
   :class:`~mqtt_persist.stores.redis.RedisStore`; options ``prefix`` and ``lease_ttl``, and
-  redis-py's connection options listed in :data:`REDIS_CONNECTION_OPTIONS`.
+  redis-py's connection options listed in :data:`REDIS_CONNECTION_OPTIONS`;
+- ``postgresql://[user:password@]host:5432/db`` (``postgres://`` too): a
+  :class:`~mqtt_persist.stores.postgres.PostgresStore`; options ``schema``, ``lease_ttl`` and
+  ``max_connections``, and libpq's connection parameters listed in
+  :data:`POSTGRES_CONNECTION_OPTIONS`.
 
 Paths follow file URLs (RFC 8089): three slashes start an absolute path, no slash a relative
 one (from the current directory), a leading ``~`` is the home directory, ``%xx`` escapes are
@@ -32,7 +36,7 @@ import math
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, TypeVar, cast
-from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from mqtt_persist.errors import InvalidInput
 
@@ -40,10 +44,12 @@ if TYPE_CHECKING:
     from mqtt_persist.stores.base import SessionStore
     from mqtt_persist.stores.file import FileStore
     from mqtt_persist.stores.memory import MemoryStore
+    from mqtt_persist.stores.postgres import PostgresStore
     from mqtt_persist.stores.redis import RedisStore
     from mqtt_persist.stores.sqlite import SQLiteStore
 
 __all__ = [
+    "POSTGRES_CONNECTION_OPTIONS",
     "REDIS_CONNECTION_OPTIONS",
     "SCHEMES",
     "StoreURL",
@@ -59,6 +65,8 @@ SCHEMES: dict[str, str] = {
     "sqlite": "mqtt_persist.stores.urls:sqlite_store",
     "redis": "mqtt_persist.stores.urls:redis_store",
     "rediss": "mqtt_persist.stores.urls:redis_store",
+    "postgresql": "mqtt_persist.stores.urls:postgres_store",
+    "postgres": "mqtt_persist.stores.urls:postgres_store",
 }
 
 #: redis-py's own connection options that a ``redis://`` URL may carry, handed to redis-py as
@@ -76,6 +84,37 @@ REDIS_CONNECTION_OPTIONS = frozenset(
         "ssl_certfile",
         "ssl_keyfile",
         "ssl_check_hostname",
+    }
+)
+
+#: libpq's own connection parameters that a ``postgresql://`` URL may carry, handed to libpq as
+#: they are (it parses them); any other unknown option is refused rather than ignored.
+POSTGRES_CONNECTION_OPTIONS = frozenset(
+    {
+        "application_name",
+        "channel_binding",
+        "connect_timeout",
+        "dbname",
+        "gssencmode",
+        "host",
+        "hostaddr",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "options",
+        "passfile",
+        "password",
+        "port",
+        "service",
+        "sslcert",
+        "sslcrl",
+        "sslkey",
+        "sslmode",
+        "sslrootcert",
+        "target_session_attrs",
+        "tcp_user_timeout",
+        "user",
     }
 )
 
@@ -361,3 +400,36 @@ def _check_redis_options(driver_url: str, safe: str) -> None:
         parse_url(driver_url)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
     except ValueError as exc:
         raise InvalidInput(f"{exc} ({safe})") from None
+
+
+def postgres_store(url: StoreURL) -> PostgresStore:
+    """``postgresql://[user:password@]host:port/db`` (or ``postgres://``); ``schema``,
+    ``lease_ttl``, ``max_connections``, and libpq's own parameters."""
+    from mqtt_persist.stores.postgres import PostgresStore
+
+    schema = url.option_str("schema", "mqtt_persist")
+    lease_ttl = url.option_float("lease_ttl", 15.0)
+    max_connections = url.option_float("max_connections", 4, minimum=1)
+    if max_connections != int(max_connections):
+        raise InvalidInput(f"option 'max_connections' must be a whole number ({url.safe})")
+    connection = url.passthrough(POSTGRES_CONNECTION_OPTIONS)
+    url.done()
+    query = "&".join(f"{name}={quote(value)}" for name, value in connection.items())
+    # Built by hand: urlunsplit drops the "//" of a URL without a host (a Unix socket).
+    parts = url.parts
+    dsn = f"postgresql://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
+    _check_postgres_dsn(dsn, url.safe)
+    return PostgresStore(
+        dsn, schema=schema, lease_ttl=lease_ttl, max_connections=int(max_connections)
+    )
+
+
+def _check_postgres_dsn(dsn: str, safe: str) -> None:
+    """Let libpq parse the DSN now, so a bad parameter fails here, not at open."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        raise InvalidInput(f"{str(exc).strip()} ({safe})") from None

@@ -3,7 +3,8 @@
 Usage: python -m tests.support.publisher_child HOST PORT STORE CLIENT_ID START COUNT [--drain]
        [--protocol 4|5]
 
-STORE names a durable store: ``file:DIR``, ``sqlite:PATH`` or ``redis:URL#PREFIX``.
+STORE names a durable store: ``file:DIR``, ``sqlite:PATH``, ``redis:URL#PREFIX`` or
+``postgres:DSN#SCHEMA`` (``tests.support.stores.store_from_spec``).
 Message i (START <= i < COUNT) goes to ``kill/q1`` at QoS 1 when i is even and to ``kill/q2`` at
 QoS 2 when odd, with payload ``str(i)``. After ``publish()`` returned, the child prints
 ``OK i`` and flushes, so the parent knows exactly which messages the library accepted before it

@@ -1,7 +1,8 @@
 """Stores for the fault tests and the fault matrix, by kind, in-process or as a child's spec.
 
 ``kind`` is one of :data:`KINDS`. A child process gets a *spec* string (``file:DIR``,
-``sqlite:PATH``, ``redis:URL#PREFIX``) that :func:`store_from_spec` turns back into a store.
+``sqlite:PATH``, ``redis:URL#PREFIX``, ``postgres:DSN#SCHEMA``) that :func:`store_from_spec`
+turns back into a store.
 Stores are imported from ``mqtt_persist`` / ``mqtt_persist.stores`` only, never from a module
 inside the package, so the tests survive a reshuffle of the stores' internals.
 """
@@ -48,6 +49,11 @@ def store_from_spec(spec: str, **redis_kwargs: float) -> SessionStore:
 
         url, _, prefix = where.partition("#")
         return RedisStore(url, prefix=prefix or "mqtt_persist", **redis_kwargs)  # type: ignore[arg-type]
+    if kind == "postgres":
+        from mqtt_persist.stores import PostgresStore
+
+        dsn, _, schema = where.rpartition("#")
+        return PostgresStore(dsn, schema=schema or "mqtt_persist")
     raise ValueError(f"unknown store spec {spec!r}")
 
 

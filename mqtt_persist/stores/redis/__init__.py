@@ -4,7 +4,7 @@ Needs redis-py, an optional extra (``pip install mqtt-persist[redis]``): importi
 without it raises :class:`RedisUnavailable`, and ``mqtt_persist.stores`` imports it only when
 ``RedisStore`` is first asked for. ``store`` is the store; ``keys`` the key layout; ``codec``
 what each operation becomes and how a reply becomes a state; ``scripts`` and ``scripts/*.lua``
-the Lua scripts; ``lease`` and ``owners`` the leases.
+the Lua scripts; ``lease`` the leases and their fencing tokens (``stores._owners``: who holds one).
 """
 
 from mqtt_persist.errors import StoreError

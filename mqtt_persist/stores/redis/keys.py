@@ -9,6 +9,9 @@ int64 and range reads are exact; Redis scores are doubles, exact only to 2**53):
                                   that tells "expired by Redis" from "never existed")
     P:expiry              zset    client id -> expires_at (the store clock's seconds)
     P:lease:ID            string  the owner's JSON (host, pid, ...), PX lease_ttl
+    P:fence:ID            string  the fencing token of the session's current (or last) owner;
+                                  no TTL: it outlives a lapsed lease (see ``lease``)
+    P:fencing             string  the counter every new owner's token is taken from (INCR)
     P:s:ID:meta           hash    v (format), created_at, last_access, ttl (0 = never), last_seq,
                                   protocol (4 or 5; missing while not set)
     P:s:ID:msg            hash    SEQ -> the message as added, without packet id and released
@@ -111,7 +114,13 @@ class KeyLayout:
             lease=self.key(b"lease", ident),
             sessions=self.key(b"sessions"),
             expiry=self.key(b"expiry"),
+            fence=self.key(b"fence", ident),
         )
+
+    @property
+    def fencing(self) -> bytes:
+        """The counter of fencing tokens under this prefix."""
+        return self.key(b"fencing")
 
     def quarantine(self, stamp: bytes, client_id: str) -> tuple[bytes, list[bytes]]:
         """Where a damaged session's keys go: the base name, and the key of each of NAMES."""
@@ -135,6 +144,7 @@ class Keys:
     lease: bytes
     sessions: bytes
     expiry: bytes
+    fence: bytes
 
     @property
     def session(self) -> tuple[bytes, ...]:
@@ -154,7 +164,7 @@ class Keys:
     @property
     def script(self) -> tuple[bytes, ...]:
         """KEYS of every session script."""
-        return (*self.session, self.lease, self.sessions, self.expiry)
+        return (*self.session, self.lease, self.sessions, self.expiry, self.fence)
 
 
 class Damage(Exception):

@@ -1,27 +1,29 @@
-"""RedisStore's leases: ``SET NX PX`` keys, renewed in the background, taken over from the dead.
+"""RedisStore's leases: ``P:lease:ID`` keys renewed in the background, fenced by tokens.
 
-:meth:`LeaseKeeper.acquire` is ``SET P:lease:ID <owner> NX PX lease_ttl``; a background task
-renews every held lease each ``lease_ttl / 3`` with a compare-and-PEXPIRE, and
-:meth:`LeaseKeeper.release` deletes it only if it is still ours (compare-and-delete). When the
-lease is held by a process on THIS host that no longer runs (``owners.owner_is_dead``),
-``acquire`` takes it over at once with an atomic compare-and-set; a holder elsewhere (or one we
-cannot check) blocks until its lease expires, at most ``lease_ttl`` after it stopped renewing.
+A lease is the key ``P:lease:ID`` (the owner's JSON, ``PX lease_ttl``) plus the session's
+fencing token ``P:fence:ID``: :meth:`LeaseKeeper.acquire` runs ``lease_acquire.lua``, which
+takes the lease when it is free (absent: released, or lapsed: Redis expired the key), when its
+holder is a process of THIS host that no longer runs (``_owners.owner_is_dead``; taken over at
+once), or when asked to (``takeover=True``), and gives every new owner a new token from the
+prefix's counter ``P:fencing`` (INCR: tokens only grow), written to ``P:fence:ID``. A holder
+elsewhere (or one we cannot check) blocks until its lease lapses, at most ``lease_ttl`` after
+it stopped renewing, by Redis' own clock (PX).
 
-The session scripts check the lease themselves before they write (``lease_refusal`` in
-``prelude.lua``): the token this keeper holds travels with every call, and a store whose lease
-was lost (renewal did not run for ``lease_ttl``, e.g. a stalled event loop) is refused until it
-acquires again.
+The token travels with every call that writes: ``lease_refusal`` in ``prelude.lua`` compares it
+with ``P:fence:ID`` inside the writing script, so a former owner's write is refused
+(:class:`~mqtt_persist.errors.SessionFenced`) from the moment a new owner took over, and so is a
+write after our lease lapsed (the key expired before a renewal, every ``lease_ttl / 3``,
+``lease_renew.lua``, extended it): a lapsed lease is never renewed, the store must acquire
+again, so a paused owner never races a rival that saw the lapse.
+:meth:`LeaseKeeper.release` deletes the lease if it is ours and the fence if it holds our token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
-import time
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +31,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from mqtt_persist.errors import SessionLocked, StoreError
+from mqtt_persist.errors import SessionFenced, SessionLocked, StoreError
+from mqtt_persist.stores._owners import describe_owner, owner_is_dead, owner_value
 from mqtt_persist.stores.redis.keys import KeyLayout, text
-from mqtt_persist.stores.redis.owners import describe_owner, identity, owner_is_dead
 from mqtt_persist.stores.redis.scripts import Scripts
 
-__all__ = ["LeaseKeeper", "TokenLease"]
+__all__ = ["LeaseKeeper", "TokenLease", "fenced_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +46,11 @@ Errors = Callable[[], contextlib.AbstractContextManager[None]]
 
 @dataclass(slots=True)
 class TokenLease:
-    """A lease this store holds: its owner value (the token scripts compare)."""
+    """A lease this store holds: its fencing token (decimal) and the owner value it wrote."""
 
     token: bytes
-    #: The lease expired or was taken over while we held it; writes are refused until release.
+    owner: bytes
+    #: A newer owner took it over (seen by a renewal or a refused write).
     lost: bool = False
 
 
@@ -70,58 +73,59 @@ class LeaseKeeper:
         self.scripts: Scripts | None = None
 
     def token(self, client_id: str) -> bytes:
-        """Our token for ``client_id`` (b'' when we hold no lease: scripts then check none)."""
+        """Our fencing token for ``client_id`` (b'' when we hold no lease: scripts then only
+        check that nobody else holds one)."""
         lease = self._held.get(client_id)
         return b"" if lease is None else lease.token
 
     def holds(self, client_id: str) -> bool:
-        """True while we hold the lease and have not seen it lost."""
+        """True while we hold the lease and have not seen it taken over."""
         lease = self._held.get(client_id)
         return lease is not None and not lease.lost
 
     def mark_lost(self, client_id: str) -> None:
-        """A script found our lease gone or taken: writes are refused until acquired again."""
+        """A script found our token outdated: acquire may take the lease again."""
         if (lease := self._held.get(client_id)) is not None:
             lease.lost = True
 
-    def _owner_value(self) -> bytes:
-        owner = identity()
-        owner["store"] = self._store_id
-        owner["since"] = round(time.time(), 3)
-        return json.dumps(owner, sort_keys=True).encode()
+    def _keys(self, client_id: str) -> list[bytes]:
+        keys = self._layout.session(client_id)
+        return [keys.lease, keys.fence]
 
-    async def acquire(self, client_id: str, client: Redis, scripts: Scripts) -> None:
+    async def acquire(
+        self, client_id: str, client: Redis, scripts: Scripts, *, takeover: bool
+    ) -> None:
         """Take the lease; SessionLocked, naming the holder, when another owner holds it."""
         held = self._held.get(client_id)
         if held is not None and not held.lost:
             raise SessionLocked(f"session {client_id!r} is already acquired by this store")
-        key = self._layout.session(client_id).lease
-        token = self._owner_value()
+        keys = [*self._keys(client_id), self._layout.fencing]
+        owner = owner_value(self._store_id)
+        dead = b""
         for _ in range(5):
-            with self._errors():
-                if await client.set(key, token, nx=True, px=self._lease_ms):
-                    break
-                holder = typing.cast(bytes | None, await client.get(key))
-            if holder is None:
-                continue  # it expired just now: try again
-            if held is not None and holder == held.token:
-                token = holder  # our lost lease is back in our name (renewal caught up)
+            reply = await self._run(
+                scripts.lease_acquire,
+                keys,
+                [owner, self._lease_ms, b"1" if takeover else b"0", dead],
+            )
+            if reply[0] == b"ok":
                 break
+            holder = reply[1]
             if not owner_is_dead(holder):
                 raise SessionLocked(
                     f"session {client_id!r} is held by {describe_owner(holder)} "
-                    f"(lease key {text(key)})"
+                    f"(lease key {text(keys[0])})"
                 )
-            if await self._run(scripts.lease_takeover, [key], [holder, token, self._lease_ms]):
-                logger.warning(
-                    "took over the lease of session %r from %s, which no longer runs",
-                    client_id,
-                    describe_owner(holder),
-                )
-                break
+            dead = holder
         else:
             raise SessionLocked(f"session {client_id!r}: its lease keeps changing hands")
-        self._held[client_id] = TokenLease(token)
+        if dead:
+            logger.warning(
+                "took over the lease of session %r from %s, which no longer runs",
+                client_id,
+                describe_owner(dead),
+            )
+        self._held[client_id] = TokenLease(reply[1], owner)
         if self._renewal is None or self._renewal.done():
             self._renewal = asyncio.get_running_loop().create_task(
                 self._renew_forever(), name=f"RedisStore lease renewal ({self._name})"
@@ -137,8 +141,9 @@ class LeaseKeeper:
         if not self._held:
             await self.stop_renewal()
         if lease is not None and self.scripts is not None:
-            key = self._layout.session(client_id).lease
-            await self._run(self.scripts.lease_release, [key], [lease.token])
+            await self._run(
+                self.scripts.lease_release, self._keys(client_id), [lease.token, lease.owner]
+            )
 
     async def release_all(self) -> None:
         """Stop renewing and release every lease; one that cannot be released is logged and
@@ -148,9 +153,10 @@ class LeaseKeeper:
         if self.scripts is None:
             return
         for client_id, lease in held.items():
-            key = self._layout.session(client_id).lease
             try:
-                await self._run(self.scripts.lease_release, [key], [lease.token])
+                await self._run(
+                    self.scripts.lease_release, self._keys(client_id), [lease.token, lease.owner]
+                )
             except StoreError as exc:
                 logger.warning("could not release the lease of session %r: %s", client_id, exc)
 
@@ -159,31 +165,68 @@ class LeaseKeeper:
         task, self._renewal = self._renewal, None
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a driver may swallow the cancellation of a call in flight (seen with
+            # redis-py); the loop then ends by itself at its next turn (it is no longer the
+            # renewal task), and a close must not wait for that.
+            await asyncio.wait({task}, timeout=1.0)
+
+    async def renew(self) -> None:
+        """Extend every held lease (set it again if it lapsed); mark those taken over."""
+        if self.scripts is None:
+            return
+        for client_id, lease in list(self._held.items()):
+            if lease.lost:
+                continue
+            try:
+                renewed = await self._run(
+                    self.scripts.lease_renew,
+                    self._keys(client_id),
+                    [lease.token, lease.owner, self._lease_ms],
+                )
+            except StoreError as exc:
+                # Try again next round: the lease survives until lease_ttl runs out, and even
+                # then stays ours unless somebody takes it over.
+                logger.warning("could not renew the lease of session %r: %s", client_id, exc)
+                continue
+            if not renewed and self._held.get(client_id) is lease:
+                lease.lost = True
+                logger.error(
+                    "session %r was taken over by another owner; writes to it are refused "
+                    "(fenced) until it is acquired again",
+                    client_id,
+                )
 
     async def _renew_forever(self) -> None:
         interval = self._lease_ttl / 3
-        while True:
+        me = asyncio.current_task()
+        while self._renewal is me:
             await asyncio.sleep(interval)
-            if self.scripts is None:
-                continue
-            for client_id, lease in list(self._held.items()):
-                if lease.lost:
-                    continue
-                key = self._layout.session(client_id).lease
-                try:
-                    renewed = await self._run(
-                        self.scripts.lease_renew, [key], [lease.token, self._lease_ms]
-                    )
-                except StoreError as exc:
-                    # Try again next round: the lease survives until lease_ttl runs out.
-                    logger.warning("could not renew the lease of session %r: %s", client_id, exc)
-                    continue
-                if not renewed and self._held.get(client_id) is lease:
-                    lease.lost = True
-                    logger.error(
-                        "lost the lease of session %r (it expired before renewal); writes to "
-                        "it are refused until it is acquired again",
-                        client_id,
-                    )
+            if self._renewal is me:
+                await self.renew()
+
+
+def fenced_error(
+    client_id: str, ours: bytes, holder: bytes, current: bytes, lease_ttl: float
+) -> SessionFenced:
+    """The error of a write ``lease_refusal`` refused as fenced.
+
+    ``holder`` is the live lease's owner (b'' none), ``current`` the session's token (b''
+    none): ours when our lease merely lapsed, another when a newer owner took over.
+    """
+    token = ours.decode() or "none"
+    if current and current == ours:
+        return SessionFenced(
+            f"this store's lease on session {client_id!r} expired (not renewed within "
+            f"{lease_ttl:g} s; fencing token {token}); nothing was written; acquire it again"
+        )
+    if holder:
+        return SessionFenced(
+            f"session {client_id!r} is held by {describe_owner(holder)}, which took it over "
+            f"(fencing token {text(current) or '?'}; ours, {token}, is no longer current); "
+            "nothing was written"
+        )
+    return SessionFenced(
+        f"this store's lease on session {client_id!r} expired or was released, and a newer "
+        f"owner took over since (our fencing token {token} is no longer current); nothing was "
+        "written; release and acquire it again"
+    )

@@ -47,7 +47,7 @@ SESSION_SCRIPTS = (
     "migrate_1",
 )
 #: Scripts with keys of their own.
-STANDALONE_SCRIPTS = ("lease_takeover", "lease_renew", "lease_release", "format")
+STANDALONE_SCRIPTS = ("lease_acquire", "lease_renew", "lease_release", "format")
 
 
 @cache
@@ -74,7 +74,7 @@ class Scripts:
     cleanup_one: AsyncScript
     quarantine: AsyncScript
     migrate_1: AsyncScript
-    lease_takeover: AsyncScript
+    lease_acquire: AsyncScript
     lease_renew: AsyncScript
     lease_release: AsyncScript
     format: AsyncScript

@@ -31,12 +31,14 @@ Expiry and last access
     removes expired sessions (and markers of ones Redis already reclaimed) that no lease holds.
     ``list_sessions`` only lists sessions whose data still exists.
 
-Leases
-    ``SET NX PX`` keys renewed in the background (``lease``); a holder on the same host whose
-    process is dead is taken over at once. Every call that changes a session (``apply``,
-    ``save``, ``update_ttl``, ``delete``, and ``load``, which moves last access and may remove
-    an expired session) checks the lease inside its script and refuses (SessionLocked) when
-    another owner holds it, or when this store's lease lapsed. ``exists``, ``list_sessions``
+Leases and fencing
+    Lease keys with a TTL renewed in the background, and a fencing token per session that
+    grows with every new owner (``lease``); a holder on the same host whose process is dead is
+    taken over at once, any other once its lease lapsed (or with ``takeover=True``). Every call
+    that changes a session (``apply``, ``save``, ``update_ttl``, ``delete``, and ``load``,
+    which moves last access and may remove an expired session) checks inside its script that
+    its token is the current one (SessionFenced otherwise: a newer owner took over) or, holding
+    no lease, that nobody else holds one (SessionLocked). ``exists``, ``list_sessions``
     and ``read_queued`` read without a lease (``read_queued`` still quarantines damage it
     finds, unless another owner holds the session).
 
@@ -83,6 +85,7 @@ from mqtt_persist.errors import (
 from mqtt_persist.session.state import Operation, SessionState, StoredMessage
 from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
 from mqtt_persist.stores._expiry import is_expired, ttl_from
+from mqtt_persist.stores._owners import describe_owner
 from mqtt_persist.stores._quarantine import quarantine_stamp
 from mqtt_persist.stores.base import SessionInfo, StoreContext
 from mqtt_persist.stores.redis.codec import (
@@ -104,8 +107,7 @@ from mqtt_persist.stores.redis.keys import (
     seq_key,
     text,
 )
-from mqtt_persist.stores.redis.lease import LeaseKeeper
-from mqtt_persist.stores.redis.owners import describe_owner
+from mqtt_persist.stores.redis.lease import LeaseKeeper, fenced_error
 from mqtt_persist.stores.redis.scripts import Scripts
 from mqtt_persist.stores.redis.server import (
     FORMAT_VERSION,
@@ -136,6 +138,8 @@ class RedisStore(StoreContext):
     one database (no prefix may be a prefix of another followed by ``:``). ``clock`` returns
     Unix time in seconds and drives last access and expiry. ``lease_ttl`` (seconds) is how long
     a lease outlives an owner that stopped renewing it; leases are renewed every third of it.
+    ``takeover=True`` makes :meth:`acquire` take a session over even from a live owner (which
+    is fenced: its next write fails).
     """
 
     #: A committed batch survives the client process (and Redis restarts, given AOF).
@@ -148,6 +152,7 @@ class RedisStore(StoreContext):
         prefix: str = "mqtt_persist",
         clock: Callable[[], float] = time.time,
         lease_ttl: float = 15.0,
+        takeover: bool = False,
         client: Redis | None = None,
     ) -> None:
         """Configure the store; nothing connects before :meth:`open` (or the first call)."""
@@ -163,6 +168,9 @@ class RedisStore(StoreContext):
         self._layout = KeyLayout(prefix)
         self._clock = clock
         self._lease_ttl = float(lease_ttl)
+        self._takeover = takeover
+        #: Writes refused because a newer owner took the session over (SessionFenced).
+        self.fenced_writes = 0
         self._given_client = client
         self._client: Redis | None = None
         self._scripts: Scripts | None = None
@@ -265,16 +273,15 @@ class RedisStore(StoreContext):
     async def _checked(self, client_id: str, keys: Keys, reply: list[Any]) -> list[Any]:
         status = reply[0]
         if status == b"locked":
-            self._leases.mark_lost(client_id)  # someone took it over: acquire may try again
             raise SessionLocked(
                 f"session {client_id!r} is held by {describe_owner(reply[1])} "
                 f"(lease key {text(keys.lease)})"
             )
-        if status == b"lost":
-            self._leases.mark_lost(client_id)
-            raise SessionLocked(
-                f"this store's lease on session {client_id!r} expired (not renewed within "
-                f"{self._lease_ttl:g} s); release and acquire it again"
+        if status == b"fenced":
+            self._leases.mark_lost(client_id)  # acquire may take it again
+            self.fenced_writes += 1
+            raise fenced_error(
+                client_id, self._token(client_id), reply[1], reply[2], self._lease_ttl
             )
         if status == b"corrupt":
             raise await self._quarantine(client_id, keys, reply[1], text(reply[2]))
@@ -362,16 +369,27 @@ class RedisStore(StoreContext):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
 
-    async def acquire(self, client_id: str) -> None:
+    async def acquire(self, client_id: str, *, takeover: bool | None = None) -> None:
         """Take the lease of ``client_id``'s session; renewed in the background until released.
 
         Raises :class:`~mqtt_persist.errors.SessionLocked`, naming the holder, when another
-        owner holds it (unless that owner is a dead process on this host: then the lease is
-        taken over), or when this store already holds it.
+        owner holds it (unless that owner is a dead process on this host, or ``takeover``
+        (default: the store's setting) is true: then the lease is taken over and its owner
+        fenced), or when this store already holds it.
         """
         async with self._lock_for(client_id):
             client, scripts = await self._ready()
-            await self._leases.acquire(client_id, client, scripts)
+            await self._leases.acquire(
+                client_id,
+                client,
+                scripts,
+                takeover=self._takeover if takeover is None else takeover,
+            )
+
+    def fencing_token(self, client_id: str) -> int | None:
+        """The fencing token of the lease this store holds on ``client_id`` (None: none)."""
+        token = self._leases.token(client_id)
+        return int(token) if token else None
 
     async def release(self, client_id: str) -> None:
         """Give the lease back if this store still holds it (compare-and-delete). Idempotent."""

@@ -1,10 +1,11 @@
 -- Shared by every session script (prepended to it when the scripts are loaded).
--- Shared by every session script. KEYS: the 9 session keys, lease, sessions index, expiry index.
+-- Shared by every session script. KEYS: the 9 session keys, lease, sessions index, expiry index,
+-- fence (the current owner's fencing token).
 -- Numbers that must stay exact (sequence numbers, times) travel as strings: Lua numbers are
 -- doubles, and Lua's string comparison follows the server's locale, so neither is used on them.
 local META, MSG, QUEUE, INFLIGHT = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local RELEASED, INBOUND, SUBS, UNSUB, ASIDE = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local LEASE, SESSIONS, EXPIRY = KEYS[10], KEYS[11], KEYS[12]
+local LEASE, SESSIONS, EXPIRY, FENCE = KEYS[10], KEYS[11], KEYS[12], KEYS[13]
 local TYPES = {'hash', 'hash', 'zset', 'hash', 'set', 'set', 'hash', 'set', 'hash'}
 local ALL = '123456789' -- the digits of every session key, for damage()
 
@@ -31,13 +32,18 @@ local function seq_less(a, b)
   return false
 end
 
--- nil when this caller may change the session, else the refusing reply. token: ours, or ''.
+-- nil when this caller may change the session, else the refusing reply. token: our fencing
+-- token, or '' when we hold no lease. A lease holder may write while its lease is live and its
+-- token is the session's current one; anyone else only while no lease is live.
 local function lease_refusal(token)
-  local holder = redis.call('GET', LEASE)
-  if holder then
-    if holder ~= token then return {'locked', holder} end
-  elseif token ~= '' then
-    return {'lost'}
+  if token == '' then
+    local holder = redis.call('GET', LEASE)
+    if holder then return {'locked', holder} end
+    return nil
+  end
+  local current = redis.call('GET', FENCE)
+  if current ~= token or redis.call('EXISTS', LEASE) == 0 then
+    return {'fenced', redis.call('GET', LEASE) or '', current or ''}
   end
   return nil
 end

@@ -1,6 +1,6 @@
-"""Who holds a RedisStore lease, and whether that holder provably no longer runs.
+"""Who holds a lease of a shared store (Redis, PostgreSQL), and whether it provably no longer runs.
 
-A lease's value is JSON naming the owner: host, boot id, PID namespace, pid and process start
+A lease's owner is JSON naming it: host, boot id, PID namespace, pid and process start
 time (plus the store and since when). A holder on THIS host (same host name, boot id and PID
 namespace) whose process is gone (no such pid, a zombie, or the pid now belongs to a process
 started later) is dead, and its lease may be taken over at once; anything we cannot check
@@ -13,10 +13,18 @@ import contextlib
 import json
 import os
 import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["describe_owner", "identity", "owner_is_dead", "parse_owner", "process_facts"]
+__all__ = [
+    "describe_owner",
+    "identity",
+    "owner_is_dead",
+    "owner_value",
+    "parse_owner",
+    "process_facts",
+]
 
 
 def _read_text(path: str) -> str | None:
@@ -53,6 +61,14 @@ def identity() -> dict[str, Any]:
     if facts is not None:
         identity["start"] = facts[1]
     return identity
+
+
+def owner_value(store_id: str) -> bytes:
+    """The JSON a store writes as a lease's owner: who (:func:`identity`), which store, since."""
+    owner = identity()
+    owner["store"] = store_id
+    owner["since"] = round(time.time(), 3)
+    return json.dumps(owner, sort_keys=True).encode()
 
 
 def parse_owner(raw: bytes) -> dict[str, Any] | None:

@@ -1,0 +1,263 @@
+"""PostgresStore's leases: rows with a fencing token and an expiry in the server's time.
+
+``leases(client_id, token, owner, expires_at)``: :meth:`PgLeases.acquire` inserts the row, or
+takes it over when its lease lapsed (``expires_at`` passed, by the SERVER's clock), when its
+owner is a process of this host that no longer runs (``_owners.owner_is_dead``), or when asked
+to (``takeover=True``); every new owner gets a new token from the ``fencing_tokens`` sequence,
+so tokens only grow. A background task renews every held lease each ``lease_ttl / 3`` (one
+UPDATE for all of them, matching on the token); :meth:`PgLeases.release` deletes the row if the
+token is still ours.
+
+The token travels with every write: ``check_owner`` (see ``schema``) compares it with the row's
+in the write's own transaction, so a former owner's write fails (``SessionFenced``) from the
+moment a new owner took over, whatever the clocks say; so does a write after our lease lapsed
+(``expires_at`` passed before a renewal extended it): a lapsed lease is never renewed, the store
+must acquire again, so a paused owner never races a rival that saw the lapse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from mqtt_persist.errors import SessionFenced, SessionLocked, StoreError
+from mqtt_persist.stores._owners import describe_owner, owner_is_dead, owner_value
+from mqtt_persist.stores.postgres.operations import statement
+from mqtt_persist.stores.postgres.rows import id_bytes
+
+__all__ = ["PgLease", "PgLeases", "fenced_error", "locked_error"]
+
+logger = logging.getLogger(__name__)
+
+#: The store's way to borrow a connection (errors already reported as StoreError).
+Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection[Any]]]
+
+
+@dataclass(slots=True)
+class PgLease:
+    """A lease this store holds: its fencing token."""
+
+    token: int
+    #: A newer owner took it over (seen by a renewal or a refused write).
+    fenced: bool = False
+
+
+class PgLeases:
+    """The leases one PostgresStore holds, and the task that renews them."""
+
+    def __init__(
+        self, schema: str, lease_ttl: float, store_id: str, connect: Connect, name: str
+    ) -> None:
+        """Leases in ``schema``'s ``leases`` table, ``lease_ttl`` seconds each."""
+        self._schema = schema
+        self._lease_ttl = lease_ttl
+        self._store_id = store_id
+        self._connect = connect
+        self._name = name
+        self._held: dict[str, PgLease] = {}
+        self._renewal: asyncio.Task[None] | None = None
+
+    def token(self, client_id: str) -> int | None:
+        """Our fencing token for ``client_id`` (None when we hold no lease)."""
+        lease = self._held.get(client_id)
+        return None if lease is None else lease.token
+
+    def holds(self, client_id: str) -> bool:
+        """True while we hold the lease and have not seen it taken over."""
+        lease = self._held.get(client_id)
+        return lease is not None and not lease.fenced
+
+    def mark_fenced(self, client_id: str) -> None:
+        """A write found our token outdated: acquire may take the lease again."""
+        if (lease := self._held.get(client_id)) is not None:
+            lease.fenced = True
+
+    async def acquire(self, client_id: str, *, takeover: bool) -> int:
+        """Take the lease and return its token; SessionLocked naming the holder if refused."""
+        held = self._held.get(client_id)
+        if held is not None and not held.fenced:
+            raise SessionLocked(f"session {client_id!r} is already acquired by this store")
+        cid = id_bytes(client_id)
+        owner = owner_value(self._store_id).decode()
+        expected: str | None = None
+        for _ in range(5):
+            async with self._connect() as conn:
+                cursor = await conn.execute(
+                    statement(
+                        self._schema,
+                        "INSERT INTO {s}.leases AS l (client_id, token, owner, expires_at) "
+                        "VALUES (%s, nextval(%s::regclass), %s, "
+                        "clock_timestamp() + %s * interval '1 second') "
+                        # The expiry is computed again here: the update may have waited for
+                        # the row lock of the former owner's last write.
+                        "ON CONFLICT (client_id) DO UPDATE SET token = EXCLUDED.token, "
+                        "owner = EXCLUDED.owner, "
+                        "expires_at = clock_timestamp() + %s * interval '1 second' "
+                        "WHERE l.expires_at <= clock_timestamp() OR %s OR l.owner = %s "
+                        "RETURNING token, (xmax <> 0)",
+                    ),
+                    (
+                        cid,
+                        self._sequence,
+                        owner,
+                        self._lease_ttl,
+                        self._lease_ttl,
+                        takeover,
+                        expected,
+                    ),
+                )
+                taken = await cursor.fetchone()
+                if taken is None:
+                    cursor = await conn.execute(
+                        statement(
+                            self._schema,
+                            "SELECT owner, extract(epoch FROM expires_at - clock_timestamp()) "
+                            "FROM {s}.leases WHERE client_id = %s",
+                        ),
+                        (cid,),
+                    )
+                    holder = await cursor.fetchone()
+            if taken is not None:
+                token, replaced = taken
+                if replaced and expected is not None:
+                    logger.warning(
+                        "took over the lease of session %r from %s, which no longer runs",
+                        client_id,
+                        describe_owner(expected.encode()),
+                    )
+                elif replaced:
+                    logger.info("took over the lease of session %r (token %d)", client_id, token)
+                break
+            if holder is None:
+                continue  # released just now: try again
+            holder_owner, left = holder
+            if not owner_is_dead(holder_owner.encode()):
+                raise SessionLocked(
+                    f"session {client_id!r} is held by {describe_owner(holder_owner.encode())} "
+                    f"(its lease runs for another {float(left):.1f} s unless renewed)"
+                )
+            expected = holder_owner
+        else:
+            raise SessionLocked(f"session {client_id!r}: its lease keeps changing hands")
+        self._held[client_id] = PgLease(int(token))
+        if self._renewal is None or self._renewal.done():
+            self._renewal = asyncio.get_running_loop().create_task(
+                self._renew_forever(), name=f"PostgresStore lease renewal ({self._name})"
+            )
+        return int(token)
+
+    @property
+    def _sequence(self) -> str:
+        return statement(self._schema, "{s}.fencing_tokens").decode()
+
+    async def release(self, client_id: str) -> None:
+        """Give the lease back if it is still ours (its token matches). Idempotent."""
+        lease = self._held.pop(client_id, None)
+        if not self._held:
+            await self.stop_renewal()
+        if lease is not None:
+            await self._delete(client_id, lease)
+
+    async def _delete(self, client_id: str, lease: PgLease) -> None:
+        async with self._connect() as conn:
+            await conn.execute(
+                statement(
+                    self._schema, "DELETE FROM {s}.leases WHERE client_id = %s AND token = %s"
+                ),
+                (id_bytes(client_id), lease.token),
+            )
+
+    async def release_all(self) -> None:
+        """Stop renewing and release every lease; one that cannot be released is logged and
+        left to lapse within ``lease_ttl``."""
+        await self.stop_renewal()
+        held, self._held = self._held, {}
+        for client_id, lease in held.items():
+            try:
+                await self._delete(client_id, lease)
+            except StoreError as exc:
+                logger.warning("could not release the lease of session %r: %s", client_id, exc)
+
+    async def stop_renewal(self) -> None:
+        """Stop the renewal task (leases then lapse after ``lease_ttl``)."""
+        task, self._renewal = self._renewal, None
+        if task is not None and not task.done():
+            task.cancel()
+            # Bounded: a driver may swallow the cancellation of a call in flight (seen with
+            # redis-py); the loop then ends by itself at its next turn (it is no longer the
+            # renewal task), and a close must not wait for that.
+            await asyncio.wait({task}, timeout=1.0)
+
+    async def renew(self) -> None:
+        """Extend every held lease by ``lease_ttl`` from now (server time); mark the fenced."""
+        leases = [(cid, lease) for cid, lease in self._held.items() if not lease.fenced]
+        if not leases:
+            return
+        async with self._connect() as conn:
+            cursor = await conn.execute(
+                statement(
+                    self._schema,
+                    "UPDATE {s}.leases l SET expires_at = clock_timestamp() + %s * "
+                    "interval '1 second' FROM unnest(%s::bytea[], %s::bigint[]) AS h(c, t) "
+                    "WHERE l.client_id = h.c AND l.token = h.t "
+                    "AND l.expires_at > clock_timestamp() RETURNING l.token",
+                ),
+                (self._lease_ttl, [id_bytes(c) for c, _ in leases], [x.token for _, x in leases]),
+            )
+            renewed = {token for (token,) in await cursor.fetchall()}
+        for client_id, lease in leases:
+            if lease.token not in renewed and self._held.get(client_id) is lease:
+                lease.fenced = True
+                logger.error(
+                    "session %r was taken over by another owner; writes to it are refused "
+                    "(fenced) until it is acquired again",
+                    client_id,
+                )
+
+    async def _renew_forever(self) -> None:
+        interval = self._lease_ttl / 3
+        me = asyncio.current_task()
+        while self._renewal is me:
+            await asyncio.sleep(interval)
+            if self._renewal is not me:
+                return
+            try:
+                await self.renew()
+            except StoreError as exc:
+                # Try again next round: the lease survives until lease_ttl runs out, and even
+                # then stays ours unless somebody takes it over.
+                logger.warning("could not renew leases: %s", exc)
+
+
+def fenced_error(
+    client_id: str, token: int | None, detail: str, hint: str, lease_ttl: float
+) -> SessionFenced:
+    """The error of a write ``check_owner`` refused as fenced (detail: the lease's owner,
+    hint: its token; both empty when there is no lease row)."""
+    if hint and hint == str(token):
+        return SessionFenced(
+            f"this store's lease on session {client_id!r} expired (not renewed within "
+            f"{lease_ttl:g} s; fencing token {token}); nothing was written; acquire it again"
+        )
+    if detail:
+        return SessionFenced(
+            f"session {client_id!r} is held by {describe_owner(detail.encode())}, which took it "
+            f"over (fencing token {hint or '?'}; ours, {token}, is no longer current); "
+            "nothing was written"
+        )
+    return SessionFenced(
+        f"this store's lease on session {client_id!r} expired or was released, and a newer "
+        f"owner took over since (our fencing token {token} is no longer current); nothing was "
+        "written; release and acquire it again"
+    )
+
+
+def locked_error(client_id: str, detail: str) -> SessionLocked:
+    """The error of a write without a lease while another owner holds one."""
+    return SessionLocked(f"session {client_id!r} is held by {describe_owner(detail.encode())}")
