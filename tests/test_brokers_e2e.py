@@ -193,4 +193,8 @@ async def test_broker_crash_loses_neither_session_nor_queued_publishes(
         expected = [b"before"] + [f"down-{i}".encode() for i in range(5)]
         assert await observer.await_until(lambda: set(observer.payloads()) >= set(expected), 30)
     # QoS 1 is at least once: an acknowledgement the crash swallowed may bring a message twice.
-    assert list(dict.fromkeys(observer.payloads())) == expected
+    # Where "before" lands is the broker's business: NATS may hand it to the observer only after
+    # its restart, behind newer messages. What the client sent in one connection stays in order.
+    arrived = list(dict.fromkeys(observer.payloads()))
+    assert sorted(arrived) == sorted(expected)
+    assert [p for p in arrived if p != b"before"] == expected[1:]
