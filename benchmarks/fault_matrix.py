@@ -46,7 +46,12 @@ from tests.support.scenarios.disk import run_disk_full, run_read_only  # noqa: E
 from tests.support.scenarios.network import run_network_faults  # noqa: E402
 from tests.support.scenarios.receiver import run_receiver_kills  # noqa: E402
 from tests.support.scenarios.redis_outage import run_redis_outage  # noqa: E402
-from tests.support.stores import DURABLE_KINDS, KINDS, make_store, store_spec  # noqa: E402
+from tests.support.stores import (  # noqa: E402
+    MATRIX_DURABLE_KINDS,
+    MATRIX_KINDS,
+    make_store,
+    store_spec,
+)
 from tests.support.tally import FaultFigures  # noqa: E402
 from tests.support.tmpfs import MountNotPermitted, Tmpfs  # noqa: E402
 
@@ -190,12 +195,12 @@ def _redis_restart(*, hard: bool, appendonly: bool) -> Scenario:
 
 #: (scenario label, stores, function, expected loss per store (a documented limit) or None)
 MATRIX: list[tuple[str, tuple[str, ...], Scenario, dict[str, str]]] = [
-    ("network soak", KINDS, network, {}),
-    ("publisher SIGKILL", DURABLE_KINDS, publisher_kills, {}),
-    ("receiver SIGKILL, its acks dropped", (*DURABLE_KINDS, "memory"), receiver_kills,
+    ("network soak", MATRIX_KINDS, network, {}),
+    ("publisher SIGKILL", MATRIX_DURABLE_KINDS, publisher_kills, {}),
+    ("receiver SIGKILL, its acks dropped", (*MATRIX_DURABLE_KINDS, "memory"), receiver_kills,
      {"memory": "control: a MemoryStore dies with the process, and with it the inbound IDs"}),
-    ("broker restart, persistence off", KINDS, broker_lost_session, {}),
-    ("broker SIGKILL, persistence on", KINDS, broker_killed, {}),
+    ("broker restart, persistence off", MATRIX_KINDS, broker_lost_session, {}),
+    ("broker SIGKILL, persistence on", MATRIX_KINDS, broker_killed, {}),
     ("disk full", ("file", "sqlite"), disk_full, {}),
     ("read-only store", ("file", "sqlite"), read_only, {}),
     ("Redis restart", ("redis",), _redis_restart(hard=False, appendonly=True), {}),

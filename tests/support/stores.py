@@ -15,15 +15,29 @@ from pathlib import Path
 from mqtt_persist import FileStore, MemoryStore, SessionStore
 from mqtt_persist.stores import SQLiteStore
 
-__all__ = ["DURABLE_KINDS", "KINDS", "make_store", "store_from_spec", "store_spec"]
+__all__ = [
+    "DURABLE_KINDS",
+    "KINDS",
+    "MATRIX_DURABLE_KINDS",
+    "MATRIX_KINDS",
+    "make_store",
+    "store_from_spec",
+    "store_spec",
+]
 
 KINDS = ("memory", "file", "sqlite", "redis")
 #: The kinds whose commits survive the process (a child killed with SIGKILL keeps its session).
 DURABLE_KINDS = ("file", "sqlite", "redis")
+#: The fault matrix (benchmarks/fault_matrix.py) adds PostgreSQL. The suite's own fault tests
+#: keep to KINDS for time; PostgreSQL's crash and handoff tests are test_crash.py and
+#: test_handoff.py, its conformance runs in test_stores.py.
+MATRIX_KINDS = (*KINDS, "postgres")
+MATRIX_DURABLE_KINDS = (*DURABLE_KINDS, "postgres")
 
 
 def store_spec(kind: str, workdir: Path, *, redis_url: str | None = None, name: str = "s") -> str:
-    """The spec of a durable store of ``kind`` under ``workdir`` (Redis: key prefix from it)."""
+    """The spec of a durable store of ``kind`` under ``workdir`` (Redis: key prefix from it;
+    PostgreSQL: a schema named after it in the test session's shared database)."""
     if kind == "file":
         return f"file:{workdir / name}"
     if kind == "sqlite":
@@ -34,6 +48,11 @@ def store_spec(kind: str, workdir: Path, *, redis_url: str | None = None, name: 
         from tests.support.redis_server import unique_prefix
 
         return f"redis:{redis_url}#{unique_prefix(workdir / name)}"
+    if kind == "postgres":
+        # The test session's shared database, a schema of this store's own.
+        from tests.support.postgres import shared_postgres_dsn, unique_schema
+
+        return f"postgres:{shared_postgres_dsn()}#{unique_schema(workdir / name)}"
     raise ValueError(f"no spec for a {kind!r} store (memory lives in one process only)")
 
 
