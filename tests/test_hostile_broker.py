@@ -10,6 +10,7 @@ broker chose beyond the client's ``max_packet_size``.
 from __future__ import annotations
 
 import logging
+import tracemalloc
 from typing import Any
 
 import anyio
@@ -68,6 +69,24 @@ async def survive(
 
 
 # --- oversized -----------------------------------------------------------------------------------
+
+
+@BOTH
+async def test_a_256_mb_remaining_length_is_refused_before_buffering(
+    protocol: ProtocolVersion, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The broker announces a 256 MB PUBLISH and streams 16 MB of it. A client that buffers
+    # what the header announced (or what arrives, up to it) holds megabytes; one that checks
+    # its maximum packet size hangs up after 5 bytes.
+    script = hostile.flood_after_header(b"\x30" + hostile.HUGE_REMAINING_LENGTH, total=16 << 20)
+    tracemalloc.start()
+    try:
+        log = await survive(script, caplog, protocol=protocol, max_packet_size=LIMIT)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak {peak} bytes while the broker streamed an oversized packet"
+    assert "exceeds the maximum packet size 65536" in log
 
 
 async def test_mqtt5_connect_announces_the_maximum_packet_size() -> None:

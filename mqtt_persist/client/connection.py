@@ -293,7 +293,9 @@ class ConnectionSupervisor:
         """Feed the session until the connection ends (it only ends by raising)."""
         session, options = self._session, self._options
         version = self._version
-        limit = options.max_packet_size if version == MQTT_5 else None
+        # Both versions: MQTT 5 announced the limit in CONNECT; on 3.1.1 the broker cannot
+        # know it, but memory must still not be sized by what a broker announces.
+        limit = options.max_packet_size
         decoder = Decoder(protocol_version=version, **({"max_packet_size": limit} if limit else {}))
         wake_flusher = self._wake_flusher
         awaiting_connack = True

@@ -157,8 +157,13 @@ class PersistentClient:
         receive_maximum: MQTT 5: how many QoS 1/2 messages the broker may leave
             unacknowledged with this client (None: no limit announced, i.e. 65,535). A broker
             that sends more ends the connection with DISCONNECT 0x93.
-        max_packet_size: MQTT 5: the largest packet this client accepts, announced in CONNECT
-            so that the broker never sends a larger one (None: the protocol's 256 MB).
+        max_packet_size: the largest packet (header included) this client accepts (None: the
+            protocol's 256 MB). A packet announcing more ends the connection as soon as its
+            fixed header is read, before any of its body is buffered, so no broker can make the
+            client hold more than this for one packet. MQTT 5 announces it in CONNECT, so the
+            broker never sends a larger packet (it drops the message instead); MQTT 3.1.1 has
+            no way to tell the broker, so a larger message from it ends every connection it is
+            resent on: pick a limit above the largest message you subscribe to.
         topic_alias_maximum: MQTT 5: how many topic aliases the broker may set up on a
             connection to this client (0: none); aliases are resolved before ``messages``.
         logger: log through this logger's name instead of ``"mqtt_persist"``.
