@@ -9,15 +9,20 @@ broker chose beyond the client's ``max_packet_size``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import tracemalloc
 from typing import Any
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mqtt_persist import Backoff, ConnectionLost, MemoryStore, PersistentClient
-from mqtt_persist.protocol.codec import encode
+from mqtt_persist.errors import ProtocolError, ServerDisconnected
+from mqtt_persist.protocol.codec import Decoder, encode
 from mqtt_persist.protocol.packets import (
     ConnAck,
     Connect,
@@ -27,6 +32,7 @@ from mqtt_persist.protocol.packets import (
     PubRel,
     SubAck,
 )
+from mqtt_persist.session.machine import ConnectionState, Session, SessionConfig
 from tests.support import hostile
 from tests.support.fake_broker import FakeConnection, Script, ScriptedBroker
 from tests.support.waiting import until
@@ -332,3 +338,54 @@ async def test_fuzzed_server_streams_end_in_a_typed_error_or_nothing(
             await client.wait_connected(10)
     assert not fake.errors, fake.errors
     _no_errors_logged(caplog)
+
+
+# --- fuzzing the sans-IO core: many more cases than sockets allow ---------------------------------
+
+
+def _connected_session(protocol: int) -> Session:
+    """A session with a subscription, QoS 1 and 2 messages in flight, after CONNACK."""
+    session = Session(SessionConfig(client_id="fuzz", protocol_version=protocol))
+    session.subscribe([("fuzz/#", 2)])
+    for qos in (1, 2, 1, 2):
+        session.publish("out/t", b"m", qos, False)
+    session.connect(0.0, protocol)
+    session.take(0.0)
+    session.receive(ConnAck(False, 0))
+    session.take(0.0)
+    return session
+
+
+def _drive(session: Session, decoder: Decoder, data: bytes, cut: int) -> None:
+    """Feed ``data`` in two reads into decoder and session, as the connection's reader does."""
+    for chunk in (data[:cut], data[cut:]):
+        for packet in decoder.feed(chunk):
+            session.receive(packet)
+            if session.connection_state is ConnectionState.DISCONNECTED:
+                return
+        session.take(1.0)
+        session.tick(2.0)
+
+
+@BOTH
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rng=st.randoms(use_true_random=False), cut=st.integers(0, 64))
+def test_mutated_server_streams_raise_only_protocol_errors(
+    protocol: ProtocolVersion, rng: random.Random, cut: int
+) -> None:
+    data = hostile.mutate(hostile.valid_server_stream(protocol, rng), rng)
+    session = _connected_session(protocol)
+    # Typed errors are allowed: the connection reader ends the connection over them.
+    with contextlib.suppress(ProtocolError, ServerDisconnected):
+        _drive(session, Decoder(max_packet_size=LIMIT, protocol_version=protocol), data, cut)
+
+
+@BOTH
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200), cut=st.integers(0, 200))
+def test_random_bytes_after_connack_raise_only_protocol_errors(
+    protocol: ProtocolVersion, data: bytes, cut: int
+) -> None:
+    session = _connected_session(protocol)
+    with contextlib.suppress(ProtocolError, ServerDisconnected):
+        _drive(session, Decoder(max_packet_size=LIMIT, protocol_version=protocol), data, cut)
