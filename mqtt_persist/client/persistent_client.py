@@ -63,6 +63,7 @@ from mqtt_persist.session.machine import ConnectionState, QueueFullPolicy, Sessi
 from mqtt_persist.session.state import StoredSubscription
 from mqtt_persist.stores.base import SessionStore
 from mqtt_persist.stores.memory import MemoryStore
+from mqtt_persist.tls import resolve_tls
 from mqtt_persist.validation import (
     coerce_payload,
     is_shared_subscription,
@@ -120,7 +121,11 @@ class PersistentClient:
         keepalive: seconds; a PINGREQ goes out when the link was quiet that long, and a broker
             silent for as long again ends the connection.
         username, password: sent in CONNECT; never stored.
-        tls: an :class:`ssl.SSLContext` for TLS (None: plain TCP).
+        tls: ``True`` for TLS verified the standard way (:func:`ssl.create_default_context`:
+            the system's CAs, and the certificate must name ``hostname``), an
+            :class:`ssl.SSLContext` of your own (a private CA or a client certificate:
+            :func:`~mqtt_persist.tls_context`), or None/False for plain TCP. A certificate
+            that does not verify stops the client with :class:`TLSError` (no retries).
         reconnect: reconnect with ``backoff`` whenever the connection is lost. With False,
             entering connects once and raises :class:`ConnectionLost` if it cannot.
         max_inflight: QoS 1/2 messages sent and not yet acknowledged, at most. With a durable
@@ -180,7 +185,7 @@ class PersistentClient:
         keepalive: int = 60,
         username: str | None = None,
         password: str | bytes | None = None,
-        tls: ssl.SSLContext | None = None,
+        tls: ssl.SSLContext | bool | None = None,
         reconnect: bool = True,
         max_inflight: int = 100,
         max_inflight_qos2: int = 19,
@@ -208,7 +213,7 @@ class PersistentClient:
             keepalive=keepalive,
             username=username,
             password=password,
-            tls=tls,
+            tls=resolve_tls(tls),
             reconnect=reconnect,
             max_inflight=max_inflight,
             max_inflight_qos2=max_inflight_qos2,
