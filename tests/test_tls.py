@@ -7,7 +7,9 @@ after one attempt instead of a storm of handshakes, and client certificates work
 
 from __future__ import annotations
 
+import logging
 import ssl
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -16,12 +18,17 @@ import pytest
 from mqtt_persist import (
     Backoff,
     ConnectionLost,
+    ConnectionRefused,
     DeliveryOutcome,
+    FileStore,
     InvalidInput,
     PersistentClient,
+    SessionStore,
+    SQLiteStore,
     TLSError,
     tls_context,
 )
+from mqtt_persist.protocol.packets import Connect
 from tests.support.broker import BrokerFactory, MosquittoBroker
 from tests.support.certs import CLIENT_KEY_PASSWORD, listener_config, make_pki
 from tests.support.proxy import FaultProxy
@@ -153,3 +160,72 @@ def test_tls_option_values() -> None:
         PersistentClient("h", client_id="c", tls="yes")  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="keyfile without certfile"):
         tls_context(keyfile="k.pem")
+
+
+# --- credentials ---------------------------------------------------------------------------------
+
+PASSWORD = "pw-7c1e0b55-secret"
+USERNAME = "device-user-4411"
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+async def test_no_credential_reaches_a_store_or_a_log_line(
+    broker_factory: BrokerFactory,
+    pki: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    passwords = tmp_path / "passwords"
+    subprocess.run(  # noqa: ASYNC221 - a one-off setup step before any client runs
+        ["mosquitto_passwd", "-b", "-c", str(passwords), USERNAME, PASSWORD],
+        check=True,
+        capture_output=True,
+    )
+    broker = broker_factory(
+        extra_config=listener_config(pki, require_client=True)
+        + f"allow_anonymous false\npassword_file {passwords}\n"
+    )
+    context = tls_context(
+        str(pki / "ca.crt"),
+        certfile=str(pki / "client.crt"),
+        keyfile=str(pki / "client.key"),
+        keyfile_password=CLIENT_KEY_PASSWORD,
+    )
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    caplog.set_level(logging.DEBUG)  # every logger, ours and the libraries'
+    errors: list[str] = []
+
+    def store() -> SessionStore:
+        return FileStore(store_dir) if kind == "file" else SQLiteStore(store_dir / "s.db")
+
+    async with PersistentClient(
+        broker.host, broker.port, client_id="creds-tls", store=store(), tls=context,
+        username=USERNAME, password=PASSWORD, backoff=FAST,
+    ) as client:  # fmt: skip
+        await _round_trip(client)
+        await client.publish("tls/t", b"left in flight", qos=2)
+    # A refused password, and the reprs a traceback or a debug line could show.
+    async with PersistentClient(
+        broker.host, broker.port, client_id="creds-bad", store=store(), tls=context,
+        username=USERNAME, password=PASSWORD + "-wrong", backoff=FAST,
+    ) as client:  # fmt: skip
+        with pytest.raises(ConnectionRefused) as info:
+            await client.wait_connected(10)
+        errors.append(repr(info.value))
+        errors.append(repr(vars(client)))
+        errors.append(repr(client._options))
+        errors.append(repr(client._options.session_config()))
+    errors.append(repr(Connect("c", username=USERNAME, password=PASSWORD.encode())))
+
+    key = (pki / "client.key").read_text()
+    secrets = [PASSWORD, CLIENT_KEY_PASSWORD, *key.splitlines()[1:-1]]
+    seen = caplog.text + "\n".join(errors)
+    assert "creds-tls" in caplog.text  # the capture did see the client's DEBUG lines
+    for secret in secrets:
+        assert secret not in seen, f"a credential in a log line or repr: {secret[:12]}..."
+    stored = b"".join(p.read_bytes() for p in store_dir.rglob("*") if p.is_file())
+    assert b"creds-tls" in stored  # the store was written
+    for secret in [PASSWORD, USERNAME, CLIENT_KEY_PASSWORD, *key.splitlines()[1:-1]]:
+        assert secret.encode() not in stored, f"a credential in the store: {secret[:12]}..."
