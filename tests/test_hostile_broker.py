@@ -155,14 +155,6 @@ MALFORMED_V311 = {
 }
 
 
-@pytest.mark.parametrize(("data", "why"), MALFORMED_V311.values(), ids=MALFORMED_V311.keys())
-async def test_malformed_packets_end_the_connection_and_the_client_reconnects(
-    data: bytes, why: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    log = await survive(hostile.hostile(data), caplog)
-    assert why in log.split("lost: ", 1)[1]
-
-
 MALFORMED_V5 = {
     "property length past the end": (b"\x30\x06\x00\x01t\x09\x26\x00", "property length 9"),
     "property flood: Topic Alias twice": (
@@ -175,11 +167,17 @@ MALFORMED_V5 = {
 }
 
 
-@pytest.mark.parametrize(("data", "why"), MALFORMED_V5.values(), ids=MALFORMED_V5.keys())
-async def test_malformed_mqtt5_packets_end_the_connection(
-    data: bytes, why: str, caplog: pytest.LogCaptureFixture
+MALFORMED = [
+    *(pytest.param(V311, *case, id=f"3.1.1: {name}") for name, case in MALFORMED_V311.items()),
+    *(pytest.param(V5, *case, id=f"5: {name}") for name, case in MALFORMED_V5.items()),
+]
+
+
+@pytest.mark.parametrize(("protocol", "data", "why"), MALFORMED)
+async def test_malformed_packets_end_the_connection_and_the_client_reconnects(
+    protocol: ProtocolVersion, data: bytes, why: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    log = await survive(hostile.hostile(data), caplog, protocol=V5)
+    log = await survive(hostile.hostile(data), caplog, protocol=protocol)
     assert why in log.split("lost: ", 1)[1]
 
 
