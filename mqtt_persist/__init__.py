@@ -39,6 +39,7 @@ from mqtt_persist.errors import (
     SessionLocked,
     StoreError,
     SubscriptionRefused,
+    TLSError,
     UnsupportedFormatVersion,
 )
 from mqtt_persist.message import DeliveryOutcome, Message
@@ -59,6 +60,7 @@ from mqtt_persist.stores import (
     redact_url,
     store_from_url,
 )
+from mqtt_persist.tls import tls_context
 
 __version__ = "0.1.0"
 
@@ -105,12 +107,14 @@ __all__ = [
     "SubscribeRequest",
     "SubscriptionOptions",
     "SubscriptionRefused",
+    "TLSError",
     "UnsubscribeRequest",
     "UnsupportedFormatVersion",
     "Will",
     "__version__",
     "redact_url",
     "store_from_url",
+    "tls_context",
 ]
 
 import typing as _typing

@@ -163,6 +163,25 @@ class KeepaliveTimeout(ConnectionLost):
     """The broker did not answer a PINGREQ in time; the connection is treated as dead."""
 
 
+class TLSError(ConnectionLost):
+    """TLS refused the connection in a way connecting again cannot fix: the broker's
+    certificate did not verify (unknown CA, host name mismatch, expired, ...), the broker
+    refused ours (a TLS alert), or the handshake failed (say, TLS to a plain-TCP port).
+
+    The client stops at the first such failure instead of retrying (see :mod:`mqtt_persist.tls`):
+    ``wait_connected()`` and ``client.messages`` raise it, and so does entering the client with
+    ``reconnect=False``. ``reason`` is OpenSSL's reason (for a certificate, its verification
+    message, e.g. "unable to get local issuer certificate" or "Hostname mismatch, certificate
+    is not valid for 'x'."); ``verify_code`` the X.509 verification code, or None when the
+    failure was not about the broker's certificate.
+    """
+
+    def __init__(self, message: str, *, reason: str, verify_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.verify_code = verify_code
+
+
 class ServerDisconnected(ConnectionLost):
     """The broker ended the connection with an MQTT 5 DISCONNECT and said why.
 

@@ -1,11 +1,10 @@
-"""Client behaviour beyond the happy path: TLS, credentials, wills, queue limits, a broker that
+"""Client behaviour beyond the happy path: credentials, wills, queue limits, a broker that
 misbehaves on purpose (scripted), and inbound QoS 2 exactly once across a client restart."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import subprocess
 from pathlib import Path
 
@@ -46,62 +45,10 @@ FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
 V311 = ProtocolVersion.V311
 
 
-# --- TLS and credentials -----------------------------------------------------------------------
+# --- credentials -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
-    d = tmp_path_factory.mktemp("tls")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-        "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.crt")  # fmt: skip
-    return {name: d / name for name in ("ca.crt", "server.crt", "server.key")}
-
-
-async def test_tls_connection_with_a_verified_server_certificate(
-    broker_factory: BrokerFactory, tls_files: dict[str, Path]
-) -> None:
-    broker = broker_factory(
-        extra_config=(
-            f"cafile {tls_files['ca.crt']}\ncertfile {tls_files['server.crt']}\n"
-            f"keyfile {tls_files['server.key']}\n"
-        )
-    )
-    context = ssl.create_default_context(cafile=str(tls_files["ca.crt"]))
-    async with PersistentClient(
-        broker.host, broker.port, client_id="tls-1", tls=context, backoff=FAST
-    ) as client:
-        await client.subscribe("tls/t", qos=1)
-        delivery = await client.publish("tls/t", b"secret", qos=1)
-        with anyio.fail_after(10):
-            assert await delivery is DeliveryOutcome.ACKNOWLEDGED
-            async for message in client.messages:
-                assert message.payload == b"secret"
-                break
-
-
-async def test_tls_refuses_an_untrusted_certificate(
-    broker_factory: BrokerFactory, tls_files: dict[str, Path], caplog: pytest.LogCaptureFixture
-) -> None:
-    broker = broker_factory(
-        extra_config=(f"certfile {tls_files['server.crt']}\nkeyfile {tls_files['server.key']}\n")
-    )
-    caplog.set_level(logging.INFO, logger="mqtt_persist")
-    async with PersistentClient(
-        broker.host, broker.port, client_id="tls-2", tls=ssl.create_default_context(),
-        backoff=FAST,
-    ) as client:  # fmt: skip
-        await until(lambda: "CERTIFICATE_VERIFY_FAILED" in caplog.text, 10, "a TLS failure log")
-        assert not client.is_connected
+# TLS: tests/test_tls.py.
 
 
 async def test_username_and_password(broker_factory: BrokerFactory, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from mqtt_persist.client.options import ProtocolChoice
 from mqtt_persist.protocol.packets import ProtocolVersion
+from mqtt_persist.tls import tls_context
 
 __all__ = ["PROTOCOLS", "BrokerOptions"]
 
@@ -57,9 +58,8 @@ class BrokerOptions:
         """The TLS context, or None for plain TCP."""
         if not self.uses_tls:
             return None
-        context = ssl.create_default_context(cafile=self.cafile)
-        if self.certfile:
-            context.load_cert_chain(self.certfile, self.keyfile)
+        keyfile = self.keyfile if self.certfile else None  # --key alone was always ignored
+        context = tls_context(self.cafile, certfile=self.certfile, keyfile=keyfile)
         if self.insecure:
             # Explicitly asked for (--insecure): test brokers with self-signed certificates.
             context.check_hostname = False

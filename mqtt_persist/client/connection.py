@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import ssl
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ from mqtt_persist.errors import (
     KeepaliveTimeout,
     ProtocolError,
     ServerDisconnected,
+    TLSError,
 )
 from mqtt_persist.log import ClientLogger
 from mqtt_persist.protocol.codec import Decoder, encode
@@ -57,6 +59,7 @@ from mqtt_persist.protocol.packets import (
 )
 from mqtt_persist.protocol.reason_codes import ReasonCode, describe_reason_code
 from mqtt_persist.session.machine import ConnectionState, Session
+from mqtt_persist.tls import tls_failure
 from mqtt_persist.transport import open_stream
 
 #: Return codes after which retrying the same CONNECT cannot succeed.
@@ -153,6 +156,10 @@ class ConnectionSupervisor:
                     return
                 self._log.warning("%s; retrying", exc)
             except ClientIdAssigned as exc:
+                self._fail(exc)
+                return
+            except TLSError as exc:
+                # A certificate problem is not fixed by retrying: stop, say why (mqtt_persist.tls).
                 self._fail(exc)
                 return
             except ServerDisconnected as exc:
@@ -293,7 +300,9 @@ class ConnectionSupervisor:
         """Feed the session until the connection ends (it only ends by raising)."""
         session, options = self._session, self._options
         version = self._version
-        limit = options.max_packet_size if version == MQTT_5 else None
+        # Both versions: MQTT 5 announced the limit in CONNECT; on 3.1.1 the broker cannot
+        # know it, but memory must still not be sized by what a broker announces.
+        limit = options.max_packet_size
         decoder = Decoder(protocol_version=version, **({"max_packet_size": limit} if limit else {}))
         wake_flusher = self._wake_flusher
         awaiting_connack = True
@@ -305,6 +314,12 @@ class ConnectionSupervisor:
                 if awaiting_connack and version == MQTT_5 and options.protocol == "auto":
                     raise _NotMqtt5("it closed the connection without answering CONNECT") from None
                 raise ConnectionLost("the broker closed the connection") from None
+            except ssl.SSLError as exc:
+                # TLS 1.3: a broker refuses our certificate after the handshake, with an alert.
+                refused = tls_failure(exc, options.hostname, options.port)
+                if awaiting_connack and refused is not None:
+                    raise refused from exc
+                raise
             for packet in decoder.feed(data):
                 session.receive(packet)
                 if session.connection_state is ConnectionState.DISCONNECTED:

@@ -44,7 +44,8 @@ class ClientOptions:
     clean_session: bool = False
     keepalive: int = 60
     username: str | None = None
-    password: str | bytes | None = None
+    #: Never in repr(): a repr ends up in tracebacks and debug lines.
+    password: str | bytes | None = field(default=None, repr=False)
     tls: ssl.SSLContext | None = None
     reconnect: bool = True
     max_inflight: int = 100

@@ -63,6 +63,7 @@ from mqtt_persist.session.machine import ConnectionState, QueueFullPolicy, Sessi
 from mqtt_persist.session.state import StoredSubscription
 from mqtt_persist.stores.base import SessionStore
 from mqtt_persist.stores.memory import MemoryStore
+from mqtt_persist.tls import resolve_tls
 from mqtt_persist.validation import (
     coerce_payload,
     is_shared_subscription,
@@ -120,7 +121,11 @@ class PersistentClient:
         keepalive: seconds; a PINGREQ goes out when the link was quiet that long, and a broker
             silent for as long again ends the connection.
         username, password: sent in CONNECT; never stored.
-        tls: an :class:`ssl.SSLContext` for TLS (None: plain TCP).
+        tls: ``True`` for TLS verified the standard way (:func:`ssl.create_default_context`:
+            the system's CAs, and the certificate must name ``hostname``), an
+            :class:`ssl.SSLContext` of your own (a private CA or a client certificate:
+            :func:`~mqtt_persist.tls_context`), or None/False for plain TCP. A certificate
+            that does not verify stops the client with :class:`TLSError` (no retries).
         reconnect: reconnect with ``backoff`` whenever the connection is lost. With False,
             entering connects once and raises :class:`ConnectionLost` if it cannot.
         max_inflight: QoS 1/2 messages sent and not yet acknowledged, at most. With a durable
@@ -157,8 +162,13 @@ class PersistentClient:
         receive_maximum: MQTT 5: how many QoS 1/2 messages the broker may leave
             unacknowledged with this client (None: no limit announced, i.e. 65,535). A broker
             that sends more ends the connection with DISCONNECT 0x93.
-        max_packet_size: MQTT 5: the largest packet this client accepts, announced in CONNECT
-            so that the broker never sends a larger one (None: the protocol's 256 MB).
+        max_packet_size: the largest packet (header included) this client accepts (None: the
+            protocol's 256 MB). A packet announcing more ends the connection as soon as its
+            fixed header is read, before any of its body is buffered, so no broker can make the
+            client hold more than this for one packet. MQTT 5 announces it in CONNECT, so the
+            broker never sends a larger packet (it drops the message instead); MQTT 3.1.1 has
+            no way to tell the broker, so a larger message from it ends every connection it is
+            resent on: pick a limit above the largest message you subscribe to.
         topic_alias_maximum: MQTT 5: how many topic aliases the broker may set up on a
             connection to this client (0: none); aliases are resolved before ``messages``.
         logger: log through this logger's name instead of ``"mqtt_persist"``.
@@ -175,7 +185,7 @@ class PersistentClient:
         keepalive: int = 60,
         username: str | None = None,
         password: str | bytes | None = None,
-        tls: ssl.SSLContext | None = None,
+        tls: ssl.SSLContext | bool | None = None,
         reconnect: bool = True,
         max_inflight: int = 100,
         max_inflight_qos2: int = 19,
@@ -203,7 +213,7 @@ class PersistentClient:
             keepalive=keepalive,
             username=username,
             password=password,
-            tls=tls,
+            tls=resolve_tls(tls),
             reconnect=reconnect,
             max_inflight=max_inflight,
             max_inflight_qos2=max_inflight_qos2,

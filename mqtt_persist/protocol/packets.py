@@ -216,7 +216,8 @@ class Connect:
     clean_session: bool = True
     keepalive: int = 60
     username: str | None = None
-    password: bytes | None = None
+    #: Never in repr(): a repr ends up in tracebacks and debug lines.
+    password: bytes | None = field(default=None, repr=False)
     will: Will | None = None
     protocol_level: int = MQTT_3_1_1
     protocol_name: str = "MQTT"

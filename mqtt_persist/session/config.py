@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mqtt_persist.protocol.packets import MQTT_3_1_1, Will
@@ -21,7 +21,8 @@ class SessionConfig:
     clean_session: bool = False
     keepalive: int = 60
     username: str | None = None
-    password: bytes | None = None
+    #: Never in repr(): a repr ends up in tracebacks and debug lines.
+    password: bytes | None = field(default=None, repr=False)
     will: Will | None = None
     #: QoS 1/2 messages in flight at once. A durable store commits once per window refill, so
     #: a wider window is what makes durable QoS 1 fast (measured: 100 doubles it over 20). On
