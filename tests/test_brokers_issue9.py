@@ -1,13 +1,12 @@
 """Issue 9's two failures against real brokers, written as its "done when" criteria read.
 
-Both are expected to fail until the session/client handle them (``xfail(strict=True)``): the
-day a fix makes one pass, pytest reports it and the marker has to go, with the assertions left
-exactly as they are.
+Each was marked ``xfail(strict=True)`` until the session/client handled it; the marker went
+the day its fix landed, with the assertions left exactly as they were.
 
-* RabbitMQ 3.10 answers a QoS 2 PUBLISH with PUBACK (it downgrades QoS 2 to 1). Today the
-  client treats that PUBACK as an anomaly and never completes the flow: after 19 QoS 2
-  publishes (``max_inflight_qos2``) nothing more leaves, and every reconnect publishes the 19
-  again.
+* RabbitMQ 3.10 answers a QoS 2 PUBLISH with PUBACK (it downgrades QoS 2 to 1). The client
+  used to treat that PUBACK as an anomaly and never complete the flow: after 19 QoS 2
+  publishes (``max_inflight_qos2``) nothing more left, and every reconnect published the 19
+  again. Now the flow ends as ``DOWNGRADED`` (session/outbound.py).
 * nats-server 2.9 closes the connection on a PUBLISH it will not take (any QoS 2; a topic with
   '.' or a space). Today the client reconnects, sends the same message first, is closed again,
   without end, and every later message waits behind it.
@@ -40,10 +39,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-DOWNGRADE = pytest.mark.xfail(
-    strict=True,
-    reason="issue 9: a PUBACK for a QoS 2 flow (RabbitMQ's downgrade) never completes it",
-)
 POISON = pytest.mark.xfail(
     strict=True,
     reason="issue 9: a message the broker answers by closing the connection blocks the queue",
@@ -54,7 +49,7 @@ POISON = pytest.mark.xfail(
 @pytest.mark.parametrize(
     "first_qos",
     [
-        pytest.param(2, marks=DOWNGRADE, id="qos2"),
+        pytest.param(2, id="qos2"),
         # The same run with QoS 1 only: proves the assertions can pass on this broker.
         pytest.param(1, id="control-qos1"),
     ],
@@ -164,3 +159,21 @@ async def test_nats_refused_publish_does_not_block_the_messages_behind_it(
     assert sorted(observer.payloads(f"{topic}/ok"), key=int) == [str(i).encode() for i in range(20)]
     assert connections < 30, f"{connections} connections"
     assert resolved == [DeliveryOutcome.ACKNOWLEDGED] * 20
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_qos2_deliveries_resolve_as_downgraded_and_are_counted(
+    shared_rabbitmq: RabbitMQBroker, tmp_path: Path
+) -> None:
+    """What the client says about RabbitMQ's downgrade: each QoS 2 delivery resolves
+    DOWNGRADED (never ACKNOWLEDGED, which would claim exactly once), counted in stats."""
+    host, port = shared_rabbitmq.address
+    async with PersistentClient(
+        host, port, client_id=unique("downgrade-outcome"), store=FileStore(tmp_path / "s")
+    ) as client:
+        await client.wait_connected(15)
+        deliveries = [await client.publish(unique("t"), b"x", qos=2) for _ in range(3)]
+        with anyio.fail_after(10):
+            outcomes = [await d for d in deliveries]
+        assert outcomes == [DeliveryOutcome.DOWNGRADED] * 3
+        assert client.stats.downgraded == 3 and client.stats.inflight == 0

@@ -99,6 +99,9 @@ class ClientStats:
     #: Messages the broker refused (MQTT 5 PUBACK/PUBREC reason codes) or announced it cannot
     #: take (Maximum Packet Size, Maximum QoS, Retain Available).
     refused: int = 0
+    #: QoS 2 messages the broker acknowledged with PUBACK, i.e. took at QoS 1 (RabbitMQ
+    #: downgrades QoS 2 this way); their deliveries resolve as ``DOWNGRADED``.
+    downgraded: int = 0
 
 
 class PersistentClient:
@@ -707,6 +710,7 @@ class PersistentClient:
             connections=parts.dispatcher.connections,
             expired=session.expired,
             refused=session.refused,
+            downgraded=session.downgraded,
         )
 
     def _require_open(self) -> _Running:

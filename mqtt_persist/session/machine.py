@@ -242,6 +242,11 @@ class Session:
         return self._outbound.in_doubt
 
     @property
+    def downgraded(self) -> int:
+        """QoS 2 messages the broker completed with PUBACK (it downgraded them to QoS 1)."""
+        return self._outbound.downgraded
+
+    @property
     def requeued(self) -> int:
         """Messages published again as new because a broker lost the session."""
         return self._outbound.requeued
