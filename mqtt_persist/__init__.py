@@ -50,6 +50,7 @@ from mqtt_persist.protocol.packets import (
     Will,
 )
 from mqtt_persist.protocol.reason_codes import ReasonCode
+from mqtt_persist.session.state import SetAsideMessage, StoredMessage
 from mqtt_persist.stores import (
     FileStore,
     MemoryStore,
@@ -101,7 +102,9 @@ __all__ = [
     "SessionInfo",
     "SessionLocked",
     "SessionStore",
+    "SetAsideMessage",
     "StoreError",
+    "StoredMessage",
     "SubscribeRequest",
     "SubscriptionOptions",
     "SubscriptionRefused",

@@ -49,3 +49,7 @@ class DeliveryOutcome(enum.Enum):
     #: once; the exactly-once of QoS 2 is the broker's to keep no more. Counted in
     #: ``client.stats.downgraded``.
     DOWNGRADED = "downgraded"
+    #: The broker closed the connection right after this message was sent, several times in
+    #: a row (``poison_after``): the message is kept in the store, aside, and not sent again
+    #: unless the application retries it (``client.set_aside()``, ``retry_set_aside()``).
+    SET_ASIDE = "set_aside"

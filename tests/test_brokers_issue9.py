@@ -8,12 +8,12 @@ the day its fix landed, with the assertions left exactly as they were.
   publishes (``max_inflight_qos2``) nothing more left, and every reconnect published the 19
   again. Now the flow ends as ``DOWNGRADED`` (session/outbound.py).
 * nats-server 2.9 closes the connection on a PUBLISH it will not take (any QoS 2; a topic with
-  '.' or a space). Today the client reconnects, sends the same message first, is closed again,
-  without end, and every later message waits behind it.
+  '.' or a space). The client used to reconnect, send the same message first, be closed again,
+  without end, with every later message waiting behind it. Now the message is set aside after
+  ``poison_after`` (3) prompt hang-ups in a row (session/poison.py).
 
-The outcome the poison message itself should get is left to the fix (set aside with a typed
-outcome); these tests assert only what an outsider can see: arrivals, the number of
-connections, and that every other delivery resolved.
+The outcome of the poison message itself (``SET_ASIDE``, ``client.set_aside()``) and of the
+downgraded ones (``DOWNGRADED``) is checked by the last two tests.
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ from pathlib import Path
 import anyio
 import pytest
 
-from mqtt_persist import Backoff, DeliveryOutcome, FileStore, PersistentClient
+from mqtt_persist import (
+    Backoff,
+    DeliveryOutcome,
+    FileStore,
+    InvalidInput,
+    PersistentClient,
+    ProtocolVersion,
+)
 from tests.support.nats import NatsServer
 from tests.support.observer import PahoObserver
 from tests.support.proxy import ProxyFactory
@@ -37,12 +44,6 @@ FAST = Backoff(initial=0.05, maximum=0.3, minimum=0.01)
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-POISON = pytest.mark.xfail(
-    strict=True,
-    reason="issue 9: a message the broker answers by closing the connection blocks the queue",
-)
 
 
 @pytest.mark.rabbitmq
@@ -113,8 +114,8 @@ async def test_rabbitmq_downgrading_qos2_to_qos1_completes_every_publish(
 @pytest.mark.parametrize(
     ("refused_topic", "refused_qos"),
     [
-        pytest.param("bad topic", 1, marks=POISON, id="space-in-topic"),
-        pytest.param("qos2", 2, marks=POISON, id="qos2"),
+        pytest.param("bad topic", 1, id="space-in-topic"),
+        pytest.param("qos2", 2, id="qos2"),
         # A message the broker takes in the same place: proves the assertions can pass.
         pytest.param("fine", 1, id="control-accepted"),
     ],
@@ -177,3 +178,64 @@ async def test_rabbitmq_qos2_deliveries_resolve_as_downgraded_and_are_counted(
             outcomes = [await d for d in deliveries]
         assert outcomes == [DeliveryOutcome.DOWNGRADED] * 3
         assert client.stats.downgraded == 3 and client.stats.inflight == 0
+
+
+@pytest.mark.nats
+async def test_nats_poison_message_is_set_aside_with_its_outcome_and_stays_aside_on_restart(
+    nats_broker: NatsServer,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The refused message: resolved SET_ASIDE, listed by ``client.set_aside()``, logged once
+    with its topic and packet ID; after a restart with the same store it is not sent again
+    (no new storm), and the application may retry it (set aside again here) or discard it."""
+    topic = unique("issue9-aside")
+    proxy = await proxy_factory(nats_broker.address)
+    client_id = unique("aside")
+    store_path = tmp_path / "sessions"
+    async with PersistentClient(
+        proxy.host,
+        proxy.port,
+        client_id=client_id,
+        store=FileStore(store_path),
+        backoff=FAST,
+        protocol=ProtocolVersion.V311,  # no MQTT 5 probe: every connection below is counted
+    ) as client:
+        await client.wait_connected(15)
+        poison = await client.publish(f"{topic}/bad topic", b"refused", qos=1)
+        with anyio.fail_after(20):
+            assert await poison == DeliveryOutcome.SET_ASIDE
+        (aside,) = client.set_aside()
+        assert aside.message.topic == f"{topic}/bad topic" and aside.message.payload == b"refused"
+        assert "closed the connection" in aside.reason
+        assert client.stats.set_aside == 1
+        after_first_run = proxy.total_connections
+        # Three connections struck it, the fourth carried on without it.
+        assert after_first_run == 4
+    logged = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert len(logged) == 1 and "bad topic" in logged[0] and "packet ID" in logged[0]
+    async with PersistentClient(
+        proxy.host,
+        proxy.port,
+        client_id=client_id,
+        store=FileStore(store_path),
+        backoff=FAST,
+        protocol=ProtocolVersion.V311,  # no MQTT 5 probe: every connection below is counted
+    ) as client:
+        await client.wait_connected(15)
+        ok = await client.publish(f"{topic}/ok", b"fine", qos=1)
+        with anyio.fail_after(10):
+            assert await ok == DeliveryOutcome.ACKNOWLEDGED
+        assert [a.message.seq for a in client.set_aside()] == [aside.message.seq]
+        assert proxy.total_connections == after_first_run + 1  # not sent again: no storm
+        # Retried, it is a new message at the end of the queue; this broker refuses it again.
+        retried = await client.retry_set_aside(aside.message.seq)
+        with anyio.fail_after(20):
+            assert await retried == DeliveryOutcome.SET_ASIDE
+        (again,) = client.set_aside()
+        assert again.message.seq == retried.seq > aside.message.seq
+        await client.discard_set_aside(again.message.seq)
+        assert client.set_aside() == []
+        with pytest.raises(InvalidInput):
+            await client.discard_set_aside(again.message.seq)

@@ -497,6 +497,12 @@ _actions = st.lists(
         ),
         st.tuples(st.just("reconnect"), st.booleans()),
         st.tuples(st.just("restart"), st.booleans()),
+        # Issue 9: the broker hangs up right after a write (poison), or downgrades QoS 2.
+        st.tuples(
+            st.just("hangup"),
+        ),
+        st.tuples(st.just("downgrade"), st.integers(0, 30)),
+        st.tuples(st.just("aside"), st.booleans()),
     ),
     max_size=60,
 )
@@ -542,6 +548,18 @@ def test_any_event_sequence_replays_to_the_same_state(
                 s.receive(UnsubAck(packet_id))
         elif kind == "drop":
             s.connection_lost()
+        elif kind == "hangup":
+            s.connection_lost(h.now)
+        elif kind == "downgrade" and s.connection_state is ConnectionState.READY:
+            qos2 = [i for i, o in s._outbound.inflight.items() if o.qos == 2 and not o.released]
+            if qos2:
+                s.receive(PubAck(qos2[action[1] % len(qos2)]))  # type: ignore[operator]
+        elif kind == "aside" and s.set_aside:
+            seq = s.set_aside[0].message.seq
+            if action[1]:
+                s.retry_set_aside(seq)
+            else:
+                s.discard_set_aside(seq)
         elif kind == "reconnect":
             s.connection_lost()
             h.take()

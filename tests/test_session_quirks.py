@@ -6,13 +6,18 @@
   broker's packet ID is released.
 * Acknowledgements for IDs with no open flow: ignored (an unknown PUBREC answered with PUBREL),
   reported once per connection per kind.
+* Poison messages (nats-server closes the connection on a PUBLISH it will not take): set aside
+  after ``poison_after`` prompt hang-ups in a row, the rest of the queue goes on in order.
 """
 
 from __future__ import annotations
 
+import pytest
+
 from mqtt_persist.message import DeliveryOutcome
 from mqtt_persist.protocol.packets import (
     MQTT_5,
+    PingResp,
     PubAck,
     PubComp,
     Publish,
@@ -20,7 +25,9 @@ from mqtt_persist.protocol.packets import (
     PubRel,
 )
 from mqtt_persist.protocol.reason_codes import ReasonCode
-from mqtt_persist.session.events import Anomaly, PublishRefused
+from mqtt_persist.session.events import Anomaly, Notice, PublishRefused
+from mqtt_persist.session.machine import Outbox
+from mqtt_persist.session.state import MessageSetAside, SetAsideRemoved
 from tests.test_session import Harness, completed, publishes
 
 
@@ -180,3 +187,172 @@ def test_a_downgrading_broker_never_sees_a_message_twice_over_reconnects() -> No
     h.session.connection_lost()
     h.take()
     assert [p for p in h.connect(session_present=True).packets if isinstance(p, Publish)] == []
+
+
+# --- poison messages ----------------------------------------------------------------------------
+
+
+def hang_up(h: Harness, after: float = 0.01) -> Outbox:
+    """The broker closes the connection ``after`` seconds after our last write."""
+    h.session.connection_lost(h.now + after)
+    return h.take()
+
+
+def notices(out: Outbox) -> list[str]:
+    return [e.text for e in out.events if isinstance(e, Notice)]
+
+
+def test_a_message_the_broker_hangs_up_on_is_set_aside_and_the_rest_go_on_in_order() -> None:
+    h = Harness()
+    h.connect(session_present=False)
+    h.session.publish("bad topic", b"poison", 1)
+    for i in range(3):
+        h.session.publish("ok", str(i).encode(), 1)
+    first = publishes(h.take())
+    assert [p.payload for p in first] == [b"poison", b"0", b"1", b"2"]
+    poison_id = first[0].packet_id
+    out = hang_up(h)
+    for _ in range(2):  # two more connections: the poison is resent first, the broker hangs up
+        (again, *_) = publishes(h.connect(session_present=True))
+        assert again.payload == b"poison" and again.dup
+        out = hang_up(h)
+    assert completed(out) == {1: DeliveryOutcome.SET_ASIDE}
+    (notice,) = notices(out)
+    assert "'bad topic'" in notice and f"packet ID {poison_id}" in notice
+    assert isinstance(out.ops[-1], MessageSetAside)
+    assert 1 not in h.journal.messages and h.journal.set_aside[1].message.packet_id is None
+    assert h.session.set_aside_count == 1 and [a.message.seq for a in h.session.set_aside] == [1]
+    assert not h.session._ids.in_use(poison_id)  # type: ignore[arg-type]
+    h.assert_journal_consistent()
+    # The next connection resends the others, in order, and nothing else.
+    out = h.connect(session_present=True)
+    assert [p.payload for p in publishes(out)] == [b"0", b"1", b"2"]
+    done: dict[int, DeliveryOutcome] = {}
+    for p in publishes(out):
+        done.update(completed(h.feed(PubAck(p.packet_id))))  # type: ignore[arg-type]
+    assert done == {2: ACK, 3: ACK, 4: ACK}
+    # A restart keeps the set-aside message, aside.
+    h = h.restart()
+    assert [a.message.payload for a in h.session.set_aside] == [b"poison"]
+    assert publishes(h.connect(session_present=True)) == []
+    h.assert_journal_consistent()
+
+
+ACK = DeliveryOutcome.ACKNOWLEDGED
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "not closed by the broker",  # a keepalive timeout, a protocol error, our own close
+        "after an answer",  # the broker said something after our last write
+        "long after the write",  # outside poison_window
+        "another message first",  # a different suspect breaks the row
+    ],
+)
+def test_only_consecutive_prompt_hang_ups_on_the_same_message_count(ending: str) -> None:
+    h = Harness()
+    h.connect(session_present=False)
+    h.session.publish("t", b"suspect", 1)
+    h.take()
+    hang_up(h)
+    h.connect(session_present=True)
+    hang_up(h)
+    h.connect(session_present=True)
+    if ending == "not closed by the broker":
+        h.session.connection_lost()
+    elif ending == "after an answer":
+        h.feed(PingResp())
+        hang_up(h)
+    elif ending == "long after the write":
+        hang_up(h, after=h.config.poison_window + 1)
+    else:
+        (first,) = [p for p in h.wire if isinstance(p, Publish) and p.payload == b"suspect"][-1:]
+        h.feed(PubAck(first.packet_id))  # type: ignore[arg-type]
+        h.session.publish("t", b"other", 1)
+        h.take()
+        hang_up(h)  # strikes "other" once
+        assert h.session._poison.suspect == 2 and h.session._poison.strikes == 1
+    h.take()
+    assert h.session.set_aside == []
+    # The count started again: two more prompt hang-ups do not set anything aside yet (one
+    # for "other", whose first strike was the third connection's).
+    for _ in range(1 if ending == "another message first" else 2):
+        h.connect(session_present=True)
+        out = hang_up(h)
+        assert DeliveryOutcome.SET_ASIDE not in completed(out).values()
+
+
+def test_a_connection_lost_before_connack_neither_strikes_nor_breaks_the_row() -> None:
+    h = Harness(poison_after=2)
+    h.connect(session_present=False)
+    h.session.publish("t", b"suspect", 1)
+    h.take()
+    hang_up(h)
+    h.session.connect(h.now)
+    h.take()
+    hang_up(h)  # no CONNACK yet: says nothing about the message
+    out = h.connect(session_present=True)
+    out = hang_up(h)
+    assert completed(out) == {1: DeliveryOutcome.SET_ASIDE}
+
+
+def test_a_qos2_message_set_aside_keeps_its_packet_id_reserved() -> None:
+    h = Harness()
+    h.connect(session_present=False)
+    h.session.publish("t", b"q2", 2)
+    (publish,) = publishes(h.take())
+    hang_up(h)
+    for _ in range(2):
+        h.connect(session_present=True)
+        out = hang_up(h)
+    assert completed(out) == {1: DeliveryOutcome.SET_ASIDE}
+    assert h.session._ids.in_use(publish.packet_id)  # type: ignore[arg-type]
+    assert h.session._outbound.qos2_inflight == 0
+    h.assert_journal_consistent()
+
+
+def test_poison_after_zero_never_sets_aside() -> None:
+    h = Harness(poison_after=0)
+    h.connect(session_present=False)
+    h.session.publish("t", b"x", 1)
+    h.take()
+    for _ in range(5):
+        hang_up(h)
+        h.connect(session_present=True)
+    assert h.session.set_aside == [] and h.session.inflight == 1
+
+
+def poisoned(**config: object) -> Harness:
+    h = Harness(poison_after=1, **config)
+    h.connect(session_present=False)
+    h.session.publish("t", b"poison", 1)
+    h.session.publish("t", b"next", 1)
+    h.take()
+    hang_up(h)
+    return h
+
+
+def test_a_set_aside_message_can_be_retried_as_a_new_message_at_the_end() -> None:
+    h = poisoned()
+    h.session.publish("t", b"later", 1)
+    new_seq = h.session.retry_set_aside(1)
+    out = h.take()
+    assert new_seq == 4 and h.session.set_aside == []
+    assert isinstance(out.ops[-1], SetAsideRemoved)
+    assert [m.payload for m in h.journal.messages.values()] == [b"next", b"later", b"poison"]
+    assert h.journal.set_aside == {}
+    h.assert_journal_consistent()
+    with pytest.raises(KeyError):
+        h.session.retry_set_aside(1)
+
+
+def test_a_set_aside_message_can_be_discarded_and_stays_discarded_after_a_restart() -> None:
+    h = poisoned()
+    h.session.discard_set_aside(1)
+    h.take()
+    assert h.journal.set_aside == {} and h.session.set_aside == []
+    h.assert_journal_consistent()
+    assert h.restart().session.set_aside == []
+    with pytest.raises(KeyError):
+        h.session.discard_set_aside(1)

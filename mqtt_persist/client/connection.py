@@ -128,6 +128,8 @@ class ConnectionSupervisor:
         self._ready_once = False
         # Why the keepalive ended the current connection (its reader only sees a closed stream).
         self._connection_error: BaseException | None = None
+        # A write failed because the broker had closed its end of the current connection.
+        self._peer_hung_up = False
         self._on_granted_expiry = on_granted_expiry
         #: The protocol of the next connection attempt (``"auto"`` moves it to 3.1.1 for good
         #: once a broker shows that it does not speak MQTT 5).
@@ -230,6 +232,8 @@ class ConnectionSupervisor:
             await stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._log.debug("send failed: %r", exc)
+            if not isinstance(exc, anyio.ClosedResourceError):
+                self._peer_hung_up = True  # the broker closed its end
             await self.drop()
 
     async def drop(self) -> None:
@@ -252,11 +256,12 @@ class ConnectionSupervisor:
         )
         self._stream = stream
         self._version = version = self.next_protocol
+        self._peer_hung_up = False
+        error: Exception | None = None
         try:
             connected_at = anyio.current_time()
             self._generation = session.connect(connected_at, version)
             self._wake_flusher()
-            error: Exception | None = None
             async with anyio.create_task_group() as tasks:
                 # Caught here and re-raised below: inside the task group anyio would wrap it in
                 # an ExceptionGroup, and callers want the plain error.
@@ -280,8 +285,23 @@ class ConnectionSupervisor:
         finally:
             self._ready.clear()
             self._stream = None
-            session.connection_lost()
+            session.connection_lost(self._closed_by_broker_at(error))
             await _close_quietly(stream)
+
+    def _closed_by_broker_at(self, error: Exception | None) -> float | None:
+        """When the broker hung up on this connection (now), or None if it did not.
+
+        A broker hang-up is the stream ending or reset from its side (also noticed by a failed
+        write), or an MQTT 5 DISCONNECT; not our keepalive timeout, a protocol error, a CONNACK
+        that did not come, or our own close. The session counts prompt hang-ups against the
+        message that preceded them (poison messages, session/poison.py).
+        """
+        if self._closing() or self._connection_error is not None:
+            return None
+        peer = (ConnectionLost, ConnectionResetError, BrokenPipeError, anyio.BrokenResourceError)
+        if self._peer_hung_up or (isinstance(error, peer) and not isinstance(error, TimeoutError)):
+            return anyio.current_time()
+        return None
 
     async def _read_loop(
         self,

@@ -60,7 +60,7 @@ from mqtt_persist.protocol.packets import (
     Will,
 )
 from mqtt_persist.session.machine import ConnectionState, QueueFullPolicy, Session
-from mqtt_persist.session.state import StoredSubscription
+from mqtt_persist.session.state import SetAsideMessage, StoredSubscription
 from mqtt_persist.stores.base import SessionStore
 from mqtt_persist.stores.memory import MemoryStore
 from mqtt_persist.validation import (
@@ -102,6 +102,8 @@ class ClientStats:
     #: QoS 2 messages the broker acknowledged with PUBACK, i.e. took at QoS 1 (RabbitMQ
     #: downgrades QoS 2 this way); their deliveries resolve as ``DOWNGRADED``.
     downgraded: int = 0
+    #: Messages set aside as poison by this client (``poison_after``); see ``set_aside()``.
+    set_aside: int = 0
 
 
 class PersistentClient:
@@ -165,6 +167,10 @@ class PersistentClient:
         topic_alias_maximum: MQTT 5: how many topic aliases the broker may set up on a
             connection to this client (0: none); aliases are resolved before ``messages``.
         logger: log through this logger's name instead of ``"mqtt_persist"``.
+        poison_after: when the broker closed the connection right after the same message was
+            sent this many times in a row, the message is *set aside*: kept in the store, not
+            sent again, its delivery resolved ``SET_ASIDE`` (nats-server closes the connection
+            on a PUBLISH it will not take). See :meth:`set_aside`. 0: never.
     """
 
     def __init__(
@@ -197,6 +203,7 @@ class PersistentClient:
         max_packet_size: int | None = None,
         topic_alias_maximum: int = 16,
         logger: logging.Logger | None = None,
+        poison_after: int = 3,
     ) -> None:
         options = ClientOptions(
             hostname=hostname,
@@ -225,6 +232,7 @@ class PersistentClient:
             max_packet_size=max_packet_size,
             topic_alias_maximum=topic_alias_maximum,
             logger_name=logger.name if logger else LOGGER_NAME,
+            poison_after=poison_after,
         )
         self._options = options
         self.hostname = hostname
@@ -465,12 +473,50 @@ class PersistentClient:
                 f"outgoing queue is full ({options.max_queued} messages waiting); message refused"
             )
         seq = session.publish(topic, data, qos, retain, props, expires_at)
+        return await self._track(parts, seq, topic, qos)
+
+    async def _track(self, parts: _Running, seq: int, topic: str, qos: int) -> Delivery:
+        """The delivery of the message ``seq`` just accepted, once it is stored."""
         delivery = Delivery(seq, topic, qos)
         parts.dispatcher.deliveries[seq] = delivery
-        flusher.wake.set()
+        parts.flusher.wake.set()
         if qos and self._storage.durable:
-            await flusher.committed()
+            await parts.flusher.committed()
         return delivery
+
+    # --- poison messages (session/poison.py) ---------------------------------------------------
+
+    def set_aside(self) -> list[SetAsideMessage]:
+        """Messages set aside as poison, in publish order (see ``poison_after``).
+
+        Each has the message (``.message``: seq, topic, payload, qos, ...), why it was set
+        aside (``.reason``) and when (``.at``, Unix time). They stay in the store, never sent,
+        until :meth:`retry_set_aside` or :meth:`discard_set_aside`.
+        """
+        return self._require_open().session.set_aside
+
+    async def retry_set_aside(self, seq: int) -> Delivery:
+        """Publish the set-aside message ``seq`` again, as a new message at the end of the
+        queue; returns its delivery once stored. InvalidInput if ``seq`` is not set aside."""
+        parts = self._require_open()
+        message = next((a.message for a in parts.session.set_aside if a.message.seq == seq), None)
+        if message is None:
+            raise InvalidInput(f"no set-aside message with seq {seq}")
+        new_seq = parts.session.retry_set_aside(seq)
+        return await self._track(parts, new_seq, message.topic, message.qos)
+
+    async def discard_set_aside(self, seq: int) -> None:
+        """Delete the set-aside message ``seq`` from the store for good (once committed).
+
+        InvalidInput if ``seq`` is not set aside.
+        """
+        parts = self._require_open()
+        try:
+            parts.session.discard_set_aside(seq)
+        except KeyError:
+            raise InvalidInput(f"no set-aside message with seq {seq}") from None
+        parts.flusher.wake.set()
+        await parts.flusher.committed()
 
     @staticmethod
     def _check_fits(
@@ -711,6 +757,7 @@ class PersistentClient:
             expired=session.expired,
             refused=session.refused,
             downgraded=session.downgraded,
+            set_aside=session.set_aside_count,
         )
 
     def _require_open(self) -> _Running:

@@ -58,12 +58,14 @@ from mqtt_persist.session.config import NEVER_EXPIRES, QueueFullPolicy, SessionC
 from mqtt_persist.session.events import ConnectionReady, ConnectRefused, Notice
 from mqtt_persist.session.inbound import InboundFlows
 from mqtt_persist.session.outbound import OutboundFlows
-from mqtt_persist.session.outgoing_queue import OutgoingQueue, to_stored
+from mqtt_persist.session.outgoing_queue import OutgoingQueue, from_stored, to_stored
 from mqtt_persist.session.output import Outbox, PendingOutput
 from mqtt_persist.session.packet_ids import PacketIdAllocator
+from mqtt_persist.session.poison import PoisonGuard
 from mqtt_persist.session.state import (
     ProtocolVersionSet,
     SessionState,
+    SetAsideMessage,
     StoredMessage,
     StoredSubscription,
 )
@@ -110,6 +112,9 @@ class Session:
         self._ids = PacketIdAllocator()
         self._queue = OutgoingQueue(config, self._out)
         self._outbound = OutboundFlows(config, self._ids, self._out, self._queue, clock)
+        self._poison = PoisonGuard(
+            self._outbound, self._out, after=config.poison_after, window=config.poison_window
+        )
         #: What the current (or last) connection allows.
         self.terms: ConnectionTerms = initial_terms(config, config.protocol_version)
         self._inbound = InboundFlows(self._out)
@@ -127,6 +132,8 @@ class Session:
         self._lost_requeued = 0
         self._lost_in_doubt = 0
         self._last_sent = 0.0
+        # Whether the broker sent anything after our last write (poison messages).
+        self._heard_since_sent = False
         self._ping_sent_at: float | None = None
         #: The protocol level the stored session was made with (None: never connected).
         self._stored_protocol: int | None = None
@@ -170,6 +177,7 @@ class Session:
             )
         self._queue.restore(state)
         self._outbound.restore(state)
+        self._poison.restore(state)
         self._inbound.qos2_received = set(state.inbound_qos2)
         self._subscriptions.restore(state)
         self._stored_protocol = state.protocol_version
@@ -186,6 +194,7 @@ class Session:
             inbound_qos2=set(self._inbound.qos2_received),
             subscriptions=dict(self._subscriptions.wanted),
             pending_unsubscribes=set(self._subscriptions.pending_unsubscribes),
+            set_aside=dict(self._poison.set_aside),
             protocol_version=self._stored_protocol,
         )
 
@@ -247,6 +256,33 @@ class Session:
         return self._outbound.downgraded
 
     @property
+    def set_aside_count(self) -> int:
+        """Messages this session set aside as poison (see poison.py)."""
+        return self._poison.count
+
+    @property
+    def set_aside(self) -> list[SetAsideMessage]:
+        """Messages set aside (poison messages), in sequence order: kept, never sent by
+        themselves; :meth:`discard_set_aside` or :meth:`retry_set_aside` ends that."""
+        return [self._poison.set_aside[seq] for seq in sorted(self._poison.set_aside)]
+
+    def discard_set_aside(self, seq: int) -> None:
+        """Drop a set-aside message for good (``SetAsideRemoved``); KeyError if unknown."""
+        self._poison.take(seq)
+
+    def retry_set_aside(self, seq: int) -> int:
+        """Publish a set-aside message again, as a new message at the end of the queue.
+
+        Returns its new sequence number; KeyError if ``seq`` is not set aside. The new
+        message is added before the old one is removed, in the same batch.
+        """
+        aside = self._poison.set_aside[seq]
+        m = from_stored(aside.message)
+        new_seq = self.publish(m.topic, m.payload, m.qos, m.retain, m.properties, m.expires_at)
+        self._poison.take(seq)
+        return new_seq
+
+    @property
     def requeued(self) -> int:
         """Messages published again as new because a broker lost the session."""
         return self._outbound.requeued
@@ -282,6 +318,7 @@ class Session:
         outbox = Outbox(out.ops, out.packets, out.events, self.generation)
         if out.packets:
             self._last_sent = now
+            self._heard_since_sent = False
         # Always fresh lists: the outbox must not share one with what comes after it, or a
         # packet produced while the shell awaits the commit would ride out with this batch.
         out.ops = []
@@ -407,8 +444,18 @@ class Session:
         if self._connection_state is not ConnectionState.DISCONNECTED:
             self._out.packets.append(Disconnect())
 
-    def connection_lost(self) -> None:
-        """The transport closed. Everything not acknowledged is resent on the next connect."""
+    def connection_lost(self, closed_by_broker_at: float | None = None) -> None:
+        """The transport closed. Everything not acknowledged is resent on the next connect.
+
+        ``closed_by_broker_at``: the time (the clock of :meth:`take`) at which the broker
+        closed the connection, if it did (not a keepalive timeout, a protocol error or our own
+        close): a broker hanging up right after a message counts against it (poison.py).
+        """
+        if self._connection_state is ConnectionState.READY and closed_by_broker_at is not None:
+            quiet = None if self._heard_since_sent else closed_by_broker_at - self._last_sent
+            self._poison.connection_ended(quiet_for=quiet)
+        elif self._connection_state is ConnectionState.READY:
+            self._poison.connection_ended(quiet_for=None)
         self._fire(Trigger.CONNECTION_LOST)
         # Packets produced for the dead connection are dropped by generation in the shell.
         self._out.packets = []
@@ -450,6 +497,7 @@ class Session:
         """Consume one decoded packet; ProtocolError if the connection state does not accept it."""
         # Any packet proves the link alive; a PINGRESP is not required specifically.
         self._ping_sent_at = None
+        self._heard_since_sent = True
         handler = self._accepts.get(type(packet))
         if handler is None:
             name = type(packet).__name__.upper()

@@ -333,7 +333,7 @@ class OutboundFlows:
         packet_id: int = message.packet_id  # type: ignore[assignment]
         if message.qos == 1:
             # The broker keeps nothing of a QoS 1 flow it did not answer: just forget it.
-            self._end_flow(packet_id)
+            self.end_flow(packet_id)
             self._drop_expired(message)
             return
         # QoS 2: the broker may hold this packet ID from the first send, and a new message
@@ -395,7 +395,7 @@ class OutboundFlows:
         reason = self._unsendable_reason(message)
         if reason is None:
             return False
-        self._end_flow(message.packet_id)  # type: ignore[arg-type]
+        self.end_flow(message.packet_id)  # type: ignore[arg-type]
         self._refuse(message, *reason)
         return True
 
@@ -513,7 +513,7 @@ class OutboundFlows:
         self._finish(packet_id)
 
     def _finish_expired_release(self, packet_id: int, reason_code: int) -> None:
-        message = self._end_flow(packet_id)
+        message = self.end_flow(packet_id)
         if reason_code == ReasonCode.PACKET_IDENTIFIER_NOT_FOUND:
             outcome = DeliveryOutcome.EXPIRED  # the broker never had it: nothing was delivered
             self.expired += 1
@@ -527,12 +527,20 @@ class OutboundFlows:
         self._window_freed()
 
     def _refused_by_broker(self, packet_id: int, code: int, reason_string: str | None) -> None:
-        message = self._end_flow(packet_id)
+        message = self.end_flow(packet_id)
         kind = PacketType.PUBACK if message.qos == 1 else PacketType.PUBREC
         self._refuse(message, code, reason_string or describe_reason_code(code, kind))
         self._window_freed()
 
-    def _end_flow(self, packet_id: int) -> OutgoingMessage:
+    def keep_id_reserved(self, packet_id: int) -> None:
+        """Keep ``packet_id`` out of use for this process (the broker may still hold it)."""
+        self._ids.reserve(packet_id)
+
+    def clock(self) -> float:
+        """The Unix time, from the session's clock."""
+        return self._clock()
+
+    def end_flow(self, packet_id: int) -> OutgoingMessage:
         """Take a flow out of the window and free its packet ID."""
         message = self.inflight.pop(packet_id)
         self.qos2_inflight -= message.qos == 2
