@@ -98,6 +98,7 @@ class Harness:
             "max_inflight_qos2": c.max_inflight_qos2,
             "keepalive": c.keepalive,
             "queue_memory_limit": c.queue_memory_limit,
+            "poison_after": c.poison_after,
         }
 
     def assert_store_consistent(self) -> None:
@@ -513,7 +514,9 @@ _actions = st.lists(
 def test_any_event_sequence_replays_to_the_same_state(
     actions: list[tuple[object, ...]], memory_limit: int
 ) -> None:
-    h = Harness(max_inflight=3, max_inflight_qos2=2, queue_memory_limit=memory_limit)
+    h = Harness(
+        max_inflight=3, max_inflight_qos2=2, queue_memory_limit=memory_limit, poison_after=2
+    )
     h.connect(session_present=False)
     sent_order: dict[str, list[bytes]] = {}
     counter = 0
@@ -549,7 +552,12 @@ def test_any_event_sequence_replays_to_the_same_state(
         elif kind == "drop":
             s.connection_lost()
         elif kind == "hangup":
+            # The broker hangs up right after a write, and the client is straight back.
             s.connection_lost(h.now)
+            h.take()
+            s.connect(h.now)
+            h.take()
+            s.receive(ConnAck(True, 0))
         elif kind == "downgrade" and s.connection_state is ConnectionState.READY:
             qos2 = [i for i, o in s._outbound.inflight.items() if o.qos == 2 and not o.released]
             if qos2:
