@@ -39,6 +39,7 @@ from mqtt_persist.errors import (
     SessionLocked,
     StoreError,
     SubscriptionRefused,
+    SubscriptionSuperseded,
     UnsupportedFormatVersion,
 )
 from mqtt_persist.message import DeliveryOutcome, Message
@@ -108,6 +109,7 @@ __all__ = [
     "SubscribeRequest",
     "SubscriptionOptions",
     "SubscriptionRefused",
+    "SubscriptionSuperseded",
     "UnsubscribeRequest",
     "UnsupportedFormatVersion",
     "Will",

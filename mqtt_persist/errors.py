@@ -118,6 +118,19 @@ class SubscriptionRefused(MqttPersistError):
         self.reason_codes: dict[str, int] = dict(reason_codes or {})
 
 
+class SubscriptionSuperseded(MqttPersistError):
+    """A ``subscribe()`` was replaced by a later ``unsubscribe()`` or ``subscribe()`` of the same
+    filter before the broker answered it: the broker did not refuse anything, the application
+    changed its mind. What the session wants now is the later call's.
+
+    ``filters`` are the filters of the call that were superseded.
+    """
+
+    def __init__(self, message: str, *, filters: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.filters: list[str] = list(filters or [])
+
+
 class StoreError(MqttPersistError):
     """A session store failed to read or write."""
 

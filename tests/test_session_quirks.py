@@ -23,9 +23,18 @@ from mqtt_persist.protocol.packets import (
     Publish,
     PubRec,
     PubRel,
+    SubAck,
+    Subscribe,
 )
 from mqtt_persist.protocol.reason_codes import ReasonCode
-from mqtt_persist.session.events import Anomaly, Notice, PublishRefused
+from mqtt_persist.session.events import (
+    SUBSCRIPTION_SUPERSEDED,
+    Anomaly,
+    ConnectionReady,
+    Notice,
+    PublishRefused,
+    SubscribeCompleted,
+)
 from mqtt_persist.session.machine import Outbox
 from mqtt_persist.session.state import MessageSetAside, SetAsideRemoved
 from tests.test_session import Harness, completed, publishes
@@ -356,3 +365,69 @@ def test_a_set_aside_message_can_be_discarded_and_stays_discarded_after_a_restar
     assert h.restart().session.set_aside == []
     with pytest.raises(KeyError):
         h.session.discard_set_aside(1)
+
+
+# --- truthful outcomes: superseded subscribes, a fresh session asked for ------------------------
+
+
+def test_unsubscribe_before_suback_supersedes_the_subscribe_not_refuses_it() -> None:
+    h = Harness()
+    h.connect(session_present=False)
+    token = h.session.subscribe([("a", 1), ("b", 1)])
+    (sub,) = h.take().packets
+    out = h.feed()
+    h.session.unsubscribe(["a"])
+    out = h.take()
+    assert not any(isinstance(e, SubscribeCompleted) for e in out.events)  # "b" still waits
+    out = h.feed(SubAck(sub.packet_id, [1, 1]))  # type: ignore[union-attr]
+    assert SubscribeCompleted(token, (SUBSCRIPTION_SUPERSEDED, 1)) in out.events
+    assert set(h.journal.subscriptions) == {"b"}
+    h.assert_journal_consistent()
+
+
+def test_each_subscribe_of_a_filter_on_the_wire_is_answered_by_its_own_suback() -> None:
+    h = Harness()
+    h.connect(session_present=False)
+    first = h.session.subscribe([("a", 0)])
+    second = h.session.subscribe([("a", 2)])
+    one, two = h.take().packets
+    out = h.feed(SubAck(one.packet_id, [0]))  # type: ignore[union-attr]
+    assert [e for e in out.events if isinstance(e, SubscribeCompleted)] == [
+        SubscribeCompleted(first, (0,))
+    ]
+    out = h.feed(SubAck(two.packet_id, [2]))  # type: ignore[union-attr]
+    assert SubscribeCompleted(second, (2,)) in out.events
+    assert h.journal.subscriptions["a"].qos == 2 and h.journal.subscriptions["a"].confirmed
+
+
+def test_a_subscribe_replaced_while_offline_or_lost_with_its_connection_is_superseded() -> None:
+    h = Harness()
+    offline = h.session.subscribe([("a", 0)])
+    latest = h.session.subscribe([("a", 1)])
+    out = h.take()
+    assert SubscribeCompleted(offline, (SUBSCRIPTION_SUPERSEDED,)) in out.events
+    out = h.connect(session_present=True)
+    (sub,) = [p for p in out.packets if isinstance(p, Subscribe)]
+    assert list(sub.subscriptions) == [("a", 1)]
+    on_wire = h.session.subscribe([("a", 2)])
+    h.take()
+    h.session.connection_lost()  # both SUBACKs die with the connection; only qos 2 is wanted
+    out = h.take()
+    assert SubscribeCompleted(latest, (SUBSCRIPTION_SUPERSEDED,)) in out.events
+    out = h.connect(session_present=True)
+    (sub,) = [p for p in out.packets if isinstance(p, Subscribe)]
+    out = h.feed(SubAck(sub.packet_id, [2]))
+    assert SubscribeCompleted(on_wire, (2,)) in out.events
+
+
+@pytest.mark.parametrize("clean_session", [True, False])
+def test_connection_ready_says_whether_a_fresh_session_was_asked_for(clean_session: bool) -> None:
+    h = Harness(clean_session=clean_session)
+    h.connect(session_present=False)
+    h.session.publish("t", b"x", 1)
+    h.take()
+    h.session.connection_lost()
+    h.take()
+    out = h.connect(session_present=False)
+    (ready,) = [e for e in out.events if isinstance(e, ConnectionReady)]
+    assert ready == ConnectionReady(False, 1, 0, clean_start=clean_session)

@@ -601,6 +601,11 @@ class Session:
         # are continuous", "order"), before anything new enters the window.
         self._outbound.resume()
         self._out.events.append(
-            ConnectionReady(session_present, self._lost_requeued, self._lost_in_doubt)
+            ConnectionReady(
+                session_present,
+                self._lost_requeued,
+                self._lost_in_doubt,
+                clean_start=self.config.clean_session,
+            )
         )
         self._outbound.pump()

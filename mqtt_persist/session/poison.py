@@ -30,7 +30,7 @@ without an ID); the allocator's rotation keeps it out of use for a long while an
 from __future__ import annotations
 
 from mqtt_persist.message import DeliveryOutcome
-from mqtt_persist.session.events import Notice, PublishCompleted
+from mqtt_persist.session.events import Anomaly, Notice, PublishCompleted
 from mqtt_persist.session.outbound import OutboundFlows
 from mqtt_persist.session.outgoing_queue import OutgoingMessage, to_stored
 from mqtt_persist.session.output import PendingOutput
@@ -86,6 +86,15 @@ class PoisonGuard:
         if self.strikes >= self.after:
             self._set_aside(suspect)
             self.suspect, self.strikes = None, 0
+            return
+        self._out.events.append(
+            Anomaly(
+                f"the broker closed the connection right after message seq {suspect.seq} "
+                f"(topic {suspect.topic!r}, QoS {suspect.qos}, packet ID {suspect.packet_id}) "
+                f"was sent, without answering it: {self.strikes} of {self.after} times in a "
+                "row before it is set aside"
+            )
+        )
 
     def _oldest_unanswered(self) -> OutgoingMessage | None:
         """The oldest PUBLISH written on this connection and not answered, if any."""
