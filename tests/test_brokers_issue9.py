@@ -35,7 +35,7 @@ from mqtt_persist import (
 )
 from tests.support.nats import NatsServer
 from tests.support.observer import PahoObserver
-from tests.support.proxy import ProxyFactory
+from tests.support.proxy import FaultProxy, ProxyFactory
 from tests.support.rabbitmq import RabbitMQBroker
 from tests.support.waiting import until
 
@@ -180,6 +180,18 @@ async def test_rabbitmq_qos2_deliveries_resolve_as_downgraded_and_are_counted(
         assert client.stats.downgraded == 3 and client.stats.inflight == 0
 
 
+def client_for(proxy: FaultProxy, client_id: str, store_path: Path) -> PersistentClient:
+    # MQTT 3.1.1 from the start: no MQTT 5 probe, so every connection counted is one we mean.
+    return PersistentClient(
+        proxy.host,
+        proxy.port,
+        client_id=client_id,
+        store=FileStore(store_path),
+        backoff=FAST,
+        protocol=ProtocolVersion.V311,
+    )
+
+
 @pytest.mark.nats
 async def test_nats_poison_message_is_set_aside_with_its_outcome_and_stays_aside_on_restart(
     nats_broker: NatsServer,
@@ -194,14 +206,7 @@ async def test_nats_poison_message_is_set_aside_with_its_outcome_and_stays_aside
     proxy = await proxy_factory(nats_broker.address)
     client_id = unique("aside")
     store_path = tmp_path / "sessions"
-    async with PersistentClient(
-        proxy.host,
-        proxy.port,
-        client_id=client_id,
-        store=FileStore(store_path),
-        backoff=FAST,
-        protocol=ProtocolVersion.V311,  # no MQTT 5 probe: every connection below is counted
-    ) as client:
+    async with client_for(proxy, client_id, store_path) as client:
         await client.wait_connected(15)
         poison = await client.publish(f"{topic}/bad topic", b"refused", qos=1)
         with anyio.fail_after(20):
@@ -213,16 +218,11 @@ async def test_nats_poison_message_is_set_aside_with_its_outcome_and_stays_aside
         after_first_run = proxy.total_connections
         # Three connections struck it, the fourth carried on without it.
         assert after_first_run == 4
-    logged = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    logged = [r.getMessage() for r in caplog.records if ") set aside:" in r.getMessage()]
     assert len(logged) == 1 and "bad topic" in logged[0] and "packet ID" in logged[0]
-    async with PersistentClient(
-        proxy.host,
-        proxy.port,
-        client_id=client_id,
-        store=FileStore(store_path),
-        backoff=FAST,
-        protocol=ProtocolVersion.V311,  # no MQTT 5 probe: every connection below is counted
-    ) as client:
+    strikes = [r.getMessage() for r in caplog.records if "times in a row before" in r.getMessage()]
+    assert len(strikes) == 2  # the first two hang-ups, each named as what the broker did
+    async with client_for(proxy, client_id, store_path) as client:
         await client.wait_connected(15)
         ok = await client.publish(f"{topic}/ok", b"fine", qos=1)
         with anyio.fail_after(10):

@@ -562,12 +562,12 @@ def test_any_event_sequence_replays_to_the_same_state(
             qos2 = [i for i, o in s._outbound.inflight.items() if o.qos == 2 and not o.released]
             if qos2:
                 s.receive(PubAck(qos2[action[1] % len(qos2)]))  # type: ignore[operator]
-        elif kind == "aside" and s.set_aside:
-            seq = s.set_aside[0].message.seq
+        elif kind == "aside" and s.poison.listing():
+            seq = s.poison.listing()[0].message.seq
             if action[1]:
                 s.retry_set_aside(seq)
             else:
-                s.discard_set_aside(seq)
+                s.poison.take(seq)
         elif kind == "reconnect":
             s.connection_lost()
             h.take()

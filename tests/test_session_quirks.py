@@ -230,7 +230,8 @@ def test_a_message_the_broker_hangs_up_on_is_set_aside_and_the_rest_go_on_in_ord
     assert "'bad topic'" in notice and f"packet ID {poison_id}" in notice
     assert isinstance(out.ops[-1], MessageSetAside)
     assert 1 not in h.journal.messages and h.journal.set_aside[1].message.packet_id is None
-    assert h.session.set_aside_count == 1 and [a.message.seq for a in h.session.set_aside] == [1]
+    assert h.session.poison.count == 1
+    assert [a.message.seq for a in h.session.poison.listing()] == [1]
     assert not h.session._ids.in_use(poison_id)  # type: ignore[arg-type]
     h.assert_journal_consistent()
     # The next connection resends the others, in order, and nothing else.
@@ -242,7 +243,7 @@ def test_a_message_the_broker_hangs_up_on_is_set_aside_and_the_rest_go_on_in_ord
     assert done == {2: ACK, 3: ACK, 4: ACK}
     # A restart keeps the set-aside message, aside.
     h = h.restart()
-    assert [a.message.payload for a in h.session.set_aside] == [b"poison"]
+    assert [a.message.payload for a in h.session.poison.listing()] == [b"poison"]
     assert publishes(h.connect(session_present=True)) == []
     h.assert_journal_consistent()
 
@@ -281,9 +282,9 @@ def test_only_consecutive_prompt_hang_ups_on_the_same_message_count(ending: str)
         h.session.publish("t", b"other", 1)
         h.take()
         hang_up(h)  # strikes "other" once
-        assert h.session._poison.suspect == 2 and h.session._poison.strikes == 1
+        assert h.session.poison.suspect == 2 and h.session.poison.strikes == 1
     h.take()
-    assert h.session.set_aside == []
+    assert h.session.poison.listing() == []
     # The count started again: two more prompt hang-ups do not set anything aside yet (one
     # for "other", whose first strike was the third connection's).
     for _ in range(1 if ending == "another message first" else 2):
@@ -329,7 +330,7 @@ def test_poison_after_zero_never_sets_aside() -> None:
     for _ in range(5):
         hang_up(h)
         h.connect(session_present=True)
-    assert h.session.set_aside == [] and h.session.inflight == 1
+    assert h.session.poison.listing() == [] and h.session.inflight == 1
 
 
 def poisoned(**config: object) -> Harness:
@@ -347,7 +348,7 @@ def test_a_set_aside_message_can_be_retried_as_a_new_message_at_the_end() -> Non
     h.session.publish("t", b"later", 1)
     new_seq = h.session.retry_set_aside(1)
     out = h.take()
-    assert new_seq == 4 and h.session.set_aside == []
+    assert new_seq == 4 and h.session.poison.listing() == []
     assert isinstance(out.ops[-1], SetAsideRemoved)
     assert [m.payload for m in h.journal.messages.values()] == [b"next", b"later", b"poison"]
     assert h.journal.set_aside == {}
@@ -358,13 +359,13 @@ def test_a_set_aside_message_can_be_retried_as_a_new_message_at_the_end() -> Non
 
 def test_a_set_aside_message_can_be_discarded_and_stays_discarded_after_a_restart() -> None:
     h = poisoned()
-    h.session.discard_set_aside(1)
+    h.session.poison.take(1)
     h.take()
-    assert h.journal.set_aside == {} and h.session.set_aside == []
+    assert h.journal.set_aside == {} and h.session.poison.listing() == []
     h.assert_journal_consistent()
-    assert h.restart().session.set_aside == []
+    assert h.restart().session.poison.listing() == []
     with pytest.raises(KeyError):
-        h.session.discard_set_aside(1)
+        h.session.poison.take(1)
 
 
 # --- truthful outcomes: superseded subscribes, a fresh session asked for ------------------------

@@ -34,6 +34,7 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
+from mqtt_persist.backoff import AttemptBudget
 from mqtt_persist.client.options import ClientOptions
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.errors import (
@@ -95,7 +96,16 @@ _READ_SIZE = 65536
 
 
 class _NotMqtt5(Exception):
-    """The broker refused an MQTT 5 CONNECT in a way that says it does not speak MQTT 5."""
+    """The broker refused an MQTT 5 CONNECT in a way that says it does not speak MQTT 5.
+
+    ``definite``: it said so (CONNACK "unacceptable protocol version" / 0x84). Otherwise it
+    closed the connection without answering, which a broker that only speaks 3.1.1 does
+    (RabbitMQ 3.10) and so does one that was going down anyway: the next attempt probes 3.1.1.
+    """
+
+    def __init__(self, text: str, *, definite: bool) -> None:
+        super().__init__(text)
+        self.definite = definite
 
 
 class ConnectionSupervisor:
@@ -130,6 +140,15 @@ class ConnectionSupervisor:
         self._connection_error: BaseException | None = None
         # A write failed because the broker had closed its end of the current connection.
         self._peer_hung_up = False
+        # The current (or last) connection: when it became READY, whether the broker sent
+        # anything after that, whether CONNACK accepted it, and when it ended.
+        self._ready_at: float | None = None
+        self._heard_after_ready = False
+        self._connack_accepted = False
+        self._ended_at = 0.0
+        # "auto": "pending" after an MQTT 5 CONNECT closed unanswered, "probing" while the
+        # MQTT 3.1.1 attempt that follows runs (see _settle_probe).
+        self._probe: str | None = None
         self._on_granted_expiry = on_granted_expiry
         #: The protocol of the next connection attempt (``"auto"`` moves it to 3.1.1 for good
         #: once a broker shows that it does not speak MQTT 5).
@@ -140,15 +159,31 @@ class ConnectionSupervisor:
     # --- the two ways to run -----------------------------------------------------------------
 
     async def supervise(self) -> None:
-        """reconnect=True: connect, and after every loss connect again with backoff."""
+        """reconnect=True: connect, and after every loss connect again with backoff.
+
+        The delay grows with every attempt and starts from ``backoff.initial`` again only
+        after a connection that stayed up ``backoff.reset_after`` seconds and heard from the
+        broker after CONNACK (:meth:`_was_stable`); ``backoff.max_per_minute`` caps attempts.
+        """
         options = self._options
         attempt = 0
+        budget = AttemptBudget(options.backoff.max_per_minute)
         while not self._closing():
+            wait = budget.wait(anyio.current_time())
+            if wait > 0:
+                self._log.warning(
+                    "%d connection attempts in the last minute (Backoff.max_per_minute); "
+                    "waiting %.1fs before the next",
+                    options.backoff.max_per_minute,
+                    wait,
+                )
+                await anyio.sleep(wait)
+            budget.started(anyio.current_time())
             try:
                 await self._connect_once()
             except _NotMqtt5 as exc:
                 self._fall_back(exc)
-                continue  # at once: the broker is there, it only wants 3.1.1
+                continue  # at once: the broker is there, it may only want 3.1.1
             except ConnectionRefused as exc:
                 if self._fatal_refusal(exc):
                     self._fail(exc)
@@ -169,9 +204,11 @@ class ConnectionSupervisor:
                 self._log.info(
                     "connection to %s:%d lost: %s", options.hostname, options.port, describe(reason)
                 )
+            finally:
+                self._settle_probe()
             if self._closing():
                 return
-            if self._ready_once:
+            if self._was_stable():
                 attempt = 0
             delay = options.backoff.delay(attempt)
             attempt += 1
@@ -203,7 +240,41 @@ class ConnectionSupervisor:
 
     def _fall_back(self, reason: _NotMqtt5) -> None:
         self.next_protocol = MQTT_3_1_1
-        self._log.info("the broker does not speak MQTT 5 (%s); using MQTT 3.1.1", reason)
+        if reason.definite:
+            self._probe = None
+            self._log.info("the broker does not speak MQTT 5 (%s); using MQTT 3.1.1", reason)
+        else:
+            self._probe = "pending"
+            self._log.info("the broker may not speak MQTT 5 (%s); trying MQTT 3.1.1", reason)
+
+    def _settle_probe(self) -> None:
+        """After the MQTT 3.1.1 attempt that followed an unanswered MQTT 5 CONNECT.
+
+        Accepted: the broker closed 5 and took 3.1.1 right after, so it does not speak 5;
+        3.1.1 it is, for the client's lifetime. Not accepted (no CONNACK either, the broker
+        unreachable): the close said nothing about the protocol; the next attempt speaks 5.
+        """
+        if self._probe != "probing":
+            return
+        self._probe = None
+        if self._connack_accepted:
+            self._log.info(
+                "the broker closed an MQTT 5 CONNECT unanswered and accepted MQTT 3.1.1 at "
+                "once: it does not speak MQTT 5; using MQTT 3.1.1"
+            )
+        else:
+            self.next_protocol = MQTT_5
+            self._log.debug("MQTT 3.1.1 was not accepted either; the next attempt speaks MQTT 5")
+
+    def _was_stable(self) -> bool:
+        """The last connection stayed up ``backoff.reset_after`` seconds after READY and the
+        broker sent something after CONNACK: a CONNACK alone does not reset the backoff."""
+        ready_at = self._ready_at
+        return (
+            ready_at is not None
+            and self._heard_after_ready
+            and self._ended_at - ready_at >= self._options.backoff.reset_after
+        )
 
     def _fatal_refusal(self, exc: ConnectionRefused) -> bool:
         if self._version == MQTT_5 and exc.return_code >= 0x80:
@@ -251,6 +322,10 @@ class ConnectionSupervisor:
         session, options = self._session, self._options
         self._ready_once = False
         self._connection_error = None
+        self._ready_at = None
+        self._heard_after_ready = self._connack_accepted = False
+        if self._probe == "pending":
+            self._probe = "probing"
         stream = await open_stream(
             options.hostname, options.port, tls=options.tls, timeout=options.connect_timeout
         )
@@ -283,6 +358,7 @@ class ConnectionSupervisor:
             if error is not None:
                 raise error
         finally:
+            self._ended_at = anyio.current_time()
             self._ready.clear()
             self._stream = None
             session.connection_lost(self._closed_by_broker_at(error))
@@ -323,13 +399,19 @@ class ConnectionSupervisor:
                 data = await stream.receive(_READ_SIZE)
             except anyio.EndOfStream:
                 if awaiting_connack and version == MQTT_5 and options.protocol == "auto":
-                    raise _NotMqtt5("it closed the connection without answering CONNECT") from None
+                    raise _NotMqtt5(
+                        "it closed the connection without answering an MQTT 5 CONNECT",
+                        definite=False,
+                    ) from None
                 raise ConnectionLost("the broker closed the connection") from None
             for packet in decoder.feed(data):
                 session.receive(packet)
                 if session.connection_state is ConnectionState.DISCONNECTED:
                     raise self._refusal(packet)
+            if started:
+                self._heard_after_ready = True
             if awaiting_connack and session.connection_state is not ConnectionState.CONNECTING:
+                self._connack_accepted = True
                 awaiting_connack = False
                 connack_deadline.deadline = math.inf
                 if session.terms.keepalive:
@@ -340,6 +422,7 @@ class ConnectionSupervisor:
             if not started and session.connection_state is ConnectionState.READY:
                 started = True
                 self._ready_once = True
+                self._ready_at = anyio.current_time()
                 task_status.started()
             wake_flusher()
 
@@ -377,7 +460,7 @@ class ConnectionSupervisor:
                 )
                 auto = self._options.protocol == "auto"
                 if auto and self._version == MQTT_5 and code in unsupported:
-                    return _NotMqtt5(f"CONNACK {text}")
+                    return _NotMqtt5(f"CONNACK {text}", definite=True)
                 return ConnectionRefused(code, text, reason_string=props.reason_string)
             case _:  # the session leaves a connection by itself on nothing else
                 return ProtocolError(f"the session dropped the connection at {packet!r}")

@@ -140,7 +140,9 @@ class PersistentClient:
             ``"error"`` (raise :class:`QueueFull`) or ``"drop_oldest"`` (counted and logged).
         max_payload_size: refuse larger payloads (default: the protocol limit).
         will: the message the broker publishes if this client vanishes.
-        backoff: reconnect delays (default ``Backoff()``: 0.5 s doubling to 30 s, full jitter).
+        backoff: reconnect delays (default ``Backoff()``: 0.5 s doubling to 30 s, full jitter;
+            back to 0.5 s only after a connection that stayed up 10 s and heard from the
+            broker, not after a bare CONNACK; at most 30 connection attempts a minute).
         connect_timeout: seconds for TCP/TLS connect and for CONNACK.
         queue_memory_limit: queued messages held in memory (0: all); the rest are read back
             from the store when due, so memory stays flat however long the queue grows.
@@ -154,7 +156,8 @@ class PersistentClient:
         protocol: ``ProtocolVersion.V5``, ``ProtocolVersion.V311``, or ``"auto"`` (the
             default): MQTT 5, and MQTT 3.1.1 from the moment a broker shows it does not speak 5
             (it answers the MQTT 5 CONNECT with "unacceptable protocol version", or closes the
-            connection without answering). :attr:`protocol_version` tells which one is in use.
+            connection without answering and then accepts a 3.1.1 CONNECT at once).
+            :attr:`protocol_version` tells which one is in use.
             On MQTT 5 ``clean_session`` and ``session_expiry`` become Clean Start and the
             Session Expiry Interval, the broker's Receive Maximum bounds the in-flight window
             (in place of ``max_inflight_qos2``), and publish properties, subscription options,
@@ -493,15 +496,16 @@ class PersistentClient:
         aside (``.reason``) and when (``.at``, Unix time). They stay in the store, never sent,
         until :meth:`retry_set_aside` or :meth:`discard_set_aside`.
         """
-        return self._require_open().session.set_aside
+        return self._require_open().session.poison.listing()
 
     async def retry_set_aside(self, seq: int) -> Delivery:
         """Publish the set-aside message ``seq`` again, as a new message at the end of the
         queue; returns its delivery once stored. InvalidInput if ``seq`` is not set aside."""
         parts = self._require_open()
-        message = next((a.message for a in parts.session.set_aside if a.message.seq == seq), None)
-        if message is None:
+        aside = parts.session.poison.set_aside.get(seq)
+        if aside is None:
             raise InvalidInput(f"no set-aside message with seq {seq}")
+        message = aside.message
         new_seq = parts.session.retry_set_aside(seq)
         return await self._track(parts, new_seq, message.topic, message.qos)
 
@@ -512,7 +516,7 @@ class PersistentClient:
         """
         parts = self._require_open()
         try:
-            parts.session.discard_set_aside(seq)
+            parts.session.poison.take(seq)
         except KeyError:
             raise InvalidInput(f"no set-aside message with seq {seq}") from None
         parts.flusher.wake.set()
@@ -757,7 +761,7 @@ class PersistentClient:
             expired=session.expired,
             refused=session.refused,
             downgraded=session.downgraded,
-            set_aside=session.set_aside_count,
+            set_aside=session.poison.count,
         )
 
     def _require_open(self) -> _Running:

@@ -65,7 +65,6 @@ from mqtt_persist.session.poison import PoisonGuard
 from mqtt_persist.session.state import (
     ProtocolVersionSet,
     SessionState,
-    SetAsideMessage,
     StoredMessage,
     StoredSubscription,
 )
@@ -112,7 +111,8 @@ class Session:
         self._ids = PacketIdAllocator()
         self._queue = OutgoingQueue(config, self._out)
         self._outbound = OutboundFlows(config, self._ids, self._out, self._queue, clock)
-        self._poison = PoisonGuard(
+        #: Poison messages: the set-aside ones (``listing()``, ``take(seq)`` discards one).
+        self.poison = PoisonGuard(
             self._outbound, self._out, after=config.poison_after, window=config.poison_window
         )
         #: What the current (or last) connection allows.
@@ -177,7 +177,7 @@ class Session:
             )
         self._queue.restore(state)
         self._outbound.restore(state)
-        self._poison.restore(state)
+        self.poison.restore(state)
         self._inbound.qos2_received = set(state.inbound_qos2)
         self._subscriptions.restore(state)
         self._stored_protocol = state.protocol_version
@@ -194,7 +194,7 @@ class Session:
             inbound_qos2=set(self._inbound.qos2_received),
             subscriptions=dict(self._subscriptions.wanted),
             pending_unsubscribes=set(self._subscriptions.pending_unsubscribes),
-            set_aside=dict(self._poison.set_aside),
+            set_aside=dict(self.poison.set_aside),
             protocol_version=self._stored_protocol,
         )
 
@@ -255,31 +255,16 @@ class Session:
         """QoS 2 messages the broker completed with PUBACK (it downgraded them to QoS 1)."""
         return self._outbound.downgraded
 
-    @property
-    def set_aside_count(self) -> int:
-        """Messages this session set aside as poison (see poison.py)."""
-        return self._poison.count
-
-    @property
-    def set_aside(self) -> list[SetAsideMessage]:
-        """Messages set aside (poison messages), in sequence order: kept, never sent by
-        themselves; :meth:`discard_set_aside` or :meth:`retry_set_aside` ends that."""
-        return [self._poison.set_aside[seq] for seq in sorted(self._poison.set_aside)]
-
-    def discard_set_aside(self, seq: int) -> None:
-        """Drop a set-aside message for good (``SetAsideRemoved``); KeyError if unknown."""
-        self._poison.take(seq)
-
     def retry_set_aside(self, seq: int) -> int:
         """Publish a set-aside message again, as a new message at the end of the queue.
 
         Returns its new sequence number; KeyError if ``seq`` is not set aside. The new
         message is added before the old one is removed, in the same batch.
         """
-        aside = self._poison.set_aside[seq]
+        aside = self.poison.set_aside[seq]
         m = from_stored(aside.message)
         new_seq = self.publish(m.topic, m.payload, m.qos, m.retain, m.properties, m.expires_at)
-        self._poison.take(seq)
+        self.poison.take(seq)
         return new_seq
 
     @property
@@ -453,9 +438,9 @@ class Session:
         """
         if self._connection_state is ConnectionState.READY and closed_by_broker_at is not None:
             quiet = None if self._heard_since_sent else closed_by_broker_at - self._last_sent
-            self._poison.connection_ended(quiet_for=quiet)
+            self.poison.connection_ended(quiet_for=quiet)
         elif self._connection_state is ConnectionState.READY:
-            self._poison.connection_ended(quiet_for=None)
+            self.poison.connection_ended(quiet_for=None)
         self._fire(Trigger.CONNECTION_LOST)
         # Packets produced for the dead connection are dropped by generation in the shell.
         self._out.packets = []

@@ -127,6 +127,10 @@ class PoisonGuard:
         )
         out.events.append(PublishCompleted(message.seq, DeliveryOutcome.SET_ASIDE))
 
+    def listing(self) -> list[SetAsideMessage]:
+        """Set-aside messages in sequence order: kept, never sent by themselves."""
+        return [self.set_aside[seq] for seq in sorted(self.set_aside)]
+
     def take(self, seq: int) -> SetAsideMessage:
         """Remove a set-aside message for good (``SetAsideRemoved``); KeyError if unknown."""
         aside = self.set_aside.pop(seq)
