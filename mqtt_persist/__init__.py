@@ -40,6 +40,7 @@ from mqtt_persist.errors import (
     StoreError,
     SubscriptionRefused,
     SubscriptionSuperseded,
+    UnsupportedByBroker,
     UnsupportedFormatVersion,
 )
 from mqtt_persist.message import DeliveryOutcome, Message
@@ -111,6 +112,7 @@ __all__ = [
     "SubscriptionRefused",
     "SubscriptionSuperseded",
     "UnsubscribeRequest",
+    "UnsupportedByBroker",
     "UnsupportedFormatVersion",
     "Will",
     "__version__",

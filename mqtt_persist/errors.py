@@ -31,6 +31,11 @@ class InvalidClientId(InvalidInput):
     """A client id that cannot carry a persistent session (empty with clean_session=False)."""
 
 
+class UnsupportedByBroker(InvalidInput):
+    """The broker named by ``compat=`` is known to refuse this (for example nats-server: QoS 2
+    publishes, topics with '.' or a space); refused before anything is stored."""
+
+
 class ProtocolError(MqttPersistError):
     """The peer sent bytes that are not valid MQTT; the connection is closed.
 

@@ -32,6 +32,7 @@ from mqtt_persist import (
     InvalidInput,
     PersistentClient,
     ProtocolVersion,
+    UnsupportedByBroker,
 )
 from tests.support.nats import NatsServer
 from tests.support.observer import PahoObserver
@@ -239,3 +240,33 @@ async def test_nats_poison_message_is_set_aside_with_its_outcome_and_stays_aside
         assert client.set_aside() == []
         with pytest.raises(InvalidInput):
             await client.discard_set_aside(again.message.seq)
+
+
+@pytest.mark.nats
+async def test_compat_nats_refuses_what_nats_would_hang_up_on_before_storing_it(
+    nats_broker: NatsServer, tmp_path: Path
+) -> None:
+    host, port = nats_broker.address
+    async with PersistentClient(
+        host,
+        port,
+        client_id=unique("compat"),
+        store=FileStore(tmp_path / "s"),
+        protocol=ProtocolVersion.V311,
+        compat="nats",
+    ) as client:
+        await client.wait_connected(15)
+        for topic, qos in (("compat/ok", 2), ("compat/a.b", 1), ("compat/a b", 0)):
+            with pytest.raises(UnsupportedByBroker, match="nats-server"):
+                await client.publish(topic, b"x", qos=qos)
+        assert client.stats.queued == 0 and client.stats.inflight == 0
+        delivery = await client.publish("compat/ok", b"x", qos=1)
+        with anyio.fail_after(10):
+            assert await delivery == DeliveryOutcome.ACKNOWLEDGED
+        assert client.stats.connections == 1
+
+
+def test_compat_must_name_a_known_broker() -> None:
+    with pytest.raises(InvalidInput, match="compat"):
+        PersistentClient("127.0.0.1", client_id="x", compat="emqx")  # type: ignore[arg-type]
+    assert issubclass(UnsupportedByBroker, InvalidInput)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mqtt_persist.backoff import Backoff
+from mqtt_persist.compat import Compat, validate_compat
 from mqtt_persist.errors import InvalidInput
 from mqtt_persist.protocol.codec import MAX_PACKET_SIZE
 from mqtt_persist.protocol.packets import MQTT_3_1_1, MQTT_5, ProtocolVersion, Will
@@ -68,6 +69,8 @@ class ClientOptions:
     logger_name: str = "mqtt_persist"
     #: Poison messages: prompt broker hang-ups in a row that set a message aside (0: never).
     poison_after: int = 3
+    #: A broker whose known refusals are checked before a publish is stored (compat.py).
+    compat: Compat | None = None
 
     def __post_init__(self) -> None:
         validate_client_id(self.client_id, clean_session=self.clean_session)
@@ -130,6 +133,7 @@ class ClientOptions:
         interval = self.cleanup_interval
         if interval is not None and interval <= 0:
             raise InvalidInput(f"cleanup_interval must be > 0 or None, not {interval!r}")
+        validate_compat(self.compat)
         poison = self.poison_after
         if not isinstance(poison, int) or poison < 0:
             raise InvalidInput(f"poison_after must be an int >= 0 (0: never), not {poison!r}")

@@ -38,6 +38,7 @@ from mqtt_persist.client.flusher import Flusher
 from mqtt_persist.client.options import ClientOptions, ProtocolChoice
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.client.storage import SessionStatus, SessionStorage
+from mqtt_persist.compat import Compat, check_publish
 from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
 from mqtt_persist.errors import (
     ClientClosed,
@@ -207,6 +208,7 @@ class PersistentClient:
         topic_alias_maximum: int = 16,
         logger: logging.Logger | None = None,
         poison_after: int = 3,
+        compat: Compat | None = None,
     ) -> None:
         options = ClientOptions(
             hostname=hostname,
@@ -236,6 +238,7 @@ class PersistentClient:
             topic_alias_maximum=topic_alias_maximum,
             logger_name=logger.name if logger else LOGGER_NAME,
             poison_after=poison_after,
+            compat=compat,
         )
         self._options = options
         self.hostname = hostname
@@ -449,6 +452,7 @@ class PersistentClient:
         session, flusher = parts.session, parts.flusher
         topic_bytes = validate_topic(topic)
         validate_qos(qos)
+        check_publish(self._options.compat, topic, qos)
         limit = max_payload_for(len(topic_bytes), qos)
         options = self._options
         if options.max_payload_size is not None:
