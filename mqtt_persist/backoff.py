@@ -7,8 +7,9 @@ A CONNACK alone does not start the delays again from ``initial``: a broker that 
 connection and closes it at once (nats-server does, on a PUBLISH it will not take) would
 otherwise be reconnected to without pause. Only a connection that stayed up ``reset_after``
 seconds and on which the broker sent something after CONNACK (an acknowledgement, a message, a
-PINGRESP) resets them. Whatever the delays, at most ``max_per_minute`` connection attempts start
-in any 60 seconds.
+PINGRESP) resets them. Whatever the delays, at most ``max_per_minute`` connections are opened to
+the broker in any 60 seconds (an attempt whose TCP connect fails is paced by the delays alone:
+it costs the broker nothing, and a broker that is down for a minute must not cost a minute more).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Backoff:
     """Delay before reconnect attempt ``n`` (0-based): uniform(minimum, min(maximum, base·2ⁿ)).
 
     ``n`` counts reconnects since the last connection that stayed up ``reset_after`` seconds and
-    heard from the broker; ``max_per_minute`` caps connection attempts per 60 s whatever the
+    heard from the broker; ``max_per_minute`` caps the connections opened per 60 s whatever the
     delays say.
     """
 
@@ -35,7 +36,7 @@ class Backoff:
     #: Seconds a connection must stay up, with the broker sending something after CONNACK,
     #: before the next reconnect starts from ``initial`` again.
     reset_after: float = 10.0
-    #: Connection attempts allowed to start in any 60 seconds (0: no cap).
+    #: Connections opened to the broker (TCP/TLS established) in any 60 seconds (0: no cap).
     max_per_minute: int = 30
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
@@ -60,7 +61,8 @@ class Backoff:
 
 
 class AttemptBudget:
-    """``Backoff.max_per_minute``: when the next connection attempt may start. No I/O."""
+    """``Backoff.max_per_minute``: when the next connection attempt may start, given when the
+    last connections opened. No I/O."""
 
     __slots__ = ("_limit", "_starts")
 
@@ -80,6 +82,6 @@ class AttemptBudget:
         return starts[len(starts) - self._limit] + self.WINDOW - now
 
     def started(self, now: float) -> None:
-        """An attempt started at ``now``."""
+        """A connection opened at ``now``."""
         if self._limit:
             self._starts.append(now)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 
 import anyio
 import pytest
@@ -206,9 +207,26 @@ async def test_reconnects_per_minute_are_capped(caplog: pytest.LogCaptureFixture
         ScriptedBroker(script) as fake,
         PersistentClient(fake.host, fake.port, client_id="capped", backoff=backoff, protocol=V311),
     ):
-        await until(lambda: "connection attempts in the last minute" in caplog.text, 10, "cap")
+        await until(
+            lambda: "connections opened to the broker in the last minute" in caplog.text, 10, "cap"
+        )
         await anyio.sleep(1.0)
         assert fake.connections == 3
+
+
+async def test_refused_tcp_connects_do_not_count_against_the_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker that is down costs nothing per attempt: the delays pace those, and the cap
+    must not add a minute's wait once it is back."""
+    caplog.set_level(logging.DEBUG, logger="mqtt_persist")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backoff = Backoff(initial=0.01, maximum=0.01, minimum=0.001, max_per_minute=3)
+    async with PersistentClient("127.0.0.1", port, client_id="refused-tcp", backoff=backoff):
+        await until(lambda: len(_attempts(caplog)) >= 10, 10, "ten attempts")
+    assert "connections opened to the broker" not in caplog.text
 
 
 # --- protocol="auto": fall back to 3.1.1 on evidence, not on any close ----------------------------

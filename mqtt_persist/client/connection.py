@@ -146,6 +146,8 @@ class ConnectionSupervisor:
         self._heard_after_ready = False
         self._connack_accepted = False
         self._ended_at = 0.0
+        # When the current (or last) attempt's connection opened; None: it did not open.
+        self._opened_at: float | None = None
         # "auto": "pending" after an MQTT 5 CONNECT closed unanswered, "probing" while the
         # MQTT 3.1.1 attempt that follows runs (see _settle_probe).
         self._probe: str | None = None
@@ -163,7 +165,9 @@ class ConnectionSupervisor:
 
         The delay grows with every attempt and starts from ``backoff.initial`` again only
         after a connection that stayed up ``backoff.reset_after`` seconds and heard from the
-        broker after CONNACK (:meth:`_was_stable`); ``backoff.max_per_minute`` caps attempts.
+        broker after CONNACK (:meth:`_was_stable`); ``backoff.max_per_minute`` caps the
+        connections opened per minute (an attempt the broker's host refuses costs it nothing
+        and is paced by the delays alone).
         """
         options = self._options
         attempt = 0
@@ -172,13 +176,12 @@ class ConnectionSupervisor:
             wait = budget.wait(anyio.current_time())
             if wait > 0:
                 self._log.warning(
-                    "%d connection attempts in the last minute (Backoff.max_per_minute); "
-                    "waiting %.1fs before the next",
+                    "%d connections opened to the broker in the last minute "
+                    "(Backoff.max_per_minute); waiting %.1fs before the next attempt",
                     options.backoff.max_per_minute,
                     wait,
                 )
                 await anyio.sleep(wait)
-            budget.started(anyio.current_time())
             try:
                 await self._connect_once()
             except _NotMqtt5 as exc:
@@ -206,6 +209,8 @@ class ConnectionSupervisor:
                 )
             finally:
                 self._settle_probe()
+                if self._opened_at is not None:
+                    budget.started(self._opened_at)
             if self._closing():
                 return
             if self._was_stable():
@@ -326,9 +331,11 @@ class ConnectionSupervisor:
         self._heard_after_ready = self._connack_accepted = False
         if self._probe == "pending":
             self._probe = "probing"
+        self._opened_at = None
         stream = await open_stream(
             options.hostname, options.port, tls=options.tls, timeout=options.connect_timeout
         )
+        self._opened_at = anyio.current_time()
         self._stream = stream
         self._version = version = self.next_protocol
         self._peer_hung_up = False

@@ -143,7 +143,7 @@ class PersistentClient:
         will: the message the broker publishes if this client vanishes.
         backoff: reconnect delays (default ``Backoff()``: 0.5 s doubling to 30 s, full jitter;
             back to 0.5 s only after a connection that stayed up 10 s and heard from the
-            broker, not after a bare CONNACK; at most 30 connection attempts a minute).
+            broker, not after a bare CONNACK; at most 30 connections opened a minute).
         connect_timeout: seconds for TCP/TLS connect and for CONNACK.
         queue_memory_limit: queued messages held in memory (0: all); the rest are read back
             from the store when due, so memory stays flat however long the queue grows.
