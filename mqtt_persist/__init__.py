@@ -39,7 +39,9 @@ from mqtt_persist.errors import (
     SessionLocked,
     StoreError,
     SubscriptionRefused,
+    SubscriptionSuperseded,
     TLSError,
+    UnsupportedByBroker,
     UnsupportedFormatVersion,
 )
 from mqtt_persist.message import DeliveryOutcome, Message
@@ -51,6 +53,7 @@ from mqtt_persist.protocol.packets import (
     Will,
 )
 from mqtt_persist.protocol.reason_codes import ReasonCode
+from mqtt_persist.session.state import SetAsideMessage, StoredMessage
 from mqtt_persist.stores import (
     FileStore,
     MemoryStore,
@@ -103,12 +106,16 @@ __all__ = [
     "SessionInfo",
     "SessionLocked",
     "SessionStore",
+    "SetAsideMessage",
     "StoreError",
+    "StoredMessage",
     "SubscribeRequest",
     "SubscriptionOptions",
     "SubscriptionRefused",
+    "SubscriptionSuperseded",
     "TLSError",
     "UnsubscribeRequest",
+    "UnsupportedByBroker",
     "UnsupportedFormatVersion",
     "Will",
     "__version__",

@@ -13,10 +13,11 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 
-from mqtt_persist.errors import SubscriptionRefused
+from mqtt_persist.errors import SubscriptionRefused, SubscriptionSuperseded
 from mqtt_persist.message import DeliveryOutcome
 from mqtt_persist.protocol.packets import SUBACK_FAILURE, PacketType
 from mqtt_persist.protocol.reason_codes import describe_reason_code
+from mqtt_persist.session.events import SUBSCRIPTION_SUPERSEDED
 
 T = TypeVar("T")
 
@@ -112,7 +113,9 @@ class SubscribeRequest(Completion[tuple[int, ...]]):
 
     Raises :class:`~mqtt_persist.errors.SubscriptionRefused` if the broker refused any filter
     (return code 0x80, or any MQTT 5 reason code from 0x80 on); refused filters are removed
-    from the stored session.
+    from the stored session. Raises :class:`~mqtt_persist.errors.SubscriptionSuperseded` if a
+    later ``unsubscribe()`` or ``subscribe()`` of a filter replaced this one before the broker
+    answered it (nothing was refused; the later call says what the session wants).
     """
 
     __slots__ = ("filters",)
@@ -125,9 +128,22 @@ class SubscribeRequest(Completion[tuple[int, ...]]):
         refused = [
             (f, code)
             for f, code in zip(self.filters, return_codes, strict=True)
-            if code >= SUBACK_FAILURE
+            if SUBACK_FAILURE <= code < SUBSCRIPTION_SUPERSEDED
         ]
-        if refused:
+        superseded = [
+            f
+            for f, code in zip(self.filters, return_codes, strict=True)
+            if code == SUBSCRIPTION_SUPERSEDED
+        ]
+        if superseded and not refused:
+            self._set_exception(
+                SubscriptionSuperseded(
+                    "a later unsubscribe() or subscribe() replaced the subscription to "
+                    f"{', '.join(map(repr, superseded))} before the broker answered it",
+                    filters=superseded,
+                )
+            )
+        elif refused:
             described = ", ".join(
                 f"{f!r} ({describe_reason_code(code, PacketType.SUBACK)})" for f, code in refused
             )

@@ -31,6 +31,11 @@ class InvalidClientId(InvalidInput):
     """A client id that cannot carry a persistent session (empty with clean_session=False)."""
 
 
+class UnsupportedByBroker(InvalidInput):
+    """The broker named by ``compat=`` is known to refuse this (for example nats-server: QoS 2
+    publishes, topics with '.' or a space); refused before anything is stored."""
+
+
 class ProtocolError(MqttPersistError):
     """The peer sent bytes that are not valid MQTT; the connection is closed.
 
@@ -116,6 +121,19 @@ class SubscriptionRefused(MqttPersistError):
     def __init__(self, message: str, *, reason_codes: dict[str, int] | None = None) -> None:
         super().__init__(message)
         self.reason_codes: dict[str, int] = dict(reason_codes or {})
+
+
+class SubscriptionSuperseded(MqttPersistError):
+    """A ``subscribe()`` was replaced by a later ``unsubscribe()`` or ``subscribe()`` of the same
+    filter before the broker answered it: the broker did not refuse anything, the application
+    changed its mind. What the session wants now is the later call's.
+
+    ``filters`` are the filters of the call that were superseded.
+    """
+
+    def __init__(self, message: str, *, filters: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.filters: list[str] = list(filters or [])
 
 
 class StoreError(MqttPersistError):

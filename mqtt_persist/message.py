@@ -44,3 +44,12 @@ class DeliveryOutcome(enum.Enum):
     #: (MQTT 5), or the message exceeds what the broker announced it accepts (Maximum Packet
     #: Size, Maximum QoS, Retain Available). ``Delivery.reason_code`` says which.
     REFUSED = "refused"
+    #: QoS 2 only: the broker answered the PUBLISH with PUBACK instead of PUBREC, i.e. it
+    #: downgraded the message to QoS 1 (RabbitMQ does this). It has the message, at least
+    #: once; the exactly-once of QoS 2 is the broker's to keep no more. Counted in
+    #: ``client.stats.downgraded``.
+    DOWNGRADED = "downgraded"
+    #: The broker closed the connection right after this message was sent, several times in
+    #: a row (``poison_after``): the message is kept in the store, aside, and not sent again
+    #: unless the application retries it (``client.set_aside()``, ``retry_set_aside()``).
+    SET_ASIDE = "set_aside"

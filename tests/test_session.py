@@ -98,6 +98,7 @@ class Harness:
             "max_inflight_qos2": c.max_inflight_qos2,
             "keepalive": c.keepalive,
             "queue_memory_limit": c.queue_memory_limit,
+            "poison_after": c.poison_after,
         }
 
     def assert_store_consistent(self) -> None:
@@ -219,8 +220,9 @@ def test_unknown_acks_are_anomalies_not_crashes() -> None:
     h = Harness()
     h.connect(session_present=False)
     out = h.feed(PubAck(9), PubRec(9), PubComp(9))
-    assert sum(isinstance(e, Anomaly) for e in out.events) == 3
-    assert out.packets == []
+    # The PUBCOMP answers the PUBREL that frees the broker's ID (tests/test_session_quirks.py).
+    assert sum(isinstance(e, Anomaly) for e in out.events) == 2
+    assert out.packets == [PubRel(9)]
 
 
 # --- restore: packet IDs are continuous --------------------------------------------------------
@@ -496,6 +498,12 @@ _actions = st.lists(
         ),
         st.tuples(st.just("reconnect"), st.booleans()),
         st.tuples(st.just("restart"), st.booleans()),
+        # Issue 9: the broker hangs up right after a write (poison), or downgrades QoS 2.
+        st.tuples(
+            st.just("hangup"),
+        ),
+        st.tuples(st.just("downgrade"), st.integers(0, 30)),
+        st.tuples(st.just("aside"), st.booleans()),
     ),
     max_size=60,
 )
@@ -506,7 +514,9 @@ _actions = st.lists(
 def test_any_event_sequence_replays_to_the_same_state(
     actions: list[tuple[object, ...]], memory_limit: int
 ) -> None:
-    h = Harness(max_inflight=3, max_inflight_qos2=2, queue_memory_limit=memory_limit)
+    h = Harness(
+        max_inflight=3, max_inflight_qos2=2, queue_memory_limit=memory_limit, poison_after=2
+    )
     h.connect(session_present=False)
     sent_order: dict[str, list[bytes]] = {}
     counter = 0
@@ -541,6 +551,23 @@ def test_any_event_sequence_replays_to_the_same_state(
                 s.receive(UnsubAck(packet_id))
         elif kind == "drop":
             s.connection_lost()
+        elif kind == "hangup":
+            # The broker hangs up right after a write, and the client is straight back.
+            s.connection_lost(h.now)
+            h.take()
+            s.connect(h.now)
+            h.take()
+            s.receive(ConnAck(True, 0))
+        elif kind == "downgrade" and s.connection_state is ConnectionState.READY:
+            qos2 = [i for i, o in s._outbound.inflight.items() if o.qos == 2 and not o.released]
+            if qos2:
+                s.receive(PubAck(qos2[action[1] % len(qos2)]))  # type: ignore[operator]
+        elif kind == "aside" and s.poison.listing():
+            seq = s.poison.listing()[0].message.seq
+            if action[1]:
+                s.retry_set_aside(seq)
+            else:
+                s.poison.take(seq)
         elif kind == "reconnect":
             s.connection_lost()
             h.take()

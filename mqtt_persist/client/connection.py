@@ -35,6 +35,7 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
+from mqtt_persist.backoff import AttemptBudget
 from mqtt_persist.client.options import ClientOptions
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.errors import (
@@ -98,7 +99,16 @@ _READ_SIZE = 65536
 
 
 class _NotMqtt5(Exception):
-    """The broker refused an MQTT 5 CONNECT in a way that says it does not speak MQTT 5."""
+    """The broker refused an MQTT 5 CONNECT in a way that says it does not speak MQTT 5.
+
+    ``definite``: it said so (CONNACK "unacceptable protocol version" / 0x84). Otherwise it
+    closed the connection without answering, which a broker that only speaks 3.1.1 does
+    (RabbitMQ 3.10) and so does one that was going down anyway: the next attempt probes 3.1.1.
+    """
+
+    def __init__(self, text: str, *, definite: bool) -> None:
+        super().__init__(text)
+        self.definite = definite
 
 
 class ConnectionSupervisor:
@@ -131,6 +141,19 @@ class ConnectionSupervisor:
         self._ready_once = False
         # Why the keepalive ended the current connection (its reader only sees a closed stream).
         self._connection_error: BaseException | None = None
+        # A write failed because the broker had closed its end of the current connection.
+        self._peer_hung_up = False
+        # The current (or last) connection: when it became READY, whether the broker sent
+        # anything after that, whether CONNACK accepted it, and when it ended.
+        self._ready_at: float | None = None
+        self._heard_after_ready = False
+        self._connack_accepted = False
+        self._ended_at = 0.0
+        # When the current (or last) attempt's connection opened; None: it did not open.
+        self._opened_at: float | None = None
+        # "auto": "pending" after an MQTT 5 CONNECT closed unanswered, "probing" while the
+        # MQTT 3.1.1 attempt that follows runs (see _settle_probe).
+        self._probe: str | None = None
         self._on_granted_expiry = on_granted_expiry
         #: The protocol of the next connection attempt (``"auto"`` moves it to 3.1.1 for good
         #: once a broker shows that it does not speak MQTT 5).
@@ -141,15 +164,32 @@ class ConnectionSupervisor:
     # --- the two ways to run -----------------------------------------------------------------
 
     async def supervise(self) -> None:
-        """reconnect=True: connect, and after every loss connect again with backoff."""
+        """reconnect=True: connect, and after every loss connect again with backoff.
+
+        The delay grows with every attempt and starts from ``backoff.initial`` again only
+        after a connection that stayed up ``backoff.reset_after`` seconds and heard from the
+        broker after CONNACK (:meth:`_was_stable`); ``backoff.max_per_minute`` caps the
+        connections opened per minute (an attempt the broker's host refuses costs it nothing
+        and is paced by the delays alone).
+        """
         options = self._options
         attempt = 0
+        budget = AttemptBudget(options.backoff.max_per_minute)
         while not self._closing():
+            wait = budget.wait(anyio.current_time())
+            if wait > 0:
+                self._log.warning(
+                    "%d connections opened to the broker in the last minute "
+                    "(Backoff.max_per_minute); waiting %.1fs before the next attempt",
+                    options.backoff.max_per_minute,
+                    wait,
+                )
+                await anyio.sleep(wait)
             try:
                 await self._connect_once()
             except _NotMqtt5 as exc:
                 self._fall_back(exc)
-                continue  # at once: the broker is there, it only wants 3.1.1
+                continue  # at once: the broker is there, it may only want 3.1.1
             except ConnectionRefused as exc:
                 if self._fatal_refusal(exc):
                     self._fail(exc)
@@ -174,9 +214,13 @@ class ConnectionSupervisor:
                 self._log.info(
                     "connection to %s:%d lost: %s", options.hostname, options.port, describe(reason)
                 )
+            finally:
+                self._settle_probe()
+                if self._opened_at is not None:
+                    budget.started(self._opened_at)
             if self._closing():
                 return
-            if self._ready_once:
+            if self._was_stable():
                 attempt = 0
             delay = options.backoff.delay(attempt)
             attempt += 1
@@ -208,7 +252,41 @@ class ConnectionSupervisor:
 
     def _fall_back(self, reason: _NotMqtt5) -> None:
         self.next_protocol = MQTT_3_1_1
-        self._log.info("the broker does not speak MQTT 5 (%s); using MQTT 3.1.1", reason)
+        if reason.definite:
+            self._probe = None
+            self._log.info("the broker does not speak MQTT 5 (%s); using MQTT 3.1.1", reason)
+        else:
+            self._probe = "pending"
+            self._log.info("the broker may not speak MQTT 5 (%s); trying MQTT 3.1.1", reason)
+
+    def _settle_probe(self) -> None:
+        """After the MQTT 3.1.1 attempt that followed an unanswered MQTT 5 CONNECT.
+
+        Accepted: the broker closed 5 and took 3.1.1 right after, so it does not speak 5;
+        3.1.1 it is, for the client's lifetime. Not accepted (no CONNACK either, the broker
+        unreachable): the close said nothing about the protocol; the next attempt speaks 5.
+        """
+        if self._probe != "probing":
+            return
+        self._probe = None
+        if self._connack_accepted:
+            self._log.info(
+                "the broker closed an MQTT 5 CONNECT unanswered and accepted MQTT 3.1.1 at "
+                "once: it does not speak MQTT 5; using MQTT 3.1.1"
+            )
+        else:
+            self.next_protocol = MQTT_5
+            self._log.debug("MQTT 3.1.1 was not accepted either; the next attempt speaks MQTT 5")
+
+    def _was_stable(self) -> bool:
+        """The last connection stayed up ``backoff.reset_after`` seconds after READY and the
+        broker sent something after CONNACK: a CONNACK alone does not reset the backoff."""
+        ready_at = self._ready_at
+        return (
+            ready_at is not None
+            and self._heard_after_ready
+            and self._ended_at - ready_at >= self._options.backoff.reset_after
+        )
 
     def _fatal_refusal(self, exc: ConnectionRefused) -> bool:
         if self._version == MQTT_5 and exc.return_code >= 0x80:
@@ -237,6 +315,8 @@ class ConnectionSupervisor:
             await stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._log.debug("send failed: %r", exc)
+            if not isinstance(exc, anyio.ClosedResourceError):
+                self._peer_hung_up = True  # the broker closed its end
             await self.drop()
 
     async def drop(self) -> None:
@@ -254,16 +334,23 @@ class ConnectionSupervisor:
         session, options = self._session, self._options
         self._ready_once = False
         self._connection_error = None
+        self._ready_at = None
+        self._heard_after_ready = self._connack_accepted = False
+        if self._probe == "pending":
+            self._probe = "probing"
+        self._opened_at = None
         stream = await open_stream(
             options.hostname, options.port, tls=options.tls, timeout=options.connect_timeout
         )
+        self._opened_at = anyio.current_time()
         self._stream = stream
         self._version = version = self.next_protocol
+        self._peer_hung_up = False
+        error: Exception | None = None
         try:
             connected_at = anyio.current_time()
             self._generation = session.connect(connected_at, version)
             self._wake_flusher()
-            error: Exception | None = None
             async with anyio.create_task_group() as tasks:
                 # Caught here and re-raised below: inside the task group anyio would wrap it in
                 # an ExceptionGroup, and callers want the plain error.
@@ -285,10 +372,26 @@ class ConnectionSupervisor:
             if error is not None:
                 raise error
         finally:
+            self._ended_at = anyio.current_time()
             self._ready.clear()
             self._stream = None
-            session.connection_lost()
+            session.connection_lost(self._closed_by_broker_at(error))
             await _close_quietly(stream)
+
+    def _closed_by_broker_at(self, error: Exception | None) -> float | None:
+        """When the broker hung up on this connection (now), or None if it did not.
+
+        A broker hang-up is the stream ending or reset from its side (also noticed by a failed
+        write), or an MQTT 5 DISCONNECT; not our keepalive timeout, a protocol error, a CONNACK
+        that did not come, or our own close. The session counts prompt hang-ups against the
+        message that preceded them (poison messages, session/poison.py).
+        """
+        if self._closing() or self._connection_error is not None:
+            return None
+        peer = (ConnectionLost, ConnectionResetError, BrokenPipeError, anyio.BrokenResourceError)
+        if self._peer_hung_up or (isinstance(error, peer) and not isinstance(error, TimeoutError)):
+            return anyio.current_time()
+        return None
 
     async def _read_loop(
         self,
@@ -312,7 +415,10 @@ class ConnectionSupervisor:
                 data = await stream.receive(_READ_SIZE)
             except anyio.EndOfStream:
                 if awaiting_connack and version == MQTT_5 and options.protocol == "auto":
-                    raise _NotMqtt5("it closed the connection without answering CONNECT") from None
+                    raise _NotMqtt5(
+                        "it closed the connection without answering an MQTT 5 CONNECT",
+                        definite=False,
+                    ) from None
                 raise ConnectionLost("the broker closed the connection") from None
             except ssl.SSLError as exc:
                 # TLS 1.3: a broker refuses our certificate after the handshake, with an alert.
@@ -324,7 +430,10 @@ class ConnectionSupervisor:
                 session.receive(packet)
                 if session.connection_state is ConnectionState.DISCONNECTED:
                     raise self._refusal(packet)
+            if started:
+                self._heard_after_ready = True
             if awaiting_connack and session.connection_state is not ConnectionState.CONNECTING:
+                self._connack_accepted = True
                 awaiting_connack = False
                 connack_deadline.deadline = math.inf
                 if session.terms.keepalive:
@@ -335,6 +444,7 @@ class ConnectionSupervisor:
             if not started and session.connection_state is ConnectionState.READY:
                 started = True
                 self._ready_once = True
+                self._ready_at = anyio.current_time()
                 task_status.started()
             wake_flusher()
 
@@ -372,7 +482,7 @@ class ConnectionSupervisor:
                 )
                 auto = self._options.protocol == "auto"
                 if auto and self._version == MQTT_5 and code in unsupported:
-                    return _NotMqtt5(f"CONNACK {text}")
+                    return _NotMqtt5(f"CONNACK {text}", definite=True)
                 return ConnectionRefused(code, text, reason_string=props.reason_string)
             case _:  # the session leaves a connection by itself on nothing else
                 return ProtocolError(f"the session dropped the connection at {packet!r}")

@@ -20,6 +20,7 @@ from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, Unsu
 from mqtt_persist.log import ClientLogger
 from mqtt_persist.message import DeliveryOutcome, Message
 from mqtt_persist.session.events import (
+    SUBSCRIPTION_SUPERSEDED,
     Anomaly,
     ConnectionReady,
     ConnectRefused,
@@ -136,7 +137,7 @@ class EventDispatcher:
         request = self.requests.pop(event.token, None)
         if isinstance(request, SubscribeRequest):
             request._complete(event.return_codes)
-        refused = [c for c in event.return_codes if c >= 0x80]
+        refused = [c for c in event.return_codes if 0x80 <= c < SUBSCRIPTION_SUPERSEDED]
         if refused:
             self._log.warning("broker refused %d subscription filter(s)", len(refused))
 
@@ -144,12 +145,24 @@ class EventDispatcher:
         self.connections += 1
         self.session_present = event.session_present
         if not event.session_present and (event.requeued or event.in_doubt):
-            self._log.warning(
-                "broker had lost the session: %d message(s) published again, "
-                "%d QoS 2 message(s) in doubt",
-                event.requeued,
-                event.in_doubt,
-            )
+            if event.clean_start:
+                # Asked for: each connection of a clean-session client starts afresh.
+                self._log.info(
+                    "new clean session, as asked (clean_session=True): %d message(s) the "
+                    "previous connection left unacknowledged are published again as new, %d "
+                    "QoS 2 message(s) past PUBREC are reported in doubt",
+                    event.requeued,
+                    event.in_doubt,
+                )
+            else:
+                self._log.warning(
+                    "the broker answered CONNACK without our session (it restarted without "
+                    "persistence, the session expired there, or this is another broker): %d "
+                    "message(s) it had not acknowledged are published again as new, %d QoS 2 "
+                    "message(s) past PUBREC are reported in doubt",
+                    event.requeued,
+                    event.in_doubt,
+                )
         hostname, port = self._address
         self._log.info(
             "connected to %s:%d (session present: %s)", hostname, port, event.session_present

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mqtt_persist.backoff import Backoff
+from mqtt_persist.compat import Compat, validate_compat
 from mqtt_persist.errors import InvalidInput
 from mqtt_persist.protocol.codec import MAX_PACKET_SIZE
 from mqtt_persist.protocol.packets import MQTT_3_1_1, MQTT_5, ProtocolVersion, Will
@@ -67,6 +68,10 @@ class ClientOptions:
     topic_alias_maximum: int = 16
     #: The stdlib logger the client writes through (``logger.name`` of the client's argument).
     logger_name: str = "mqtt_persist"
+    #: Poison messages: prompt broker hang-ups in a row that set a message aside (0: never).
+    poison_after: int = 3
+    #: A broker whose known refusals are checked before a publish is stored (compat.py).
+    compat: Compat | None = None
 
     def __post_init__(self) -> None:
         validate_client_id(self.client_id, clean_session=self.clean_session)
@@ -129,6 +134,10 @@ class ClientOptions:
         interval = self.cleanup_interval
         if interval is not None and interval <= 0:
             raise InvalidInput(f"cleanup_interval must be > 0 or None, not {interval!r}")
+        validate_compat(self.compat)
+        poison = self.poison_after
+        if not isinstance(poison, int) or poison < 0:
+            raise InvalidInput(f"poison_after must be an int >= 0 (0: never), not {poison!r}")
         if self.on_corrupt not in ("raise", "start_clean"):
             raise InvalidInput(
                 f"on_corrupt must be 'raise' or 'start_clean', not {self.on_corrupt!r}"
@@ -180,4 +189,5 @@ class ClientOptions:
             receive_maximum=self.receive_maximum,
             max_packet_size=self.max_packet_size,
             topic_alias_maximum=self.topic_alias_maximum,
+            poison_after=self.poison_after,
         )

@@ -38,6 +38,7 @@ from mqtt_persist.client.flusher import Flusher
 from mqtt_persist.client.options import ClientOptions, ProtocolChoice
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.client.storage import SessionStatus, SessionStorage
+from mqtt_persist.compat import Compat, check_publish
 from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
 from mqtt_persist.errors import (
     ClientClosed,
@@ -60,7 +61,7 @@ from mqtt_persist.protocol.packets import (
     Will,
 )
 from mqtt_persist.session.machine import ConnectionState, QueueFullPolicy, Session
-from mqtt_persist.session.state import StoredSubscription
+from mqtt_persist.session.state import SetAsideMessage, StoredSubscription
 from mqtt_persist.stores.base import SessionStore
 from mqtt_persist.stores.memory import MemoryStore
 from mqtt_persist.tls import resolve_tls
@@ -100,6 +101,11 @@ class ClientStats:
     #: Messages the broker refused (MQTT 5 PUBACK/PUBREC reason codes) or announced it cannot
     #: take (Maximum Packet Size, Maximum QoS, Retain Available).
     refused: int = 0
+    #: QoS 2 messages the broker acknowledged with PUBACK, i.e. took at QoS 1 (RabbitMQ
+    #: downgrades QoS 2 this way); their deliveries resolve as ``DOWNGRADED``.
+    downgraded: int = 0
+    #: Messages set aside as poison by this client (``poison_after``); see ``set_aside()``.
+    set_aside: int = 0
 
 
 class PersistentClient:
@@ -140,7 +146,9 @@ class PersistentClient:
             ``"error"`` (raise :class:`QueueFull`) or ``"drop_oldest"`` (counted and logged).
         max_payload_size: refuse larger payloads (default: the protocol limit).
         will: the message the broker publishes if this client vanishes.
-        backoff: reconnect delays (default ``Backoff()``: 0.5 s doubling to 30 s, full jitter).
+        backoff: reconnect delays (default ``Backoff()``: 0.5 s doubling to 30 s, full jitter;
+            back to 0.5 s only after a connection that stayed up 10 s and heard from the
+            broker, not after a bare CONNACK; at most 30 connections opened a minute).
         connect_timeout: seconds for TCP/TLS connect and for CONNACK.
         queue_memory_limit: queued messages held in memory (0: all); the rest are read back
             from the store when due, so memory stays flat however long the queue grows.
@@ -154,7 +162,8 @@ class PersistentClient:
         protocol: ``ProtocolVersion.V5``, ``ProtocolVersion.V311``, or ``"auto"`` (the
             default): MQTT 5, and MQTT 3.1.1 from the moment a broker shows it does not speak 5
             (it answers the MQTT 5 CONNECT with "unacceptable protocol version", or closes the
-            connection without answering). :attr:`protocol_version` tells which one is in use.
+            connection without answering and then accepts a 3.1.1 CONNECT at once).
+            :attr:`protocol_version` tells which one is in use.
             On MQTT 5 ``clean_session`` and ``session_expiry`` become Clean Start and the
             Session Expiry Interval, the broker's Receive Maximum bounds the in-flight window
             (in place of ``max_inflight_qos2``), and publish properties, subscription options,
@@ -172,6 +181,10 @@ class PersistentClient:
         topic_alias_maximum: MQTT 5: how many topic aliases the broker may set up on a
             connection to this client (0: none); aliases are resolved before ``messages``.
         logger: log through this logger's name instead of ``"mqtt_persist"``.
+        poison_after: when the broker closed the connection right after the same message was
+            sent this many times in a row, the message is *set aside*: kept in the store, not
+            sent again, its delivery resolved ``SET_ASIDE`` (nats-server closes the connection
+            on a PUBLISH it will not take). See :meth:`set_aside`. 0: never.
     """
 
     def __init__(
@@ -204,6 +217,8 @@ class PersistentClient:
         max_packet_size: int | None = None,
         topic_alias_maximum: int = 16,
         logger: logging.Logger | None = None,
+        poison_after: int = 3,
+        compat: Compat | None = None,
     ) -> None:
         options = ClientOptions(
             hostname=hostname,
@@ -232,6 +247,8 @@ class PersistentClient:
             max_packet_size=max_packet_size,
             topic_alias_maximum=topic_alias_maximum,
             logger_name=logger.name if logger else LOGGER_NAME,
+            poison_after=poison_after,
+            compat=compat,
         )
         self._options = options
         self.hostname = hostname
@@ -445,6 +462,7 @@ class PersistentClient:
         session, flusher = parts.session, parts.flusher
         topic_bytes = validate_topic(topic)
         validate_qos(qos)
+        check_publish(self._options.compat, topic, qos)
         limit = max_payload_for(len(topic_bytes), qos)
         options = self._options
         if options.max_payload_size is not None:
@@ -472,12 +490,51 @@ class PersistentClient:
                 f"outgoing queue is full ({options.max_queued} messages waiting); message refused"
             )
         seq = session.publish(topic, data, qos, retain, props, expires_at)
+        return await self._track(parts, seq, topic, qos)
+
+    async def _track(self, parts: _Running, seq: int, topic: str, qos: int) -> Delivery:
+        """The delivery of the message ``seq`` just accepted, once it is stored."""
         delivery = Delivery(seq, topic, qos)
         parts.dispatcher.deliveries[seq] = delivery
-        flusher.wake.set()
+        parts.flusher.wake.set()
         if qos and self._storage.durable:
-            await flusher.committed()
+            await parts.flusher.committed()
         return delivery
+
+    # --- poison messages (session/poison.py) ---------------------------------------------------
+
+    def set_aside(self) -> list[SetAsideMessage]:
+        """Messages set aside as poison, in publish order (see ``poison_after``).
+
+        Each has the message (``.message``: seq, topic, payload, qos, ...), why it was set
+        aside (``.reason``) and when (``.at``, Unix time). They stay in the store, never sent,
+        until :meth:`retry_set_aside` or :meth:`discard_set_aside`.
+        """
+        return self._require_open().session.poison.listing()
+
+    async def retry_set_aside(self, seq: int) -> Delivery:
+        """Publish the set-aside message ``seq`` again, as a new message at the end of the
+        queue; returns its delivery once stored. InvalidInput if ``seq`` is not set aside."""
+        parts = self._require_open()
+        aside = parts.session.poison.set_aside.get(seq)
+        if aside is None:
+            raise InvalidInput(f"no set-aside message with seq {seq}")
+        message = aside.message
+        new_seq = parts.session.retry_set_aside(seq)
+        return await self._track(parts, new_seq, message.topic, message.qos)
+
+    async def discard_set_aside(self, seq: int) -> None:
+        """Delete the set-aside message ``seq`` from the store for good (once committed).
+
+        InvalidInput if ``seq`` is not set aside.
+        """
+        parts = self._require_open()
+        try:
+            parts.session.poison.take(seq)
+        except KeyError:
+            raise InvalidInput(f"no set-aside message with seq {seq}") from None
+        parts.flusher.wake.set()
+        await parts.flusher.committed()
 
     @staticmethod
     def _check_fits(
@@ -717,6 +774,8 @@ class PersistentClient:
             connections=parts.dispatcher.connections,
             expired=session.expired,
             refused=session.refused,
+            downgraded=session.downgraded,
+            set_aside=session.poison.count,
         )
 
     def _require_open(self) -> _Running:

@@ -56,3 +56,8 @@ class SessionConfig:
     max_packet_size: int | None = None
     #: MQTT 5: how many topic aliases the broker may set up on a connection to us (0: none).
     topic_alias_maximum: int = 0
+    #: Poison messages (session/poison.py): set a message aside once the broker closed the
+    #: connection right after it this many times in a row (0: never).
+    poison_after: int = 3
+    #: Seconds after our last write within which a broker's hang-up counts against a message.
+    poison_window: float = 2.0

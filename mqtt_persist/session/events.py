@@ -37,9 +37,15 @@ class PublishRefused:
     reason_string: str | None = None
 
 
+#: In :class:`SubscribeCompleted`, not an MQTT code: the filter's subscribe was superseded by a
+#: later ``unsubscribe`` or ``subscribe`` of the same filter before its SUBACK.
+SUBSCRIPTION_SUPERSEDED = 0x100
+
+
 @dataclass(frozen=True, slots=True)
 class SubscribeCompleted:
-    """Every filter of a ``subscribe`` request got its SUBACK return code (0x80: refused)."""
+    """Every filter of a ``subscribe`` request got its SUBACK return code (0x80: refused), or
+    :data:`SUBSCRIPTION_SUPERSEDED`."""
 
     token: int
     return_codes: tuple[int, ...]
@@ -61,6 +67,9 @@ class ConnectionReady:
     requeued: int
     #: QoS 2 messages past PUBREC when the broker lost the session (reported IN_DOUBT).
     in_doubt: int
+    #: The client asked for a fresh session (``clean_session``, MQTT 5 Clean Start): a missing
+    #: session is what it asked for, not something the broker lost.
+    clean_start: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,9 +58,10 @@ from mqtt_persist.session.config import NEVER_EXPIRES, QueueFullPolicy, SessionC
 from mqtt_persist.session.events import ConnectionReady, ConnectRefused, Notice
 from mqtt_persist.session.inbound import InboundFlows
 from mqtt_persist.session.outbound import OutboundFlows
-from mqtt_persist.session.outgoing_queue import OutgoingQueue, to_stored
+from mqtt_persist.session.outgoing_queue import OutgoingQueue, from_stored, to_stored
 from mqtt_persist.session.output import Outbox, PendingOutput
 from mqtt_persist.session.packet_ids import PacketIdAllocator
+from mqtt_persist.session.poison import PoisonGuard
 from mqtt_persist.session.state import (
     ProtocolVersionSet,
     SessionState,
@@ -110,6 +111,10 @@ class Session:
         self._ids = PacketIdAllocator()
         self._queue = OutgoingQueue(config, self._out)
         self._outbound = OutboundFlows(config, self._ids, self._out, self._queue, clock)
+        #: Poison messages: the set-aside ones (``listing()``, ``take(seq)`` discards one).
+        self.poison = PoisonGuard(
+            self._outbound, self._out, after=config.poison_after, window=config.poison_window
+        )
         #: What the current (or last) connection allows.
         self.terms: ConnectionTerms = initial_terms(config, config.protocol_version)
         self._inbound = InboundFlows(self._out)
@@ -127,6 +132,8 @@ class Session:
         self._lost_requeued = 0
         self._lost_in_doubt = 0
         self._last_sent = 0.0
+        # Whether the broker sent anything after our last write (poison messages).
+        self._heard_since_sent = False
         self._ping_sent_at: float | None = None
         #: The protocol level the stored session was made with (None: never connected).
         self._stored_protocol: int | None = None
@@ -170,6 +177,7 @@ class Session:
             )
         self._queue.restore(state)
         self._outbound.restore(state)
+        self.poison.restore(state)
         self._inbound.qos2_received = set(state.inbound_qos2)
         self._subscriptions.restore(state)
         self._stored_protocol = state.protocol_version
@@ -186,6 +194,7 @@ class Session:
             inbound_qos2=set(self._inbound.qos2_received),
             subscriptions=dict(self._subscriptions.wanted),
             pending_unsubscribes=set(self._subscriptions.pending_unsubscribes),
+            set_aside=dict(self.poison.set_aside),
             protocol_version=self._stored_protocol,
         )
 
@@ -242,6 +251,23 @@ class Session:
         return self._outbound.in_doubt
 
     @property
+    def downgraded(self) -> int:
+        """QoS 2 messages the broker completed with PUBACK (it downgraded them to QoS 1)."""
+        return self._outbound.downgraded
+
+    def retry_set_aside(self, seq: int) -> int:
+        """Publish a set-aside message again, as a new message at the end of the queue.
+
+        Returns its new sequence number; KeyError if ``seq`` is not set aside. The new
+        message is added before the old one is removed, in the same batch.
+        """
+        aside = self.poison.set_aside[seq]
+        m = from_stored(aside.message)
+        new_seq = self.publish(m.topic, m.payload, m.qos, m.retain, m.properties, m.expires_at)
+        self.poison.take(seq)
+        return new_seq
+
+    @property
     def requeued(self) -> int:
         """Messages published again as new because a broker lost the session."""
         return self._outbound.requeued
@@ -277,6 +303,7 @@ class Session:
         outbox = Outbox(out.ops, out.packets, out.events, self.generation)
         if out.packets:
             self._last_sent = now
+            self._heard_since_sent = False
         # Always fresh lists: the outbox must not share one with what comes after it, or a
         # packet produced while the shell awaits the commit would ride out with this batch.
         out.ops = []
@@ -402,8 +429,18 @@ class Session:
         if self._connection_state is not ConnectionState.DISCONNECTED:
             self._out.packets.append(Disconnect())
 
-    def connection_lost(self) -> None:
-        """The transport closed. Everything not acknowledged is resent on the next connect."""
+    def connection_lost(self, closed_by_broker_at: float | None = None) -> None:
+        """The transport closed. Everything not acknowledged is resent on the next connect.
+
+        ``closed_by_broker_at``: the time (the clock of :meth:`take`) at which the broker
+        closed the connection, if it did (not a keepalive timeout, a protocol error or our own
+        close): a broker hanging up right after a message counts against it (poison.py).
+        """
+        if self._connection_state is ConnectionState.READY and closed_by_broker_at is not None:
+            quiet = None if self._heard_since_sent else closed_by_broker_at - self._last_sent
+            self.poison.connection_ended(quiet_for=quiet)
+        elif self._connection_state is ConnectionState.READY:
+            self.poison.connection_ended(quiet_for=None)
         self._fire(Trigger.CONNECTION_LOST)
         # Packets produced for the dead connection are dropped by generation in the shell.
         self._out.packets = []
@@ -445,6 +482,7 @@ class Session:
         """Consume one decoded packet; ProtocolError if the connection state does not accept it."""
         # Any packet proves the link alive; a PINGRESP is not required specifically.
         self._ping_sent_at = None
+        self._heard_since_sent = True
         handler = self._accepts.get(type(packet))
         if handler is None:
             name = type(packet).__name__.upper()
@@ -548,6 +586,11 @@ class Session:
         # are continuous", "order"), before anything new enters the window.
         self._outbound.resume()
         self._out.events.append(
-            ConnectionReady(session_present, self._lost_requeued, self._lost_in_doubt)
+            ConnectionReady(
+                session_present,
+                self._lost_requeued,
+                self._lost_in_doubt,
+                clean_start=self.config.clean_session,
+            )
         )
         self._outbound.pump()

@@ -73,7 +73,10 @@ class OutboundFlows:
         "_out",
         "_queue",
         "_queued",
+        "_stray_releases",
         "_stripped",
+        "_told",
+        "downgraded",
         "expired",
         "held",
         "in_doubt",
@@ -120,8 +123,17 @@ class OutboundFlows:
         self.expired = 0
         #: Messages the broker refused, or that it announced it cannot take.
         self.refused = 0
+        #: QoS 2 messages the broker completed with PUBACK (it downgraded them to QoS 1).
+        self.downgraded = 0
         # Messages sent over MQTT 3.1.1 without their MQTT 5 properties, on this connection.
         self._stripped = 0
+        # The kinds of broker anomaly already reported on this connection: each is logged
+        # once per connection, not once per packet (a downgrading broker does it to every
+        # QoS 2 message).
+        self._told: set[str] = set()
+        # IDs of unknown PUBRECs answered with PUBREL on this connection: their PUBCOMP is
+        # expected, not an anomaly.
+        self._stray_releases: set[int] = set()
 
     def restore(self, state: SessionState) -> None:
         """Take the open flows (messages with a packet ID) of a stored session."""
@@ -135,6 +147,8 @@ class OutboundFlows:
         """A connection starts (or its CONNACK set new terms)."""
         self.terms = terms
         self._stripped = 0
+        self._told.clear()
+        self._stray_releases.clear()
 
     def pump(self) -> None:
         """Move queued messages into the window while it has room, in order."""
@@ -250,7 +264,12 @@ class OutboundFlows:
         in_doubt = 0
         for message in self.inflight.values():
             self._ids.release(message.packet_id)  # type: ignore[arg-type]
-            if message.released:
+            if message.released and message.qos == 1:
+                # PUBREC for a QoS 1 message (a broker that upgraded it): it had the message,
+                # and at least once is all QoS 1 promises.
+                out.ops.append(MessageRemoved(message.seq))
+                out.events.append(PublishCompleted(message.seq, DeliveryOutcome.ACKNOWLEDGED))
+            elif message.released:
                 in_doubt += 1
                 out.ops.append(MessageRemoved(message.seq))
                 out.events.append(PublishCompleted(message.seq, DeliveryOutcome.IN_DOUBT))
@@ -314,7 +333,7 @@ class OutboundFlows:
         packet_id: int = message.packet_id  # type: ignore[assignment]
         if message.qos == 1:
             # The broker keeps nothing of a QoS 1 flow it did not answer: just forget it.
-            self._end_flow(packet_id)
+            self.end_flow(packet_id)
             self._drop_expired(message)
             return
         # QoS 2: the broker may hold this packet ID from the first send, and a new message
@@ -376,7 +395,7 @@ class OutboundFlows:
         reason = self._unsendable_reason(message)
         if reason is None:
             return False
-        self._end_flow(message.packet_id)  # type: ignore[arg-type]
+        self.end_flow(message.packet_id)  # type: ignore[arg-type]
         self._refuse(message, *reason)
         return True
 
@@ -390,41 +409,103 @@ class OutboundFlows:
     # --- acknowledgements from the broker ------------------------------------------------------
 
     def on_puback(self, packet: PubAck) -> None:
-        """QoS 1 flow done (MQTT 5: a failure reason code means the broker refused it)."""
+        """QoS 1 flow done (MQTT 5: a failure reason code means the broker refused it).
+
+        A PUBACK for a QoS 2 flow still waiting for PUBREC is a broker that downgrades QoS 2
+        to QoS 1 (RabbitMQ 3.10 does): the broker took the message and keeps no QoS 2 state
+        for it, so the flow ends with :attr:`DeliveryOutcome.DOWNGRADED` (counted in
+        ``downgraded``, reported once per connection) and its packet ID and QoS 2 slot are
+        free again. A PUBACK for a QoS 2 flow past PUBREC, or for an ID with no open flow,
+        is ignored and reported: PUBCOMP, or nothing, is what ends those.
+        """
         packet_id = packet.packet_id
         message = self.inflight.get(packet_id)
-        if message is None or message.qos != 1:
-            self._out.events.append(Anomaly(f"PUBACK for packet ID {packet_id}, not a QoS 1 flow"))
+        if message is None or (message.qos == 2 and message.released):
+            self._unexpected_ack("PUBACK", packet_id, message)
             return
         if packet.reason_code >= 0x80:
             self._refused_by_broker(packet_id, packet.reason_code, packet.properties.reason_string)
             return
+        if message.qos == 2:
+            self._downgraded(packet_id)
+            return
         self._finish(packet_id)
+
+    def _downgraded(self, packet_id: int) -> None:
+        message = self.inflight[packet_id]
+        self.downgraded += 1
+        self._tell(
+            "downgrade",
+            f"the broker answered a QoS 2 PUBLISH (packet ID {packet_id}, topic "
+            f"{message.topic!r}) with PUBACK: it downgrades QoS 2 to QoS 1 (RabbitMQ does). "
+            "Such messages complete as delivered at QoS 1 (DOWNGRADED), counted in "
+            "stats.downgraded; not logged again on this connection",
+        )
+        self._finish(packet_id, DeliveryOutcome.DOWNGRADED)
 
     def on_pubrec(self, packet: PubRec) -> None:
         """QoS 2, first half: stored as released, then PUBREL (also for a repeated PUBREC).
 
         MQTT 5: a failure reason code ends the flow here, without PUBREL (§4.3.3).
+
+        A PUBREC for a QoS 1 flow is a broker that upgraded the flow to QoS 2: it holds the
+        packet ID until PUBREL, so the flow continues as a QoS 2 one (released, PUBREL, and
+        PUBCOMP completes it as ACKNOWLEDGED) rather than freeing an ID the broker still
+        holds. A PUBREC for an ID with no open flow is answered with PUBREL (MQTT 5: reason
+        0x92, packet identifier not found), so that the broker frees the ID too.
         """
         packet_id = packet.packet_id
         message = self.inflight.get(packet_id)
-        if message is None or message.qos != 2:
-            self._out.events.append(Anomaly(f"PUBREC for packet ID {packet_id}, not a QoS 2 flow"))
+        if message is None:
+            self._unexpected_ack("PUBREC", packet_id, None)
+            if packet.reason_code < 0x80:
+                code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.terms.v5 else 0
+                self._out.packets.append(PubRel(packet_id, code))
+                self._stray_releases.add(packet_id)
             return
         if packet.reason_code >= 0x80 and not message.released:
             self._refused_by_broker(packet_id, packet.reason_code, packet.properties.reason_string)
             return
+        if message.qos == 1 and not message.released:
+            self._tell(
+                "upgrade",
+                f"the broker answered a QoS 1 PUBLISH (packet ID {packet_id}, topic "
+                f"{message.topic!r}) with PUBREC, as if it were QoS 2; the flow continues as "
+                "QoS 2 (PUBREL, then PUBCOMP) so that the broker frees the packet ID; not "
+                "logged again on this connection",
+            )
         if not message.released:
             message.released = True
             self._out.ops.append(MessageReleased(message.seq))
         self._out.packets.append(PubRel(packet_id))
 
+    def _unexpected_ack(self, kind: str, packet_id: int, message: OutgoingMessage | None) -> None:
+        if message is None:
+            what = "no message is in flight under that ID (a late duplicate, or a broker bug)"
+        else:
+            what = f"its QoS {message.qos} flow does not expect one now"
+        self._tell(
+            f"unexpected {kind}",
+            f"the broker sent {kind} for packet ID {packet_id}, but {what}; ignored"
+            + (", answered with PUBREL" if kind == "PUBREC" and message is None else "")
+            + f" (further unexpected {kind}s on this connection are not logged)",
+        )
+
+    def _tell(self, kind: str, text: str) -> None:
+        """Report a broker anomaly of this kind, once per connection."""
+        if kind not in self._told:
+            self._told.add(kind)
+            self._out.events.append(Anomaly(text))
+
     def on_pubcomp(self, packet: PubComp) -> None:
         """QoS 2 flow done."""
         packet_id = packet.packet_id
         message = self.inflight.get(packet_id)
+        if message is None and packet_id in self._stray_releases:
+            self._stray_releases.discard(packet_id)  # the answer to our PUBREL for it
+            return
         if message is None or not message.released:
-            self._out.events.append(Anomaly(f"PUBCOMP for packet ID {packet_id}, not awaiting one"))
+            self._unexpected_ack("PUBCOMP", packet_id, message)
             return
         if message.expired_release:
             self._finish_expired_release(packet_id, packet.reason_code)
@@ -432,7 +513,7 @@ class OutboundFlows:
         self._finish(packet_id)
 
     def _finish_expired_release(self, packet_id: int, reason_code: int) -> None:
-        message = self._end_flow(packet_id)
+        message = self.end_flow(packet_id)
         if reason_code == ReasonCode.PACKET_IDENTIFIER_NOT_FOUND:
             outcome = DeliveryOutcome.EXPIRED  # the broker never had it: nothing was delivered
             self.expired += 1
@@ -446,25 +527,35 @@ class OutboundFlows:
         self._window_freed()
 
     def _refused_by_broker(self, packet_id: int, code: int, reason_string: str | None) -> None:
-        message = self._end_flow(packet_id)
+        message = self.end_flow(packet_id)
         kind = PacketType.PUBACK if message.qos == 1 else PacketType.PUBREC
         self._refuse(message, code, reason_string or describe_reason_code(code, kind))
         self._window_freed()
 
-    def _end_flow(self, packet_id: int) -> OutgoingMessage:
+    def keep_id_reserved(self, packet_id: int) -> None:
+        """Keep ``packet_id`` out of use for this process (the broker may still hold it)."""
+        self._ids.reserve(packet_id)
+
+    def clock(self) -> float:
+        """The Unix time, from the session's clock."""
+        return self._clock()
+
+    def end_flow(self, packet_id: int) -> OutgoingMessage:
         """Take a flow out of the window and free its packet ID."""
         message = self.inflight.pop(packet_id)
         self.qos2_inflight -= message.qos == 2
         self._ids.release(packet_id)
         return message
 
-    def _finish(self, packet_id: int) -> None:
+    def _finish(
+        self, packet_id: int, outcome: DeliveryOutcome = DeliveryOutcome.ACKNOWLEDGED
+    ) -> None:
         message = self.inflight.pop(packet_id)
         self.qos2_inflight -= message.qos == 2
         self._ids.release(packet_id)
         out = self._out
         out.ops.append(MessageRemoved(message.seq))
-        out.events.append(PublishCompleted(message.seq, DeliveryOutcome.ACKNOWLEDGED))
+        out.events.append(PublishCompleted(message.seq, outcome))
         if (self._queued or self.held) and self.window_open:
             self.pump()
 

@@ -27,6 +27,7 @@ from mqtt_persist.protocol.packets import (
     Unsubscribe,
 )
 from mqtt_persist.session.events import (
+    SUBSCRIPTION_SUPERSEDED,
     Anomaly,
     Notice,
     SubscribeCompleted,
@@ -50,14 +51,23 @@ RESUBSCRIBE_CHUNK = 64
 class SubscriptionRequest:
     """A subscribe/unsubscribe call waiting for the broker to answer each of its filters."""
 
-    __slots__ = ("codes", "remaining", "token", "unsubscribe")
+    __slots__ = ("codes", "remaining", "subs", "token", "unsubscribe")
 
-    def __init__(self, token: int, filters: list[str], unsubscribe: bool) -> None:
+    def __init__(
+        self,
+        token: int,
+        filters: list[str],
+        unsubscribe: bool,
+        subs: dict[str, StoredSubscription] | None = None,
+    ) -> None:
         self.token = token
         #: The broker's answer per filter; -1 until it came.
         self.codes: dict[str, int] = dict.fromkeys(filters, -1)
         self.remaining = len(self.codes)
         self.unsubscribe = unsubscribe
+        #: A subscribe: the subscription it asked for, per filter (only a SUBACK for that very
+        #: subscription answers it).
+        self.subs: dict[str, StoredSubscription] = subs or {}
 
 
 class Subscriptions:
@@ -110,17 +120,20 @@ class Subscriptions:
     def subscribe(self, subscriptions: list[StoredSubscription], *, send: bool) -> int:
         """Record subscriptions, SUBSCRIBE now if ``send``; returns the request's token."""
         token = self._new_token()
+        latest: dict[str, StoredSubscription] = {s.topic_filter: s for s in subscriptions}
         request = SubscriptionRequest(
-            token, [s.topic_filter for s in subscriptions], unsubscribe=False
+            token, [s.topic_filter for s in subscriptions], unsubscribe=False, subs=latest
         )
         ops = self._out.ops
-        latest: dict[str, StoredSubscription] = {}
         for sub in subscriptions:
             topic_filter = sub.topic_filter
             self.wanted[topic_filter] = sub
-            latest[topic_filter] = sub
             self.pending_unsubscribes.discard(topic_filter)
             ops.append(subscription_set(sub))
+        for topic_filter, sub in latest.items():
+            # Earlier requests for another subscription of this filter that no SUBSCRIBE on the
+            # wire carries will never be answered: this call replaced them.
+            self._supersede(topic_filter, keep=(sub, *self._on_the_wire(topic_filter)))
             self.waiters.setdefault(topic_filter, []).append(request)
         if send:
             self._send_subscriptions(list(latest.values()))
@@ -132,8 +145,9 @@ class Subscriptions:
         request = SubscriptionRequest(token, filters, unsubscribe=True)
         ops = self._out.ops
         for topic_filter in dict.fromkeys(filters):
-            # A subscribe still waiting for this filter will never be granted now.
-            self._answer(topic_filter, SUBACK_FAILURE, unsubscribe=False)
+            # A subscribe still waiting for this filter is superseded, not refused: whatever
+            # its SUBACK says, the filter is no longer wanted.
+            self._supersede(topic_filter, keep=())
             self.wanted.pop(topic_filter, None)
             self.pending_unsubscribes.add(topic_filter)
             ops.append(SubscriptionRemoved(topic_filter, unsubscribe_pending=True))
@@ -182,6 +196,32 @@ class Subscriptions:
         self.unsubscribe_packets.clear()
         self.filters_in_flight.clear()
         self.resubscribe_ids.clear()
+        # Only what is wanted now is sent again: requests for an older subscription of a
+        # filter, whose SUBACK died with the connection, were superseded.
+        for topic_filter in list(self.waiters):
+            current = self.wanted.get(topic_filter)
+            self._supersede(topic_filter, keep=() if current is None else (current,))
+
+    def _on_the_wire(self, topic_filter: str) -> list[StoredSubscription]:
+        """The subscriptions of this filter that unanswered SUBSCRIBEs carry."""
+        return [
+            s
+            for subs in self.subscribe_packets.values()
+            for s in subs
+            if s.topic_filter == topic_filter
+        ]
+
+    def _supersede(self, topic_filter: str, keep: tuple[StoredSubscription, ...]) -> None:
+        """Answer SUPERSEDED to the subscribe requests on this filter not asking for ``keep``."""
+        waiting = self.waiters.get(topic_filter)
+        if not waiting:
+            return
+        for request in waiting:
+            if request.unsubscribe or request.codes[topic_filter] != -1:
+                continue
+            if not any(_same(request.subs[topic_filter], k) for k in keep):
+                self._complete_one(request, topic_filter, SUBSCRIPTION_SUPERSEDED)
+        self._prune(topic_filter)
 
     # --- packets ---------------------------------------------------------------------------------
 
@@ -232,7 +272,13 @@ class Subscriptions:
         """Record the broker's grants; True when it answered the last re-subscription."""
         pairs = self.subscribe_packets.pop(suback.packet_id, None)
         if pairs is None:
-            self._out.events.append(Anomaly(f"SUBACK for unknown packet ID {suback.packet_id}"))
+            self._out.events.append(
+                Anomaly(
+                    f"the broker sent SUBACK for packet ID {suback.packet_id}, which no "
+                    "SUBSCRIBE on this connection carries (a late duplicate, or a broker bug); "
+                    "ignored"
+                )
+            )
             return False
         self._ids.release(suback.packet_id)
         if len(suback.return_codes) != len(pairs):
@@ -258,7 +304,7 @@ class Subscriptions:
                         current.subscription_id,
                     )
                     ops.append(confirmed)
-            self._answer(topic_filter, code, unsubscribe=False)
+            self._answer(topic_filter, code, unsubscribe=False, sent=sent)
         if suback.packet_id in self.resubscribe_ids:
             self.resubscribe_ids.discard(suback.packet_id)
             return not self.resubscribe_ids
@@ -269,7 +315,12 @@ class Subscriptions:
         packet_id = packet.packet_id
         filters = self.unsubscribe_packets.pop(packet_id, None)
         if filters is None:
-            self._out.events.append(Anomaly(f"UNSUBACK for unknown packet ID {packet_id}"))
+            self._out.events.append(
+                Anomaly(
+                    f"the broker sent UNSUBACK for packet ID {packet_id}, which no UNSUBSCRIBE "
+                    "on this connection carries (a late duplicate, or a broker bug); ignored"
+                )
+            )
             return
         self._ids.release(packet_id)
         for topic_filter in filters:
@@ -278,27 +329,43 @@ class Subscriptions:
                 self._out.ops.append(UnsubscribeDone(topic_filter))
             self._answer(topic_filter, 0, unsubscribe=True)
 
-    def _answer(self, topic_filter: str, code: int, *, unsubscribe: bool) -> None:
-        """Record the broker's answer for every waiting request of this kind on this filter."""
+    def _answer(
+        self,
+        topic_filter: str,
+        code: int,
+        *,
+        unsubscribe: bool,
+        sent: StoredSubscription | None = None,
+    ) -> None:
+        """Record the broker's answer for every waiting request of this kind on this filter
+        (a SUBACK: only those that asked for the subscription ``sent``)."""
         waiting = self.waiters.get(topic_filter)
         if not waiting:
             return
-        keep: list[SubscriptionRequest] = []
         for request in waiting:
             if request.unsubscribe is not unsubscribe:
-                keep.append(request)
                 continue
             if request.codes[topic_filter] != -1:
                 continue  # already answered by an earlier packet naming the same filter
-            request.codes[topic_filter] = code
-            request.remaining -= 1
-            if request.remaining == 0:
-                if unsubscribe:
-                    self._out.events.append(UnsubscribeCompleted(request.token))
-                else:
-                    self._out.events.append(
-                        SubscribeCompleted(request.token, tuple(request.codes.values()))
-                    )
+            if sent is not None and not _same(request.subs[topic_filter], sent):
+                continue  # it asked for another subscription of this filter
+            self._complete_one(request, topic_filter, code)
+        self._prune(topic_filter)
+
+    def _complete_one(self, request: SubscriptionRequest, topic_filter: str, code: int) -> None:
+        request.codes[topic_filter] = code
+        request.remaining -= 1
+        if request.remaining == 0:
+            if request.unsubscribe:
+                self._out.events.append(UnsubscribeCompleted(request.token))
+            else:
+                self._out.events.append(
+                    SubscribeCompleted(request.token, tuple(request.codes.values()))
+                )
+
+    def _prune(self, topic_filter: str) -> None:
+        """Forget the requests on this filter that got their answer for it."""
+        keep = [r for r in self.waiters[topic_filter] if r.codes[topic_filter] == -1]
         if keep:
             self.waiters[topic_filter] = keep
         else:
