@@ -70,6 +70,7 @@ def test_pub_stores_with_the_broker_down_and_a_later_run_sends(
             "client_id": "edge-1",
             "stored": 1,
             "acknowledged": 1,
+            "downgraded": 0,
             "not_acknowledged": [],
             "timed_out": False,
             "unsent": 0,

@@ -294,3 +294,25 @@ def test_a_missing_click_is_explained(
     monkeypatch.setitem(sys.modules, "click", None)
     assert main(["--help"]) == 1
     assert "pip install 'mqtt-persist[cli]'" in capsys.readouterr().err
+
+
+async def test_wait_ack_counts_a_downgraded_qos2_message_as_acknowledged() -> None:
+    """RabbitMQ answers QoS 2 with PUBACK: the broker has the message, so `pub --wait-ack`
+    succeeds, and the report says how many were taken at QoS 1."""
+    from mqtt_persist.cli.pub import _acknowledgements
+    from mqtt_persist.completion import Delivery
+    from mqtt_persist.message import DeliveryOutcome
+
+    outcomes = [DeliveryOutcome.ACKNOWLEDGED, DeliveryOutcome.DOWNGRADED, DeliveryOutcome.SET_ASIDE]
+    deliveries: list[Delivery | None] = []
+    for seq, outcome in enumerate(outcomes):
+        delivery = Delivery(seq, "t", 2)
+        delivery._set_result(outcome)
+        deliveries.append(delivery)
+    report = await _acknowledgements(deliveries, timeout=5)
+    assert report == {
+        "acknowledged": 2,
+        "downgraded": 1,
+        "not_acknowledged": ["set_aside"],
+        "timed_out": False,
+    }

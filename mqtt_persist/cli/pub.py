@@ -177,8 +177,12 @@ async def _publish_all(
 
 
 async def _acknowledgements(deliveries: list[Delivery | None], timeout: float) -> dict[str, Any]:
-    """Wait for every delivery's outcome: how many were acknowledged, and what went wrong."""
-    acknowledged = 0
+    """Wait for every delivery's outcome: how many were acknowledged, and what went wrong.
+
+    A QoS 2 message the broker took at QoS 1 (``DOWNGRADED``: RabbitMQ does that) was
+    acknowledged by it, so it counts as acknowledged; ``downgraded`` says how many were.
+    """
+    acknowledged = downgraded = 0
     not_acknowledged: list[str] = []
     with anyio.move_on_after(timeout) as scope:
         for delivery in deliveries:
@@ -186,10 +190,14 @@ async def _acknowledgements(deliveries: list[Delivery | None], timeout: float) -
             outcome = await delivery
             if outcome is DeliveryOutcome.ACKNOWLEDGED:
                 acknowledged += 1
+            elif outcome is DeliveryOutcome.DOWNGRADED:
+                acknowledged += 1
+                downgraded += 1
             else:
                 not_acknowledged.append(outcome.value)
     return {
         "acknowledged": acknowledged,
+        "downgraded": downgraded,
         "not_acknowledged": not_acknowledged,
         "timed_out": scope.cancelled_caught,
     }
@@ -199,6 +207,8 @@ def _summary(report: dict[str, Any], broker: BrokerOptions) -> str:
     text = f"stored {report['stored']} message(s) for client {report['client_id']!r}"
     if "acknowledged" in report:
         text += f"; {report['acknowledged']} acknowledged by {broker.address}"
+        if report["downgraded"]:
+            text += f" ({report['downgraded']} of them taken at QoS 1, not 2)"
         if report["not_acknowledged"]:
             text += f"; not acknowledged: {', '.join(report['not_acknowledged'])}"
         if report["timed_out"]:
