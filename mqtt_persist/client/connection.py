@@ -99,7 +99,13 @@ class _NotMqtt5(Exception):
 
 
 class ConnectionSupervisor:
-    """Keeps the client connected (or, with ``reconnect=False``, connected once)."""
+    """Keeps the client connected (or, with ``reconnect=False``, connected once).
+
+    ``closing()`` tells it to stop: true while the client closes and once a fatal error (a
+    broken store, a fenced session, a refused CONNECT) stopped the client. After a fatal error
+    nothing can be committed, so a new connection could never carry anything; the supervisor
+    ends instead of reconnecting, and the client reports the error.
+    """
 
     def __init__(
         self,

@@ -315,7 +315,9 @@ class PersistentClient:
             ready=dispatcher.ready,
             wake_flusher=wake.set,
             fail=self._fail,
-            closing=lambda: self._closing,
+            # A fatal error (a broken store, a fenced session) ends the client, and with it
+            # the reconnecting: a connection nothing can commit for would only time out.
+            closing=lambda: self._closing or self._fatal is not None,
             on_granted_expiry=self._follow_granted_expiry,
         )
         flusher = Flusher(
