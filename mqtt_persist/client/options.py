@@ -66,6 +66,8 @@ class ClientOptions:
     topic_alias_maximum: int = 16
     #: The stdlib logger the client writes through (``logger.name`` of the client's argument).
     logger_name: str = "mqtt_persist"
+    #: Seconds leaving ``async with`` waits for pending requests and acknowledgements (0: none).
+    exit_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         validate_client_id(self.client_id, clean_session=self.clean_session)
@@ -128,6 +130,13 @@ class ClientOptions:
         interval = self.cleanup_interval
         if interval is not None and interval <= 0:
             raise InvalidInput(f"cleanup_interval must be > 0 or None, not {interval!r}")
+        exit_timeout = self.exit_timeout
+        if (
+            isinstance(exit_timeout, bool)
+            or not isinstance(exit_timeout, int | float)
+            or not 0 <= exit_timeout < math.inf
+        ):
+            raise InvalidInput(f"exit_timeout must be >= 0 seconds, not {exit_timeout!r}")
         if self.on_corrupt not in ("raise", "start_clean"):
             raise InvalidInput(
                 f"on_corrupt must be 'raise' or 'start_clean', not {self.on_corrupt!r}"

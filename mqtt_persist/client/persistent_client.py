@@ -34,6 +34,7 @@ from anyio.abc import TaskGroup
 from mqtt_persist.backoff import Backoff
 from mqtt_persist.client.connection import ConnectionSupervisor
 from mqtt_persist.client.dispatch import EventDispatcher
+from mqtt_persist.client.exit import settle_before_exit, settled
 from mqtt_persist.client.flusher import Flusher
 from mqtt_persist.client.options import ClientOptions, ProtocolChoice
 from mqtt_persist.client.signals import Signal
@@ -42,6 +43,7 @@ from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, Unsu
 from mqtt_persist.errors import (
     ClientClosed,
     ConnectionLost,
+    ConnectTimeout,
     InvalidInput,
     PayloadTooLarge,
     QueueFull,
@@ -162,6 +164,12 @@ class PersistentClient:
         topic_alias_maximum: MQTT 5: how many topic aliases the broker may set up on a
             connection to this client (0: none); aliases are resolved before ``messages``.
         logger: log through this logger's name instead of ``"mqtt_persist"``.
+        exit_timeout: seconds that leaving ``async with`` waits, at most, for what is still
+            pending with the broker: SUBSCRIBE/UNSUBSCRIBE requests not yet answered and
+            queued or in-flight messages not yet acknowledged. It waits only while a
+            connection is up or being attempted (not through a backoff delay), and not when
+            the block is left by cancellation. 0 skips the wait; whatever is left stays in the
+            store either way and is sent by the next client with the same id and store.
     """
 
     def __init__(
@@ -194,6 +202,7 @@ class PersistentClient:
         max_packet_size: int | None = None,
         topic_alias_maximum: int = 16,
         logger: logging.Logger | None = None,
+        exit_timeout: float = 5.0,
     ) -> None:
         options = ClientOptions(
             hostname=hostname,
@@ -222,6 +231,7 @@ class PersistentClient:
             max_packet_size=max_packet_size,
             topic_alias_maximum=topic_alias_maximum,
             logger_name=logger.name if logger else LOGGER_NAME,
+            exit_timeout=exit_timeout,
         )
         self._options = options
         self.hostname = hostname
@@ -356,6 +366,17 @@ class PersistentClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        parts = self._parts
+        if parts is not None and not self._closing and (exc is None or isinstance(exc, Exception)):
+            await settle_before_exit(
+                parts.session,
+                parts.flusher,
+                parts.dispatcher,
+                parts.connection,
+                timeout=self._options.exit_timeout,
+                failed=lambda: self._fatal is not None,
+                log=self._log,
+            )
         await self._shutdown(graceful=True)
 
     async def _shutdown(self, *, graceful: bool) -> None:
@@ -650,9 +671,17 @@ class PersistentClient:
         return parts is not None and parts.dispatcher.ready.is_set() and self._fatal is None
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until the connection is up (subscriptions restored); TimeoutError otherwise."""
-        ready = self._require_open().dispatcher.ready
-        with anyio.fail_after(timeout):
+        """Wait until the connection is up (subscriptions restored).
+
+        After ``timeout`` seconds it raises :class:`~mqtt_persist.errors.ConnectTimeout` (a
+        ``TimeoutError``), whose message names the broker, the time waited and the last
+        connection error, e.g. ``could not connect to 127.0.0.1:1 within 10s (4 attempts;
+        last error: connection refused)``. A fatal error (a refused CONNECT, a broken store)
+        is raised as itself.
+        """
+        parts = self._require_open()
+        ready = parts.dispatcher.ready
+        with anyio.move_on_after(timeout) as waiting:
             # _fail() sets ready too, to wake this wait: check the fatal error first.
             while True:
                 if self._fatal is not None:
@@ -660,17 +689,18 @@ class PersistentClient:
                 if ready.is_set():
                     return
                 await ready.wait()
+        assert timeout is not None and waiting.cancelled_caught
+        connection = parts.connection
+        raise ConnectTimeout(
+            self.hostname, self.port, timeout, connection.failed_attempts, connection.last_error
+        )
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the broker acknowledged every queued and in-flight message."""
         parts = self._require_open()
-        session, flusher, deliveries = parts.session, parts.flusher, parts.dispatcher.deliveries
+        session, flusher, dispatcher = parts.session, parts.flusher, parts.dispatcher
         with anyio.fail_after(timeout):
-            # Idle is not enough: the last acknowledgements must also be committed and their
-            # deliveries resolved, which happens in the flush after the session went idle.
-            while not (
-                session.is_idle and not session.has_output() and flusher.idle and not deliveries
-            ):
+            while not settled(session, flusher, dispatcher, requests=False):
                 flusher.flushed.clear()
                 await flusher.flushed.wait()
                 self._require_open()
