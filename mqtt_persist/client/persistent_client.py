@@ -51,6 +51,7 @@ from mqtt_persist.errors import (
 )
 from mqtt_persist.log import LOGGER_NAME, client_logger
 from mqtt_persist.message import Message
+from mqtt_persist.metrics import MetricsSink
 from mqtt_persist.protocol.packets import (
     MQTT_3_1_1,
     MQTT_5,
@@ -170,6 +171,9 @@ class PersistentClient:
             connection is up or being attempted (not through a backoff delay), and not when
             the block is left by cancellation. 0 skips the wait; whatever is left stays in the
             store either way and is sent by the next client with the same id and store.
+        metrics: a :class:`~mqtt_persist.metrics.MetricsSink` to report to, e.g.
+            :class:`~mqtt_persist.metrics.prometheus.PrometheusMetrics` (None: no metrics, and
+            no cost). The names are listed in docs/metrics.md.
     """
 
     def __init__(
@@ -203,6 +207,7 @@ class PersistentClient:
         topic_alias_maximum: int = 16,
         logger: logging.Logger | None = None,
         exit_timeout: float = 5.0,
+        metrics: MetricsSink | None = None,
     ) -> None:
         options = ClientOptions(
             hostname=hostname,
@@ -245,6 +250,8 @@ class PersistentClient:
         self.session_status: SessionStatus = "new"
         self.store: SessionStore = store if store is not None else MemoryStore()
         self._log = client_logger(client_id, options.logger_name)
+        # None without a sink: each hook is then one `is not None` test.
+        self._metrics = metrics.bind(client_id, self) if metrics is not None else None
         self._storage = SessionStorage(
             self.store, owns_store=store is None, options=options, log=self._log
         )
@@ -316,7 +323,9 @@ class PersistentClient:
     def _build(self, session: Session) -> _Running:
         """The parts that run inside the task group, wired to each other and to this client."""
         options = self._options
-        dispatcher = EventDispatcher(self._log, (options.hostname, options.port))
+        dispatcher = EventDispatcher(
+            self._log, (options.hostname, options.port), metrics=self._metrics
+        )
         wake = Signal()
         connection = ConnectionSupervisor(
             session,
@@ -340,6 +349,7 @@ class PersistentClient:
             log=self._log,
             fail=self._fail,
             wake=wake,
+            metrics=self._metrics,
         )
         return _Running(session, dispatcher, connection, flusher)
 
@@ -485,6 +495,8 @@ class PersistentClient:
                 f"outgoing queue is full ({options.max_queued} messages waiting); message refused"
             )
         seq = session.publish(topic, data, qos, retain, props, expires_at)
+        if self._metrics is not None:
+            self._metrics.published(qos)
         delivery = Delivery(seq, topic, qos)
         parts.dispatcher.deliveries[seq] = delivery
         flusher.wake.set()
