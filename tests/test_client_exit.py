@@ -10,6 +10,7 @@ import pytest
 from mqtt_persist import (
     Backoff,
     ClientClosed,
+    ConnectionLost,
     ConnectTimeout,
     InvalidInput,
     MemoryStore,
@@ -34,6 +35,14 @@ async def test_a_connect_timeout_names_the_broker_the_time_and_the_last_error() 
     assert error.attempts >= 1 and error.last_error == "connection refused"
     assert str(error).startswith(f"could not connect to 127.0.0.1:{port} within 0.5s (")
     assert str(error).endswith("last error: connection refused)")
+
+
+async def test_reconnect_false_names_the_broker_and_why() -> None:
+    port = free_port()
+    with pytest.raises(ConnectionLost) as caught:
+        async with PersistentClient("127.0.0.1", port, client_id="once", reconnect=False):
+            pass
+    assert str(caught.value) == f"could not connect to 127.0.0.1:{port}: connection refused"
 
 
 async def test_a_connect_timeout_before_any_attempt_ended_says_so() -> None:

@@ -32,7 +32,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from mqtt_persist.backoff import Backoff
-from mqtt_persist.client.connection import ConnectionSupervisor
+from mqtt_persist.client.connection import ConnectionSupervisor, describe_connect_error
 from mqtt_persist.client.dispatch import EventDispatcher
 from mqtt_persist.client.exit import settle_before_exit, settled
 from mqtt_persist.client.flusher import Flusher
@@ -315,7 +315,8 @@ class PersistentClient:
                 await self._shutdown(graceful=False)
                 if isinstance(exc, OSError | TimeoutError):
                     raise ConnectionLost(
-                        f"could not connect to {self.hostname}:{self.port}: {exc}"
+                        f"could not connect to {self.hostname}:{self.port}: "
+                        f"{describe_connect_error(exc)}"
                     ) from exc
                 raise
         return self
