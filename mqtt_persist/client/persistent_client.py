@@ -109,9 +109,11 @@ class PersistentClient:
 
     Use it as an async context manager. Entering opens the store, takes the ownership lease of
     ``client_id``'s stored session, restores it, and starts connecting in the background (with
-    ``reconnect=False`` it connects before returning and raises if it cannot). Leaving sends
-    DISCONNECT and releases the lease; whatever was not acknowledged yet stays in the store and
-    is sent by the next client with the same id and store.
+    ``reconnect=False`` it connects before returning and raises if it cannot). Leaving waits
+    up to ``exit_timeout`` for the broker to answer pending subscribe/unsubscribe requests and
+    acknowledge messages, then sends DISCONNECT and releases the lease; whatever was not
+    acknowledged yet stays in the store and is sent by the next client with the same id and
+    store.
 
     Args:
         hostname, port: the broker.
