@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mqtt_persist import FileStore, InvalidInput
-from mqtt_persist.cli.demo import DemoError, parse_broker, private_mosquitto, run_demo
+from mqtt_persist import FileStore, InvalidInput, MqttPersistError
+from mqtt_persist.cli.demo import parse_broker, private_mosquitto, run_demo
 
 
 def main() -> int:
@@ -31,7 +31,10 @@ def main() -> int:
     parser.add_argument("--client-id", default="persistent-demo")
     parser.add_argument("--store", type=Path, help="session directory (default: a temp dir)")
     parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for the queued messages"
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the connection and for the queued messages",
     )
     args = parser.parse_args()
     try:
@@ -56,8 +59,8 @@ def main() -> int:
                 with private_mosquitto(workdir) as (host, port):
                     print(f"Started a private mosquitto on {host}:{port}")
                     ok = demo(host, port)
-        except DemoError as exc:
-            sys.exit(str(exc))
+        except MqttPersistError as exc:  # DemoError, ConnectTimeout: one line, no traceback
+            sys.exit(f"error: {exc}")
     return 0 if ok else 1
 
 

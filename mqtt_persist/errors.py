@@ -177,6 +177,28 @@ class ConnectionLost(MqttPersistError):
     """The connection to the broker ended unexpectedly (only raised with ``reconnect=False``)."""
 
 
+class ConnectTimeout(MqttPersistError, TimeoutError):
+    """``wait_connected(timeout)`` ran out: the broker it tried, how long, and why it failed.
+
+    A :class:`TimeoutError` too, so code written for the bare ``TimeoutError`` it replaced
+    still catches it. ``host`` and ``port`` name the broker, ``waited`` the seconds waited,
+    ``attempts`` the connection attempts that ended meanwhile, and ``last_error`` the last of
+    them (for example ``"connection refused"``), or None when no attempt had ended yet.
+    """
+
+    def __init__(
+        self, host: str, port: int, waited: float, attempts: int, last_error: str | None
+    ) -> None:
+        why = f"last error: {last_error}" if last_error else "no connection attempt ended yet"
+        tries = f"{attempts} attempt{'' if attempts == 1 else 's'}; " if attempts else ""
+        super().__init__(f"could not connect to {host}:{port} within {waited:g}s ({tries}{why})")
+        self.host = host
+        self.port = port
+        self.waited = waited
+        self.attempts = attempts
+        self.last_error = last_error
+
+
 class KeepaliveTimeout(ConnectionLost):
     """The broker did not answer a PINGREQ in time; the connection is treated as dead."""
 

@@ -172,3 +172,13 @@ def test_demo_command(broker: MosquittoBroker, tmp_path: Path) -> None:
     assert result.code == 0, result
     assert result.out.count("received") == 4
     assert result.out.strip().splitlines()[-1].startswith("RESULT: OK")
+
+
+def test_demo_command_against_no_broker_says_so_in_one_line() -> None:
+    port = free_port()  # nothing listens there
+    result = run_cli("demo", "--broker", f"mqtt://127.0.0.1:{port}", "--timeout", "1")
+    assert result.code == 1, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result
+    assert lines[0].startswith(f"mqtt-persist: error: could not connect to 127.0.0.1:{port}")
+    assert "within 1s" in lines[0] and "connection refused" in lines[0], lines

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.broker import MosquittoBroker
+from tests.support.broker import MosquittoBroker, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "persistent_session.py"
@@ -59,3 +59,14 @@ def test_demo_rejects_a_bad_broker_url() -> None:
     result = run_demo("--broker", "http://127.0.0.1:1")
     assert result.returncode == 2
     assert "mqtt://HOST:PORT" in result.stderr
+
+
+def test_demo_against_no_broker_says_so_in_one_line() -> None:
+    """Regression: a 30-line traceback ending in a bare TimeoutError, naming nothing."""
+    port = free_port()  # nothing listens there
+    result = run_demo("--broker", f"mqtt://127.0.0.1:{port}", "--timeout", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "within 1s" in lines[0], lines
+    assert "connection refused" in lines[0], lines

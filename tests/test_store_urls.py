@@ -16,12 +16,19 @@ from mqtt_persist.stores.urls import SCHEMES, StoreURL, redact_url
 
 
 def test_every_store_is_importable_from_the_package() -> None:
+    from mqtt_persist import PostgresStore as PostgresFromPackage
     from mqtt_persist import RedisStore as FromPackage
-    from mqtt_persist.stores import RedisStore, SQLiteStore
+    from mqtt_persist import stores
+    from mqtt_persist.stores import PostgresStore, RedisStore, SQLiteStore
 
     assert FromPackage is RedisStore
+    assert PostgresFromPackage is PostgresStore
     assert mqtt_persist.SQLiteStore is SQLiteStore
-    assert {"RedisStore", "SQLiteStore", "store_from_url"} <= set(mqtt_persist.__all__)
+    every_store = {"FileStore", "MemoryStore", "PostgresStore", "RedisStore", "SQLiteStore"}
+    assert every_store | {"store_from_url"} <= set(mqtt_persist.__all__)
+    assert every_store <= set(stores.__all__)
+    for name in every_store:  # what __all__ promises, ``from mqtt_persist import *`` finds
+        assert getattr(mqtt_persist, name) is getattr(stores, name)
     # ... and importing the package still needs neither redis-py, psycopg nor click.
     probe = (
         "import sys, mqtt_persist, mqtt_persist.cli, mqtt_persist.cli.session_file; "

@@ -84,7 +84,7 @@ cli.add_command(sub_command)
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
     show_default=True,
-    help="Seconds to wait for the queued messages.",
+    help="Seconds to wait for the connection and for the queued messages.",
 )
 def demo_command(
     broker: str | None, client_id: str, store: SessionStore | None, timeout: float

@@ -113,13 +113,16 @@ async def run_demo(
     """Run the three phases against ``host:port``; True when all queued messages arrived.
 
     ``store`` keeps the session between phases (it is closed at the end); ``where`` names it
-    for the reader.
+    for the reader. ``timeout`` bounds the first connection and the wait for the queued
+    messages; a broker that cannot be reached raises
+    :class:`~mqtt_persist.errors.ConnectTimeout`, whose message names it, the time waited and
+    the last connection error: callers print that one line.
     """
     nonce = uuid.uuid4().hex[:8]
     try:
         say(f"Phase 1: connect as {client_id!r} (clean_session=False), subscribe, round trip")
         async with PersistentClient(host, port, client_id=client_id, store=store) as client:
-            await client.wait_connected(timeout=10)
+            await client.wait_connected(timeout=timeout)
             await client.subscribe(TOPIC, qos=1)
             delivery = await client.publish(TOPIC, f"{nonce} test message", qos=1)
             say(f"    published test message: {(await delivery).value}")

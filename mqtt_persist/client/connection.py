@@ -112,7 +112,13 @@ class _NotMqtt5(Exception):
 
 
 class ConnectionSupervisor:
-    """Keeps the client connected (or, with ``reconnect=False``, connected once)."""
+    """Keeps the client connected (or, with ``reconnect=False``, connected once).
+
+    ``closing()`` tells it to stop: true while the client closes and once a fatal error (a
+    broken store, a fenced session, a refused CONNECT) stopped the client. After a fatal error
+    nothing can be committed, so a new connection could never carry anything; the supervisor
+    ends instead of reconnecting, and the client reports the error.
+    """
 
     def __init__(
         self,
@@ -160,6 +166,12 @@ class ConnectionSupervisor:
         self.next_protocol = options.first_protocol
         # The protocol of the current connection, for encoding what the flusher sends.
         self._version = self.next_protocol
+        #: Connection attempts (and connections) that ended, and why the last one did, in
+        #: words (``"connection refused"``): what a connect timeout reports.
+        self.failed_attempts = 0
+        self.last_error: str | None = None
+        #: True while the supervisor waits between attempts: no connection is up or coming.
+        self.backing_off = False
 
     # --- the two ways to run -----------------------------------------------------------------
 
@@ -191,6 +203,7 @@ class ConnectionSupervisor:
                 self._fall_back(exc)
                 continue  # at once: the broker is there, it may only want 3.1.1
             except ConnectionRefused as exc:
+                self._attempt_failed(str(exc))
                 if self._fatal_refusal(exc):
                     self._fail(exc)
                     return
@@ -203,6 +216,7 @@ class ConnectionSupervisor:
                 self._fail(exc)
                 return
             except ServerDisconnected as exc:
+                self._attempt_failed(str(exc))
                 if exc.fatal:
                     self._fail(exc)
                     return
@@ -210,9 +224,10 @@ class ConnectionSupervisor:
             except _CONNECTION_ERRORS as exc:
                 if self._closing():
                     return
-                reason = self._connection_error or exc
+                reason = describe_connect_error(self._connection_error or exc)
+                self._attempt_failed(reason)
                 self._log.info(
-                    "connection to %s:%d lost: %s", options.hostname, options.port, describe(reason)
+                    "connection to %s:%d lost: %s", options.hostname, options.port, reason
                 )
             finally:
                 self._settle_probe()
@@ -225,7 +240,11 @@ class ConnectionSupervisor:
             delay = options.backoff.delay(attempt)
             attempt += 1
             self._log.debug("reconnecting in %.2fs (attempt %d)", delay, attempt)
-            await anyio.sleep(delay)
+            self.backing_off = True
+            try:
+                await anyio.sleep(delay)
+            finally:
+                self.backing_off = False
 
     async def run_single_connection(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -249,6 +268,10 @@ class ConnectionSupervisor:
         else:
             if not self._closing():
                 self._fail(ConnectionLost("connection lost"))
+
+    def _attempt_failed(self, reason: str) -> None:
+        self.failed_attempts += 1
+        self.last_error = reason
 
     def _fall_back(self, reason: _NotMqtt5) -> None:
         self.next_protocol = MQTT_3_1_1
@@ -497,6 +520,25 @@ async def _say_goodbye(stream: ByteStream, reason_code: int) -> None:
 def describe(exc: BaseException) -> str:
     """An error's message, or its class name when it has none."""
     return str(exc) or type(exc).__name__
+
+
+def describe_connect_error(exc: BaseException) -> str:
+    """Why a connection attempt failed, in the words a person looks for.
+
+    anyio wraps a refused TCP connect in ``OSError("All connection attempts failed")``; the
+    refusal itself is its cause, and "connection refused" is what tells the reader that nothing
+    listens there. A connect that ran out of time says so (its TimeoutError has no message).
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        seen = seen.__cause__
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return describe(exc)
 
 
 async def _close_quietly(stream: ByteStream) -> None:

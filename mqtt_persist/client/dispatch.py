@@ -19,6 +19,7 @@ from mqtt_persist.client.signals import Signal
 from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
 from mqtt_persist.log import ClientLogger
 from mqtt_persist.message import DeliveryOutcome, Message
+from mqtt_persist.metrics import ClientMetrics
 from mqtt_persist.session.events import (
     SUBSCRIPTION_SUPERSEDED,
     Anomaly,
@@ -37,8 +38,11 @@ from mqtt_persist.session.events import (
 class EventDispatcher:
     """Resolves what callers wait for, from the session's events; one per client."""
 
-    def __init__(self, log: ClientLogger, address: tuple[str, int]) -> None:
+    def __init__(
+        self, log: ClientLogger, address: tuple[str, int], *, metrics: ClientMetrics | None = None
+    ) -> None:
         self._log = log
+        self._metrics = metrics
         self._address = address
         #: publish() handles by sequence number, until their flow ends.
         self.deliveries: dict[int, Delivery] = {}
@@ -63,6 +67,8 @@ class EventDispatcher:
                 case PublishCompleted():
                     self._publish_completed(event)
                 case MessageReceived(message=message):
+                    if self._metrics is not None:
+                        self._metrics.received(message.qos)
                     if self.responses and self._answers_a_request(message):
                         continue
                     # After the client stopped, ``messages`` has ended: nobody would read it.

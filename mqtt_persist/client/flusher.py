@@ -11,6 +11,7 @@ store once everything before them is committed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import anyio
@@ -20,6 +21,7 @@ from mqtt_persist.client.dispatch import EventDispatcher
 from mqtt_persist.client.signals import CommitTicket, Signal
 from mqtt_persist.errors import MqttPersistError, StoreError
 from mqtt_persist.log import ClientLogger
+from mqtt_persist.metrics import ClientMetrics
 from mqtt_persist.session.machine import Session
 from mqtt_persist.session.state import MessageRemoved, Operation
 from mqtt_persist.session.transitions import ConnectionState
@@ -45,6 +47,7 @@ class Flusher:
         log: ClientLogger,
         fail: Callable[[BaseException], None],
         wake: Signal,
+        metrics: ClientMetrics | None = None,
     ) -> None:
         self._session = session
         self._store = store
@@ -54,6 +57,7 @@ class Flusher:
         self._dispatcher = dispatcher
         self._log = log
         self._fail = fail
+        self._metrics = metrics
         #: Set when the session has output; publish() and the connection set it.
         self.wake = wake
         #: Set after every pass; drain() waits on it.
@@ -229,8 +233,14 @@ class Flusher:
 
     async def _commit(self, ops: list[Operation], ticket: CommitTicket | None) -> None:
         """``store.apply`` the batch; the callers waiting for it learn if it failed."""
+        metrics = self._metrics
         try:
-            await self._store.apply(self._client_id, ops)
+            if metrics is None:
+                await self._store.apply(self._client_id, ops)
+            else:
+                started = time.perf_counter()
+                await self._store.apply(self._client_id, ops)
+                metrics.commit(time.perf_counter() - started, len(ops))
         except Exception as exc:
             error = (
                 exc

@@ -72,6 +72,8 @@ class ClientOptions:
     poison_after: int = 3
     #: A broker whose known refusals are checked before a publish is stored (compat.py).
     compat: Compat | None = None
+    #: Seconds leaving ``async with`` waits for pending requests and acknowledgements (0: none).
+    exit_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         validate_client_id(self.client_id, clean_session=self.clean_session)
@@ -138,6 +140,13 @@ class ClientOptions:
         poison = self.poison_after
         if not isinstance(poison, int) or poison < 0:
             raise InvalidInput(f"poison_after must be an int >= 0 (0: never), not {poison!r}")
+        exit_timeout = self.exit_timeout
+        if (
+            isinstance(exit_timeout, bool)
+            or not isinstance(exit_timeout, int | float)
+            or not 0 <= exit_timeout < math.inf
+        ):
+            raise InvalidInput(f"exit_timeout must be >= 0 seconds, not {exit_timeout!r}")
         if self.on_corrupt not in ("raise", "start_clean"):
             raise InvalidInput(
                 f"on_corrupt must be 'raise' or 'start_clean', not {self.on_corrupt!r}"

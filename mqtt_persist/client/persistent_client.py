@@ -32,8 +32,9 @@ import anyio
 from anyio.abc import TaskGroup
 
 from mqtt_persist.backoff import Backoff
-from mqtt_persist.client.connection import ConnectionSupervisor
+from mqtt_persist.client.connection import ConnectionSupervisor, describe_connect_error
 from mqtt_persist.client.dispatch import EventDispatcher
+from mqtt_persist.client.exit import settle_before_exit, settled
 from mqtt_persist.client.flusher import Flusher
 from mqtt_persist.client.options import ClientOptions, ProtocolChoice
 from mqtt_persist.client.signals import Signal
@@ -43,6 +44,7 @@ from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, Unsu
 from mqtt_persist.errors import (
     ClientClosed,
     ConnectionLost,
+    ConnectTimeout,
     InvalidInput,
     PayloadTooLarge,
     QueueFull,
@@ -50,6 +52,7 @@ from mqtt_persist.errors import (
 )
 from mqtt_persist.log import LOGGER_NAME, client_logger
 from mqtt_persist.message import Message
+from mqtt_persist.metrics import MetricsSink
 from mqtt_persist.protocol.packets import (
     MQTT_3_1_1,
     MQTT_5,
@@ -113,9 +116,11 @@ class PersistentClient:
 
     Use it as an async context manager. Entering opens the store, takes the ownership lease of
     ``client_id``'s stored session, restores it, and starts connecting in the background (with
-    ``reconnect=False`` it connects before returning and raises if it cannot). Leaving sends
-    DISCONNECT and releases the lease; whatever was not acknowledged yet stays in the store and
-    is sent by the next client with the same id and store.
+    ``reconnect=False`` it connects before returning and raises if it cannot). Leaving waits
+    up to ``exit_timeout`` for the broker to answer pending subscribe/unsubscribe requests and
+    acknowledge messages, then sends DISCONNECT and releases the lease; whatever was not
+    acknowledged yet stays in the store and is sent by the next client with the same id and
+    store.
 
     Args:
         hostname, port: the broker.
@@ -185,6 +190,15 @@ class PersistentClient:
             sent this many times in a row, the message is *set aside*: kept in the store, not
             sent again, its delivery resolved ``SET_ASIDE`` (nats-server closes the connection
             on a PUBLISH it will not take). See :meth:`set_aside`. 0: never.
+        exit_timeout: seconds that leaving ``async with`` waits, at most, for what is still
+            pending with the broker: SUBSCRIBE/UNSUBSCRIBE requests not yet answered and
+            queued or in-flight messages not yet acknowledged. It waits only while a
+            connection is up or being attempted (not through a backoff delay), and not when
+            the block is left by cancellation. 0 skips the wait; whatever is left stays in the
+            store either way and is sent by the next client with the same id and store.
+        metrics: a :class:`~mqtt_persist.metrics.MetricsSink` to report to, e.g.
+            :class:`~mqtt_persist.metrics.prometheus.PrometheusMetrics` (None: no metrics, and
+            no cost). The names are listed in docs/metrics.md.
     """
 
     def __init__(
@@ -219,6 +233,8 @@ class PersistentClient:
         logger: logging.Logger | None = None,
         poison_after: int = 3,
         compat: Compat | None = None,
+        exit_timeout: float = 5.0,
+        metrics: MetricsSink | None = None,
     ) -> None:
         options = ClientOptions(
             hostname=hostname,
@@ -249,6 +265,7 @@ class PersistentClient:
             logger_name=logger.name if logger else LOGGER_NAME,
             poison_after=poison_after,
             compat=compat,
+            exit_timeout=exit_timeout,
         )
         self._options = options
         self.hostname = hostname
@@ -262,6 +279,8 @@ class PersistentClient:
         self.session_status: SessionStatus = "new"
         self.store: SessionStore = store if store is not None else MemoryStore()
         self._log = client_logger(client_id, options.logger_name)
+        # None without a sink: each hook is then one `is not None` test.
+        self._metrics = metrics.bind(client_id, self) if metrics is not None else None
         self._storage = SessionStorage(
             self.store, owns_store=store is None, options=options, log=self._log
         )
@@ -325,7 +344,8 @@ class PersistentClient:
                 await self._shutdown(graceful=False)
                 if isinstance(exc, OSError | TimeoutError):
                     raise ConnectionLost(
-                        f"could not connect to {self.hostname}:{self.port}: {exc}"
+                        f"could not connect to {self.hostname}:{self.port}: "
+                        f"{describe_connect_error(exc)}"
                     ) from exc
                 raise
         return self
@@ -333,7 +353,9 @@ class PersistentClient:
     def _build(self, session: Session) -> _Running:
         """The parts that run inside the task group, wired to each other and to this client."""
         options = self._options
-        dispatcher = EventDispatcher(self._log, (options.hostname, options.port))
+        dispatcher = EventDispatcher(
+            self._log, (options.hostname, options.port), metrics=self._metrics
+        )
         wake = Signal()
         connection = ConnectionSupervisor(
             session,
@@ -342,7 +364,9 @@ class PersistentClient:
             ready=dispatcher.ready,
             wake_flusher=wake.set,
             fail=self._fail,
-            closing=lambda: self._closing,
+            # A fatal error (a broken store, a fenced session) ends the client, and with it
+            # the reconnecting: a connection nothing can commit for would only time out.
+            closing=lambda: self._closing or self._fatal is not None,
             on_granted_expiry=self._follow_granted_expiry,
         )
         flusher = Flusher(
@@ -355,6 +379,7 @@ class PersistentClient:
             log=self._log,
             fail=self._fail,
             wake=wake,
+            metrics=self._metrics,
         )
         return _Running(session, dispatcher, connection, flusher)
 
@@ -381,6 +406,17 @@ class PersistentClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        parts = self._parts
+        if parts is not None and not self._closing and (exc is None or isinstance(exc, Exception)):
+            await settle_before_exit(
+                parts.session,
+                parts.flusher,
+                parts.dispatcher,
+                parts.connection,
+                timeout=self._options.exit_timeout,
+                failed=lambda: self._fatal is not None,
+                log=self._log,
+            )
         await self._shutdown(graceful=True)
 
     async def _shutdown(self, *, graceful: bool) -> None:
@@ -494,6 +530,8 @@ class PersistentClient:
 
     async def _track(self, parts: _Running, seq: int, topic: str, qos: int) -> Delivery:
         """The delivery of the message ``seq`` just accepted, once it is stored."""
+        if self._metrics is not None:
+            self._metrics.published(qos)
         delivery = Delivery(seq, topic, qos)
         parts.dispatcher.deliveries[seq] = delivery
         parts.flusher.wake.set()
@@ -715,9 +753,17 @@ class PersistentClient:
         return parts is not None and parts.dispatcher.ready.is_set() and self._fatal is None
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until the connection is up (subscriptions restored); TimeoutError otherwise."""
-        ready = self._require_open().dispatcher.ready
-        with anyio.fail_after(timeout):
+        """Wait until the connection is up (subscriptions restored).
+
+        After ``timeout`` seconds it raises :class:`~mqtt_persist.errors.ConnectTimeout` (a
+        ``TimeoutError``), whose message names the broker, the time waited and the last
+        connection error, e.g. ``could not connect to 127.0.0.1:1 within 10s (4 attempts;
+        last error: connection refused)``. A fatal error (a refused CONNECT, a broken store)
+        is raised as itself.
+        """
+        parts = self._require_open()
+        ready = parts.dispatcher.ready
+        with anyio.move_on_after(timeout) as waiting:
             # _fail() sets ready too, to wake this wait: check the fatal error first.
             while True:
                 if self._fatal is not None:
@@ -725,17 +771,18 @@ class PersistentClient:
                 if ready.is_set():
                     return
                 await ready.wait()
+        assert timeout is not None and waiting.cancelled_caught
+        connection = parts.connection
+        raise ConnectTimeout(
+            self.hostname, self.port, timeout, connection.failed_attempts, connection.last_error
+        )
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the broker acknowledged every queued and in-flight message."""
         parts = self._require_open()
-        session, flusher, deliveries = parts.session, parts.flusher, parts.dispatcher.deliveries
+        session, flusher, dispatcher = parts.session, parts.flusher, parts.dispatcher
         with anyio.fail_after(timeout):
-            # Idle is not enough: the last acknowledgements must also be committed and their
-            # deliveries resolved, which happens in the flush after the session went idle.
-            while not (
-                session.is_idle and not session.has_output() and flusher.idle and not deliveries
-            ):
+            while not settled(session, flusher, dispatcher, requests=False):
                 flusher.flushed.clear()
                 await flusher.flushed.wait()
                 self._require_open()

@@ -2,7 +2,8 @@
 
 :class:`SessionStore` is the contract; :class:`MemoryStore` keeps sessions for the life of the
 process, :class:`FileStore` in crash-safe journal files, :class:`SQLiteStore` in one SQLite
-database, :class:`RedisStore` in Redis (imported on first use: redis-py is optional).
+database, :class:`RedisStore` in Redis and :class:`PostgresStore` in PostgreSQL (each imported
+on first use: redis-py and psycopg are optional).
 :func:`store_from_url` builds any of them from a URL such as ``sqlite:///var/lib/app/s.db``.
 """
 
@@ -15,6 +16,7 @@ from mqtt_persist.stores.urls import redact_url, store_from_url
 __all__ = [
     "FileStore",
     "MemoryStore",
+    "PostgresStore",
     "RedisStore",
     "SQLiteStore",
     "SessionInfo",
