@@ -1,4 +1,8 @@
-"""Opening a byte stream to the broker: TCP, or TLS through an ``ssl.SSLContext``."""
+"""Opening a byte stream to the broker: TCP, or TLS through an ``ssl.SSLContext``, optionally
+carrying MQTT over WebSockets (``ws://``, and ``wss://`` with TLS; :mod:`mqtt_persist.websocket`).
+
+Either way the connection supervisor gets an :class:`anyio.abc.ByteStream` of MQTT bytes.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,41 @@ import ssl
 import anyio
 from anyio.abc import ByteStream
 
+from mqtt_persist.websocket import WebSocketSettings, websocket_handshake
+
 
 async def open_stream(
-    hostname: str, port: int, *, tls: ssl.SSLContext | None, timeout: float
+    hostname: str,
+    port: int,
+    *,
+    tls: ssl.SSLContext | None,
+    timeout: float,
+    websocket: WebSocketSettings | None = None,
 ) -> ByteStream:
     """Connect within ``timeout`` seconds; raises OSError or TimeoutError otherwise.
+
+    With ``websocket`` the WebSocket upgrade happens within the same ``timeout`` and may raise
+    :class:`~mqtt_persist.errors.WebSocketHandshakeFailed`.
 
     anyio sets TCP_NODELAY on the socket: MQTT acknowledgements are tiny and latency-bound.
     """
     with anyio.fail_after(timeout):
         if tls is None:
-            return await anyio.connect_tcp(hostname, port)
-        return await anyio.connect_tcp(
-            hostname,
-            port,
-            ssl_context=tls,
-            tls_hostname=hostname,
-            # Brokers often close TLS without close_notify; that is an ordinary disconnect here.
-            tls_standard_compatible=False,
-        )
+            stream: ByteStream = await anyio.connect_tcp(hostname, port)
+        else:
+            stream = await anyio.connect_tcp(
+                hostname,
+                port,
+                ssl_context=tls,
+                tls_hostname=hostname,
+                # Brokers often close TLS without close_notify; that is an ordinary disconnect.
+                tls_standard_compatible=False,
+            )
+        if websocket is None:
+            return stream
+        try:
+            return await websocket_handshake(stream, hostname, port, websocket, tls=tls is not None)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            raise

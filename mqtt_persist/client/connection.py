@@ -43,6 +43,7 @@ from mqtt_persist.errors import (
     KeepaliveTimeout,
     ProtocolError,
     ServerDisconnected,
+    WebSocketHandshakeFailed,
 )
 from mqtt_persist.log import ClientLogger
 from mqtt_persist.protocol.codec import Decoder, encode
@@ -155,7 +156,7 @@ class ConnectionSupervisor:
             except ClientIdAssigned as exc:
                 self._fail(exc)
                 return
-            except ServerDisconnected as exc:
+            except (ServerDisconnected, WebSocketHandshakeFailed) as exc:
                 if exc.fatal:
                     self._fail(exc)
                     return
@@ -165,7 +166,7 @@ class ConnectionSupervisor:
                     return
                 reason = self._connection_error or exc
                 self._log.info(
-                    "connection to %s:%d lost: %s", options.hostname, options.port, describe(reason)
+                    "connection to %s lost: %s", options.broker_address, describe(reason)
                 )
             if self._closing():
                 return
@@ -248,7 +249,11 @@ class ConnectionSupervisor:
         self._ready_once = False
         self._connection_error = None
         stream = await open_stream(
-            options.hostname, options.port, tls=options.tls, timeout=options.connect_timeout
+            options.hostname,
+            options.port,
+            tls=options.tls,
+            timeout=options.connect_timeout,
+            websocket=options.websocket,
         )
         self._stream = stream
         self._version = version = self.next_protocol

@@ -22,7 +22,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -35,7 +35,7 @@ from mqtt_persist.backoff import Backoff
 from mqtt_persist.client.connection import ConnectionSupervisor
 from mqtt_persist.client.dispatch import EventDispatcher
 from mqtt_persist.client.flusher import Flusher
-from mqtt_persist.client.options import ClientOptions, ProtocolChoice
+from mqtt_persist.client.options import ClientOptions, ProtocolChoice, TransportChoice
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.client.storage import SessionStatus, SessionStorage
 from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
@@ -162,6 +162,15 @@ class PersistentClient:
         topic_alias_maximum: MQTT 5: how many topic aliases the broker may set up on a
             connection to this client (0: none); aliases are resolved before ``messages``.
         logger: log through this logger's name instead of ``"mqtt_persist"``.
+        transport: ``"tcp"`` (the default; TLS with ``tls``) or ``"websockets"``: MQTT over
+            WebSockets, ``ws://hostname:port/websocket_path``, or ``wss://`` with ``tls``
+            (needs the extra ``mqtt-persist[websockets]``). The server must accept the
+            subprotocol ``mqtt``; a refused upgrade raises
+            :class:`~mqtt_persist.errors.WebSocketHandshakeFailed` (from
+            ``wait_connected()`` and ``messages``), see its ``fatal``.
+        websocket_path: the HTTP path of the upgrade request (default ``"/mqtt"``).
+        websocket_headers: extra HTTP headers for the upgrade request, e.g. a token for an
+            authenticating proxy (a mapping or name/value pairs).
     """
 
     def __init__(
@@ -194,6 +203,9 @@ class PersistentClient:
         max_packet_size: int | None = None,
         topic_alias_maximum: int = 16,
         logger: logging.Logger | None = None,
+        transport: TransportChoice = "tcp",
+        websocket_path: str = "/mqtt",
+        websocket_headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     ) -> None:
         options = ClientOptions(
             hostname=hostname,
@@ -222,6 +234,9 @@ class PersistentClient:
             max_packet_size=max_packet_size,
             topic_alias_maximum=topic_alias_maximum,
             logger_name=logger.name if logger else LOGGER_NAME,
+            transport=transport,
+            websocket_path=websocket_path,
+            websocket_headers=websocket_headers,
         )
         self._options = options
         self.hostname = hostname
