@@ -40,6 +40,7 @@ from mqtt_persist.errors import (
     StoreError,
     SubscriptionRefused,
     UnsupportedFormatVersion,
+    WebSocketHandshakeFailed,
 )
 from mqtt_persist.message import DeliveryOutcome, Message
 from mqtt_persist.protocol.packets import (
@@ -107,6 +108,7 @@ __all__ = [
     "SubscriptionRefused",
     "UnsubscribeRequest",
     "UnsupportedFormatVersion",
+    "WebSocketHandshakeFailed",
     "Will",
     "__version__",
     "redact_url",

@@ -130,13 +130,14 @@ async def websocket_handshake(
     body = b""
     while True:
         data = await stream.receive(_READ_SIZE)
-        ws.receive_data(data)
         try:
+            ws.receive_data(data)
             for event in ws.events():
                 if isinstance(event, AcceptConnection):
                     if event.subprotocol != SUBPROTOCOL:
+                        # wsproto itself refuses a subprotocol we did not offer; this is none.
                         raise WebSocketHandshakeFailed(
-                            url, f"the server chose subprotocol {event.subprotocol!r}, not 'mqtt'"
+                            url, "the server accepted without the subprotocol 'mqtt'"
                         )
                     return WebSocketStream(stream, ws, url)
                 if isinstance(event, RejectConnection):

@@ -8,7 +8,8 @@ the payload of binary frames to the target's TCP port and the target's bytes bac
 frames. Like :class:`tests.support.proxy.FaultProxy` it can break things:
 
 * :attr:`refuse_status` answers every upgrade with that HTTP status (403, 404, 503...);
-* :attr:`answer_subprotocol` accepts the upgrade naming another subprotocol than ``mqtt``;
+* :attr:`answer_subprotocol` accepts the upgrade naming another subprotocol than ``mqtt``
+  (``""``: naming none);
 * :meth:`cut` aborts every open connection, both sides, without a close frame (a network loss);
 * :attr:`max_frame` splits what it sends into binary frames of at most that many bytes, so an
   MQTT packet spans frames; :attr:`trickle` writes each frame a few bytes at a time with a
@@ -176,6 +177,7 @@ class WsBridge:
             for event in ws.events():
                 if isinstance(event, Request):
                     headers = {k.decode().lower(): v.decode() for k, v in event.extra_headers}
+                    headers["host"] = event.host
                     self.requests.append(
                         UpgradeRequest(event.target, headers, list(event.subprotocols))
                     )
@@ -213,11 +215,14 @@ class WsBridge:
         assert upstream is not None
         if self.answer_subprotocol is not None:
             # wsproto will not accept with a subprotocol the client did not offer: by hand.
+            # "" accepts without naming any.
+            chosen = self.answer_subprotocol.encode()
+            protocol = b"Sec-WebSocket-Protocol: " + chosen + b"\r\n" if chosen else b""
             key = next(v for k, v in request.extra_headers if k.lower() == b"sec-websocket-key")
             writer.write(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + generate_accept_token(key)
-                + b"\r\nSec-WebSocket-Protocol: " + self.answer_subprotocol.encode() + b"\r\n\r\n"
+                + b"\r\n" + protocol + b"\r\n"
             )  # fmt: skip
             await writer.drain()
             upstream[1].transport.abort()
