@@ -37,6 +37,7 @@ from mqtt_persist.protocol.packets import (
     Subscribe,
 )
 from tests.support.broker import BrokerFactory, MosquittoBroker
+from tests.support.certs import make_test_ca
 from tests.support.fake_broker import FakeConnection, ScriptedBroker
 from tests.support.observer import PahoObserver
 from tests.support.proxy import ProxyFactory
@@ -52,19 +53,7 @@ V311 = ProtocolVersion.V311
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
-    d = tmp_path_factory.mktemp("tls")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-        "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.crt")  # fmt: skip
-    return {name: d / name for name in ("ca.crt", "server.crt", "server.key")}
+    return make_test_ca(tmp_path_factory.mktemp("tls"))
 
 
 async def test_tls_connection_with_a_verified_server_certificate(

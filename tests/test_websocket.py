@@ -9,6 +9,8 @@ reads at chosen points.
 
 from __future__ import annotations
 
+import logging
+import ssl
 from collections import Counter
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from mqtt_persist.protocol.codec import Decoder, encode
 from mqtt_persist.protocol.packets import MQTT_3_1_1, PingReq, Publish
 from mqtt_persist.websocket import WebSocketSettings, WebSocketStream, websocket_handshake
 from tests.support.broker import MosquittoBroker
+from tests.support.certs import make_test_ca
 from tests.support.observer import PahoObserver, paho_publish_async
 from tests.support.waiting import until
 from tests.support.ws_bridge import WsBridge, basic_auth
@@ -189,6 +192,58 @@ async def test_reconnect_false_behind_a_proxy_whose_broker_is_down_raises_its_50
             async with ws_client(bridge, "ws-once", reconnect=False, connect_timeout=5):
                 pass
     assert info.value.status_code == 502 and not info.value.fatal
+
+
+# --- wss:// ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_test_ca(tmp_path_factory.mktemp("wss"))
+
+
+def server_tls(tls_files: dict[str, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_files["server.crt"], tls_files["server.key"])
+    return context
+
+
+@pytest.mark.broker
+async def test_wss_with_a_verified_certificate_carries_mqtt(
+    broker: MosquittoBroker, tls_files: dict[str, Path]
+) -> None:
+    client_tls = ssl.create_default_context(cafile=str(tls_files["ca.crt"]))
+    async with WsBridge(broker.host, broker.port, tls=server_tls(tls_files)) as bridge:
+        async with ws_client(bridge, "wss-1", tls=client_tls) as client:
+            await (await client.subscribe("wss/t", qos=1))
+            delivery = await client.publish("wss/t", b"over tls", qos=1)
+            with anyio.fail_after(10):
+                assert await delivery is DeliveryOutcome.ACKNOWLEDGED
+                async for message in client.messages:
+                    assert message.payload == b"over tls"
+                    break
+        await until(lambda: bool(bridge.close_codes), 5, "the client's close frame")
+    assert bridge.close_codes == [1000]
+    assert len(bridge.requests) == 1
+
+
+@pytest.mark.broker
+async def test_wss_refuses_an_untrusted_certificate_and_names_the_wss_url(
+    broker: MosquittoBroker, tls_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mqtt_persist")
+    async with WsBridge(broker.host, broker.port, tls=server_tls(tls_files)) as bridge:
+        async with ws_client(bridge, "wss-2", tls=ssl.create_default_context()) as client:
+            await until(lambda: "CERTIFICATE_VERIFY_FAILED" in caplog.text, 10, "a TLS failure")
+            assert not client.is_connected
+        assert bridge.requests == []  # nothing was sent before the certificate was checked
+        assert f"wss://127.0.0.1:{bridge.port}/mqtt" in caplog.text
+        bridge.refuse_status = 403
+        client_tls = ssl.create_default_context(cafile=str(tls_files["ca.crt"]))
+        async with ws_client(bridge, "wss-3", tls=client_tls) as client:
+            with pytest.raises(WebSocketHandshakeFailed) as info:
+                await client.wait_connected(10)
+    assert info.value.url == f"wss://127.0.0.1:{bridge.port}/mqtt"
 
 
 # --- settings ----------------------------------------------------------------------------------
