@@ -38,14 +38,16 @@ from mqtt_persist import (
     ProtocolError,
     WebSocketHandshakeFailed,
 )
+from mqtt_persist.cli.broker import BrokerAddress, parse_host
 from mqtt_persist.protocol.codec import Decoder, encode
 from mqtt_persist.protocol.packets import MQTT_3_1_1, PingReq, Publish
 from mqtt_persist.websocket import WebSocketSettings, WebSocketStream, websocket_handshake
 from tests.support.broker import MosquittoBroker
 from tests.support.certs import make_test_ca
+from tests.support.cli import run_cli
 from tests.support.observer import PahoObserver, paho_publish_async
 from tests.support.waiting import until
-from tests.support.ws_bridge import WsBridge, basic_auth
+from tests.support.ws_bridge import ThreadedBridge, WsBridge, basic_auth
 
 FAST = Backoff(initial=0.05, maximum=0.3, minimum=0.01)
 
@@ -398,3 +400,55 @@ async def test_a_refusal_with_a_body_names_status_and_body() -> None:
     assert str(info.value) == (
         "WebSocket handshake with wss://broker.example:443/mqtt failed: HTTP 401: bad token"
     )
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("broker.lan", BrokerAddress("broker.lan")),
+        ("mqtt://b:1884", BrokerAddress("b", 1884)),
+        ("mqtts://b", BrokerAddress("b", 8883, tls=True)),
+        ("ws://b:8080", BrokerAddress("b", 8080, "websockets")),
+        (
+            "wss://b/gw/mqtt?tenant=n",
+            BrokerAddress("b", 443, "websockets", True, "/gw/mqtt?tenant=n"),
+        ),
+        ("WS://[::1]:9001/m", BrokerAddress("::1", 9001, "websockets", False, "/m")),
+    ],
+)
+def test_host_takes_a_broker_url(value: str, expected: BrokerAddress) -> None:
+    assert parse_host(value) == expected
+
+
+@pytest.mark.parametrize("value", ["http://b", "ws://", "mqtt://b/path", "ws://b:99999"])
+def test_host_refuses_other_urls(value: str) -> None:
+    with pytest.raises(InvalidInput):
+        parse_host(value)
+
+
+@pytest.mark.broker
+def test_pub_over_a_ws_url_with_a_header_that_is_never_printed(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    token = "Bearer tok-98765-secret"
+    with (
+        PahoObserver(broker.host, broker.port, "cli/ws", qos=1) as observer,
+        ThreadedBridge(broker.host, broker.port, path="/gw") as threaded,
+    ):
+        url = f"ws://127.0.0.1:{threaded.port}/gw"
+        result = run_cli(
+            "--debug", "pub", "--store", f"sqlite://{tmp_path / 'p.db'}", "-i", "cli-ws",
+            "-t", "cli/ws", "-m", "framed", "--host", url, "--wait-ack",
+            "--ws-header", f"Authorization: {token}", "--ws-header", "X-Tenant: north",
+        )  # fmt: skip
+        assert result.code == 0, result
+        assert observer.wait_for(1)
+        (request,) = threaded.bridge.requests
+    assert observer.payloads() == [b"framed"]
+    assert request.path == "/gw"
+    assert (request.headers["authorization"], request.headers["x-tenant"]) == (token, "north")
+    assert url in result.out
+    assert "tok-98765" not in result.out + result.err

@@ -142,6 +142,8 @@ class ClientOptions:
             )
         if self.transport not in ("tcp", "websockets"):
             raise InvalidInput(f"transport must be 'tcp' or 'websockets', not {self.transport!r}")
+        if self.transport == "tcp" and (self.websocket_headers or self.websocket_path != "/mqtt"):
+            raise InvalidInput("websocket_path and websocket_headers need transport='websockets'")
         self.websocket  # noqa: B018 (validates the WebSocket settings)
 
     @property
