@@ -255,6 +255,8 @@ async def test_wss_refuses_an_untrusted_certificate_and_names_the_wss_url(
     "kwargs",
     [
         {"transport": "udp"},
+        {"websocket_path": "/mqtt2"},  # without transport="websockets"
+        {"websocket_headers": {"X-Token": "t"}},
         {"transport": "websockets", "websocket_path": "mqtt"},
         {"transport": "websockets", "websocket_path": "/a b"},
         {"transport": "websockets", "websocket_headers": {"Bad Name": "x"}},
