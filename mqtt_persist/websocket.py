@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import ByteStream
 
-from mqtt_persist.errors import InvalidInput, ProtocolError, WebSocketHandshakeFailed
+from mqtt_persist.errors import (
+    ConnectionLost,
+    InvalidInput,
+    ProtocolError,
+    WebSocketHandshakeFailed,
+)
 
 if TYPE_CHECKING:
     from wsproto import WSConnection
@@ -108,7 +113,7 @@ async def websocket_handshake(
 
     Raises :class:`~mqtt_persist.errors.WebSocketHandshakeFailed` when the server refuses
     (an HTTP status other than 101) or answers with another subprotocol, and
-    :class:`anyio.EndOfStream` when it closes the connection first.
+    :class:`~mqtt_persist.errors.ConnectionLost` when it closes the connection first.
     """
     from wsproto import ConnectionType, WSConnection
     from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
@@ -129,7 +134,13 @@ async def websocket_handshake(
     status: int | None = None
     body = b""
     while True:
-        data = await stream.receive(_READ_SIZE)
+        try:
+            data = await stream.receive(_READ_SIZE)
+        except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            # Typed and named, for reconnect=False; the supervisor retries it like any loss.
+            raise ConnectionLost(
+                f"{url} closed the connection during the WebSocket upgrade"
+            ) from exc
         try:
             ws.receive_data(data)
             for event in ws.events():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from wsproto.events import (
 
 from mqtt_persist import (
     Backoff,
+    ConnectionLost,
     DeliveryOutcome,
     FileStore,
     InvalidInput,
@@ -41,7 +43,12 @@ from mqtt_persist import (
 from mqtt_persist.cli.broker import BrokerAddress, parse_host
 from mqtt_persist.protocol.codec import Decoder, encode
 from mqtt_persist.protocol.packets import MQTT_3_1_1, PingReq, Publish
-from mqtt_persist.websocket import WebSocketSettings, WebSocketStream, websocket_handshake
+from mqtt_persist.websocket import (
+    WebSocketSettings,
+    WebSocketStream,
+    WebSocketUnavailable,
+    websocket_handshake,
+)
 from tests.support.broker import MosquittoBroker
 from tests.support.certs import make_test_ca
 from tests.support.cli import run_cli
@@ -246,6 +253,32 @@ async def test_wss_refuses_an_untrusted_certificate_and_names_the_wss_url(
             with pytest.raises(WebSocketHandshakeFailed) as info:
                 await client.wait_connected(10)
     assert info.value.url == f"wss://127.0.0.1:{bridge.port}/mqtt"
+
+
+async def test_a_server_that_hangs_up_during_the_upgrade_is_a_named_connection_loss() -> None:
+    async def hang_up(stream: ByteStream) -> None:
+        await stream.receive()
+        await stream.aclose()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(listener.serve, hang_up)
+        with pytest.raises(ConnectionLost, match=f"ws://127.0.0.1:{port}/mqtt closed"):
+            async with PersistentClient(
+                "127.0.0.1", port, client_id="hangup", transport="websockets", reconnect=False
+            ):
+                pass
+        tasks.cancel_scope.cancel()
+
+
+def test_without_wsproto_the_transport_is_refused_with_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "wsproto", None)
+    with pytest.raises(WebSocketUnavailable, match=r"mqtt-persist\[websockets\]"):
+        PersistentClient("127.0.0.1", client_id="c", transport="websockets")
+    PersistentClient("127.0.0.1", client_id="c")  # TCP needs nothing more
 
 
 # --- settings ----------------------------------------------------------------------------------
