@@ -27,9 +27,7 @@ import base64
 import contextlib
 import socket
 import ssl
-import threading
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Self
 
 from wsproto import ConnectionType, WSConnection
@@ -46,6 +44,8 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.utilities import generate_accept_token
+
+from tests.support.loop_thread import OnItsOwnLoop
 
 __all__ = ["ThreadedBridge", "UpgradeRequest", "WsBridge"]
 
@@ -297,35 +297,16 @@ def basic_auth(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-class ThreadedBridge:
+class ThreadedBridge(OnItsOwnLoop[WsBridge]):
     """A :class:`WsBridge` on an event loop of its own thread, for synchronous tests (the
     crash test's child processes connect to ``bridge.port``)."""
 
     host = WsBridge.host
 
     def __init__(self, target_host: str, target_port: int, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self.bridge = WsBridge(target_host, target_port, **kwargs)
+        super().__init__(WsBridge(target_host, target_port, **kwargs))
+        self.bridge = self.server
 
     @property
     def port(self) -> int:
         return self.bridge.port
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.bridge.start(), self._loop).result(10)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.bridge.close(), self._loop).result(10)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
