@@ -49,7 +49,7 @@ from mqtt_persist.websocket import (
     WebSocketUnavailable,
     websocket_handshake,
 )
-from tests.support.broker import MosquittoBroker
+from tests.support.broker import MosquittoBroker, free_port
 from tests.support.certs import make_test_ca
 from tests.support.cli import run_cli
 from tests.support.observer import PahoObserver, paho_publish_async
@@ -270,6 +270,16 @@ async def test_a_server_that_hangs_up_during_the_upgrade_is_a_named_connection_l
             ):
                 pass
         tasks.cancel_scope.cancel()
+
+
+async def test_nothing_listening_names_the_ws_url() -> None:
+    port = free_port()
+    with pytest.raises(ConnectionLost, match=f"could not connect to ws://127.0.0.1:{port}/m"):
+        async with PersistentClient(
+            "127.0.0.1", port, client_id="nobody", transport="websockets",
+            websocket_path="/m", reconnect=False, connect_timeout=2,
+        ):  # fmt: skip
+            pass
 
 
 def test_without_wsproto_the_transport_is_refused_with_what_to_install(

@@ -313,7 +313,7 @@ class PersistentClient:
                 await self._shutdown(graceful=False)
                 if isinstance(exc, OSError | TimeoutError):
                     raise ConnectionLost(
-                        f"could not connect to {self.hostname}:{self.port}: {exc}"
+                        f"could not connect to {options.broker_address}: {exc}"
                     ) from exc
                 raise
         return self
