@@ -137,6 +137,10 @@ async def websocket_handshake(
         try:
             data = await stream.receive(_READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            if status is not None:  # a refusal whose body ran until the connection closed
+                raise WebSocketHandshakeFailed(
+                    url, _excerpt(body) or "refused", status_code=status
+                ) from None
             # Typed and named, for reconnect=False; the supervisor retries it like any loss.
             raise ConnectionLost(
                 f"{url} closed the connection during the WebSocket upgrade"
@@ -185,6 +189,8 @@ class WebSocketStream(ByteStream):
         self._send_lock = anyio.Lock()
         self._peer_closed = False
         self._receiving = False
+        # What came in the same read as the server's 101 (a ping, say) waits in wsproto.
+        self._unread = True
 
     async def receive(self, max_bytes: int = _READ_SIZE) -> bytes:
         """Payload bytes of binary frames, as they arrive (frame boundaries are not kept).
@@ -194,6 +200,9 @@ class WebSocketStream(ByteStream):
         """
         self._receiving = True
         try:
+            if self._unread:
+                self._unread = False
+                await self._handle_events()
             while not self._buffer:
                 if self._peer_closed:
                     raise anyio.EndOfStream

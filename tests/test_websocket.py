@@ -322,6 +322,8 @@ class ScriptedStream(ByteStream):
         self.server = WSConnection(ConnectionType.SERVER)
         self.reads: list[bytes] = []
         self.written: list[bytes] = []
+        #: After the fed chunks: the connection is closed.
+        self.eof = False
         self._fed = anyio.Event()
 
     def feed(self, *chunks: bytes) -> None:
@@ -330,6 +332,8 @@ class ScriptedStream(ByteStream):
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         while not self.reads:
+            if self.eof:
+                raise anyio.EndOfStream
             await self._fed.wait()
             self._fed = anyio.Event()
         return self.reads.pop(0)
@@ -348,9 +352,12 @@ class ScriptedStream(ByteStream):
         return list(self.server.events())
 
 
-async def open_scripted(answer: bytes | None = None) -> tuple[ScriptedStream, WebSocketStream]:
+async def open_scripted(
+    answer: bytes | None = None, *, with_accept: tuple[object, ...] = ()
+) -> tuple[ScriptedStream, WebSocketStream]:
     """A WebSocketStream over a ScriptedStream, after a handshake the server side accepted
-    (or answered with ``answer``, raw HTTP)."""
+    (or answered with ``answer``, raw HTTP); ``with_accept``: events whose frames come in the
+    same read as the accept."""
     raw = ScriptedStream()
     result: list[WebSocketStream | Exception] = []
 
@@ -369,7 +376,8 @@ async def open_scripted(answer: bytes | None = None) -> tuple[ScriptedStream, We
             (request,) = [e for e in raw.server_events() if isinstance(e, Request)]
             assert request.host == "broker.example"  # 443 is wss's own port: no ":443"
             assert request.subprotocols == ["mqtt"]
-            raw.feed(answer or raw.server.send(AcceptConnection(subprotocol="mqtt")))
+            accept = raw.server.send(AcceptConnection(subprotocol="mqtt"))
+            raw.feed(answer or accept + frames(raw, *with_accept))
     if isinstance(result[0], Exception):
         raise result[0]
     return raw, result[0]
@@ -435,6 +443,23 @@ async def test_the_server_closing_ends_the_stream_after_answering_its_close() ->
     assert [e.code for e in raw.server_events() if isinstance(e, CloseConnection)] == [1001]
     with pytest.raises(anyio.ClosedResourceError):
         await stream.send(publish)
+
+
+async def test_frames_in_the_same_read_as_the_accept_are_not_left_behind() -> None:
+    publish = encode(Publish("t", b"early", qos=0), MQTT_3_1_1)
+    raw, stream = await open_scripted(with_accept=(Ping(b"hi"), BytesMessage(publish)))
+    with anyio.fail_after(5):
+        assert (await read_packets(stream, 1))[0].payload == b"early"  # type: ignore[attr-defined]
+    assert [e for e in raw.server_events() if isinstance(e, Pong)] == [Pong(b"hi")]
+
+
+async def test_a_refusal_whose_body_runs_until_the_connection_closes() -> None:
+    raw = ScriptedStream()
+    raw.feed(b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\nno entry")
+    raw.eof = True
+    with pytest.raises(WebSocketHandshakeFailed) as info:
+        await websocket_handshake(raw, "b", 8080, WebSocketSettings(), tls=False)
+    assert (info.value.status_code, info.value.reason) == (403, "no entry")
 
 
 async def test_a_refusal_with_a_body_names_status_and_body() -> None:
