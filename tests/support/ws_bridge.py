@@ -156,7 +156,7 @@ class WsBridge:
                 return
             up_reader, up_writer = upstream
             link.upstream = up_writer
-            down = asyncio.ensure_future(self._downstream(up_reader, ws, writer))
+            down = asyncio.ensure_future(self._downstream(up_reader, ws, link))
             link.tasks.append(down)
             try:
                 await self._upstream(reader, ws, writer, up_writer)
@@ -265,10 +265,12 @@ class WsBridge:
                     pass
 
     async def _downstream(
-        self, up_reader: asyncio.StreamReader, ws: WSConnection, writer: asyncio.StreamWriter
+        self, up_reader: asyncio.StreamReader, ws: WSConnection, link: _Link
     ) -> None:
-        """Broker bytes to binary frames; the broker closing is a normal WebSocket close."""
-        with contextlib.suppress(OSError, ConnectionError):
+        """Broker bytes to binary frames; the broker closing is a normal WebSocket close, a
+        reset of the broker's side resets the client's too (a network loss, as it would be)."""
+        writer = link.client
+        try:
             while True:
                 data = await up_reader.read(_CHUNK)
                 if not data:
@@ -279,6 +281,8 @@ class WsBridge:
                 for offset in range(0, len(data), size):
                     frame = ws.send(BytesMessage(data=data[offset : offset + size]))
                     await self._write(writer, frame)
+        except (OSError, ConnectionError):
+            link.abort()
 
     async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         step = self.trickle
