@@ -75,7 +75,8 @@ class WebSocketSettings:
     proxy). Validated on creation; raises :class:`~mqtt_persist.errors.InvalidInput`."""
 
     path: str = "/mqtt"
-    headers: tuple[tuple[str, str], ...] = field(default=())
+    #: Left out of the repr: a header may carry a credential.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.startswith("/"):

@@ -314,6 +314,17 @@ def test_bad_transport_settings_are_refused_at_construction(kwargs: dict[str, ob
         PersistentClient("127.0.0.1", client_id="c", **kwargs)  # type: ignore[arg-type]
 
 
+def test_header_values_stay_out_of_reprs() -> None:
+    client = PersistentClient(
+        "127.0.0.1", client_id="c", transport="websockets",
+        websocket_headers={"Authorization": "Bearer tok-4711"},
+    )  # fmt: skip
+    options = client._options
+    assert "tok-4711" not in repr(options) + repr(options.websocket)
+    assert options.websocket is not None
+    assert options.websocket.headers == (("Authorization", "Bearer tok-4711"),)
+
+
 # --- the framing, byte by byte -----------------------------------------------------------------
 
 

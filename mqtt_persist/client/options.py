@@ -73,7 +73,10 @@ class ClientOptions:
     # --- transport="websockets" (mqtt_persist/websocket.py) ---
     transport: TransportChoice = "tcp"
     websocket_path: str = "/mqtt"
-    websocket_headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None
+    # Left out of the repr: a header may carry a credential (an auth token for a proxy).
+    websocket_headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = field(
+        default=None, repr=False
+    )
 
     def __post_init__(self) -> None:
         validate_client_id(self.client_id, clean_session=self.clean_session)
