@@ -44,6 +44,7 @@ from mqtt_persist.errors import (
     TLSError,
     UnsupportedByBroker,
     UnsupportedFormatVersion,
+    WebSocketHandshakeFailed,
 )
 from mqtt_persist.message import DeliveryOutcome, Message
 from mqtt_persist.protocol.packets import (
@@ -119,6 +120,7 @@ __all__ = [
     "UnsubscribeRequest",
     "UnsupportedByBroker",
     "UnsupportedFormatVersion",
+    "WebSocketHandshakeFailed",
     "Will",
     "__version__",
     "redact_url",

@@ -277,3 +277,28 @@ class ClientIdAssigned(MqttPersistError):
         )
         self.requested = requested
         self.assigned = assigned
+
+
+class WebSocketHandshakeFailed(MqttPersistError):
+    """The WebSocket upgrade to ``url`` failed (``transport="websockets"``).
+
+    ``status_code`` is the HTTP status the server answered with instead of 101 (None when it
+    accepted the upgrade but broke the protocol, e.g. chose another subprotocol than
+    ``mqtt``). The client stops on a fatal failure (:attr:`fatal`): a 4xx answer other than
+    408 or 429 (wrong path, refused credentials: the same request gets the same answer), or a
+    broken handshake; it reconnects with backoff after the others (a 502/503 from a proxy whose
+    broker is down).
+    """
+
+    def __init__(self, url: str, reason: str, *, status_code: int | None = None) -> None:
+        status = f"HTTP {status_code}: " if status_code is not None else ""
+        super().__init__(f"WebSocket handshake with {url} failed: {status}{reason}")
+        self.url = url
+        self.status_code = status_code
+        self.reason = reason
+
+    @property
+    def fatal(self) -> bool:
+        """Whether trying the same request again cannot help, so the client stops."""
+        code = self.status_code
+        return code is None or (400 <= code < 500 and code not in (408, 429))

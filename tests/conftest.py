@@ -20,6 +20,7 @@ from tests.support.nats import NatsFactory, NatsServer, nats_server_path
 from tests.support.proxy import FaultProxy, ProxyFactory
 from tests.support.rabbitmq import RabbitMQBroker, RabbitMQFactory, rabbitmq_paths
 from tests.support.tmpfs import MountNotPermitted, Tmpfs
+from tests.support.transports import Route
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,18 @@ def protocol(request: pytest.FixtureRequest) -> ProtocolVersion:
     """Each protocol the client speaks: a test taking it runs once over MQTT 3.1.1, once over 5."""
     version: ProtocolVersion = request.param
     return version
+
+
+@pytest.fixture(params=["tcp", "websockets"])
+async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Route]:
+    """Each transport: a test taking it runs once over TCP and once over WebSockets, through a
+    WebSocket-to-TCP bridge of the test's own (tests/support/ws_bridge.py) in front of its
+    broker or proxy: ``client(**transport.client_kwargs(broker), ...)``."""
+    route = Route(request.param)
+    try:
+        yield route
+    finally:
+        await route.close()
 
 
 @pytest.fixture

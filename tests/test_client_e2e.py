@@ -29,22 +29,28 @@ from mqtt_persist.protocol.packets import ProtocolVersion
 from tests.support.broker import BrokerFactory, MosquittoBroker
 from tests.support.observer import PahoObserver, paho_publish_async
 from tests.support.proxy import FaultProxy, ProxyFactory
+from tests.support.transports import Route
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.broker
 
 # Every test here runs over MQTT 3.1.1 and over MQTT 5 (the ``protocol`` fixture, conftest.py):
-# the same guarantees on both.
+# the same guarantees on both; and those about the connection over TCP and over WebSockets (the
+# ``transport`` fixture: a WebSocket bridge in front of the broker or proxy, so the proxy's cuts
+# and stalls and the broker's restarts reach the client through it).
 
 FAST = Backoff(initial=0.05, maximum=0.3, minimum=0.01)
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def client_for(
-    target: MosquittoBroker | FaultProxy, client_id: str, **kwargs: object
+    route: Route | None, target: MosquittoBroker | FaultProxy, client_id: str, **kwargs: object
 ) -> PersistentClient:
+    """A client reaching ``target`` over ``route``'s transport (None: TCP, for the tests whose
+    subject is not the byte stream)."""
     kwargs.setdefault("backoff", FAST)
-    return PersistentClient(target.host, target.port, client_id=client_id, **kwargs)  # type: ignore[arg-type]
+    where = route.client_kwargs(target) if route else {"hostname": target.host, "port": target.port}
+    return PersistentClient(client_id=client_id, **where, **kwargs)  # type: ignore[arg-type]
 
 
 async def next_message(client: PersistentClient, timeout: float = 10.0) -> Message:
@@ -58,10 +64,10 @@ async def next_message(client: PersistentClient, timeout: float = 10.0) -> Messa
 
 
 async def test_publish_qos_0_1_2_reach_an_outside_subscriber(
-    broker: MosquittoBroker, protocol: ProtocolVersion
+    broker: MosquittoBroker, protocol: ProtocolVersion, transport: Route
 ) -> None:
     async with PahoObserver(broker.host, broker.port, "basic/#") as observer:
-        async with client_for(broker, "basic-pub", protocol=protocol) as client:
+        async with client_for(transport, broker, "basic-pub", protocol=protocol) as client:
             await client.wait_connected(10)
             assert client.protocol_version is protocol
             deliveries = [
@@ -80,9 +86,9 @@ async def test_publish_qos_0_1_2_reach_an_outside_subscriber(
 
 
 async def test_subscribe_and_receive_from_another_publisher(
-    broker: MosquittoBroker, protocol: ProtocolVersion
+    broker: MosquittoBroker, protocol: ProtocolVersion, transport: Route
 ) -> None:
-    async with client_for(broker, "sub-1", protocol=protocol) as client:
+    async with client_for(transport, broker, "sub-1", protocol=protocol) as client:
         granted = await (await client.subscribe("in/+", qos=2))
         assert granted == (2,)
         await paho_publish_async(broker.host, broker.port, "in/x", [b"hello"], qos=2)
@@ -94,10 +100,13 @@ async def test_phase_1_to_3_offline_messages_arrive_after_reconnect(
     broker: MosquittoBroker,
     tmp_path: Path,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     store = FileStore(tmp_path / "sessions")
     # Phase 1: connect with a fixed id, subscribe, round-trip a test message, disconnect.
-    async with client_for(broker, "phase-demo", protocol=protocol, store=store) as client:
+    async with client_for(
+        transport, broker, "phase-demo", protocol=protocol, store=store
+    ) as client:
         await client.subscribe("persistent/test", qos=1)
         await client.publish("persistent/test", b"phase-1", qos=1)
         message = await next_message(client)
@@ -107,7 +116,9 @@ async def test_phase_1_to_3_offline_messages_arrive_after_reconnect(
     await paho_publish_async(broker.host, broker.port, "persistent/test", payloads, qos=1)
     # Phase 3: reconnect with the same id and store; the broker kept the queued messages.
     received = []
-    async with client_for(broker, "phase-demo", protocol=protocol, store=store) as client:
+    async with client_for(
+        transport, broker, "phase-demo", protocol=protocol, store=store
+    ) as client:
         with anyio.fail_after(10):
             async for message in client.messages:
                 received.append(message.payload)
@@ -120,10 +131,11 @@ async def test_publishing_while_broker_is_down_is_durable_and_sent_later(
     broker_factory: BrokerFactory,
     tmp_path: Path,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     broker = broker_factory(start=False)
     async with client_for(
-        broker, "offline-pub", protocol=protocol, store=FileStore(tmp_path / "s")
+        transport, broker, "offline-pub", protocol=protocol, store=FileStore(tmp_path / "s")
     ) as client:
         deliveries = [
             await client.publish("down/t", str(i).encode(), qos=1 + i % 2) for i in range(20)
@@ -141,12 +153,13 @@ async def test_offline_publishes_reach_a_subscriber_in_order(
     proxy_factory: ProxyFactory,
     tmp_path: Path,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     proxy = await proxy_factory(broker)
     proxy.refuse(True)
     async with PahoObserver(broker.host, broker.port, "order/#") as observer:
         async with client_for(
-            proxy, "order-pub", protocol=protocol, store=FileStore(tmp_path / "s")
+            transport, proxy, "order-pub", protocol=protocol, store=FileStore(tmp_path / "s")
         ) as client:
             for i in range(100):
                 await client.publish(f"order/q{1 + i % 2}", str(i).encode(), qos=1 + i % 2)
@@ -167,12 +180,13 @@ async def test_connection_cut_while_messages_in_flight_loses_nothing(
     proxy_factory: ProxyFactory,
     tmp_path: Path,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     proxy = await proxy_factory(broker)
     total = 400
     async with PahoObserver(broker.host, broker.port, "cut/#") as observer:
         async with client_for(
-            proxy, "cut-pub", protocol=protocol, store=FileStore(tmp_path / "s")
+            transport, proxy, "cut-pub", protocol=protocol, store=FileStore(tmp_path / "s")
         ) as client:
             await client.wait_connected(10)
             for i in range(total):
@@ -195,9 +209,10 @@ async def test_stalled_connection_is_detected_by_keepalive(
     broker: MosquittoBroker,
     proxy_factory: ProxyFactory,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     proxy = await proxy_factory(broker)
-    async with client_for(proxy, "stall-pub", protocol=protocol, keepalive=1) as client:
+    async with client_for(transport, proxy, "stall-pub", protocol=protocol, keepalive=1) as client:
         await client.wait_connected(10)
         proxy.stall(True)
         await until(lambda: not client.is_connected, 10, "keepalive to notice the stall")
@@ -213,9 +228,10 @@ async def test_broker_restart_without_persistence_restores_subscriptions(
     broker: MosquittoBroker,
     tmp_path: Path,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     async with client_for(
-        broker, "resub", protocol=protocol, store=FileStore(tmp_path / "s")
+        transport, broker, "resub", protocol=protocol, store=FileStore(tmp_path / "s")
     ) as client:
         await (await client.subscribe("resub/#", qos=1))
         broker.kill()
@@ -240,13 +256,14 @@ async def test_broker_restart_with_persistence_resumes_session(
     proxy_factory: ProxyFactory,
     tmp_path: Path,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     broker = persistent_broker
     async with PahoObserver(
         broker.host, broker.port, "keep/#", client_id="keep-observer", clean_session=False
     ) as observer:
         async with client_for(
-            broker, "keep-pub", protocol=protocol, store=FileStore(tmp_path / "s")
+            transport, broker, "keep-pub", protocol=protocol, store=FileStore(tmp_path / "s")
         ) as client:
             await client.wait_connected(10)
             for i in range(100):
@@ -272,14 +289,15 @@ async def test_clean_session_deletes_the_stored_session(
     broker: MosquittoBroker,
     tmp_path: Path,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     store = FileStore(tmp_path / "s")
-    async with client_for(broker, "cleaner", protocol=protocol, store=store) as client:
+    async with client_for(transport, broker, "cleaner", protocol=protocol, store=store) as client:
         await client.subscribe("clean/#", qos=1)
     async with store:
         assert await store.exists("cleaner")
     async with client_for(
-        broker, "cleaner", protocol=protocol, store=store, clean_session=True
+        transport, broker, "cleaner", protocol=protocol, store=store, clean_session=True
     ) as client:
         assert client.stats.queued == 0
     async with store:
@@ -290,9 +308,10 @@ async def test_clean_session_deletes_the_stored_session(
 async def test_refused_connection_is_fatal_and_surfaces(
     broker_factory: BrokerFactory,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     broker = broker_factory(extra_config="allow_anonymous false\n")
-    async with client_for(broker, "refused", protocol=protocol) as client:
+    async with client_for(transport, broker, "refused", protocol=protocol) as client:
         with pytest.raises(ConnectionRefused) as info, anyio.fail_after(10):
             async for _ in client.messages:
                 pass
@@ -309,7 +328,7 @@ async def test_reconnect_false_raises_when_broker_unreachable(
     broker: MosquittoBroker = broker_factory(start=False)
     with pytest.raises(ConnectionLost):
         async with client_for(
-            broker, "once", protocol=protocol, reconnect=False, connect_timeout=2
+            None, broker, "once", protocol=protocol, reconnect=False, connect_timeout=2
         ):
             pass
 
@@ -318,9 +337,9 @@ async def test_second_client_with_same_id_and_store_is_locked_out(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     store = FileStore(tmp_path / "s")
-    async with client_for(broker, "owner", store=store):
+    async with client_for(None, broker, "owner", store=store):
         with pytest.raises(SessionLocked):
-            async with client_for(broker, "owner", store=FileStore(tmp_path / "s")):
+            async with client_for(None, broker, "owner", store=FileStore(tmp_path / "s")):
                 pass
 
 
@@ -328,9 +347,12 @@ async def test_every_log_record_carries_the_client_id(
     broker: MosquittoBroker,
     caplog: pytest.LogCaptureFixture,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="mqtt_persist")
-    async with client_for(broker, "logged-1", protocol=protocol, store=MemoryStore()) as client:
+    async with client_for(
+        transport, broker, "logged-1", protocol=protocol, store=MemoryStore()
+    ) as client:
         await client.wait_connected(10)
     records = [r for r in caplog.records if r.name.startswith("mqtt_persist")]
     assert records
@@ -345,13 +367,16 @@ async def test_busy_file_store_client_sends_and_delivers_nothing_twice(
     broker: MosquittoBroker,
     tmp_path: Path,
     protocol: ProtocolVersion,
+    transport: Route,
 ) -> None:
     """With one connection and no fault, any duplicate is a bug (once: packets produced while
     the flusher awaited a commit left twice, and inbound QoS 2 reached the app twice)."""
     total = 1500
     async with (
         PahoObserver(broker.host, broker.port, "busy/out", qos=2) as observer,
-        client_for(broker, "busy", protocol=protocol, store=FileStore(tmp_path / "s")) as client,
+        client_for(
+            transport, broker, "busy", protocol=protocol, store=FileStore(tmp_path / "s")
+        ) as client,
     ):
         await (await client.subscribe("busy/in", qos=2))
         inbound = asyncio.create_task(

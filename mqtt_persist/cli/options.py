@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from mqtt_persist.cli.broker import PROTOCOLS, BrokerOptions
+from mqtt_persist.cli.broker import PROTOCOLS, BrokerAddress, BrokerOptions, parse_host
 from mqtt_persist.cli.redaction import SECRETS
 from mqtt_persist.errors import InvalidInput
 from mqtt_persist.stores.base import SessionStore
@@ -97,23 +97,53 @@ def _password(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     return value
 
 
+def _host(ctx: click.Context, param: click.Parameter, value: str) -> BrokerAddress:
+    try:
+        return parse_host(value)
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+#: Header names whose values are credentials (scrubbed from every output).
+_SECRET_HEADERS = ("authorization", "cookie", "token", "key", "secret", "password")
+
+
+def _headers(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[tuple[str, str], ...]:
+    headers = []
+    for value in values:
+        name, sep, text = value.partition(":")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"expected 'NAME: VALUE', not {value!r}", ctx, param)
+        name, text = name.strip(), text.strip()
+        if any(word in name.lower() for word in _SECRET_HEADERS):
+            SECRETS.add(text)
+        headers.append((name, text))
+    return tuple(headers)
+
+
 def broker_options(function: _F) -> _F:
     """The broker's address, credentials and TLS settings, handed over as ``broker``."""
 
     @functools.wraps(function)
     def wrapper(**kwargs: Any) -> Any:
+        address: BrokerAddress = kwargs.pop("host")
         broker = BrokerOptions(
-            host=kwargs.pop("host"),
-            port=kwargs.pop("port"),
+            host=address.host,
+            port=kwargs.pop("port") or address.port,
             username=kwargs.pop("username"),
             password=kwargs.pop("password"),
-            tls=kwargs.pop("tls"),
+            tls=kwargs.pop("tls") or address.tls,
             cafile=kwargs.pop("cafile"),
             certfile=kwargs.pop("cert"),
             keyfile=kwargs.pop("key"),
             insecure=kwargs.pop("insecure"),
             connect_timeout=kwargs.pop("connect_timeout"),
             protocol=kwargs.pop("protocol"),
+            transport=address.transport,
+            websocket_path=address.websocket_path,
+            websocket_headers=kwargs.pop("ws_header"),
         )
         return function(broker=broker, **kwargs)
 
@@ -124,7 +154,9 @@ def broker_options(function: _F) -> _F:
             default="127.0.0.1",
             show_default=True,
             envvar=ENV_HOST,
-            help=f"Broker host (env {ENV_HOST}).",
+            callback=_host,
+            help="Broker host, or URL: mqtt://, mqtts://, ws://HOST[:PORT]/PATH, wss://... "
+            f"(env {ENV_HOST}).",
         ),
         click.option(
             "-p",
@@ -169,6 +201,14 @@ def broker_options(function: _F) -> _F:
             default=10.0,
             show_default=True,
             help="Seconds for one connection attempt (TCP, TLS and CONNACK).",
+        ),
+        click.option(
+            "--ws-header",
+            metavar="'NAME: VALUE'",
+            multiple=True,
+            callback=_headers,
+            help="An HTTP header for the WebSocket upgrade of a ws:// or wss:// --host "
+            "(repeatable; values of credential headers are never printed).",
         ),
         click.option(
             "--protocol",

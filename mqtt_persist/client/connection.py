@@ -46,6 +46,7 @@ from mqtt_persist.errors import (
     ProtocolError,
     ServerDisconnected,
     TLSError,
+    WebSocketHandshakeFailed,
 )
 from mqtt_persist.log import ClientLogger
 from mqtt_persist.protocol.codec import Decoder, encode
@@ -215,7 +216,7 @@ class ConnectionSupervisor:
                 # A certificate problem is not fixed by retrying: stop, say why (mqtt_persist.tls).
                 self._fail(exc)
                 return
-            except ServerDisconnected as exc:
+            except (ServerDisconnected, WebSocketHandshakeFailed) as exc:
                 self._attempt_failed(str(exc))
                 if exc.fatal:
                     self._fail(exc)
@@ -226,9 +227,7 @@ class ConnectionSupervisor:
                     return
                 reason = describe_connect_error(self._connection_error or exc)
                 self._attempt_failed(reason)
-                self._log.info(
-                    "connection to %s:%d lost: %s", options.hostname, options.port, reason
-                )
+                self._log.info("connection to %s lost: %s", options.broker_address, reason)
             finally:
                 self._settle_probe()
                 if self._opened_at is not None:
@@ -363,7 +362,11 @@ class ConnectionSupervisor:
             self._probe = "probing"
         self._opened_at = None
         stream = await open_stream(
-            options.hostname, options.port, tls=options.tls, timeout=options.connect_timeout
+            options.hostname,
+            options.port,
+            tls=options.tls,
+            timeout=options.connect_timeout,
+            websocket=options.websocket,
         )
         self._opened_at = anyio.current_time()
         self._stream = stream

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,11 +25,14 @@ from mqtt_persist.validation import (
     validate_topic,
     validate_will_properties,
 )
+from mqtt_persist.websocket import WebSocketSettings, websocket_url
 
 CorruptPolicy = Literal["raise", "start_clean"]
 #: ``ProtocolVersion.V311``, ``ProtocolVersion.V5``, or ``"auto"``: MQTT 5, falling back to
 #: 3.1.1 when the broker does not speak 5.
 ProtocolChoice = ProtocolVersion | Literal["auto"]
+#: How MQTT bytes travel: plain ``"tcp"`` (TLS with ``tls=``), or ``"websockets"``.
+TransportChoice = Literal["tcp", "websockets"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +78,13 @@ class ClientOptions:
     compat: Compat | None = None
     #: Seconds leaving ``async with`` waits for pending requests and acknowledgements (0: none).
     exit_timeout: float = 5.0
+    # --- transport="websockets" (mqtt_persist/websocket.py) ---
+    transport: TransportChoice = "tcp"
+    websocket_path: str = "/mqtt"
+    # Left out of the repr: a header may carry a credential (an auth token for a proxy).
+    websocket_headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = field(
+        default=None, repr=False
+    )
 
     def __post_init__(self) -> None:
         validate_client_id(self.client_id, clean_session=self.clean_session)
@@ -151,6 +162,26 @@ class ClientOptions:
             raise InvalidInput(
                 f"on_corrupt must be 'raise' or 'start_clean', not {self.on_corrupt!r}"
             )
+        if self.transport not in ("tcp", "websockets"):
+            raise InvalidInput(f"transport must be 'tcp' or 'websockets', not {self.transport!r}")
+        if self.transport == "tcp" and (self.websocket_headers or self.websocket_path != "/mqtt"):
+            raise InvalidInput("websocket_path and websocket_headers need transport='websockets'")
+        self.websocket  # noqa: B018 (validates the WebSocket settings)
+
+    @property
+    def websocket(self) -> WebSocketSettings | None:
+        """The WebSocket upgrade's settings, or None for plain TCP/TLS."""
+        if self.transport != "websockets":
+            return None
+        return WebSocketSettings.of(self.websocket_path, self.websocket_headers)
+
+    @property
+    def broker_address(self) -> str:
+        """``host:port``, or the ``ws://``/``wss://`` URL, for messages."""
+        websocket = self.websocket
+        if websocket is None:
+            return f"{self.hostname}:{self.port}"
+        return websocket_url(self.hostname, self.port, websocket.path, tls=self.tls is not None)
 
     @property
     def expires_after(self) -> float | None:

@@ -22,7 +22,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -36,7 +36,7 @@ from mqtt_persist.client.connection import ConnectionSupervisor, describe_connec
 from mqtt_persist.client.dispatch import EventDispatcher
 from mqtt_persist.client.exit import settle_before_exit, settled
 from mqtt_persist.client.flusher import Flusher
-from mqtt_persist.client.options import ClientOptions, ProtocolChoice
+from mqtt_persist.client.options import ClientOptions, ProtocolChoice, TransportChoice
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.client.storage import SessionStatus, SessionStorage
 from mqtt_persist.compat import Compat, check_publish
@@ -199,6 +199,15 @@ class PersistentClient:
         metrics: a :class:`~mqtt_persist.metrics.MetricsSink` to report to, e.g.
             :class:`~mqtt_persist.metrics.prometheus.PrometheusMetrics` (None: no metrics, and
             no cost). The names are listed in docs/metrics.md.
+        transport: ``"tcp"`` (the default; TLS with ``tls``) or ``"websockets"``: MQTT over
+            WebSockets, ``ws://hostname:port/websocket_path``, or ``wss://`` with ``tls``
+            (needs the extra ``mqtt-persist[websockets]``). The server must accept the
+            subprotocol ``mqtt``; a refused upgrade raises
+            :class:`~mqtt_persist.errors.WebSocketHandshakeFailed` (from
+            ``wait_connected()`` and ``messages``), see its ``fatal``.
+        websocket_path: the HTTP path of the upgrade request (default ``"/mqtt"``).
+        websocket_headers: extra HTTP headers for the upgrade request, e.g. a token for an
+            authenticating proxy (a mapping or name/value pairs).
     """
 
     def __init__(
@@ -235,6 +244,9 @@ class PersistentClient:
         compat: Compat | None = None,
         exit_timeout: float = 5.0,
         metrics: MetricsSink | None = None,
+        transport: TransportChoice = "tcp",
+        websocket_path: str = "/mqtt",
+        websocket_headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     ) -> None:
         options = ClientOptions(
             hostname=hostname,
@@ -266,6 +278,9 @@ class PersistentClient:
             poison_after=poison_after,
             compat=compat,
             exit_timeout=exit_timeout,
+            transport=transport,
+            websocket_path=websocket_path,
+            websocket_headers=websocket_headers,
         )
         self._options = options
         self.hostname = hostname
@@ -344,7 +359,7 @@ class PersistentClient:
                 await self._shutdown(graceful=False)
                 if isinstance(exc, OSError | TimeoutError):
                     raise ConnectionLost(
-                        f"could not connect to {self.hostname}:{self.port}: "
+                        f"could not connect to {options.broker_address}: "
                         f"{describe_connect_error(exc)}"
                     ) from exc
                 raise

@@ -17,6 +17,7 @@ indices are excluded from the duplicate count and reported separately.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -32,6 +33,7 @@ from typing import IO
 from tests.support.observer import PahoObserver
 from tests.support.proxy import ThreadedProxy
 from tests.support.tally import wire_order_violations
+from tests.support.ws_bridge import ThreadedBridge
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,6 +61,15 @@ class CrashFigures:
     @property
     def ok(self) -> bool:
         return not self.lost and not self.qos2_duplicates and not self.wire_out_of_order
+
+
+def _front(
+    recorder: ThreadedProxy, transport: str
+) -> contextlib.AbstractContextManager[ThreadedProxy | ThreadedBridge]:
+    """Where the children connect: the recording proxy, or a WebSocket bridge in front of it."""
+    if transport == "websockets":
+        return ThreadedBridge(recorder.host, recorder.port)
+    return contextlib.nullcontext(recorder)
 
 
 def _child(host: str, port: int, store: str, client_id: str, start: int, total: int,
@@ -98,15 +109,20 @@ def run_kill_cycles(
     window: tuple[float, float] = (0.0, 0.05),
     first_message_timeout: float = 60.0,
     protocol: int | None = None,
+    transport: str = "tcp",
 ) -> CrashFigures:
     """Kill a publishing child ``cycles`` times (fewer if it finishes first); see the module.
 
     Each kill lands ``window`` seconds (uniformly drawn) after the child reported its first
     accepted message. ``protocol`` (4 or 5) is the MQTT version the child speaks; None: the
-    client's default.
+    client's default. ``transport="websockets"`` puts a WebSocket bridge
+    (:class:`~tests.support.ws_bridge.ThreadedBridge`) between the children and the recording
+    proxy, so the children speak MQTT over WebSockets.
     """
     rng = random.Random(seed)
-    extra = ("--protocol", str(protocol)) if protocol is not None else ()
+    extra: tuple[str, ...] = ("--protocol", str(protocol)) if protocol is not None else ()
+    if transport == "websockets":
+        extra += ("--websockets",)
     figures = CrashFigures(store=store.partition(":")[0])
     accepted: set[int] = set()
     boundary: set[int] = set()
@@ -114,7 +130,8 @@ def run_kill_cycles(
         PahoObserver(host, port, "kill/#", qos=2) as observer,
         # The children publish through an MQTT proxy that records what they wrote: order is
         # checked there, per connection, not at the subscriber (which mosquitto may reorder).
-        ThreadedProxy(host, port, mqtt=True) as proxy,
+        ThreadedProxy(host, port, mqtt=True) as recorder,
+        _front(recorder, transport) as proxy,
     ):
         start = 0
         while figures.kills < cycles and start < total:
@@ -158,7 +175,7 @@ def run_kill_cycles(
         )  # fmt: skip
         observer.wait_numbers(accepted, 30)
         payloads = {t: observer.payloads(t) for t in ("kill/q1", "kill/q2")}
-        packets = proxy.packets()
+        packets = recorder.packets()
     arrived = {int(p) for p in payloads["kill/q1"] + payloads["kill/q2"]}
     q2 = Counter(int(p) for p in payloads["kill/q2"])
     figures.accepted = len(accepted)

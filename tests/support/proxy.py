@@ -41,13 +41,13 @@ import asyncio
 import contextlib
 import fcntl
 import termios
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
+from tests.support.loop_thread import OnItsOwnLoop
 from tests.support.wire import Framer, WirePacket, connect_level, packet_type, parse
 
 if TYPE_CHECKING:
@@ -558,7 +558,7 @@ def _unread(fd: int) -> int:
     return int.from_bytes(buf, "little")
 
 
-class ThreadedProxy:
+class ThreadedProxy(OnItsOwnLoop[FaultProxy]):
     """A :class:`FaultProxy` running on an event loop of its own thread, for synchronous tests.
 
     ``with ThreadedProxy(host, port, mqtt=True) as proxy:`` points child processes at
@@ -569,39 +569,12 @@ class ThreadedProxy:
     host = FaultProxy.host
 
     def __init__(self, target_host: str, target_port: int, *, mqtt: bool = False) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self.proxy = FaultProxy(target_host, target_port, mqtt=mqtt)
+        super().__init__(FaultProxy(target_host, target_port, mqtt=mqtt))
+        self.proxy = self.server
 
     @property
     def port(self) -> int:
         return self.proxy.port
 
-    def call(self, fn: Callable[[FaultProxy], Any]) -> Any:
-        """Run ``fn(proxy)`` on the proxy's loop and return its result."""
-
-        async def run() -> Any:
-            return fn(self.proxy)
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
-
     def packets(self) -> list[WirePacket]:
         return list(self.call(lambda p: p.packets))
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.proxy.start(), self._loop).result(10)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.proxy.close(), self._loop).result(10)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()

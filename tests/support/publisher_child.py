@@ -1,7 +1,7 @@
 """A child process for crash tests: publishes numbered messages and reports each accepted one.
 
 Usage: python -m tests.support.publisher_child HOST PORT STORE CLIENT_ID START COUNT [--drain]
-       [--protocol 4|5]
+       [--protocol 4|5] [--websockets]
 
 STORE names a durable store: ``file:DIR``, ``sqlite:PATH``, ``redis:URL#PREFIX`` or
 ``postgres:DSN#SCHEMA`` (``tests.support.stores.store_from_spec``).
@@ -10,7 +10,8 @@ QoS 2 when odd, with payload ``str(i)``. After ``publish()`` returned, the child
 ``OK i`` and flushes, so the parent knows exactly which messages the library accepted before it
 killed the child with SIGKILL. With ``--drain`` it waits for every acknowledgement, prints
 ``DRAINED`` and exits cleanly. ``--protocol`` chooses MQTT 3.1.1 (4) or MQTT 5 (5); without it
-the client's default.
+the client's default. ``--websockets``: ``transport="websockets"`` (HOST:PORT is then a
+WebSocket server, e.g. the tests' bridge).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ async def main(argv: list[str]) -> None:
         store=store_from_spec(store_spec),
         backoff=Backoff(initial=0.05, maximum=0.5),
         protocol=protocol,
+        transport="websockets" if "--websockets" in argv else "tcp",
     ) as client:
         print("STARTED", flush=True)
         for i in range(start, count):
