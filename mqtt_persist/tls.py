@@ -66,11 +66,13 @@ def resolve_tls(tls: ssl.SSLContext | bool | None) -> ssl.SSLContext | None:
 _TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 
 
-def tls_failure(exc: BaseException, hostname: str, port: int) -> TLSError | None:
-    """The :class:`TLSError` for ``exc`` if it is a TLS failure retrying cannot fix, else None."""
+def tls_failure(exc: BaseException, where: str) -> TLSError | None:
+    """The :class:`TLSError` for ``exc`` if it is a TLS failure retrying cannot fix, else None.
+
+    ``where`` names the broker in the message: ``host:port``, or the ``wss://`` URL.
+    """
     if not isinstance(exc, ssl.SSLError) or isinstance(exc, _TRANSIENT):
         return None
-    where = f"{hostname}:{port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         reason = exc.verify_message or exc.reason or str(exc)
         return TLSError(

@@ -12,7 +12,7 @@ import anyio
 from anyio.abc import ByteStream
 
 from mqtt_persist.tls import tls_failure
-from mqtt_persist.websocket import WebSocketSettings, websocket_handshake
+from mqtt_persist.websocket import WebSocketSettings, websocket_handshake, websocket_url
 
 
 async def open_stream(
@@ -46,7 +46,12 @@ async def open_stream(
                     tls_standard_compatible=False,
                 )
             except ssl.SSLError as exc:
-                refused = tls_failure(exc, hostname, port)
+                where = (
+                    f"{hostname}:{port}"
+                    if websocket is None
+                    else websocket_url(hostname, port, websocket.path, tls=True)
+                )
+                refused = tls_failure(exc, where)
                 if refused is None:
                     raise
                 raise refused from exc

@@ -448,7 +448,7 @@ class ConnectionSupervisor:
                 raise ConnectionLost("the broker closed the connection") from None
             except ssl.SSLError as exc:
                 # TLS 1.3: a broker refuses our certificate after the handshake, with an alert.
-                refused = tls_failure(exc, options.hostname, options.port)
+                refused = tls_failure(exc, options.broker_address)
                 if awaiting_connack and refused is not None:
                     raise refused from exc
                 raise
