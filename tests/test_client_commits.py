@@ -8,46 +8,17 @@ publisher that paid two commits per message ran at half the speed of its disk (i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from mqtt_persist import FileStore, PersistentClient, SQLiteStore
-from mqtt_persist.session.state import MessageAdded, Operation, PacketIdAssigned
+from mqtt_persist.session.state import MessageAdded, PacketIdAssigned
 from mqtt_persist.stores.base import SessionStore
+from tests.support.apply_recorder import ApplyRecorder
 from tests.support.broker import MosquittoBroker
 
 pytestmark = pytest.mark.broker
-
-
-class _Recorder:
-    """The operations of every ``store.apply`` call, one list per call."""
-
-    def __init__(self, store: SessionStore) -> None:
-        self.calls: list[list[Operation]] = []
-        original = store.apply
-
-        async def apply(client_id: str, ops: Sequence[Operation]) -> None:
-            self.calls.append(list(ops))
-            await original(client_id, ops)
-
-        store.apply = apply  # type: ignore[method-assign]
-
-    def call_of(self, kind: type, seq: int) -> int:
-        """Index of the apply call holding ``kind``'s operation for message ``seq``."""
-        for index, ops in enumerate(self.calls):
-            for op in ops:
-                if type(op) is kind and _seq(op) == seq:
-                    return index
-        raise AssertionError(f"no {kind.__name__} for seq {seq} was applied")
-
-
-def _seq(op: Operation) -> int:
-    if isinstance(op, MessageAdded):
-        return op.message.seq
-    assert isinstance(op, PacketIdAssigned)
-    return op.seq
 
 
 def _make(kind: str, tmp_path: Path) -> SessionStore:
@@ -62,7 +33,7 @@ async def test_a_sequential_publish_costs_one_commit(
     broker: MosquittoBroker, tmp_path: Path, kind: str, qos: int
 ) -> None:
     store = _make(kind, tmp_path)
-    recorder = _Recorder(store)
+    recorder = ApplyRecorder(store)
     count = 50
     async with PersistentClient(
         broker.host, broker.port, client_id=f"commits-{kind}-{qos}", store=store
