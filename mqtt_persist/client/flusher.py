@@ -115,7 +115,11 @@ class Flusher:
         wake = self.wake
         try:
             while not self._finishing:
-                if not wake.is_set():  # under load it is
+                if wake.is_set():  # under load it is
+                    # Nothing else in a pass is sure to yield (a send that the kernel takes at
+                    # once does not): let the reader and the publishers in between passes.
+                    await anyio.lowlevel.checkpoint()
+                else:
                     await wake.wait()
                 wake.clear()
                 if self._finishing:
