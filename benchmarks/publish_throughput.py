@@ -447,6 +447,10 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
              ours("memory", True)),
         Case("ours-memory-conc-qos0", "ours", "ours MemoryStore", conc, 0, WINDOW,
              ours("memory", True)),
+        Case("ours-memory-many", "ours", "ours MemoryStore", f"publish_many/{CHUNK}", 1, WINDOW,
+             ours("memory", False, many=True)),
+        Case("ours-memory-many-qos0", "ours", "ours MemoryStore", f"publish_many/{CHUNK}", 0,
+             WINDOW, ours("memory", False, many=True)),
         # MQTT 5 (issue 8): the same rows over MQTT 5, and a 3.1.1 row with the window MQTT 5
         # gets from this broker, so that the ratio measures the protocol, not the quota.
         Case("ours-memory-conc-v5", "ours", "ours MemoryStore, MQTT 5", conc, 1, WINDOW,
