@@ -431,14 +431,16 @@ class PersistentClient:
         topic, data, props, expires_at = prepare(
             options, session, topic, payload, qos, retain, properties
         )
-        while session.queue_is_full and options.queue_full == "block":
-            flusher.room.clear()
-            await flusher.room.wait()
-            session = self._require_open().session
-        if session.queue_is_full and options.queue_full == "error":
-            raise QueueFull(
-                f"outgoing queue is full ({options.max_queued} messages waiting); message refused"
-            )
+        if options.max_queued is not None:  # else the queue is never full
+            while session.queue_is_full and options.queue_full == "block":
+                flusher.room.clear()
+                await flusher.room.wait()
+                session = self._require_open().session
+            if session.queue_is_full and options.queue_full == "error":
+                raise QueueFull(
+                    f"outgoing queue is full ({options.max_queued} messages waiting); "
+                    "message refused"
+                )
         seq = session.publish(topic, data, qos, retain, props, expires_at)
         delivery = Delivery(seq, topic, qos)
         parts.dispatcher.deliveries[seq] = delivery
