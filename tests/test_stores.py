@@ -58,6 +58,7 @@ from mqtt_persist.stores.serialization import (
     EncodeError,
     decode_operation,
     decode_operations,
+    encode_each,
     encode_operation,
     encode_operations,
 )
@@ -376,6 +377,19 @@ wide_ops = st.one_of(
 @given(st.lists(wide_ops, max_size=20))
 def test_batch_round_trip(ops: list[Operation]) -> None:
     assert decode_operations(encode_operations(ops)) == ops
+
+
+@given(st.lists(wide_ops, max_size=20))
+def test_encode_each_is_encode_operation_per_operation(ops: list[Operation]) -> None:
+    assert encode_each(ops) == [encode_operation(op) for op in ops]
+
+
+def test_encode_each_names_the_operation_it_cannot_encode() -> None:
+    bad = MessageAdded(StoredMessage(2, "t\ud800", b"x", 1, False))  # a lone surrogate
+    with pytest.raises(EncodeError, match="surrogate"):
+        encode_each([MessageRemoved(1), bad])
+    with pytest.raises(EncodeError, match="not a session operation"):
+        encode_each([MessageRemoved(1), "MessageRemoved(2)"])  # type: ignore[list-item]
 
 
 @given(st.binary(max_size=200))

@@ -11,6 +11,7 @@ store once everything before them is committed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -30,6 +31,15 @@ from mqtt_persist.stores.base import SessionStore
 #: How long acknowledged-message removals may wait for another commit to share its fsync.
 DEFER_SECONDS = 0.05
 _DEFER_MAX_OPS = 10_000
+
+
+def _loop_clock() -> Callable[[], float]:
+    """``anyio.current_time`` without its backend lookup per call on asyncio (the loop's own
+    ``time``: 0.07 µs against 0.7 µs; every flusher pass reads it)."""
+    try:
+        return asyncio.get_running_loop().time
+    except RuntimeError:
+        return anyio.current_time
 
 
 class Flusher:
@@ -83,6 +93,8 @@ class Flusher:
         # (generation, still connecting) of the last phase of a connection whose first packets
         # followed a commit: see _confirm_owner.
         self._owner_confirmed: tuple[int, bool] | None = None
+        # anyio.current_time, looked up once (_loop_clock).
+        self._clock: Callable[[], float] | None = None
 
     # --- what the client's public calls use --------------------------------------------------
 
@@ -119,7 +131,11 @@ class Flusher:
         wake = self.wake
         try:
             while not self._finishing:
-                if not wake.is_set():  # under load it is
+                if wake.is_set():  # under load it is
+                    # Nothing else in a pass is sure to yield (a send that the kernel takes at
+                    # once does not): let the reader and the publishers in between passes.
+                    await anyio.lowlevel.checkpoint()
+                else:
                     await wake.wait()
                 wake.clear()
                 if self._finishing:
@@ -191,7 +207,10 @@ class Flusher:
         self._busy = True
         try:
             session = self._session
-            now = anyio.current_time()
+            clock = self._clock
+            if clock is None:
+                clock = self._clock = _loop_clock()
+            now = clock()
             outbox = session.take(now)
             ticket, self._next_commit = self._next_commit, None
             ops = outbox.ops

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -37,16 +36,16 @@ from mqtt_persist.client.dispatch import EventDispatcher
 from mqtt_persist.client.exit import settle_before_exit, settled
 from mqtt_persist.client.flusher import Flusher
 from mqtt_persist.client.options import ClientOptions, ProtocolChoice, TransportChoice
+from mqtt_persist.client.publishing import check_batch_room, prepare, prepare_batch
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.client.storage import SessionStatus, SessionStorage
-from mqtt_persist.compat import Compat, check_publish
+from mqtt_persist.compat import Compat
 from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
 from mqtt_persist.errors import (
     ClientClosed,
     ConnectionLost,
     ConnectTimeout,
     InvalidInput,
-    PayloadTooLarge,
     QueueFull,
     StoreError,
 )
@@ -55,7 +54,6 @@ from mqtt_persist.message import Message
 from mqtt_persist.metrics import MetricsSink
 from mqtt_persist.protocol.packets import (
     MQTT_3_1_1,
-    MQTT_5,
     NO_PROPERTIES,
     Properties,
     ProtocolVersion,
@@ -69,11 +67,7 @@ from mqtt_persist.stores.base import SessionStore
 from mqtt_persist.stores.memory import MemoryStore
 from mqtt_persist.tls import resolve_tls
 from mqtt_persist.validation import (
-    coerce_payload,
     is_shared_subscription,
-    max_payload_for,
-    publish_packet_size,
-    validate_publish_properties,
     validate_qos,
     validate_topic,
     validate_topic_filter,
@@ -511,35 +505,20 @@ class PersistentClient:
         """
         parts = self._require_open()
         session, flusher = parts.session, parts.flusher
-        topic_bytes = validate_topic(topic)
-        validate_qos(qos)
-        check_publish(self._options.compat, topic, qos)
-        limit = max_payload_for(len(topic_bytes), qos)
         options = self._options
-        if options.max_payload_size is not None:
-            limit = min(limit, options.max_payload_size)
-        data = coerce_payload(payload, limit=limit)
-        if not isinstance(retain, bool):
-            raise InvalidInput(f"retain must be a bool, not {type(retain).__name__}")
-        props = NO_PROPERTIES
-        expires_at = None
-        if properties is not None and properties is not NO_PROPERTIES:
-            if options.protocol == MQTT_3_1_1:
-                raise InvalidInput("publish properties need MQTT 5, not protocol=V311")
-            props, encoded, expiry = validate_publish_properties(properties, data)
-            if expiry is not None:
-                expires_at = time.time() + expiry
-            self._check_fits(session, len(topic_bytes), len(data), qos, len(encoded), expiry)
-        elif session.terms.max_packet_size is not None:
-            self._check_fits(session, len(topic_bytes), len(data), qos, 0, None)
-        while session.queue_is_full and options.queue_full == "block":
-            flusher.room.clear()
-            await flusher.room.wait()
-            session = self._require_open().session
-        if session.queue_is_full and options.queue_full == "error":
-            raise QueueFull(
-                f"outgoing queue is full ({options.max_queued} messages waiting); message refused"
-            )
+        topic, data, props, expires_at = prepare(
+            options, session, topic, payload, qos, retain, properties
+        )
+        if options.max_queued is not None:  # else the queue is never full
+            while session.queue_is_full and options.queue_full == "block":
+                flusher.room.clear()
+                await flusher.room.wait()
+                session = self._require_open().session
+            if session.queue_is_full and options.queue_full == "error":
+                raise QueueFull(
+                    f"outgoing queue is full ({options.max_queued} messages waiting); "
+                    "message refused"
+                )
         seq = session.publish(topic, data, qos, retain, props, expires_at)
         return await self._track(parts, seq, topic, qos)
 
@@ -553,6 +532,51 @@ class PersistentClient:
         if qos and self._storage.durable:
             await parts.flusher.committed()
         return delivery
+
+    async def publish_many(
+        self,
+        messages: Iterable[tuple[str, bytes | bytearray | memoryview | str]],
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        properties: Properties | None = None,
+    ) -> list[Delivery]:
+        """Publish a batch of ``(topic, payload)`` messages; one :class:`Delivery` each, in order.
+
+        The promise is :meth:`publish`'s, for the whole batch: at QoS 1/2 it returns once every
+        message is durable in the store, with one commit for the batch (a gateway forwarding
+        a buffer of readings pays one fsync, not one per reading). ``qos``, ``retain`` and
+        ``properties`` apply to every message. Every message is checked before any is stored:
+        the first bad one raises its :class:`~mqtt_persist.errors.InvalidInput` subclass (a
+        note names its index) and nothing of the batch is stored. The batch enters the queue
+        whole: with ``max_queued`` it waits until it fits (``queue_full="block"``), raises
+        :class:`~mqtt_persist.errors.QueueFull` (``"error"``, or a batch larger than
+        ``max_queued``), or drops the oldest queued messages (``"drop_oldest"``). Messages
+        leave in the batch's order, after everything published before.
+        """
+        parts = self._require_open()
+        session, flusher = parts.session, parts.flusher
+        options = self._options
+        batch = prepare_batch(options, session, messages, qos, retain, properties)
+        while not check_batch_room(options, session, len(batch)):
+            flusher.room.clear()
+            await flusher.room.wait()
+            session = self._require_open().session
+        deliveries = parts.dispatcher.deliveries
+        result = []
+        # No await from the first message to the last: the batch lands in one outbox, so
+        # the flusher commits it (with the packet IDs of those entering the window) at once.
+        for topic, data, props, expires_at in batch:
+            seq = session.publish(topic, data, qos, retain, props, expires_at)
+            delivery = deliveries[seq] = Delivery(seq, topic, qos)
+            result.append(delivery)
+            if self._metrics is not None:
+                self._metrics.published(qos)
+        if result:
+            flusher.wake.set()
+            if qos and self._storage.durable:
+                await flusher.committed()
+        return result
 
     # --- poison messages (session/poison.py) ---------------------------------------------------
 
@@ -588,32 +612,6 @@ class PersistentClient:
             raise InvalidInput(f"no set-aside message with seq {seq}") from None
         parts.flusher.wake.set()
         await parts.flusher.committed()
-
-    @staticmethod
-    def _check_fits(
-        session: Session,
-        topic_bytes: int,
-        payload_bytes: int,
-        qos: int,
-        properties_bytes: int,
-        expiry: int | None,
-    ) -> None:
-        """Refuse a message larger than the connected MQTT 5 broker's Maximum Packet Size."""
-        terms = session.terms
-        limit = terms.max_packet_size
-        if limit is None or session.connection_state is ConnectionState.DISCONNECTED:
-            return
-        if expiry is not None:
-            properties_bytes += 5  # the Message Expiry Interval each send adds
-        v5 = terms.protocol_version == MQTT_5
-        size = publish_packet_size(
-            topic_bytes, payload_bytes, qos, properties_bytes if v5 else None
-        )
-        if size > limit:
-            raise PayloadTooLarge(
-                f"the PUBLISH would be {size} bytes; the broker takes {limit} at most "
-                "(its CONNACK Maximum Packet Size)"
-            )
 
     # --- subscriptions -----------------------------------------------------------------------
 

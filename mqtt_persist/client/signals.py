@@ -3,7 +3,8 @@
 ``anyio.Event`` is set once and never cleared. The client needs flags that are set and cleared
 over and over ("there is work for the flusher", "the queue has room"), and it needs one event
 that many ``publish()`` calls wait on together ("the next commit is done"); both are built here
-on ``anyio.Event`` so the client uses one concurrency library throughout.
+on an event that is set once: ``asyncio.Event`` when asyncio runs the loop, ``anyio.Event``
+otherwise (``_new_event``).
 
 Both sit on the hot path of a durable ``publish()`` (wake the flusher, wait for its commit), so
 both create an ``anyio.Event`` only when a task really has to sleep: creating one costs ~1.3 µs
@@ -15,15 +16,43 @@ with asyncio.Event in place of these two 15.7 µs; a first anyio version that sw
 event on every ``clear()``, locked each flush with ``anyio.Lock`` and wrapped each deferred wait
 in a cancel scope 22.6 µs. A real durable commit costs hundreds of µs (FileStore's fsync), and
 with ``gather`` one commit serves many publishes (+0.4 µs there), so the remaining ~3 µs of
-anyio is kept deliberately, for one concurrency library. Against a real broker a sequential
-publisher's message costs two flusher passes (its commit, then its PUBACK's removal), and the
-same benchmark shows ~10-14 µs more CPU per message with the ``commit`` store, while msg/s of
-old and new stay within each other's run-to-run spread on the shared VM.
+anyio was first kept, for one concurrency library. Issue 7 (less CPU per message) took it back:
+the same measurement, one run of 20,000 at a time alternating old and new, 20.8 → 17.9 µs
+(median of 3), and the stream (``transport.py``) is asyncio's on asyncio anyway. Against a real
+broker a sequential publisher's message costs two flusher passes (its commit, then its PUBACK's
+removal), and the same benchmark shows ~10-14 µs more CPU per message with the ``commit``
+store, while msg/s of old and new stay within each other's run-to-run spread on the shared VM.
 """
 
 from __future__ import annotations
 
+import asyncio
+from typing import Protocol
+
 import anyio
+
+
+class _Event(Protocol):
+    """What both ``anyio.Event`` and ``asyncio.Event`` offer."""
+
+    def set(self) -> None: ...
+    def is_set(self) -> bool: ...
+    async def wait(self) -> object: ...
+
+
+def _new_event() -> _Event:
+    """An ``asyncio.Event`` where asyncio runs the loop, else an ``anyio.Event``.
+
+    Every durable ``publish()`` makes one (its commit's ticket) and usually a second (the
+    flusher's wake-up); anyio's costs ~1.3 µs to create and a lookup of the backend per call
+    (measured in the module docstring), asyncio's ~0.16 µs. Same semantics for these uses: set
+    once, waited for, cancelled through the task like anything else.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.Event()
+    return asyncio.Event()
 
 
 class Signal:
@@ -40,7 +69,7 @@ class Signal:
 
     def __init__(self) -> None:
         self._flag = False
-        self._event: anyio.Event | None = None
+        self._event: _Event | None = None
 
     def set(self) -> None:
         """Set the flag and wake everyone waiting for it."""
@@ -71,7 +100,7 @@ class Signal:
             return
         event = self._event
         if event is None:
-            event = self._event = anyio.Event()
+            event = self._event = _new_event()
         await event.wait()
 
 
@@ -88,7 +117,7 @@ class CommitTicket:
 
     def __init__(self) -> None:
         #: Set when the commit ended; a waiter then checks ``error``.
-        self.done = anyio.Event()
+        self.done = _new_event()
         self.error: BaseException | None = None
 
     @property

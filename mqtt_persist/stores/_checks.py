@@ -18,7 +18,7 @@ from collections.abc import Collection, Sequence
 
 from mqtt_persist.errors import InvalidInput
 from mqtt_persist.session.state import Operation
-from mqtt_persist.stores.serialization import encode_operation
+from mqtt_persist.stores.serialization import encode_each
 
 __all__ = [
     "OPERATION_TYPES",
@@ -38,7 +38,7 @@ def check_operations(ops: Sequence[Operation]) -> list[bytes]:
     A store that writes the encoding (FileStore) keeps the result; the others only need the
     check, which costs one encoding per operation either way.
     """
-    return [encode_operation(op) for op in ops]
+    return encode_each(ops)
 
 
 def check_queued_limit(queued_limit: object) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from mqtt_persist.errors import StoreError
@@ -314,6 +314,22 @@ def encode_operation(op: Operation) -> bytes:
     except (struct.error, UnicodeEncodeError, TypeError, OverflowError) as exc:
         # Out-of-range integers (struct.error), lone surrogates, a str payload...
         raise EncodeError(f"cannot encode {op!r}: {exc}") from exc
+
+
+def encode_each(ops: Sequence[Operation]) -> list[bytes]:
+    """Each operation's encoding, in order; :class:`EncodeError` for the first that has none.
+
+    :func:`encode_operation` per operation, without its call and ``try`` per operation: every
+    store runs this on every batch (``_checks.check_operations``).
+    """
+    encoders = _ENCODERS
+    try:
+        return [encoders[type(op)](op) for op in ops]
+    except (KeyError, struct.error, UnicodeEncodeError, TypeError, OverflowError):
+        # The fast path cannot say which operation failed; this pass raises for the culprit.
+        for op in ops:
+            encode_operation(op)
+        raise
 
 
 def encode_operations(ops: Iterable[Operation]) -> bytes:
