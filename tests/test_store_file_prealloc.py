@@ -52,7 +52,7 @@ async def test_an_open_journal_ends_in_preallocated_zeros(tmp_path: Path) -> Non
 async def test_a_zero_tail_after_a_crash_is_free_space(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path, crashed, ends = await _crashed(tmp_path / "s")
+    path, crashed, _ = await _crashed(tmp_path / "s")
     path.write_bytes(crashed)
     with caplog.at_level(logging.WARNING):
         async with FileStore(tmp_path / "s") as store:
