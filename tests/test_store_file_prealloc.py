@@ -16,7 +16,7 @@ from mqtt_persist.errors import SessionCorrupt
 from mqtt_persist.session.state import InboundReceived, MessageAdded, Operation
 from mqtt_persist.stores import FileStore
 from mqtt_persist.stores.file import sizes
-from tests.test_stores import journal_records, msg, replay
+from tests.test_stores import _read, journal_records, msg, replay
 
 BATCHES: list[list[Operation]] = [
     [MessageAdded(msg(n)), InboundReceived(n + 1)] for n in range(1, 8)
@@ -115,4 +115,5 @@ async def test_other_damage_before_valid_records_is_still_corruption(tmp_path: P
         with pytest.raises(SessionCorrupt) as info:
             await store.load("a")
     assert info.value.quarantined_to is not None
-    assert Path(info.value.quarantined_to).read_bytes() == bytes(damaged)  # kept whole
+    quarantined = Path(info.value.quarantined_to)
+    assert _read(quarantined) == bytes(damaged)  # kept whole
