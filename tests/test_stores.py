@@ -63,6 +63,7 @@ from mqtt_persist.stores.serialization import (
 )
 from mqtt_persist.stores.sqlite import SQLiteStore
 from mqtt_persist.stores.sqlite import operations as sqlite_operations
+from tests.support.fake_aio import use_sync_path
 from tests.support.store_kill import VICTIM, Batches, kill_rounds, start_holder, stop_holder
 
 T0 = 1_700_000_000.0
@@ -1017,6 +1018,8 @@ async def test_apply_fsyncs_exactly_once(
         return sync
 
     # Appends use fdatasync where the platform has it, rewrites fsync: either is one sync.
+    # Through the fake AIO, whose syncs are fdatasync calls (the kernel's would not be seen).
+    use_sync_path(monkeypatch, "aio")
     monkeypatch.setattr(os, "fsync", counting(os.fsync))
     if hasattr(os, "fdatasync"):
         monkeypatch.setattr(os, "fdatasync", counting(os.fdatasync))
@@ -1344,7 +1347,8 @@ _BATCHES = textwrap.dedent(
 _WRITER = textwrap.dedent(
     """
     from mqtt_persist.stores.file import FileStore
-    from tests.support.store_kill import write_batches
+    from tests.support.fake_aio import use_sync_path
+from tests.support.store_kill import write_batches
 
     write_batches(lambda args: FileStore(args[0], compact_threshold_bytes=16384), make_batch)
     """

@@ -90,6 +90,9 @@ class OpenSession:
     #: nothing of this session waits for a sync.
     submitted: int = 0
     settled: int = 0
+    #: Of those, how many the syncer thread has yet to settle (the rest go through the event
+    #: loop's AIO, ``loopsync``): one session's records are synced on one path at a time.
+    threaded: int = 0
     #: Where the file ends: past :attr:`size` lie preallocated zeros (fsync on; see append).
     allocated: int = 0
 
@@ -231,16 +234,23 @@ class OpenSession:
                 raise OSError(f"{journal} is not open")
             datasync_fd(fd)
         except OSError as exc:
-            logger.error("could not sync %s: %s; the session is unusable here", journal, exc)
-            error = StoreError(
-                f"could not sync {journal}: {exc}; what the disk holds is unknown, so nothing "
-                "more is written to it in this process (restart it, or delete the session)"
-            )
-            error.__cause__ = exc
-            self.sync_error = error
-            mark_failed_sync(journal)
-            return error
+            return self.sync_failed(exc)
         return None
+
+    def sync_failed(self, exc: OSError) -> StoreError:
+        """Poison the session after a failed sync (see :meth:`make_durable`); the error."""
+        if self.sync_error is not None:
+            return self.sync_error
+        journal = self.paths.journal
+        logger.error("could not sync %s: %s; the session is unusable here", journal, exc)
+        error = StoreError(
+            f"could not sync {journal}: {exc}; what the disk holds is unknown, so nothing "
+            "more is written to it in this process (restart it, or delete the session)"
+        )
+        error.__cause__ = exc
+        self.sync_error = error
+        mark_failed_sync(journal)
+        return error
 
     def rewrite(
         self, messages: Iterator[snapshot.Placed], meta: SessionState, last_seq: int, now: float
