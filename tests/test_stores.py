@@ -1347,8 +1347,7 @@ _BATCHES = textwrap.dedent(
 _WRITER = textwrap.dedent(
     """
     from mqtt_persist.stores.file import FileStore
-    from tests.support.fake_aio import use_sync_path
-from tests.support.store_kill import write_batches
+    from tests.support.store_kill import write_batches
 
     write_batches(lambda args: FileStore(args[0], compact_threshold_bytes=16384), make_batch)
     """
