@@ -122,3 +122,42 @@ async def test_records_in_flight_when_their_loop_closed_are_settled_by_the_next_
     await store.close()
     async with FileStore(tmp_path / "s") as reopened:
         assert await reopened.load("a") == expected
+
+
+async def test_a_refusal_elsewhere_keeps_a_session_in_flight_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AIO refused for one journal while another's sync is in flight: that session's next
+    records wait for its sync and only then go to the thread, never past it."""
+    refused_fds: set[int] = set()
+    aio_open = threading.Event()
+
+    class PartlyRefusing(FakeAioContext):
+        def submit_fdatasync(self, fd: int, token: int) -> None:
+            if fd in refused_fds:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            super().submit_fdatasync(fd, token)
+
+        def _sync(self, fd: int, token: int) -> None:
+            aio_open.wait(10)  # held; the syncer thread is not
+            super()._sync(fd, token)
+
+    monkeypatch.setattr(aio, "open_context", PartlyRefusing)
+    async with FileStore(tmp_path / "s") as store:
+        aio_open.set()
+        await store.apply("a", publish(1))
+        await store.apply("b", publish(1))
+        aio_open.clear()
+        refused_fds.add(store._sessions["b"].fd or -1)
+        gate = SyncGate(monkeypatch)
+        first = asyncio.ensure_future(store.apply("a", publish(2)))  # in flight, held
+        await asyncio.sleep(0)
+        await store.apply("b", publish(2))  # refused: synced on the thread
+        assert "mqtt-persist-file-sync" in gate.threads
+        later = [asyncio.ensure_future(store.apply("a", publish(seq))) for seq in (3, 4)]
+        await asyncio.sleep(0.1)  # time enough for the thread, were they given to it
+        assert not first.done() and not any(task.done() for task in later)
+        aio_open.set()
+        await asyncio.gather(first, *later)
+        assert await store.load("a") == replay("a", [publish(s) for s in range(1, 5)])
+        assert await store.load("b") == replay("b", [publish(1), publish(2)])

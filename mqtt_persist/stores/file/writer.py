@@ -143,12 +143,14 @@ class Syncer:
         them in order); elsewhere, and where AIO is unavailable, to the syncer thread.
         """
         session = commit.session
-        if not session.threaded and (syncs := self._loop_syncs(commit.loop)) is not None:
-            session.submitted += 1  # only the submitting thread writes it
+        session.submitted += 1  # only the submitting thread writes it
+        syncs = None if session.threaded else self._loop_syncs(commit.loop)
+        # A loop whose AIO was refused still takes the records of a session with a sync in
+        # flight there: they go to the thread once it completed, in order.
+        if syncs is not None and (not syncs.refused or syncs.busy(session)):
             syncs.submit(commit)
-            return
-        session.submitted += 1
-        self.submit_threaded(commit)
+        else:
+            self.submit_threaded(commit)
 
     def submit_threaded(self, commit: Commit) -> None:
         """Hand a record already counted in ``submitted`` to the syncer thread."""
@@ -210,7 +212,7 @@ class Syncer:
                 self._no_aio = True
                 return None
             syncs = self._loops[loop] = LoopSyncs(loop, context, self)
-        return None if syncs.refused else syncs
+        return syncs
 
     def _start(self) -> queue.SimpleQueue[Commit | None]:
         with self._starting:
@@ -369,6 +371,10 @@ class LoopSyncs:
         self._closed = False
         loop.add_reader(context.eventfd, self._on_ready)
 
+    def busy(self, session: OpenSession) -> bool:
+        """Whether a sync of ``session`` is in flight here."""
+        return id(session) in self._waiting
+
     def submit(self, commit: Commit) -> None:
         """Sync a record written on this loop (called on the loop)."""
         waiting = self._waiting.get(id(commit.session))
@@ -382,17 +388,19 @@ class LoopSyncs:
             error = session.sync_error or StoreError(f"{session.paths.journal} is not open")
             self._finish(commits, {id(session): error})
             return
-        token = next(self._tokens)
-        try:
-            self._context.submit_fdatasync(session.fd, token)
-        except OSError as exc:
-            logger.debug("AIO fsync refused (%s); syncing on a thread instead", exc)
-            self.refused = True
-            for commit in commits:
-                self._syncer.submit_threaded(commit)
-            return
-        self._flights[token] = (session, commits)
-        self._waiting[id(session)] = []
+        if not self.refused:
+            token = next(self._tokens)
+            try:
+                self._context.submit_fdatasync(session.fd, token)
+            except OSError as exc:
+                logger.debug("AIO fsync refused (%s); syncing on a thread instead", exc)
+                self.refused = True
+            else:
+                self._flights[token] = (session, commits)
+                self._waiting[id(session)] = []
+                return
+        for commit in commits:
+            self._syncer.submit_threaded(commit)
 
     def _on_ready(self) -> None:
         self._complete(self._context.reap())
