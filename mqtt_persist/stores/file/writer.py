@@ -1,9 +1,12 @@
-"""FileStore's write path: a record is written on the event loop and synced by a syncer thread.
+"""FileStore's write path: a record is written on the event loop and synced by AIO or a thread.
 
 An ``apply`` appends one record of a few hundred bytes: about a microsecond as a ``pwrite``,
 30-80 µs as a trip to a thread, 100-1000 µs as an ``fdatasync`` on the disks we measured. So
 the store writes the record on the event loop (:meth:`OpenSession.append
-<.session.OpenSession.append>`), hands it to a :class:`Syncer`, and the caller awaits the sync:
+<.session.OpenSession.append>`), hands it to a :class:`Syncer`, and the caller awaits the sync.
+On Linux the syncer submits it through AIO and the loop completes it (:class:`LoopSyncs`: no
+thread of ours wakes up); elsewhere, and for records written by worker jobs, its thread syncs.
+Either way:
 
 - **Group commit.** The syncer thread takes every record handed over so far, syncs each
   session's journal once, then settles those records (below) and resolves their callers. What
