@@ -20,10 +20,11 @@ Threading
     An ``apply`` that appends to an open session writes on the event loop; every other public
     method, and an ``apply`` that opens, creates or compacts a journal, is ONE job on the
     store's worker thread (``_worker.Worker``); syncs complete on the loop (AIO,
-    ``writer.LoopSyncs``) or run on the syncer thread (``writer.Syncer``). The loop writes to a session only while no job for it (or for the whole
-    store) is queued or running, and a job first waits for the session's records to be synced
-    (``writer``): so calls happen in the order they were made, the three threads never touch
-    one session at once, and a cancelled caller's call either never started or runs to its end.
+    ``writer.LoopSyncs``) or run on the syncer thread (``writer.Syncer``). The loop writes to a
+    session only while no job for it (or for the whole store) is queued or running, and a job
+    first waits for the session's records to be synced (``writer``): so calls happen in the
+    order they were made, the three threads never touch one session at once, and a cancelled
+    caller's call either never started or runs to its end.
 
 Memory
     While a session is open the store keeps an *index* of it (``index.Index``), not its
