@@ -7,8 +7,11 @@ bytes taken while the store still had it open, zeros and all, as a power cut wou
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +120,30 @@ async def test_other_damage_before_valid_records_is_still_corruption(tmp_path: P
     assert info.value.quarantined_to is not None
     quarantined = Path(info.value.quarantined_to)
     assert _read(quarantined) == bytes(damaged)  # kept whole
+
+
+async def test_zeros_that_do_not_fit_leave_the_record_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preallocation is a speed-up: a full disk refusing the zeros fails nothing; a record
+    that does not fit fails as it always did (tests/test_store_write_path.py, full disk)."""
+    real_pwrite = os.pwrite
+    refused: list[int] = []
+
+    def no_room_for_zeros(fd: int, data: Any, offset: int) -> int:
+        if len(data) > 64 and not bytes(data).strip(b"\0"):
+            refused.append(len(data))
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return real_pwrite(fd, data, offset)
+
+    async with FileStore(tmp_path / "s") as store:
+        await store.apply("a", BATCHES[0])
+        monkeypatch.setattr(os, "pwrite", no_room_for_zeros)
+        for batch in BATCHES[1:]:
+            await store.apply("a", batch)
+        assert refused  # every append tried, as the file never grew past its records
+        path = store.journal_path("a")
+        assert len(_read(path)) == len(journal_records(path))
+        monkeypatch.undo()
+    async with FileStore(tmp_path / "s") as store:
+        assert await store.load("a") == replay("a", BATCHES)
