@@ -54,7 +54,13 @@ async def test_appends_through_the_kernel_never_start_the_syncer_thread(
     use_sync_path(monkeypatch, "kernel")
     gate = SyncGate(monkeypatch)  # counts os.fsync/os.fdatasync: the kernel's are not those
     threaded: list[object] = []
-    monkeypatch.setattr(file_writer.Syncer, "submit_threaded", lambda _, c: threaded.append(c))
+    real_submit = file_writer.Syncer.submit_threaded
+
+    def submit_threaded(syncer: file_writer.Syncer, commit: file_writer.Commit) -> None:
+        threaded.append(commit)
+        real_submit(syncer, commit)
+
+    monkeypatch.setattr(file_writer.Syncer, "submit_threaded", submit_threaded)
     async with FileStore(tmp_path / "s") as store:
         await store.apply("a", publish(1))  # a new journal: a rewrite on the worker
         rewrite_syncs = len(gate.calls)
