@@ -35,7 +35,8 @@ from mqtt_persist.stores import FileStore, SQLiteStore
 from mqtt_persist.stores.file import snapshot as file_snapshot
 from mqtt_persist.stores.file import writer as file_writer
 from mqtt_persist.stores.sqlite import operations as sqlite_operations
-from tests.test_stores import FakeClock, msg, replay
+from tests.support.fake_aio import FAKE_AIO_THREAD, use_sync_path
+from tests.test_stores import FakeClock, journal_records, msg, replay
 
 SYNCS = tuple(name for name in ("fsync", "fdatasync") if hasattr(os, name))
 
@@ -88,6 +89,22 @@ class SyncGate:
         raise AssertionError("no sync started within 5 s")
 
 
+@pytest.fixture(params=["thread", "aio"])
+def sync_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """FileStore's two ways to sync a record written on the loop: the syncer thread, or AIO
+    completed on the loop (here the fake of ``tests/support/fake_aio.py``, whose syncs are
+    ``os.fdatasync`` calls that SyncGate holds and counts)."""
+    path: str = request.param
+    use_sync_path(monkeypatch, path)
+    return path
+
+
+@pytest.fixture
+def thread_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AIO: what the syncer thread does (its rounds, its helper threads)."""
+    use_sync_path(monkeypatch, "thread")
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -125,7 +142,7 @@ async def test_without_fsync_an_append_never_leaves_the_loop(tmp_path: Path) -> 
 
 
 async def test_appends_are_written_on_the_loop_and_synced_on_the_syncer(
-    store: FileStore, monkeypatch: pytest.MonkeyPatch
+    store: FileStore, monkeypatch: pytest.MonkeyPatch, sync_path: str
 ) -> None:
     await store.apply("a", publish(1))
     writers: set[str] = set()
@@ -140,12 +157,13 @@ async def test_appends_are_written_on_the_loop_and_synced_on_the_syncer(
     for seq in range(2, 12):
         await store.apply("a", publish(seq))
     assert writers == {threading.current_thread().name}
-    assert gate.threads == {"mqtt-persist-file-sync"}
+    syncing = {"thread": "mqtt-persist-file-sync", "aio": FAKE_AIO_THREAD}[sync_path]
+    assert gate.threads == {syncing}
     assert len(gate.calls) == 10
 
 
 async def test_concurrent_applies_share_syncs(
-    store: FileStore, monkeypatch: pytest.MonkeyPatch
+    store: FileStore, monkeypatch: pytest.MonkeyPatch, sync_path: str
 ) -> None:
     await store.apply("a", publish(1))
     gate = SyncGate(monkeypatch, hold=True)
@@ -163,7 +181,7 @@ async def test_concurrent_applies_share_syncs(
 
 
 async def test_sessions_of_one_store_share_sync_rounds(
-    store: FileStore, monkeypatch: pytest.MonkeyPatch
+    store: FileStore, monkeypatch: pytest.MonkeyPatch, thread_path: None
 ) -> None:
     clients = [f"c{n}" for n in range(10)]
     for client_id in clients:
@@ -202,7 +220,7 @@ async def test_sessions_of_one_store_share_sync_rounds(
 
 
 async def test_the_index_shows_a_record_only_once_it_is_durable(
-    store: FileStore, monkeypatch: pytest.MonkeyPatch
+    store: FileStore, monkeypatch: pytest.MonkeyPatch, sync_path: str
 ) -> None:
     await store.apply("a", publish(1))
     gate = SyncGate(monkeypatch, hold=True)
@@ -231,7 +249,7 @@ async def test_calls_keep_their_order_when_a_job_is_queued(tmp_path: Path) -> No
 
 
 async def test_apply_cancelled_while_its_record_syncs_still_happens(
-    store: FileStore, monkeypatch: pytest.MonkeyPatch
+    store: FileStore, monkeypatch: pytest.MonkeyPatch, sync_path: str
 ) -> None:
     await store.apply("a", publish(1))
     gate = SyncGate(monkeypatch, hold=True)
@@ -251,7 +269,7 @@ async def test_apply_cancelled_while_its_record_syncs_still_happens(
 
 
 async def test_a_failed_sync_fails_that_session_for_the_rest_of_the_process(
-    store: FileStore, monkeypatch: pytest.MonkeyPatch
+    store: FileStore, monkeypatch: pytest.MonkeyPatch, sync_path: str
 ) -> None:
     await store.apply("a", publish(1))
     await store.apply("b", publish(1))
@@ -289,7 +307,7 @@ async def test_a_failed_sync_fails_that_session_for_the_rest_of_the_process(
 
 
 async def test_a_failed_sync_in_another_process_is_not_this_ones_business(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync_path: str
 ) -> None:
     """A restarted process reads what the disk holds: the refusal is per process."""
     store = FileStore(tmp_path / "s")
@@ -415,12 +433,13 @@ async def test_a_full_disk_fails_the_apply_and_leaves_the_journal_whole(tmp_path
             failed = None
             for seq in range(2, 200):
                 batch = [MessageAdded(msg(seq, payload=b"q" * 300)), SubscriptionSet(f"t/{seq}", 1)]
-                size = journal.stat().st_size
+                before = journal_records(journal)
                 try:
                     await store.apply("a", batch)
                 except StoreError as exc:
                     failed = exc
-                    assert journal.stat().st_size == size
+                    # Cut back to the records before it: no torn record, no preallocated zeros.
+                    assert journal.read_bytes() == before
                     break
                 committed.append(batch)
             assert failed is not None and "No space left" in str(failed)

@@ -64,6 +64,7 @@ from mqtt_persist.stores.serialization import (
 )
 from mqtt_persist.stores.sqlite import SQLiteStore
 from mqtt_persist.stores.sqlite import operations as sqlite_operations
+from tests.support.fake_aio import use_sync_path
 from tests.support.store_kill import VICTIM, Batches, kill_rounds, start_holder, stop_holder
 
 T0 = 1_700_000_000.0
@@ -963,6 +964,14 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def journal_records(path: Path) -> bytes:
+    """The journal's records, without the zeros an open store preallocates after them."""
+    data = _read(path)
+    parsed = file_journal.parse_journal(file_journal.reader(None, 0, data), len(data))
+    assert not parsed.torn
+    return data[: parsed.good_end]
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -1023,6 +1032,8 @@ async def test_apply_fsyncs_exactly_once(
         return sync
 
     # Appends use fdatasync where the platform has it, rewrites fsync: either is one sync.
+    # Through the fake AIO, whose syncs are fdatasync calls (the kernel's would not be seen).
+    use_sync_path(monkeypatch, "aio")
     monkeypatch.setattr(os, "fsync", counting(os.fsync))
     if hasattr(os, "fdatasync"):
         monkeypatch.setattr(os, "fdatasync", counting(os.fdatasync))
@@ -1048,10 +1059,10 @@ async def test_fsync_can_be_disabled(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 async def test_one_record_per_apply(file_store: FileStore) -> None:
     await file_store.apply("a", [MessageAdded(msg(0))])
-    size = len(_read(file_store.journal_path("a")))
+    size = len(journal_records(file_store.journal_path("a")))
     batch = [MessageAdded(msg(s)) for s in range(1, 101)]
     await file_store.apply("a", batch)
-    grown = len(_read(file_store.journal_path("a"))) - size
+    grown = len(journal_records(file_store.journal_path("a"))) - size
     assert grown == len(encode_operations(batch)) + 10  # one 9-byte header + 1 flags byte
 
 
@@ -1072,7 +1083,7 @@ async def test_compaction(tmp_path: Path) -> None:
         for n, ops in enumerate(batches):
             await store.apply("a", ops)
             clock.advance(1)
-            sizes.append(len(_read(store.journal_path("a"))))
+            sizes.append(len(journal_records(store.journal_path("a"))))
             if n % 50 == 0:
                 assert await store.load("a") == replay("a", batches[: n + 1])
         assert max(sizes) <= 4096
@@ -1111,7 +1122,7 @@ async def test_torn_tail_at_every_offset(tmp_path: Path) -> None:
     clock = FakeClock()
     async with FileStore(directory, clock=clock) as store:
         await store.apply("a", first)
-        good_size = len(_read(store.journal_path("a")))
+        good_size = len(journal_records(store.journal_path("a")))
         await store.apply("a", second)
         path = store.journal_path("a")
     full = _read(path)
@@ -1158,7 +1169,7 @@ async def test_damage_before_the_last_record_is_corruption(tmp_path: Path) -> No
         for n in range(3):
             await store.apply("a", [MessageAdded(msg(n)), InboundReceived(n + 1)])
             if n == 1:
-                last_record = len(_read(store.journal_path("a")))
+                last_record = len(journal_records(store.journal_path("a")))
     full = _read(store.journal_path("a"))
     store = FileStore(directory)
     for offset in range(last_record):
@@ -1172,7 +1183,7 @@ async def test_damage_before_the_last_record_is_corruption(tmp_path: Path) -> No
 
 async def test_bad_magic_and_newer_version(file_store: FileStore) -> None:
     await file_store.apply("a", [MessageAdded(msg(1))])
-    good = _read(file_store.journal_path("a"))
+    good = journal_records(file_store.journal_path("a"))
     await file_store.release("a")
     await _assert_quarantined(file_store, b"NOPE" + good[4:], SessionCorrupt)
     newer = good[:4] + struct.pack("<H", file_module.FORMAT_VERSION + 1) + b"future layout"
@@ -1185,7 +1196,7 @@ async def test_bad_magic_and_newer_version(file_store: FileStore) -> None:
 
 async def test_journal_of_another_client_id_is_corruption(file_store: FileStore) -> None:
     await file_store.apply("b", [MessageAdded(msg(1))])
-    other = _read(file_store.journal_path("b"))
+    other = journal_records(file_store.journal_path("b"))
     await _assert_quarantined(file_store, other, SessionCorrupt)
 
 

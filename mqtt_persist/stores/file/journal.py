@@ -38,11 +38,25 @@ on :meth:`~FileStore.release`/:meth:`~FileStore.close`. A crash can therefore lo
 ``access_write_interval`` seconds of last access, which can only make a session expire that
 much earlier than it would have.
 
+Preallocated tail
+    With fsync on, the store extends a journal with zeros ahead of its records
+    (``sizes.PREALLOC_CHUNK`` at a time) and writes the records over them, so the file may end
+    in zeros: the records end where the first all-zero byte run reaches the end of the file.
+    Such a tail is free space, not damage (:attr:`Parsed.zero_tail`); nothing marks the logical
+    end but the records themselves, which is enough because a record never starts with a zero
+    byte (its marker is ``0xA5``) and every record is checksummed.
+
 Damage
-    A damaged final record (short, or failing its CRC) is what a crash mid-append leaves: it is
-    dropped and the file truncated to the last good record (logged as a warning). Damage with
-    valid records after it, a bad header, a bad magic or a newer version cannot come from a
-    crash: the file is renamed to ``<name>.corrupt-<UTC timestamp>`` (never deleted) and
+    A damaged final record (short, or failing its CRC, possibly followed by zeros) is what a
+    crash mid-append leaves: it is dropped and the file truncated to the last good record
+    (logged as a warning). Writes into the preallocated zeros reach the disk page by page in
+    any order until a sync, so a crash can also leave a damaged record followed by valid ones
+    that were never synced (and so never acknowledged): that is recognised by a lost piece of
+    a sector in the damaged bytes (at least ``_LOST_MIN`` zero bytes starting or ending on a
+    512-byte boundary, the stale zeros of a page that never reached the disk) and cut like a
+    torn tail, valid records after it included. Any other damage with valid records after it,
+    a bad header, a bad magic or a newer version cannot come from a crash: the file is renamed
+    to ``<name>.corrupt-<UTC timestamp>`` (never deleted) and
     :class:`~mqtt_persist.errors.SessionCorrupt` (or
     :class:`~mqtt_persist.errors.UnsupportedFormatVersion`) names both paths.
 
@@ -134,10 +148,12 @@ class Parsed:
     good_end: int
     #: Size of what was parsed (the file, or the migrated bytes).
     size: int
-    #: Bytes after ``good_end`` are a torn final record.
+    #: Bytes after ``good_end`` are a torn final record (or records a crash left torn).
     torn: bool
     #: The file was in an older format: the migrated bytes, which ``index`` describes.
     migrated: bytes | None
+    #: Bytes after ``good_end`` are all zeros: preallocated, never written (not torn).
+    zero_tail: bool = False
 
 
 def encode_header(client_id: str, created_at: float) -> bytes:
@@ -197,6 +213,29 @@ def _valid_record_after(data: bytes, offset: int) -> int | None:
             return position
         position = data.find(_RECORD_MARK_BYTE, position + 1)
     return None
+
+
+#: Disk sectors: a write lost by a crash loses whole ones (page-cache pages are 8 of them).
+_SECTOR = 512
+#: The fewest zero bytes that count as a lost piece of a sector: records hold zero bytes of
+#: their own (flags, the high bytes of numbers), but not 32 in a row ending on a sector edge.
+_LOST_MIN = 32
+
+
+def _lost_sector(damaged: bytes, offset: int) -> bool:
+    """Whether ``damaged`` (the file's bytes from ``offset``) holds what a lost write leaves:
+    its part in some sector is all zeros, at least ``_LOST_MIN`` bytes, and starts or ends on
+    the sector's edge (stale preallocated zeros of a page that never reached the disk)."""
+    end = offset + len(damaged)
+    sector = offset - offset % _SECTOR
+    while sector < end:
+        start, stop = max(sector, offset), min(sector + _SECTOR, end)
+        on_edge = start == sector or stop == sector + _SECTOR
+        piece = damaged[start - offset : stop - offset]
+        if on_edge and len(piece) >= _LOST_MIN and not piece.strip(b"\0"):
+            return True
+        sector += _SECTOR
+    return False
 
 
 def _migrate_journal_1_to_2(data: bytes) -> bytes:
@@ -334,8 +373,17 @@ def parse_journal(read: Read, size: int, *, decode: bool = True) -> Parsed:
                             valid = zlib.crc32(body, length_crc) == crc
                             body.release()
         if not valid:
-            # Damage; a torn tail only if no valid record follows (what a crash leaves).
-            if (later := _valid_record_after(read(offset, size - offset), 0)) is not None:
+            tail = read(offset, size - offset)
+            if not tail.strip(b"\0"):
+                # The preallocated zeros after the last record: free space, not damage.
+                return Parsed(
+                    client_id, created_at, index, last_access, ttl, offset, size, False, migrated,
+                    zero_tail=True,
+                )  # fmt: skip
+            # Damage; a torn tail only if no valid record follows, or if the damaged bytes
+            # show a page lost by a crash (see the module docstring).
+            later = _valid_record_after(tail, 0)
+            if later is not None and not _lost_sector(tail[:later], offset):
                 raise Damaged(
                     f"damaged record at offset {offset} followed by a valid one at {offset + later}"
                 )

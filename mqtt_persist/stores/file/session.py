@@ -21,7 +21,7 @@ from mqtt_persist.errors import SessionCorrupt, StoreError
 from mqtt_persist.session.state import SessionState
 from mqtt_persist.stores._expiry import is_expired
 from mqtt_persist.stores._files import datasync_fd, fsync_directory, fsync_fd
-from mqtt_persist.stores.file import snapshot
+from mqtt_persist.stores.file import sizes, snapshot
 from mqtt_persist.stores.file.index import Index
 from mqtt_persist.stores.file.journal import (
     Damaged,
@@ -90,6 +90,11 @@ class OpenSession:
     #: nothing of this session waits for a sync.
     submitted: int = 0
     settled: int = 0
+    #: Of those, how many the syncer thread has yet to settle (the rest go through the event
+    #: loop's AIO, ``loopsync``): one session's records are synced on one path at a time.
+    threaded: int = 0
+    #: Where the file ends: past :attr:`size` lie preallocated zeros (fsync on; see append).
+    allocated: int = 0
 
     @classmethod
     def open(
@@ -114,6 +119,8 @@ class OpenSession:
         # not rewrite it on the first append; one that is mostly dead weight (more than twice
         # its live bytes) gets the baseline 0 and is compacted by that first append.
         mostly_live = parsed.good_end <= 2 * index.live_bytes()
+        # A zero tail stays preallocated for the appends to come; a torn one was cut.
+        allocated = parsed.size if parsed.zero_tail and parsed.migrated is None else 0
         session = cls(
             client_id,
             paths,
@@ -126,6 +133,7 @@ class OpenSession:
             last_access,
             last_access,
             parsed.ttl,
+            allocated=allocated,
         )
         if parsed.migrated is not None:
             # The index describes the migrated bytes, not the file: rewrite from those.
@@ -144,12 +152,26 @@ class OpenSession:
         return is_expired(self.last_access, self.ttl, now)
 
     def close(self) -> None:
-        """Close the journal (the session stays on disk)."""
+        """Close the journal (the session stays on disk), without its preallocated zeros."""
         fd, self.fd = self.fd, None
+        # Unsynced: if the cut is lost, the zeros are read as free space anyway. A journal
+        # that is broken or whose sync failed is left as it is: what it holds is unknown.
+        healthy = not self.broken and self.sync_error is None
+        if fd is not None and healthy and self.allocated > self.size:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self.size)
         close_fd(fd)
 
     def append(self, record: bytes) -> None:
         """Write one record after the last one (no sync: see :meth:`make_durable`).
+
+        With fsync on, a record that passes the end of the file is followed by zeros up to the
+        next multiple of ``sizes.PREALLOC_CHUNK`` (a second ``pwrite``, once per chunk), which
+        the records after it overwrite: an ``fdatasync`` of those has no file size to commit
+        (the journal's module docstring says how a reader finds the end). The zeros are
+        written after the record, so a record is either written whole (and the append has
+        succeeded: zeros that do not fit on the disk only leave the file unextended) or cut
+        off again.
 
         On failure (StoreError: a full disk, an I/O error) the file is cut back to the end of
         the last record written before; if even that fails, :attr:`broken` is set and the store
@@ -171,12 +193,25 @@ class OpenSession:
             self._undo_append()
             raise StoreError(f"could not append to {self.paths.journal}: {exc}") from exc
         self.size = at
+        if self.sync and at > self.allocated:
+            self._preallocate(fd, at)
+
+    def _preallocate(self, fd: int, end: int) -> None:
+        chunk = sizes.PREALLOC_CHUNK
+        try:
+            written = os.pwrite(fd, bytes(chunk - end % chunk), end)
+        except OSError as exc:
+            # Only a missed speed-up: the record is whole, and its sync commits the file size.
+            logger.debug("could not preallocate %s: %s", self.paths.journal, exc)
+            written = 0
+        self.allocated = end + written
 
     def _undo_append(self) -> None:
         # Nothing half-written may stay in the middle of the journal. No sync here: the cut
         # bytes were never synced, so until the next sync (which covers the cut) a power cut
         # shows the old end or a torn tail after it, and a torn tail is discarded by load.
         assert self.fd is not None
+        self.allocated = self.size  # the preallocated zeros go too: the disk may be full
         try:
             os.ftruncate(self.fd, self.size)
         except OSError as exc:
@@ -199,16 +234,23 @@ class OpenSession:
                 raise OSError(f"{journal} is not open")
             datasync_fd(fd)
         except OSError as exc:
-            logger.error("could not sync %s: %s; the session is unusable here", journal, exc)
-            error = StoreError(
-                f"could not sync {journal}: {exc}; what the disk holds is unknown, so nothing "
-                "more is written to it in this process (restart it, or delete the session)"
-            )
-            error.__cause__ = exc
-            self.sync_error = error
-            mark_failed_sync(journal)
-            return error
+            return self.sync_failed(exc)
         return None
+
+    def sync_failed(self, exc: OSError) -> StoreError:
+        """Poison the session after a failed sync (see :meth:`make_durable`); the error."""
+        if self.sync_error is not None:
+            return self.sync_error
+        journal = self.paths.journal
+        logger.error("could not sync %s: %s; the session is unusable here", journal, exc)
+        error = StoreError(
+            f"could not sync {journal}: {exc}; what the disk holds is unknown, so nothing "
+            "more is written to it in this process (restart it, or delete the session)"
+        )
+        error.__cause__ = exc
+        self.sync_error = error
+        mark_failed_sync(journal)
+        return error
 
     def rewrite(
         self, messages: Iterator[snapshot.Placed], meta: SessionState, last_seq: int, now: float
@@ -249,7 +291,7 @@ class OpenSession:
         # The new file is in place: adopt it before the directory fsync, so that whatever
         # happens next this session's view matches the disk.
         old, self.fd = self.fd, fd
-        self.size = self.snapshot_size = size
+        self.size = self.snapshot_size = self.allocated = size
         self.index = index
         self.last_access = self.persisted_access = now
         close_fd(old)

@@ -21,3 +21,9 @@ READ_GAP = 64 << 10
 #: The queued-message arrays are rebuilt without their removed entries once those number more
 #: than this and more than half the live ones (see :class:`~.index.Index`).
 INDEX_SLACK = 1024
+#: With fsync on, a journal is extended this many bytes at a time with zeros that the records
+#: then overwrite (see ``session.OpenSession.append``): an ``fdatasync`` of a write inside the
+#: file's size skips the file-size metadata an appending write makes it commit (measured on
+#: ext4: ~95 µs instead of ~137 µs). 16 KiB is ~100 records of a sequential publisher, so the
+#: one slower sync per extension costs well under 1 % of a record.
+PREALLOC_CHUNK = 16 << 10

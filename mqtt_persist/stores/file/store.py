@@ -3,10 +3,13 @@
 Durability model
     :meth:`FileStore.apply` encodes the whole batch into ONE record, writes it with one
     ``pwrite`` on the event loop and returns once ONE ``fdatasync`` that started after the
-    write completed (group commit: the store's syncer thread syncs once for every record
-    written before it started; see ``writer``). A record carries its length and a CRC32, so a
-    crash at any byte leaves either the complete record (the batch happened) or a torn tail
-    that :meth:`FileStore.load` discards (it did not). Creating a journal, compacting it and
+    write completed (group commit: one sync for every record written before it started,
+    submitted through Linux AIO, or run by the store's syncer thread where there is none; see
+    ``writer``). With fsync on the journal is preallocated with zeros ahead of its records, so
+    that sync has no file size to commit (``session.OpenSession.append``). A record carries its
+    length and a CRC32, so a crash at any byte leaves either the complete record (the batch
+    happened) or a torn tail that :meth:`FileStore.load` discards (it did not); see
+    ``journal`` for the preallocated tail. Creating a journal, compacting it and
     :meth:`FileStore.save` write a complete new file to a temporary name, fsync it,
     ``os.replace`` it over the journal and fsync the directory: a crash leaves the old file or
     the new one, never a mix. Those three cost two fsyncs (file and directory) instead of one;
@@ -16,11 +19,12 @@ Durability model
 Threading
     An ``apply`` that appends to an open session writes on the event loop; every other public
     method, and an ``apply`` that opens, creates or compacts a journal, is ONE job on the
-    store's worker thread (``_worker.Worker``); syncs run on the syncer thread
-    (``writer.Syncer``). The loop writes to a session only while no job for it (or for the whole
-    store) is queued or running, and a job first waits for the session's records to be synced
-    (``writer``): so calls happen in the order they were made, the three threads never touch
-    one session at once, and a cancelled caller's call either never started or runs to its end.
+    store's worker thread (``_worker.Worker``); syncs complete on the loop (AIO,
+    ``writer.LoopSyncs``) or run on the syncer thread (``writer.Syncer``). The loop writes to a
+    session only while no job for it (or for the whole store) is queued or running, and a job
+    first waits for the session's records to be synced (``writer``): so calls happen in the
+    order they were made, the three threads never touch one session at once, and a cancelled
+    caller's call either never started or runs to its end.
 
 Memory
     While a session is open the store keeps an *index* of it (``index.Index``), not its

@@ -1,9 +1,12 @@
-"""FileStore's write path: a record is written on the event loop and synced by a syncer thread.
+"""FileStore's write path: a record is written on the event loop and synced by AIO or a thread.
 
 An ``apply`` appends one record of a few hundred bytes: about a microsecond as a ``pwrite``,
 30-80 µs as a trip to a thread, 100-1000 µs as an ``fdatasync`` on the disks we measured. So
 the store writes the record on the event loop (:meth:`OpenSession.append
-<.session.OpenSession.append>`), hands it to a :class:`Syncer`, and the caller awaits the sync:
+<.session.OpenSession.append>`), hands it to a :class:`Syncer`, and the caller awaits the sync.
+On Linux the syncer submits it through AIO and the loop completes it (:class:`LoopSyncs`: no
+thread of ours wakes up); elsewhere, and for records written by worker jobs, its thread syncs.
+Either way:
 
 - **Group commit.** The syncer thread takes every record handed over so far, syncs each
   session's journal once, then settles those records (below) and resolves their callers. What
@@ -31,6 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
+import os
 import queue
 import threading
 from collections import defaultdict
@@ -39,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from mqtt_persist.errors import StoreError
+from mqtt_persist.stores.file import aio
 
 if TYPE_CHECKING:
     from mqtt_persist.stores.file.session import OpenSession
@@ -51,6 +58,8 @@ __all__ = [
     "fresh",
     "mark_failed_sync",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Journals whose sync failed in this process (see the module docstring). Touched from worker
 # and syncer threads; one set operation at a time is atomic.
@@ -124,28 +133,89 @@ class Syncer:
         self._starting = threading.Lock()
         # Guards the settled counts of the sessions; notified whenever a round is settled.
         self._settled = threading.Condition(threading.Lock())
+        # The event loops whose appends are synced through AIO (see LoopSyncs), and whether
+        # AIO was found unusable here (then every record goes to the thread).
+        self._loops: dict[asyncio.AbstractEventLoop, LoopSyncs] = {}
+        self._no_aio = False
 
     def submit(self, commit: Commit) -> None:
-        """Hand over a written record; its future resolves once a sync covered it."""
+        """Hand over a written record; its future resolves once a sync covered it.
+
+        On the record's own event loop the sync goes through AIO where it can (:class:`LoopSyncs`),
+        unless records of the session still wait for the thread (one path at a time keeps
+        them in order); elsewhere, and where AIO is unavailable, to the syncer thread.
+        """
+        session = commit.session
+        session.submitted += 1  # only the submitting thread writes it
+        syncs = None if session.threaded else self._loop_syncs(commit.loop)
+        # A loop whose AIO was refused still takes the records of a session with a sync in
+        # flight there: they go to the thread once it completed, in order.
+        if syncs is not None and (not syncs.refused or syncs.busy(session)):
+            syncs.submit(commit)
+        else:
+            self.submit_threaded(commit)
+
+    def submit_threaded(self, commit: Commit) -> None:
+        """Hand a record already counted in ``submitted`` to the syncer thread."""
         commits = self._commits
         if commits is None:
             commits = self._start()
-        commit.session.submitted += 1  # only the submitting thread writes it
+        commit.session.threaded += 1
         commits.put(commit)
+
+    def mark_settled(self, commits: list[Commit]) -> None:
+        """Count records as settled and wake whoever waits in :meth:`settle`."""
+        with self._settled:
+            for commit in commits:
+                commit.session.settled += 1
+            self._settled.notify_all()
 
     def settle(self, session: OpenSession) -> None:
         """Block until every record submitted for ``session`` is synced and settled (or
         failed). Called by the worker thread before a job that touches the session."""
-        with self._settled:
-            while session.settled < session.submitted:
-                self._settled.wait()
+        while True:
+            with self._settled:
+                if session.settled >= session.submitted or self._settled.wait(0.5):
+                    if session.settled >= session.submitted:
+                        return
+                    continue
+            # Records synced through AIO are settled by their loop: one that was closed
+            # meanwhile never will, so settle them here.
+            for loop, syncs in list(self._loops.items()):
+                if loop.is_closed():
+                    syncs.drain()
 
     def stop(self) -> None:
-        """End the thread once the records submitted so far are settled (does not wait)."""
+        """End the thread once the records submitted so far are settled (does not wait), and
+        the AIO of every loop (called once they are all settled)."""
         with self._starting:
             commits, self._commits = self._commits, None
         if commits is not None:
             commits.put(None)
+        loops, self._loops = self._loops, {}
+        for loop, syncs in loops.items():
+            try:
+                loop.call_soon_threadsafe(syncs.close)
+            except RuntimeError:  # the loop is closed: nothing watches the eventfd any more
+                syncs.close()
+
+    def _loop_syncs(self, loop: asyncio.AbstractEventLoop) -> LoopSyncs | None:
+        if self._no_aio:
+            return None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        if running is not loop:
+            return None
+        syncs = self._loops.get(loop)
+        if syncs is None:
+            context = aio.open_context()
+            if context is None:
+                self._no_aio = True
+                return None
+            syncs = self._loops[loop] = LoopSyncs(loop, context, self)
+        return syncs
 
     def _start(self) -> queue.SimpleQueue[Commit | None]:
         with self._starting:
@@ -186,6 +256,7 @@ class Syncer:
             with self._settled:
                 for commit in batch:
                     commit.session.settled += 1
+                    commit.session.threaded -= 1
                 self._settled.notify_all()
             # Last, then straight back to get(): the callers' loop wants the GIL next.
             _resolve_callers(outcomes)
@@ -231,6 +302,14 @@ def _sync_and_settle(
     """One sync per session, all at once, then each record settled in order."""
     sessions = list({id(commit.session): commit.session for commit in commits}.values())
     synced = dict(zip(map(id, sessions), sync_all(sessions), strict=True))
+    return _settle_records(commits, synced)
+
+
+def _settle_records(
+    commits: list[Commit], synced: dict[int, StoreError | None]
+) -> list[tuple[Commit, StoreError | None]]:
+    """Each synced record's operations into its session's index, in order; the outcomes.
+    ``synced``: the sync's error (or None) by ``id`` of the session."""
     outcomes: list[tuple[Commit, StoreError | None]] = []
     for commit in commits:
         session = commit.session
@@ -270,3 +349,96 @@ def _resolve_on_loop(outcomes: list[tuple[Commit, StoreError | None]]) -> None:
             future.set_result(None)
         else:
             future.set_exception(fresh(error))
+
+
+class LoopSyncs:
+    """The syncs of the records one event loop wrote, through Linux AIO (:mod:`.aio`).
+
+    Per session at most one ``fdatasync`` is in flight; the records written meanwhile wait
+    and share the next one (group commit, as on the thread). The completion arrives on an
+    eventfd the loop watches: the loop settles the records and resolves their callers itself,
+    so no thread of ours wakes up for a sync. If the kernel refuses a submit (a file system
+    without AIO fsync), those records and every later one go to the syncer thread.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, context: aio.AioContext, syncer: Syncer):
+        self._loop = loop
+        self._context = context
+        self._syncer = syncer
+        self._tokens = itertools.count(1)
+        # In flight, by token: the session and the records its sync covers.
+        self._flights: dict[int, tuple[OpenSession, list[Commit]]] = {}
+        # Sessions with a sync in flight (by id), and the records waiting for the next one.
+        self._waiting: dict[int, list[Commit]] = {}
+        self.refused = False
+        self._closed = False
+        loop.add_reader(context.eventfd, self._on_ready)
+
+    def busy(self, session: OpenSession) -> bool:
+        """Whether a sync of ``session`` is in flight here."""
+        return id(session) in self._waiting
+
+    def submit(self, commit: Commit) -> None:
+        """Sync a record written on this loop (called on the loop)."""
+        waiting = self._waiting.get(id(commit.session))
+        if waiting is not None:
+            waiting.append(commit)
+        else:
+            self._start(commit.session, [commit])
+
+    def _start(self, session: OpenSession, commits: list[Commit]) -> None:
+        if session.sync_error is not None or session.fd is None:
+            error = session.sync_error or StoreError(f"{session.paths.journal} is not open")
+            self._finish(commits, {id(session): error})
+            return
+        if not self.refused:
+            token = next(self._tokens)
+            try:
+                self._context.submit_fdatasync(session.fd, token)
+            except OSError as exc:
+                logger.debug("AIO fsync refused (%s); syncing on a thread instead", exc)
+                self.refused = True
+            else:
+                self._flights[token] = (session, commits)
+                self._waiting[id(session)] = []
+                return
+        for commit in commits:
+            self._syncer.submit_threaded(commit)
+
+    def _on_ready(self) -> None:
+        self._complete(self._context.reap())
+
+    def _complete(self, done: list[tuple[int, int]]) -> None:
+        for token, result in done:
+            flight = self._flights.pop(token, None)
+            if flight is None:
+                continue
+            session, commits = flight
+            error = None
+            if result < 0:
+                error = session.sync_failed(OSError(-result, os.strerror(-result)))
+            self._finish(commits, {id(session): error})
+            waiting = self._waiting.pop(id(session), [])
+            if waiting:
+                self._start(session, waiting)
+
+    def _finish(self, commits: list[Commit], synced: dict[int, StoreError | None]) -> None:
+        outcomes = _settle_records(commits, synced)
+        self._syncer.mark_settled(commits)
+        if not self._loop.is_closed():
+            _resolve_on_loop(outcomes)
+
+    def drain(self) -> None:
+        """Settle everything in flight, blocking: for a loop that was closed meanwhile."""
+        while self._flights:
+            self._complete(self._context.reap(wait=True))
+
+    def close(self) -> None:
+        """Stop watching the eventfd and destroy the context (nothing may be in flight)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._loop.remove_reader(self._context.eventfd)
+        self._context.close()

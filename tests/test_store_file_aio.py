@@ -1,0 +1,171 @@
+"""FileStore's AIO sync path (``stores/file/aio.py``, ``writer.LoopSyncs``): the real kernel
+interface, the fall back to the syncer thread, and records left in flight by a closed loop.
+
+The behaviours both sync paths share (group commit, cancellation, failed syncs, the index
+following the disk) run over both in tests/test_store_write_path.py (fixture ``sync_path``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from mqtt_persist.stores import FileStore
+from mqtt_persist.stores.file import aio
+from mqtt_persist.stores.file import writer as file_writer
+from tests.support.fake_aio import FakeAioContext, use_sync_path
+from tests.test_store_write_path import SyncGate, publish
+from tests.test_stores import replay
+
+
+def test_the_kernel_context_syncs_and_reports_on_its_eventfd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_sync_path(monkeypatch, "kernel")
+    context = aio.open_context()
+    assert context is not None
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * 100)
+        context.submit_fdatasync(fd, 7)
+        context.submit_fdatasync(fd, 8)
+        done: list[tuple[int, int]] = []
+        while len(done) < 2:
+            done += context.reap(wait=True)
+        assert sorted(done) == [(7, 0), (8, 0)]
+        assert context.in_flight() == 0
+        assert context.reap() == []
+        with pytest.raises(OSError) as info:
+            context.submit_fdatasync(-1, 9)
+        assert info.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+        context.close()
+
+
+async def test_appends_through_the_kernel_never_start_the_syncer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_sync_path(monkeypatch, "kernel")
+    gate = SyncGate(monkeypatch)  # counts os.fsync/os.fdatasync: the kernel's are not those
+    threaded: list[object] = []
+    real_submit = file_writer.Syncer.submit_threaded
+
+    def submit_threaded(syncer: file_writer.Syncer, commit: file_writer.Commit) -> None:
+        threaded.append(commit)
+        real_submit(syncer, commit)
+
+    monkeypatch.setattr(file_writer.Syncer, "submit_threaded", submit_threaded)
+    async with FileStore(tmp_path / "s") as store:
+        await store.apply("a", publish(1))  # a new journal: a rewrite on the worker
+        rewrite_syncs = len(gate.calls)
+        await asyncio.gather(*(store.apply("a", publish(seq)) for seq in range(2, 40)))
+        for seq in range(40, 60):
+            await store.apply("a", publish(seq))
+        assert len(gate.calls) == rewrite_syncs
+        assert threaded == []  # nothing went to the syncer thread
+        assert await store.load("a") == replay("a", [publish(s) for s in range(1, 60)])
+    async with FileStore(tmp_path / "s") as store:
+        assert await store.load("a") == replay("a", [publish(s) for s in range(1, 60)])
+
+
+class RefusingAio(FakeAioContext):
+    """A kernel whose file system has no AIO fsync: every submit is refused."""
+
+    def submit_fdatasync(self, fd: int, token: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+
+async def test_a_refused_submit_falls_back_to_the_syncer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aio, "open_context", RefusingAio)
+    gate = SyncGate(monkeypatch)
+    async with FileStore(tmp_path / "s") as store:
+        await store.apply("a", publish(1))
+        gate.calls.clear()
+        await asyncio.gather(*(store.apply("a", publish(seq)) for seq in range(2, 12)))
+        await store.apply("a", publish(12))
+        assert gate.calls and gate.threads >= {"mqtt-persist-file-sync"}
+        assert await store.load("a") == replay("a", [publish(s) for s in range(1, 13)])
+
+
+async def test_records_in_flight_when_their_loop_closed_are_settled_by_the_next_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_sync_path(monkeypatch, "aio")
+    store = FileStore(tmp_path / "s")
+    gate = SyncGate(monkeypatch, hold=True)
+    failures: list[BaseException] = []
+    pending: list[asyncio.Task[None]] = []
+
+    def on_another_loop() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            gate.open()
+            loop.run_until_complete(store.apply("a", publish(1)))
+            gate._open.clear()  # hold the next sync
+            gate.entered.clear()
+            pending.append(loop.create_task(store.apply("a", publish(2))))
+            loop.run_until_complete(gate.wait_entered())
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            loop.close()  # with the sync of publish(2) in flight and nobody to complete it
+
+    thread = threading.Thread(target=on_another_loop)
+    thread.start()
+    await asyncio.to_thread(thread.join, 30)
+    assert not failures and not pending[0].done()
+    gate.open()
+    # The next job for the session waits for that record's sync, which no loop will report:
+    # it settles it itself, and the batch is there.
+    expected = replay("a", [publish(1), publish(2)])
+    assert await asyncio.wait_for(store.load("a"), 30) == expected
+    await store.close()
+    async with FileStore(tmp_path / "s") as reopened:
+        assert await reopened.load("a") == expected
+
+
+async def test_a_refusal_elsewhere_keeps_a_session_in_flight_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AIO refused for one journal while another's sync is in flight: that session's next
+    records wait for its sync and only then go to the thread, never past it."""
+    refused_fds: set[int] = set()
+    aio_open = threading.Event()
+
+    class PartlyRefusing(FakeAioContext):
+        def submit_fdatasync(self, fd: int, token: int) -> None:
+            if fd in refused_fds:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            super().submit_fdatasync(fd, token)
+
+        def _sync(self, fd: int, token: int) -> None:
+            aio_open.wait(10)  # held; the syncer thread is not
+            super()._sync(fd, token)
+
+    monkeypatch.setattr(aio, "open_context", PartlyRefusing)
+    async with FileStore(tmp_path / "s") as store:
+        aio_open.set()
+        await store.apply("a", publish(1))
+        await store.apply("b", publish(1))
+        aio_open.clear()
+        refused_fds.add(store._sessions["b"].fd or -1)
+        gate = SyncGate(monkeypatch)
+        first = asyncio.ensure_future(store.apply("a", publish(2)))  # in flight, held
+        await asyncio.sleep(0)
+        await store.apply("b", publish(2))  # refused: synced on the thread
+        assert "mqtt-persist-file-sync" in gate.threads
+        later = [asyncio.ensure_future(store.apply("a", publish(seq))) for seq in (3, 4)]
+        await asyncio.sleep(0.1)  # time enough for the thread, were they given to it
+        assert not first.done() and not any(task.done() for task in later)
+        aio_open.set()
+        await asyncio.gather(first, *later)
+        assert await store.load("a") == replay("a", [publish(s) for s in range(1, 5)])
+        assert await store.load("b") == replay("b", [publish(1), publish(2)])
