@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -61,7 +62,7 @@ from _wire import BLAST_WINDOW, StandInBroker, blast, encode_publish
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
 from mqtt_persist import DeliveryOutcome, FileStore, MemoryStore, PersistentClient, ProtocolVersion
-from mqtt_persist.stores import SQLiteStore
+from mqtt_persist.stores import SessionStore, SQLiteStore
 
 #: Seconds without a new arrival after which a run stops waiting for missing messages.
 QUIET_SECONDS = 3.0
@@ -191,10 +192,20 @@ def observer_alone(ctx: Context) -> None:
 
 # --- drivers: ours -------------------------------------------------------------------------
 
-StoreKind = str  # "file", "file-nofsync", "sqlite", "memory"
+StoreKind = str  # "file", "file-nofsync", "sqlite", "postgres", "memory"
+
+#: The PostgreSQL database of the postgres rows: one of the run's own on the local server
+#: (``tests.support.postgres.private_database``, the server's default synchronous_commit),
+#: made by main() when a postgres row runs; each run gets a schema of its own in it.
+_postgres_dsn: str | None = None
 
 
-def _make_store(kind: StoreKind, workdir: Path) -> MemoryStore | FileStore | SQLiteStore:
+def _make_store(kind: StoreKind, workdir: Path) -> SessionStore:
+    if kind == "postgres":
+        from mqtt_persist.stores import PostgresStore
+
+        assert _postgres_dsn is not None
+        return PostgresStore(_postgres_dsn, schema=f"bench_{uuid.uuid4().hex[:12]}")
     if kind == "file":
         return FileStore(workdir / "sessions")  # fsync on: its default
     if kind == "file-nofsync":
@@ -437,6 +448,10 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
              ours("file-nofsync", False)),
         Case("ours-sqlite-seq", "ours", "ours SQLiteStore", seq, 1, WINDOW, ours("sqlite", False)),
         Case("ours-memory-seq", "ours", "ours MemoryStore", seq, 1, WINDOW, ours("memory", False)),
+        Case("ours-postgres-seq", "ours", "ours PostgresStore", seq, 1, WINDOW,
+             ours("postgres", False)),
+        Case("ours-postgres-conc", "ours", "ours PostgresStore", conc, 1, WINDOW,
+             ours("postgres", True)),
         Case("ours-file-conc", "ours", "ours FileStore", conc, 1, WINDOW, ours("file", True)),
         Case("ours-sqlite-conc", "ours", "ours SQLiteStore", conc, 1, WINDOW, ours("sqlite", True)),
         Case("ours-memory-conc", "ours", "ours MemoryStore", conc, 1, WINDOW, ours("memory", True)),
@@ -1096,9 +1111,29 @@ def main(argv: list[str] | None = None) -> int:
         paho, why = build_paho_c(build_dir)
         if why:
             notes.append(f"Paho C rows skipped: {why}")
-        return _run(args, cases, broker, Tools(0, args.dir, observer, paho), notes)
+        with contextlib.ExitStack() as stack:
+            if any(c.key.startswith("ours-postgres") for c in cases):
+                why = _open_postgres(stack)
+                if why:
+                    notes.append(f"PostgreSQL rows skipped: {why}")
+            return _run(args, cases, broker, Tools(0, args.dir, observer, paho), notes)
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
+
+
+def _open_postgres(stack: contextlib.ExitStack) -> str | None:
+    """Create the postgres rows' database (dropped when ``stack`` closes); why not, or None."""
+    global _postgres_dsn
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our tests package
+    try:
+        from tests.support.postgres import private_database
+
+        _postgres_dsn = stack.enter_context(private_database(server_defaults=True))
+    except BaseException as exc:  # pytest.skip's exception, too, when no server answers
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return f"no PostgreSQL database could be made ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _run(
@@ -1127,6 +1162,8 @@ def _run(
     for row in rows.values():
         if row.case.family == "paho-c" and tools.paho is None:
             row.skipped = next(n for n in notes if n.startswith("Paho C"))
+        if row.case.key.startswith("ours-postgres") and _postgres_dsn is None:
+            row.skipped = next(n for n in notes if n.startswith("PostgreSQL"))
     load_before = _load()
     started_at = datetime.datetime.now(datetime.UTC)
     began = time.perf_counter()
