@@ -28,6 +28,9 @@ CorruptPolicy = Literal["raise", "start_clean"]
 #: ``ProtocolVersion.V311``, ``ProtocolVersion.V5``, or ``"auto"``: MQTT 5, falling back to
 #: 3.1.1 when the broker does not speak 5.
 ProtocolChoice = ProtocolVersion | Literal["auto"]
+#: Who acknowledges received QoS 1/2 messages to the broker: the client on hand-out
+#: (``"auto"``) or the application (``"manual"``, ``PersistentClient.ack``).
+AckMode = Literal["auto", "manual"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +69,8 @@ class ClientOptions:
     topic_alias_maximum: int = 16
     #: The stdlib logger the client writes through (``logger.name`` of the client's argument).
     logger_name: str = "mqtt_persist"
+    ack: AckMode = "auto"
+    max_unread_messages: int | None = None
 
     def __post_init__(self) -> None:
         validate_client_id(self.client_id, clean_session=self.clean_session)
@@ -128,6 +133,15 @@ class ClientOptions:
         interval = self.cleanup_interval
         if interval is not None and interval <= 0:
             raise InvalidInput(f"cleanup_interval must be > 0 or None, not {interval!r}")
+        if self.ack not in ("auto", "manual"):
+            raise InvalidInput(f"ack must be 'auto' or 'manual', not {self.ack!r}")
+        unread = self.max_unread_messages
+        if unread is not None and (
+            isinstance(unread, bool) or not isinstance(unread, int) or unread < 1
+        ):
+            raise InvalidInput(
+                f"max_unread_messages must be a positive int or None, not {unread!r}"
+            )
         if self.on_corrupt not in ("raise", "start_clean"):
             raise InvalidInput(
                 f"on_corrupt must be 'raise' or 'start_clean', not {self.on_corrupt!r}"
@@ -179,4 +193,6 @@ class ClientOptions:
             receive_maximum=self.receive_maximum,
             max_packet_size=self.max_packet_size,
             topic_alias_maximum=self.topic_alias_maximum,
+            manual_ack=self.ack == "manual",
+            max_unread=self.max_unread_messages or 0,
         )

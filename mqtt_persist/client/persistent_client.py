@@ -35,7 +35,7 @@ from mqtt_persist.backoff import Backoff
 from mqtt_persist.client.connection import ConnectionSupervisor
 from mqtt_persist.client.dispatch import EventDispatcher
 from mqtt_persist.client.flusher import Flusher
-from mqtt_persist.client.options import ClientOptions, ProtocolChoice
+from mqtt_persist.client.options import AckMode, ClientOptions, ProtocolChoice
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.client.storage import SessionStatus, SessionStorage
 from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
@@ -99,6 +99,17 @@ class ClientStats:
     #: Messages the broker refused (MQTT 5 PUBACK/PUBREC reason codes) or announced it cannot
     #: take (Maximum Packet Size, Maximum QoS, Retain Available).
     refused: int = 0
+    #: Received messages waiting in ``client.messages`` now, and the most that ever waited
+    #: (never more than ``max_unread_messages``).
+    unread: int = 0
+    unread_peak: int = 0
+    #: QoS 1/2 messages received beyond ``max_unread_messages``: held, not yet acknowledged.
+    held_back: int = 0
+    #: QoS 0 messages dropped (oldest first) because ``max_unread_messages`` were waiting.
+    unread_dropped: int = 0
+    #: Inbound QoS 1/2 messages whose acknowledgement has not gone to the broker yet
+    #: (``ack="manual"`` or held back).
+    unacknowledged: int = 0
 
 
 class PersistentClient:
@@ -161,6 +172,16 @@ class PersistentClient:
             so that the broker never sends a larger one (None: the protocol's 256 MB).
         topic_alias_maximum: MQTT 5: how many topic aliases the broker may set up on a
             connection to this client (0: none); aliases are resolved before ``messages``.
+        ack: ``"auto"`` (the default): the client acknowledges a QoS 1/2 message to the broker
+            when it is handed to ``messages``. ``"manual"``: only when the application
+            acknowledges it (:meth:`ack`, ``message.ack()``, ``message.processing()``), so a
+            crash before that makes the broker deliver it again; see :meth:`ack`.
+        max_unread_messages: received messages waiting in ``messages``, at most (None: no
+            bound). QoS 1/2 messages beyond it are held unacknowledged, so the broker's flow
+            control stops sending; QoS 0 messages beyond it are dropped oldest first and
+            counted (``stats.unread_dropped``). Memory holds at most this many messages plus
+            those the broker may leave unacknowledged (its in-flight limit, or our
+            ``receive_maximum`` on MQTT 5).
         logger: log through this logger's name instead of ``"mqtt_persist"``.
     """
 
@@ -194,6 +215,8 @@ class PersistentClient:
         max_packet_size: int | None = None,
         topic_alias_maximum: int = 16,
         logger: logging.Logger | None = None,
+        ack: AckMode = "auto",
+        max_unread_messages: int | None = None,
     ) -> None:
         options = ClientOptions(
             hostname=hostname,
@@ -222,6 +245,8 @@ class PersistentClient:
             max_packet_size=max_packet_size,
             topic_alias_maximum=topic_alias_maximum,
             logger_name=logger.name if logger else LOGGER_NAME,
+            ack=ack,
+            max_unread_messages=max_unread_messages,
         )
         self._options = options
         self.hostname = hostname
@@ -306,8 +331,15 @@ class PersistentClient:
     def _build(self, session: Session) -> _Running:
         """The parts that run inside the task group, wired to each other and to this client."""
         options = self._options
-        dispatcher = EventDispatcher(self._log, (options.hostname, options.port))
         wake = Signal()
+        dispatcher = EventDispatcher(
+            self._log,
+            (options.hostname, options.port),
+            max_unread=options.max_unread_messages or 0,
+            on_leave=lambda message: self._message_left(session, wake),
+            acker=self if options.ack == "manual" else None,
+            ack_now=lambda message: self._ack_now(session, wake, message),
+        )
         connection = ConnectionSupervisor(
             session,
             options,
@@ -622,22 +654,61 @@ class PersistentClient:
         return self._iterate_messages()
 
     async def _iterate_messages(self) -> AsyncIterator[Message]:
-        with self._require_open().dispatcher.receive_messages() as incoming:
-            while True:
+        incoming = self._require_open().dispatcher.inbox
+        while True:
+            try:
+                # Like asyncio.Queue.get(): no trip through the event loop while messages
+                # are waiting.
+                message = incoming.get_nowait()
+            except anyio.WouldBlock:
                 try:
-                    # Like asyncio.Queue.get(): no trip through the event loop while messages
-                    # are waiting.
-                    message = incoming.receive_nowait()
-                except anyio.WouldBlock:
-                    try:
-                        message = await incoming.receive()
-                    except anyio.EndOfStream:
-                        break
+                    message = await incoming.get()
                 except anyio.EndOfStream:
                     break
-                yield message
+            except anyio.EndOfStream:
+                break
+            yield message
         if self._fatal is not None:
             raise self._fatal
+
+    async def ack(self, message: Message) -> None:
+        """Acknowledge a received message (``ack="manual"``); returns once that is durable.
+
+        The broker gets the PUBACK (QoS 1) or PUBREC (QoS 2) once every message that arrived
+        before this one was acknowledged too: MQTT requires acknowledgements in arrival order,
+        so one message left unacknowledged holds back those after it (and, through the
+        broker's in-flight limit, further deliveries). A QoS 2 message is recorded in the
+        store before this returns and is never delivered again, also after a crash. A message
+        not acknowledged when the process dies is delivered again by the broker (at least
+        once). Acknowledging twice, a QoS 0 message, or in the automatic mode does nothing;
+        after the broker lost the session (CONNACK without it) there is nobody left to tell.
+        """
+        token = message._ack_token
+        if not token or message._acker is None:
+            return
+        if message._acker is not self:
+            raise InvalidInput("this message was received by another client")
+        parts = self._require_open()
+        session = parts.session
+        session.ack(token)
+        if session.has_output():
+            parts.flusher.wake.set()
+            if message.qos == 2 and self._storage.durable:
+                await parts.flusher.committed()
+
+    @staticmethod
+    def _message_left(session: Session, wake: Signal) -> None:
+        """A message left the inbox: with ``max_unread_messages``, held ones may follow."""
+        session.message_read()
+        if session.has_output():
+            wake.set()
+
+    @staticmethod
+    def _ack_now(session: Session, wake: Signal, message: Message) -> None:
+        token = message._ack_token
+        if token:
+            session.ack(token)
+            wake.set()
 
     # --- state -------------------------------------------------------------------------------
 
@@ -707,6 +778,11 @@ class PersistentClient:
             connections=parts.dispatcher.connections,
             expired=session.expired,
             refused=session.refused,
+            unread=len(parts.dispatcher.inbox),
+            unread_peak=parts.dispatcher.inbox.peak,
+            held_back=session.held_back,
+            unread_dropped=parts.dispatcher.inbox.dropped,
+            unacknowledged=session.unacknowledged,
         )
 
     def _require_open(self) -> _Running:

@@ -55,3 +55,9 @@ class SessionConfig:
     max_packet_size: int | None = None
     #: MQTT 5: how many topic aliases the broker may set up on a connection to us (0: none).
     topic_alias_maximum: int = 0
+    #: The application acknowledges each inbound QoS 1/2 message (``Session.ack``); PUBACK and
+    #: PUBREC go out only then, in arrival order (``inbound_acks.py``).
+    manual_ack: bool = False
+    #: Messages handed to the application and not yet read, at most (0: no bound); QoS 1/2
+    #: beyond it are held unacknowledged (``Session.message_read`` makes room).
+    max_unread: int = 0

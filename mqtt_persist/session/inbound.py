@@ -10,6 +10,9 @@ MQTT 5 adds two per-connection rules the broker must keep, checked here: our Rec
 message only until its PUBACK, which the same batch sends) and our Topic Alias Maximum (aliases
 it may set up; an alias stands for a topic until the connection ends). Breaking either is a
 protocol error that ends the connection with the matching DISCONNECT reason (§3.3.4, §3.3.2.3.4).
+
+With manual acknowledgement or a bound on unread messages, ``inbound_acks.py`` decides when a
+QoS 1/2 message is acknowledged (and a QoS 2 ID stored): see :class:`InboundAcks`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from mqtt_persist.protocol.packets import (
 )
 from mqtt_persist.protocol.reason_codes import ReasonCode
 from mqtt_persist.session.events import MessageReceived
+from mqtt_persist.session.inbound_acks import InboundAcks
 from mqtt_persist.session.output import PendingOutput
 from mqtt_persist.session.state import InboundCleared, InboundReceived, InboundReleased
 
@@ -44,12 +48,22 @@ class InboundFlows:
         "_out",
         "_receive_maximum",
         "_v5",
+        "acks",
         "duplicates_suppressed",
         "qos2_received",
     )
 
-    def __init__(self, out: PendingOutput, qos2_received: set[int] | None = None) -> None:
+    def __init__(
+        self,
+        out: PendingOutput,
+        qos2_received: set[int] | None = None,
+        *,
+        manual_ack: bool = False,
+        max_unread: int = 0,
+    ) -> None:
         self._out = out
+        #: Deferred, ordered acknowledgements (manual mode, the unread bound).
+        self.acks = InboundAcks(out, self, manual=manual_ack, max_unread=max_unread)
         self.qos2_received: set[int] = set(qos2_received or ())
         #: Resent QoS 2 messages acknowledged without delivering them again.
         self.duplicates_suppressed = 0
@@ -70,6 +84,7 @@ class InboundFlows:
         self._alias_maximum = topic_alias_maximum
         self._open.clear()
         self._aliases.clear()
+        self.acks.new_connection()
 
     def on_publish(self, publish: Publish) -> None:
         """Hand the message out and acknowledge it (PUBACK for QoS 1, PUBREC for QoS 2)."""
@@ -77,6 +92,12 @@ class InboundFlows:
             self._check_v5(publish)
         out = self._out
         qos = publish.qos
+        if self.acks.active:
+            if qos:
+                self.acks.on_publish(publish)
+            else:
+                self.acks.on_qos0(_message(publish))
+            return
         if qos == 0:
             out.events.append(MessageReceived(_message(publish)))
         elif qos == 1:
@@ -97,9 +118,11 @@ class InboundFlows:
         """Receive Maximum and Topic Alias Maximum; resolves an alias into ``publish.topic``."""
         if publish.qos:
             open_flows = self._open
-            if publish.qos == 2:
+            # A QoS 1 message's flow stays open until PUBACK, which may wait (InboundAcks).
+            deferred = self.acks.active
+            if publish.qos == 2 or deferred:
                 open_flows.add(publish.packet_id)  # type: ignore[arg-type]
-            if len(open_flows) + (publish.qos == 1) > self._receive_maximum:
+            if len(open_flows) + (publish.qos == 1 and not deferred) > self._receive_maximum:
                 raise ProtocolError(
                     f"the broker sent more than our Receive Maximum ({self._receive_maximum}) "
                     "QoS 1/2 messages without waiting for our acknowledgements",
@@ -139,8 +162,13 @@ class InboundFlows:
         # Answer even an unknown ID: the broker is finishing a flow we already closed.
         self._out.packets.append(PubComp(packet_id))
 
+    def flow_closed(self, packet_id: int) -> None:
+        """PUBACK went out for this QoS 1 packet ID: it no longer counts (Receive Maximum)."""
+        self._open.discard(packet_id)
+
     def broker_lost_session(self) -> None:
         """The broker forgot its open flows, so a resend can no longer come: forget the IDs."""
+        self.acks.broker_lost_session()
         if self.qos2_received:
             self.qos2_received.clear()
             self._out.ops.append(InboundCleared())
