@@ -182,3 +182,23 @@ def test_automatic_mode_without_bound_is_unchanged() -> None:
     out = h.feed(Publish("t", b"1", 1, packet_id=1))
     (message,) = received(out)
     assert out.packets == [PubAck(1)] and message._ack_token == 0
+
+
+def test_a_broker_sending_past_the_held_bound_has_the_excess_shed_and_resent() -> None:
+    h = Harness(max_unread=1)
+    h.connect(session_present=False)
+    out = h.feed(*(Publish("t", str(i).encode(), 1, packet_id=i) for i in range(1, 5)))
+    # 1 handed out, 2 held; 3 is past the held bound: let go, and 4 after it too (its PUBACK
+    # would overtake 3's), none acknowledged.
+    assert out.packets == [PubAck(1)] and h.session.held_back == 1 and h.session.shed == 2
+    assert not h.session.wants_reconnect
+    h.session.message_read()
+    out = h.take()
+    assert [m.payload for m in received(out)] == [b"2"] and out.packets == [PubAck(2)]
+    assert h.session.wants_reconnect
+    h.session.connection_lost()
+    h.connect(session_present=True)
+    assert not h.session.wants_reconnect
+    h.session.message_read()
+    out = h.feed(Publish("t", b"3", 1, dup=True, packet_id=3))
+    assert [m.payload for m in received(out)] == [b"3"] and out.packets == [PubAck(3)]

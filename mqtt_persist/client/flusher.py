@@ -209,6 +209,11 @@ class Flusher:
                 await self._connection.send(outbox.packets, outbox.generation)
             if outbox.events:
                 self._dispatcher.dispatch(outbox.events)
+            if session.wants_reconnect:
+                # Messages the broker sent past its flow control were let go (inbound_acks.py);
+                # a new connection makes it send them again.
+                self._log.info("renewing the connection: the broker resends the messages shed")
+                await self._connection.drop()
             # Everything taken so far is committed, which read_queued needs to see it.
             request = session.want_refill()
             if request is not None:

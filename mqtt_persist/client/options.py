@@ -169,6 +169,14 @@ class ClientOptions:
         return min(NEVER_EXPIRES - 1, max(1, math.ceil(expires_after)))
 
     @property
+    def announced_receive_maximum(self) -> int | None:
+        """MQTT 5 Receive Maximum for CONNECT: ``receive_maximum``, else, with
+        ``max_unread_messages``, that bound, so the broker holds back what we would hold."""
+        if self.receive_maximum is not None or self.max_unread_messages is None:
+            return self.receive_maximum
+        return min(self.max_unread_messages, 65535)
+
+    @property
     def first_protocol(self) -> int:
         """The protocol the first connection attempt speaks."""
         return MQTT_3_1_1 if self.protocol == MQTT_3_1_1 else MQTT_5
@@ -190,7 +198,7 @@ class ClientOptions:
             queue_memory_limit=self.queue_memory_limit,
             protocol_version=self.first_protocol,
             session_expiry_interval=self.session_expiry_interval,
-            receive_maximum=self.receive_maximum,
+            receive_maximum=self.announced_receive_maximum,
             max_packet_size=self.max_packet_size,
             topic_alias_maximum=self.topic_alias_maximum,
             manual_ack=self.ack == "manual",

@@ -110,6 +110,9 @@ class ClientStats:
     #: Inbound QoS 1/2 messages whose acknowledgement has not gone to the broker yet
     #: (``ack="manual"`` or held back).
     unacknowledged: int = 0
+    #: QoS 1/2 messages the broker sent past its flow control beyond ``max_unread_messages``
+    #: held ones: let go unacknowledged, and sent again by the broker after a reconnect.
+    shed: int = 0
 
 
 class PersistentClient:
@@ -179,9 +182,11 @@ class PersistentClient:
         max_unread_messages: received messages waiting in ``messages``, at most (None: no
             bound). QoS 1/2 messages beyond it are held unacknowledged, so the broker's flow
             control stops sending; QoS 0 messages beyond it are dropped oldest first and
-            counted (``stats.unread_dropped``). Memory holds at most this many messages plus
-            those the broker may leave unacknowledged (its in-flight limit, or our
-            ``receive_maximum`` on MQTT 5).
+            counted (``stats.unread_dropped``). Received messages in memory: at most this
+            many waiting, plus the QoS 1/2 messages the broker may leave unacknowledged with
+            us (MQTT 5: our Receive Maximum, which defaults to this bound when
+            ``receive_maximum`` is None; MQTT 3.1.1: the broker's in-flight limit, mosquitto's
+            ``max_inflight_messages``, 20 by default).
         logger: log through this logger's name instead of ``"mqtt_persist"``.
     """
 
@@ -700,7 +705,7 @@ class PersistentClient:
     def _message_left(session: Session, wake: Signal) -> None:
         """A message left the inbox: with ``max_unread_messages``, held ones may follow."""
         session.message_read()
-        if session.has_output():
+        if session.has_output() or session.wants_reconnect:
             wake.set()
 
     @staticmethod
@@ -783,6 +788,7 @@ class PersistentClient:
             held_back=session.held_back,
             unread_dropped=parts.dispatcher.inbox.dropped,
             unacknowledged=session.unacknowledged,
+            shed=session.shed,
         )
 
     def _require_open(self) -> _Running:

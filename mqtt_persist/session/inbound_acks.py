@@ -17,6 +17,11 @@ application acknowledges messages itself (``manual``) or when the messages waiti
   message beyond it is *held*: received, neither handed out nor acknowledged, so the broker's
   own flow control (its in-flight limit, our Receive Maximum) stops it from sending more. QoS 0
   messages are always handed out; the shell's bounded inbox drops the oldest of them.
+* At most ``max_unread`` messages are held. A broker that sends more (mosquitto 2.0.11 does,
+  past both its in-flight limit and our Receive Maximum, once acknowledgements interleave) has
+  the excess *shed*: forgotten unacknowledged, with everything after it on that connection (an
+  acknowledgement must not overtake the shed message's). Once the held messages are read, the
+  session asks for a new connection (:attr:`wants_reconnect`), and the broker resends them.
 * A resend of a message held or handed out and not yet acknowledged (the broker resends open
   flows on reconnect while it keeps the session) is not handed out again: the message the
   application holds stands for it, and its acknowledgement goes out on the new connection.
@@ -63,8 +68,10 @@ class InboundAcks:
         "_next_token",
         "_order",
         "_out",
+        "_shedding",
         "manual",
         "max_unread",
+        "shed",
         "unread",
         "unread_peak",
     )
@@ -89,8 +96,14 @@ class InboundAcks:
         self._next_token = 0
         # This connection's QoS 1/2 arrivals whose acknowledgement has not gone out, in order.
         self._order: deque[_Pending] = deque()
-        # Received beyond max_unread: neither handed out nor acknowledged yet.
+        # Received beyond max_unread: neither handed out nor acknowledged yet (at most
+        # max_unread of them).
         self._held: deque[_Pending] = deque()
+        # This connection let a message go (see on_publish): it lets every QoS 1/2 go.
+        self._shedding = False
+        #: QoS 1/2 messages let go unacknowledged because the broker sent more than
+        #: ``max_unread`` beyond the unread ones; it sends them again on the next connection.
+        self.shed = 0
 
     @property
     def active(self) -> bool:
@@ -116,6 +129,10 @@ class InboundAcks:
         """A QoS 1/2 PUBLISH: hand it out, hold it, or recognise a resend."""
         packet_id: int = publish.packet_id  # type: ignore[assignment]
         flows = self._flows
+        if self._shedding:
+            # Its acknowledgement would have to follow a shed message's: let it go too.
+            self.shed += 1
+            return
         if publish.qos == 2 and packet_id in flows.qos2_received:
             # Acknowledged by the application before; PUBREC again, in its turn.
             flows.duplicates_suppressed += 1
@@ -130,10 +147,20 @@ class InboundAcks:
             self._order.append(pending)
             self._release()
             return
+        must_wait = self._held or (self.max_unread and self.unread >= self.max_unread)
+        if must_wait and len(self._held) >= self.max_unread:
+            # The broker sends past its flow control (measured: mosquitto 2.0.11 overshoots
+            # its in-flight limit and our Receive Maximum once acknowledgements interleave).
+            # Keeping it would unbound memory; acknowledging it would lose it. It is let go
+            # unacknowledged, as is everything after it on this connection, and the
+            # connection is renewed once the held messages are read: the broker resends.
+            self._shedding = True
+            self.shed += 1
+            return
         pending = _Pending(publish, packet_id, publish.qos, acked=False)
         self._by_id[packet_id] = pending
         self._order.append(pending)
-        if self._held or (self.max_unread and self.unread >= self.max_unread):
+        if must_wait:
             self._held.append(pending)
         else:
             self._hand_out(pending)
@@ -157,9 +184,15 @@ class InboundAcks:
         while held and self.unread < self.max_unread:
             self._hand_out(held.popleft())
 
+    @property
+    def wants_reconnect(self) -> bool:
+        """Messages were let go and those held are read: a new connection brings them back."""
+        return self._shedding and not self._held
+
     def new_connection(self) -> None:
         """A connection started or ended: acknowledgements wait for the broker's resends."""
         self._order.clear()
+        self._shedding = False
 
     def broker_lost_session(self) -> None:
         """The broker forgot its open flows: nothing of them is acknowledged to it any more.

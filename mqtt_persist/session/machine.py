@@ -285,6 +285,16 @@ class Session:
         return self._inbound.acks.held
 
     @property
+    def shed(self) -> int:
+        """QoS 1/2 messages let go unacknowledged past the held bound (sent again later)."""
+        return self._inbound.acks.shed
+
+    @property
+    def wants_reconnect(self) -> bool:
+        """The shell should renew the connection so that the broker resends shed messages."""
+        return self._inbound.acks.wants_reconnect
+
+    @property
     def unacknowledged(self) -> int:
         """Inbound QoS 1/2 messages whose PUBACK/PUBREC has not gone out yet (deferred)."""
         return self._inbound.acks.unacknowledged
