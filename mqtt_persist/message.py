@@ -38,6 +38,9 @@ class Message:
     #: indicator, response topic, correlation data, the remaining message expiry interval, and
     #: the identifiers of the subscriptions it matched); empty on MQTT 3.1.1.
     properties: Properties = NO_PROPERTIES
+    #: QoS 1/2: the packet ID the broker sent it under. It names the flow until the message is
+    #: acknowledged (a resend carries the same ID); the broker may reuse it afterwards.
+    packet_id: int | None = field(default=None, compare=False)
     # Manual acknowledgement: the session's token for this message (0: nothing to acknowledge)
     # and the client to acknowledge it through; neither is part of the message's value.
     _ack_token: int = field(default=0, repr=False, compare=False)

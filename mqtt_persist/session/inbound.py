@@ -203,5 +203,11 @@ class InboundFlows:
 
 def _message(publish: Publish) -> Message:
     return Message(
-        publish.topic, publish.payload, publish.qos, publish.retain, publish.dup, publish.properties
+        publish.topic,
+        publish.payload,
+        publish.qos,
+        publish.retain,
+        publish.dup,
+        publish.properties,
+        publish.packet_id,
     )

@@ -262,5 +262,6 @@ def _message(publish: Publish, ack_token: int = 0) -> Message:
         publish.retain,
         publish.dup,
         publish.properties,
+        publish.packet_id,
         _ack_token=ack_token,
     )
