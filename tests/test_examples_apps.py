@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import BrokerFactory
+from tests.support.children import spawn_ready
 from tests.support.observer import PahoObserver, paho_publish_async
 
 pytestmark = pytest.mark.broker
@@ -30,20 +31,10 @@ GATEWAY = ROOT / "examples" / "edge_gateway.py"
 
 
 async def start_gateway(local: str, upstream: str, store: Path) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
+    return await spawn_ready(
         sys.executable, str(GATEWAY), "--local", local, "--upstream", upstream,
-        "--store", str(store), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        "--store", str(store), what="gateway",
     )  # fmt: skip
-    assert process.stdout is not None and process.stderr is not None
-    try:
-        first = await asyncio.wait_for(process.stdout.readline(), 60)
-    except TimeoutError:
-        first = b""
-    if first.strip() != b"READY":
-        process.kill()
-        raise RuntimeError(f"gateway did not start: {first!r} {(await process.stderr.read())!r}")
-    return process
 
 
 async def stop(process: asyncio.subprocess.Process, sig: int) -> None:

@@ -202,3 +202,26 @@ def test_a_broker_sending_past_the_held_bound_has_the_excess_shed_and_resent() -
     h.session.message_read()
     out = h.feed(Publish("t", b"3", 1, dup=True, packet_id=3))
     assert [m.payload for m in received(out)] == [b"3"] and out.packets == [PubAck(3)]
+
+
+def test_receive_maximum_counts_held_qos1_and_an_overrun_is_reported_not_fatal() -> None:
+    from mqtt_persist.protocol.packets import MQTT_5
+    from mqtt_persist.session.events import Anomaly
+    from tests.test_session_v5 import V5
+
+    h = V5(manual_ack=True, receive_maximum=2, protocol_version=MQTT_5)
+    h.connect()
+    out = h.feed(Publish("t", b"1", 1, packet_id=1), Publish("t", b"2", 1, packet_id=2))
+    first, _ = received(out)
+    # A third unacknowledged QoS 1 message breaks our Receive Maximum (mosquitto 2.0.11 does):
+    # with acknowledgements held back on purpose it is kept and reported once, not fatal.
+    out = h.feed(Publish("t", b"3", 1, packet_id=3))
+    assert [m.payload for m in received(out)] == [b"3"]
+    assert [e for e in out.events if isinstance(e, Anomaly)]
+    h.session.ack(first._ack_token)
+    assert h.take().packets == [PubAck(1)]
+    # PUBACK freed one slot, but 2 and 3 still hold two: a fourth is past it again; counted,
+    # not reported a second time.
+    out = h.feed(Publish("t", b"4", 1, packet_id=4))
+    assert not [e for e in out.events if isinstance(e, Anomaly)]
+    assert h.session._inbound.receive_maximum_overruns == 2

@@ -18,7 +18,6 @@ QoS 1/2 message is acknowledged (and a QoS 2 ID stored): see :class:`InboundAcks
 from __future__ import annotations
 
 from mqtt_persist.errors import ProtocolError
-from mqtt_persist.message import Message
 from mqtt_persist.protocol.packets import (
     MQTT_5,
     NO_PROPERTIES,
@@ -30,7 +29,7 @@ from mqtt_persist.protocol.packets import (
 )
 from mqtt_persist.protocol.reason_codes import ReasonCode
 from mqtt_persist.session.events import Anomaly, MessageReceived
-from mqtt_persist.session.inbound_acks import InboundAcks
+from mqtt_persist.session.inbound_acks import InboundAcks, received_message
 from mqtt_persist.session.output import PendingOutput
 from mqtt_persist.session.state import InboundCleared, InboundReceived, InboundReleased
 
@@ -100,12 +99,12 @@ class InboundFlows:
             if qos:
                 self.acks.on_publish(publish)
             else:
-                self.acks.on_qos0(_message(publish))
+                self.acks.on_qos0(received_message(publish))
             return
         if qos == 0:
-            out.events.append(MessageReceived(_message(publish)))
+            out.events.append(MessageReceived(received_message(publish)))
         elif qos == 1:
-            out.events.append(MessageReceived(_message(publish)))
+            out.events.append(MessageReceived(received_message(publish)))
             out.packets.append(PubAck(publish.packet_id))  # type: ignore[arg-type]
         else:
             packet_id: int = publish.packet_id  # type: ignore[assignment]
@@ -115,7 +114,7 @@ class InboundFlows:
             else:
                 self.qos2_received.add(packet_id)
                 out.ops.append(InboundReceived(packet_id))
-                out.events.append(MessageReceived(_message(publish)))
+                out.events.append(MessageReceived(received_message(publish)))
             out.packets.append(PubRec(packet_id))
 
     def _check_v5(self, publish: Publish) -> None:
@@ -199,15 +198,3 @@ class InboundFlows:
         if self.qos2_received:
             self.qos2_received.clear()
             self._out.ops.append(InboundCleared())
-
-
-def _message(publish: Publish) -> Message:
-    return Message(
-        publish.topic,
-        publish.payload,
-        publish.qos,
-        publish.retain,
-        publish.dup,
-        publish.properties,
-        publish.packet_id,
-    )

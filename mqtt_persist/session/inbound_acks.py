@@ -221,7 +221,7 @@ class InboundAcks:
             self._next_token += 1
             token = self._next_token
             self._by_token[token] = pending
-        self._out.events.append(MessageReceived(_message(publish, token)))
+        self._out.events.append(MessageReceived(received_message(publish, token)))
         if not self.manual:
             self._acknowledge(pending)
 
@@ -254,7 +254,8 @@ class InboundAcks:
                 packets.append(PubRec(packet_id))
 
 
-def _message(publish: Publish, ack_token: int = 0) -> Message:
+def received_message(publish: Publish, ack_token: int = 0) -> Message:
+    """The application's view of a PUBLISH from the broker (``ack_token``: manual mode)."""
     return Message(
         publish.topic,
         publish.payload,
