@@ -16,8 +16,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import pytest
 
+from mqtt_persist import PersistentClient
 from tests.support.broker import MosquittoBroker
 from tests.support.children import spawn_ready
 from tests.support.observer import paho_publish_async
@@ -133,8 +135,6 @@ async def test_unacknowledged_messages_come_again_acknowledged_qos2_never(
 async def test_processing_acks_on_success_only_and_acks_leave_in_order(
     broker: MosquittoBroker,
 ) -> None:
-    from mqtt_persist import PersistentClient
-
     async with PersistentClient(
         broker.host, broker.port, client_id="ack-inproc", ack="manual"
     ) as client:
@@ -155,3 +155,30 @@ async def test_processing_acks_on_success_only_and_acks_leave_in_order(
             pass
         await until(lambda: client.stats.unacknowledged == 0, 10, "both PUBACKs sent")
         await m1.ack()  # twice: nothing happens
+
+
+async def test_manual_mode_acknowledges_request_responses_itself(broker: MosquittoBroker) -> None:
+    # A response goes to the request() waiting for it, never to ``messages``: nobody could
+    # acknowledge it, and it would hold back every later acknowledgement.
+    async with (
+        PersistentClient(broker.host, broker.port, client_id="ack-responder") as responder,
+        PersistentClient(
+            broker.host, broker.port, client_id="ack-requester", ack="manual"
+        ) as requester,
+    ):
+        await (await responder.subscribe("svc/req", qos=1))
+        await (await requester.subscribe("svc/reply/#", qos=1))
+
+        async def serve() -> None:
+            async for message in responder.messages:
+                await responder.respond(message, b"pong", qos=1)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve)
+            answer = await requester.request(
+                "svc/req", b"ping", response_topic="svc/reply/1", qos=1, timeout=10
+            )
+            tasks.cancel_scope.cancel()
+        assert answer.payload == b"pong"
+        await until(lambda: requester.stats.unacknowledged == 0, 10, "the response's PUBACK")
+        assert requester.stats.unread == 0
