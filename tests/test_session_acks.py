@@ -225,3 +225,11 @@ def test_receive_maximum_counts_held_qos1_and_an_overrun_is_reported_not_fatal()
     out = h.feed(Publish("t", b"4", 1, packet_id=4))
     assert not [e for e in out.events if isinstance(e, Anomaly)]
     assert h.session._inbound.receive_maximum_overruns == 2
+
+
+def test_without_reconnects_nothing_is_shed() -> None:
+    h = Harness(max_unread=1, reconnects=False)
+    h.connect(session_present=False)
+    out = h.feed(*(Publish("t", str(i).encode(), 1, packet_id=i) for i in range(1, 5)))
+    assert out.packets == [PubAck(1)] and h.session.held_back == 3 and h.session.shed == 0
+    assert not h.session.wants_reconnect

@@ -203,4 +203,5 @@ class ClientOptions:
             topic_alias_maximum=self.topic_alias_maximum,
             manual_ack=self.ack == "manual",
             max_unread=self.max_unread_messages or 0,
+            reconnects=self.reconnect,
         )

@@ -182,11 +182,13 @@ class PersistentClient:
         max_unread_messages: received messages waiting in ``messages``, at most (None: no
             bound). QoS 1/2 messages beyond it are held unacknowledged, so the broker's flow
             control stops sending; QoS 0 messages beyond it are dropped oldest first and
-            counted (``stats.unread_dropped``). Received messages in memory: at most this
-            many waiting, plus the QoS 1/2 messages the broker may leave unacknowledged with
-            us (MQTT 5: our Receive Maximum, which defaults to this bound when
-            ``receive_maximum`` is None; MQTT 3.1.1: the broker's in-flight limit, mosquitto's
-            ``max_inflight_messages``, 20 by default).
+            counted (``stats.unread_dropped``). Held messages rely on the broker's flow
+            control (MQTT 5: our Receive Maximum, which defaults to this bound when
+            ``receive_maximum`` is None; MQTT 3.1.1: its in-flight limit). A broker that sends
+            past it anyway (mosquitto 2.0.11 does) has the excess beyond this many held
+            messages let go unacknowledged (``stats.shed``); the client reconnects once the
+            held ones are read, and the broker sends them again. So received messages in
+            memory: at most twice this bound. With ``reconnect=False`` nothing is let go.
         logger: log through this logger's name instead of ``"mqtt_persist"``.
     """
 

@@ -60,10 +60,13 @@ class InboundFlows:
         *,
         manual_ack: bool = False,
         max_unread: int = 0,
+        may_shed: bool = True,
     ) -> None:
         self._out = out
         #: Deferred, ordered acknowledgements (manual mode, the unread bound).
-        self.acks = InboundAcks(out, self, manual=manual_ack, max_unread=max_unread)
+        self.acks = InboundAcks(
+            out, self, manual=manual_ack, max_unread=max_unread, may_shed=may_shed
+        )
         self.qos2_received: set[int] = set(qos2_received or ())
         #: Resent QoS 2 messages acknowledged without delivering them again.
         self.duplicates_suppressed = 0

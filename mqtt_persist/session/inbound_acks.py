@@ -65,6 +65,7 @@ class InboundAcks:
         "_by_token",
         "_flows",
         "_held",
+        "_may_shed",
         "_next_token",
         "_order",
         "_out",
@@ -77,7 +78,13 @@ class InboundAcks:
     )
 
     def __init__(
-        self, out: PendingOutput, flows: InboundFlows, *, manual: bool, max_unread: int
+        self,
+        out: PendingOutput,
+        flows: InboundFlows,
+        *,
+        manual: bool,
+        max_unread: int,
+        may_shed: bool = True,
     ) -> None:
         self._out = out
         self._flows = flows
@@ -85,6 +92,8 @@ class InboundAcks:
         self.manual = manual
         #: Messages handed out and not yet read, at most (0: no bound).
         self.max_unread = max_unread
+        # Shedding needs a reconnect to get the messages back (PersistentClient(reconnect=...)).
+        self._may_shed = may_shed
         #: Messages handed out and not yet read (``message_read``).
         self.unread = 0
         #: The highest ``unread`` so far.
@@ -148,7 +157,7 @@ class InboundAcks:
             self._release()
             return
         must_wait = self._held or (self.max_unread and self.unread >= self.max_unread)
-        if must_wait and len(self._held) >= self.max_unread:
+        if must_wait and self._may_shed and len(self._held) >= self.max_unread:
             # The broker sends past its flow control (measured: mosquitto 2.0.11 overshoots
             # its in-flight limit and our Receive Maximum once acknowledgements interleave).
             # Keeping it would unbound memory; acknowledging it would lose it. It is let go

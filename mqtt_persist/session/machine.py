@@ -113,7 +113,10 @@ class Session:
         #: What the current (or last) connection allows.
         self.terms: ConnectionTerms = initial_terms(config, config.protocol_version)
         self._inbound = InboundFlows(
-            self._out, manual_ack=config.manual_ack, max_unread=config.max_unread
+            self._out,
+            manual_ack=config.manual_ack,
+            max_unread=config.max_unread,
+            may_shed=config.reconnects,
         )
         self._subscriptions = Subscriptions(self._ids, self._out)
         # Per state, the handler of every packet type it accepts: _packet_table read by state,
