@@ -7,6 +7,9 @@ stored when the application acknowledged, not before), and what a restart does w
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from mqtt_persist.message import Message
 from mqtt_persist.protocol.packets import PubAck, PubComp, Publish, PubRec, PubRel
 from mqtt_persist.session.events import MessageReceived
@@ -61,6 +64,7 @@ def test_out_of_order_acks_are_sent_in_arrival_order() -> None:
     assert out.packets == [] and h.journal.inbound_qos2 == {2}
     h.session.ack(m1._ack_token)
     assert h.take().packets == [PubAck(1), PubRec(2), PubAck(3)]
+    h.assert_journal_consistent()  # the store's replay gives the session's own state
 
 
 def test_unacknowledged_messages_are_delivered_again_after_a_restart() -> None:
@@ -92,6 +96,7 @@ def test_acknowledged_qos2_is_not_delivered_again_after_a_restart_and_pubrec_kee
     assert again.payload == b"a" and out.packets == []
     h2.session.ack(again._ack_token)
     assert h2.take().packets == [PubAck(1), PubRec(2)]
+    h2.assert_journal_consistent()
 
 
 def test_a_resend_after_reconnect_is_not_handed_out_twice_and_the_ack_goes_out_on_it() -> None:
@@ -233,3 +238,42 @@ def test_without_reconnects_nothing_is_shed() -> None:
     out = h.feed(*(Publish("t", str(i).encode(), 1, packet_id=i) for i in range(1, 5)))
     assert out.packets == [PubAck(1)] and h.session.held_back == 3 and h.session.shed == 0
     assert not h.session.wants_reconnect
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    qos=st.lists(st.sampled_from([1, 2]), min_size=1, max_size=12),
+    steps=st.lists(st.tuples(st.sampled_from(["ack", "read"]), st.integers(0, 11)), max_size=40),
+    max_unread=st.integers(0, 4),
+)
+def test_any_order_of_acks_and_reads_keeps_the_wire_in_arrival_order(
+    qos: list[int], steps: list[tuple[str, int]], max_unread: int
+) -> None:
+    h = manual(max_unread=max_unread)
+    ids = list(range(1, len(qos) + 1))
+    out = h.feed(*(Publish("t", str(i).encode(), q, packet_id=i) for i, q in enumerate(qos, 1)))
+    handed: list[Message] = received(out)
+    acked: set[int] = set()
+    wire: list[int] = [p.packet_id for p in out.packets]  # type: ignore[attr-defined]
+    for action, index in steps:
+        if action == "read":
+            if h.session.unread:
+                h.session.message_read()
+        elif handed:
+            message = handed[index % len(handed)]
+            h.session.ack(message._ack_token)
+            acked.add(message.packet_id)  # type: ignore[arg-type]
+        out = h.take()
+        handed += received(out)
+        wire += [p.packet_id for p in out.packets]  # type: ignore[attr-defined]
+        assert not max_unread or h.session.unread <= max_unread
+    # What went out is the arrival order's longest acknowledged prefix, nothing else.
+    prefix: list[int] = []
+    for i in ids:
+        if i not in acked:
+            break
+        prefix.append(i)
+    assert wire == prefix
+    # Every QoS 2 message the application acknowledged is stored, whether its PUBREC left.
+    assert h.journal.inbound_qos2 == {i for i, q in enumerate(qos, 1) if q == 2 and i in acked}
+    h.assert_journal_consistent()
