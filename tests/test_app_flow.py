@@ -12,9 +12,9 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from mqtt_persist import PersistentClient, ProtocolVersion
+from mqtt_persist import PersistentClient, ProtocolVersion, Will
 from tests.support.broker import MosquittoBroker
-from tests.support.observer import paho_publish_async
+from tests.support.observer import PahoObserver, paho_publish_async
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.broker
@@ -27,6 +27,8 @@ async def test_a_stopped_reader_keeps_memory_bounded_and_loses_nothing(
     broker: MosquittoBroker, protocol: ProtocolVersion
 ) -> None:
     total = 10_000
+    will_watch = PahoObserver(broker.host, broker.port, "flow/will", qos=1)
+    will_watch.start()
     async with PersistentClient(
         broker.host,
         broker.port,
@@ -34,6 +36,8 @@ async def test_a_stopped_reader_keeps_memory_bounded_and_loses_nothing(
         max_unread_messages=LIMIT,
         keepalive=2,
         protocol=protocol,
+        # Renewing the connection for shed messages is a clean DISCONNECT: never the will.
+        will=Will("flow/will", b"gone", 1),
     ) as client:
         await client.subscribe("flow/t", qos=1)
         await client.wait_connected(10)
@@ -75,6 +79,10 @@ async def test_a_stopped_reader_keeps_memory_bounded_and_loses_nothing(
             f"shed {stats.shed}, connections {stats.connections}, delivered twice {twice}"
         )
         assert stats.unread_dropped == 0
+    await paho_publish_async(broker.host, broker.port, "flow/will", [b"marker"], 1)
+    assert await will_watch.await_until(lambda: will_watch.count() >= 1, 10)
+    will_watch.stop()
+    assert will_watch.payloads() == [b"marker"]
 
 
 async def test_qos0_beyond_the_bound_is_dropped_oldest_first_and_counted(

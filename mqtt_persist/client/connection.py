@@ -232,6 +232,24 @@ class ConnectionSupervisor:
             self._log.debug("send failed: %r", exc)
             await self.drop()
 
+    async def renew(self, generation: int) -> None:
+        """End connection ``generation`` cleanly so that the supervisor connects again.
+
+        DISCONNECT first (the broker keeps the session and discards the will), then only our
+        half of the stream is closed: the reader reads on until the broker closes, so nothing
+        unread on our side turns the close into a reset that could discard what we wrote
+        last (acknowledgements). Falls back to :meth:`drop`.
+        """
+        stream = self._stream
+        if stream is None or self._generation != generation:
+            return
+        try:
+            await stream.send(encode(Disconnect(), self._version))
+            await stream.send_eof()
+        except Exception as exc:  # a TLS stream cannot half-close; a dead one cannot send
+            self._log.debug("clean renew failed (%r); dropping the connection", exc)
+            await self.drop()
+
     async def drop(self) -> None:
         """Close the current connection, if any; its reader ends it the usual way."""
         stream = self._stream
