@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -171,6 +172,7 @@ def main() -> int:
     parser.add_argument("--store", type=Path, required=True, help="the gateway's directory")
     parser.add_argument("--topic", default="sensors/#", help="what to forward")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.store.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(parse_broker(args.local), parse_broker(args.upstream), args.store,

@@ -30,11 +30,25 @@ ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = ROOT / "examples" / "edge_gateway.py"
 
 
+#: The gateways' log lines (stderr, read as they come so that no pipe fills), for failures.
+LOG: list[str] = []
+
+
+async def _drain(stream: asyncio.StreamReader | None, tag: str) -> None:
+    assert stream is not None
+    async for raw in stream:
+        LOG.append(f"{tag} {raw.decode(errors='replace').rstrip()}")
+
+
 async def start_gateway(local: str, upstream: str, store: Path) -> asyncio.subprocess.Process:
-    return await spawn_ready(
+    process = await spawn_ready(
         sys.executable, str(GATEWAY), "--local", local, "--upstream", upstream,
         "--store", str(store), what="gateway",
     )  # fmt: skip
+    tag = f"[{process.pid}]"
+    for stream in (process.stdout, process.stderr):
+        asyncio.get_running_loop().create_task(_drain(stream, tag))
+    return process
 
 
 async def stop(process: asyncio.subprocess.Process, sig: int) -> None:
@@ -72,9 +86,12 @@ async def test_gateway_survives_repeated_sigkills_without_loss_or_qos2_duplicate
         try:
             # mosquitto may reorder deliveries after reconnects, so wait for every message
             # itself; then a marker gives late duplicates their chance to show.
-            await observer.await_until(lambda: everything <= set(observer.payloads()), 120)
+            arrived_all = await observer.await_until(
+                lambda: everything <= set(observer.payloads()), 120
+            )
             await paho_publish_async(local.host, local.port, "sensors/q2", [b"end"], 2)
-            assert await observer.await_until(lambda: b"end" in observer.payloads(), 60)
+            ended = await observer.await_until(lambda: b"end" in observer.payloads(), 60)
+            assert arrived_all and ended, "\n".join(LOG[-60:])
         finally:
             await stop(gateway, signal.SIGINT)
         arrived = Counter(observer.payloads())

@@ -115,6 +115,8 @@ class ConnectionSupervisor:
     ) -> None:
         self._session = session
         self._options = options
+        # The generation ended by renew(): its stream takes no more writes.
+        self._ended = 0
         self._log = log
         self._ready = ready
         self._wake_flusher = wake_flusher
@@ -222,7 +224,7 @@ class ConnectionSupervisor:
         reconnects; the session resends whatever was not acknowledged.
         """
         stream = self._stream
-        if stream is None or self._generation != generation:
+        if stream is None or self._generation != generation or self._ended == generation:
             return
         version = self._version
         data = b"".join([encode(packet, version) for packet in packets])
@@ -243,6 +245,8 @@ class ConnectionSupervisor:
         stream = self._stream
         if stream is None or self._generation != generation:
             return
+        # Nothing more is written on it (the session resends what it needs on the next one).
+        self._ended = generation
         try:
             await stream.send(encode(Disconnect(), self._version))
             await stream.send_eof()
