@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from mqtt_persist.protocol.packets import NO_PROPERTIES, Properties
 
 
+class Acknowledger(Protocol):
+    """What acknowledges a received message: the client that received it."""
+
+    async def ack(self, message: Message, /) -> None:
+        """Acknowledge ``message`` (see :meth:`PersistentClient.ack`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A message received from the broker on one of the client's subscriptions."""
+    """A message received from the broker on one of the client's subscriptions.
+
+    With ``PersistentClient(..., ack="manual")`` the application acknowledges each one when it
+    is done with it: ``await message.ack()``, ``await client.ack(message)``, or ``async with
+    message.processing():`` (acknowledges when the block ends without an exception). Otherwise
+    acknowledging is a no-op: the client acknowledged the message itself.
+    """
 
     topic: str
     payload: bytes
@@ -22,6 +38,37 @@ class Message:
     #: indicator, response topic, correlation data, the remaining message expiry interval, and
     #: the identifiers of the subscriptions it matched); empty on MQTT 3.1.1.
     properties: Properties = NO_PROPERTIES
+    #: QoS 1/2: the packet ID the broker sent it under. It names the flow until the message is
+    #: acknowledged (a resend carries the same ID); the broker may reuse it afterwards.
+    packet_id: int | None = field(default=None, compare=False)
+    # Manual acknowledgement: the session's token for this message (0: nothing to acknowledge)
+    # and the client to acknowledge it through; neither is part of the message's value.
+    _ack_token: int = field(default=0, repr=False, compare=False)
+    _acker: Acknowledger | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def needs_ack(self) -> bool:
+        """Whether the application still has to acknowledge it (manual mode, QoS 1/2)."""
+        return self._ack_token != 0 and self._acker is not None
+
+    async def ack(self) -> None:
+        """Acknowledge the message: the broker may consider it delivered (manual mode).
+
+        See :meth:`PersistentClient.ack`. A no-op for QoS 0 and in the automatic mode.
+        """
+        if self._acker is not None and self._ack_token:
+            await self._acker.ack(self)
+
+    @asynccontextmanager
+    async def processing(self) -> AsyncIterator[Message]:
+        """``async with message.processing():`` acknowledges the message if the block succeeds.
+
+        If the block raises, the message is not acknowledged: after a restart the broker
+        delivers it again. Until then it holds back the acknowledgements of every message that
+        arrived after it (MQTT sends them in order).
+        """
+        yield self
+        await self.ack()
 
 
 class DeliveryOutcome(enum.Enum):

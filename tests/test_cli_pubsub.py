@@ -134,6 +134,14 @@ def test_sub_prints_a_persistent_session_and_holds_it(
     counted = run_cli("sub", *common, "-F", "topic", "-C", "1", "--timeout", "10")
     assert (counted.code, counted.out) == (0, "news/d later\n"), counted
 
+    # --count never loses what arrived past it: acknowledged only once printed, the rest
+    # comes again with the next run.
+    paho_publish(broker.host, broker.port, "news/e", [b"e1", b"e2", b"e3"], qos=2)
+    first = run_cli("sub", *common, "-F", "topic", "-C", "1", "--timeout", "10")
+    assert (first.code, first.out) == (0, "news/e e1\n"), first
+    rest = run_cli("sub", *common, "-F", "topic", "-C", "2", "--timeout", "10")
+    assert (rest.code, rest.out) == (0, "news/e e2\nnews/e e3\n"), (first, rest)
+
 
 def test_no_password_in_any_output(broker: MosquittoBroker, tmp_path: Path) -> None:
     pytest.importorskip("redis", reason="redis-py not installed")

@@ -3,6 +3,10 @@
 The session (its subscriptions, and the broker's queue for it) outlives the command: what is
 published while no ``sub`` runs arrives with the next one that uses the same client id and
 store. Ctrl-C or SIGTERM is the normal end (exit 0).
+
+A message is acknowledged to the broker only once it was printed (``ack="manual"``), so
+nothing is lost when the command ends, whatever ends it: messages that arrived past
+``--count``, or were not printed yet when it was interrupted, come again with the next run.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def sub_command(
     async def run() -> tuple[int, int]:
         printed = extra = 0
         async with PersistentClient(
-            **broker.client_kwargs(), client_id=client_id, store=store
+            **broker.client_kwargs(), client_id=client_id, store=store, ack="manual"
         ) as client:
             if topics:
                 await client.subscribe([(t, qos) for t in topics])
@@ -112,6 +116,7 @@ def sub_command(
                 async for message in messages:
                     out.write(render(message))
                     out.flush()
+                    await message.ack()
                     printed += 1
                     if printed == count:
                         break
@@ -124,10 +129,10 @@ def sub_command(
     except Interrupted:
         return ExitCode.OK
     if extra:
-        # Received (so acknowledged to the broker) but past --count: say so, never silently.
+        # Past --count: not acknowledged, so the broker delivers them to the next run.
         click.echo(
-            f"mqtt-persist: warning: {extra} more message(s) had arrived and were acknowledged "
-            "but not printed (--count)",
+            f"mqtt-persist: {extra} more message(s) had arrived; not acknowledged, they come "
+            "again with the next run (--count)",
             err=True,
         )
     if count is not None and printed < count:

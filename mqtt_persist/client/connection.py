@@ -135,6 +135,8 @@ class ConnectionSupervisor:
     ) -> None:
         self._session = session
         self._options = options
+        # The generation ended by renew(): its stream takes no more writes.
+        self._ended = 0
         self._log = log
         self._ready = ready
         self._wake_flusher = wake_flusher
@@ -329,7 +331,7 @@ class ConnectionSupervisor:
         reconnects; the session resends whatever was not acknowledged.
         """
         stream = self._stream
-        if stream is None or self._generation != generation:
+        if stream is None or self._generation != generation or self._ended == generation:
             return
         version = self._version
         data = b"".join([encode(packet, version) for packet in packets])
@@ -339,6 +341,26 @@ class ConnectionSupervisor:
             self._log.debug("send failed: %r", exc)
             if not isinstance(exc, anyio.ClosedResourceError):
                 self._peer_hung_up = True  # the broker closed its end
+            await self.drop()
+
+    async def renew(self, generation: int) -> None:
+        """End connection ``generation`` cleanly so that the supervisor connects again.
+
+        DISCONNECT first (the broker keeps the session and discards the will), then only our
+        half of the stream is closed: the reader reads on until the broker closes, so nothing
+        unread on our side turns the close into a reset that could discard what we wrote
+        last (acknowledgements). Falls back to :meth:`drop`.
+        """
+        stream = self._stream
+        if stream is None or self._generation != generation:
+            return
+        # Nothing more is written on it (the session resends what it needs on the next one).
+        self._ended = generation
+        try:
+            await stream.send(encode(Disconnect(), self._version))
+            await stream.send_eof()
+        except Exception as exc:  # a TLS stream cannot half-close; a dead one cannot send
+            self._log.debug("clean renew failed (%r); dropping the connection", exc)
             await self.drop()
 
     async def drop(self) -> None:

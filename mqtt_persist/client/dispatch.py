@@ -8,17 +8,13 @@ queued for ``client.messages``, and ``wait_connected()`` wakes.
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
-
+from mqtt_persist.client.inbox import Inbox
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.completion import Completion, Delivery, SubscribeRequest, UnsubscribeRequest
 from mqtt_persist.log import ClientLogger
-from mqtt_persist.message import DeliveryOutcome, Message
+from mqtt_persist.message import Acknowledger, DeliveryOutcome, Message
 from mqtt_persist.metrics import ClientMetrics
 from mqtt_persist.session.events import (
     SUBSCRIPTION_SUPERSEDED,
@@ -39,8 +35,20 @@ class EventDispatcher:
     """Resolves what callers wait for, from the session's events; one per client."""
 
     def __init__(
-        self, log: ClientLogger, address: tuple[str, int], *, metrics: ClientMetrics | None = None
+        self,
+        log: ClientLogger,
+        address: tuple[str, int],
+        *,
+        max_unread: int = 0,
+        on_leave: Callable[[Message], None] = lambda message: None,
+        acker: Acknowledger | None = None,
+        ack_now: Callable[[Message], None] = lambda message: None,
+        metrics: ClientMetrics | None = None,
     ) -> None:
+        """``max_unread`` bounds the inbox; ``on_leave`` hears of every message that leaves
+        it (read or dropped); ``acker`` is set on messages the application must acknowledge;
+        ``ack_now`` acknowledges a message the application never sees (a ``request()``
+        response); ``metrics`` hears of every received message."""
         self._log = log
         self._metrics = metrics
         self._address = address
@@ -56,9 +64,12 @@ class EventDispatcher:
         self.session_present: bool | None = None
         #: ``request()`` calls waiting for their response, by correlation data.
         self.responses: dict[bytes, Completion[Message]] = {}
-        # Unbounded, like the session's own queues: the application reads at its own pace,
-        # and a bound here would stall the flusher and with it every publish.
-        self._send_message, self._messages = anyio.create_memory_object_stream[Message](math.inf)
+        # Never blocks the flusher (that would stall every publish): the session holds QoS 1/2
+        # beyond ``max_unread`` unacknowledged, and the inbox drops the oldest QoS 0.
+        self.inbox = Inbox(max_unread, on_leave)
+        self._on_leave = on_leave
+        self._acker = acker
+        self._ack_now = ack_now
 
     def dispatch(self, events: Iterable[Event]) -> None:
         """Handle one committed batch's events, in order."""
@@ -69,11 +80,16 @@ class EventDispatcher:
                 case MessageReceived(message=message):
                     if self._metrics is not None:
                         self._metrics.received(message.qos)
+                    if message._ack_token and self._acker is not None:
+                        # Frozen for the application; the session cannot know the client.
+                        object.__setattr__(message, "_acker", self._acker)
                     if self.responses and self._answers_a_request(message):
+                        # Never in the inbox: it left it at once (and is acknowledged).
+                        self._on_leave(message)
+                        self._ack_now(message)
                         continue
                     # After the client stopped, ``messages`` has ended: nobody would read it.
-                    with contextlib.suppress(anyio.ClosedResourceError):
-                        self._send_message.send_nowait(message)
+                    self.inbox.put(message)
                 case SubscribeCompleted():
                     self._subscribe_completed(event)
                 case UnsubscribeCompleted(token=token):
@@ -175,17 +191,9 @@ class EventDispatcher:
         )
         self.ready.set()
 
-    def receive_messages(self) -> MemoryObjectReceiveStream[Message]:
-        """A receiving end of the messages for one reader; close it when done.
-
-        Each reader has its own, so the client can close its own end on leaving while a reader
-        still takes the messages that arrived before.
-        """
-        return self._messages.clone()
-
     def end_messages(self) -> None:
         """No more messages: every reader ends after those already queued."""
-        self._send_message.close()
+        self.inbox.close()
 
     def fail_pending(self, error: BaseException) -> None:
         """The client closed: every delivery and request still open raises ``error``."""
@@ -196,4 +204,3 @@ class EventDispatcher:
         for waiter in self.responses.values():
             waiter._set_exception(error)
         self.end_messages()
-        self._messages.close()

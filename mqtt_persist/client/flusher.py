@@ -95,6 +95,8 @@ class Flusher:
         self._owner_confirmed: tuple[int, bool] | None = None
         # anyio.current_time, looked up once (_loop_clock).
         self._clock: Callable[[], float] | None = None
+        # The connection generation renewed for shed messages (renew it once).
+        self._renewed = 0
 
     # --- what the client's public calls use --------------------------------------------------
 
@@ -232,6 +234,12 @@ class Flusher:
                 await self._connection.send(outbox.packets, outbox.generation)
             if outbox.events:
                 self._dispatcher.dispatch(outbox.events)
+            if session.wants_reconnect and self._renewed != outbox.generation:
+                # Messages the broker sent past its flow control were let go (inbound_acks.py);
+                # a new connection makes it send them again.
+                self._renewed = outbox.generation
+                self._log.info("renewing the connection: the broker resends the messages shed")
+                await self._connection.renew(outbox.generation)
             # Everything taken so far is committed, which read_queued needs to see it.
             request = session.want_refill()
             if request is not None:

@@ -34,6 +34,10 @@ ProtocolChoice = ProtocolVersion | Literal["auto"]
 #: How MQTT bytes travel: plain ``"tcp"`` (TLS with ``tls=``), or ``"websockets"``.
 TransportChoice = Literal["tcp", "websockets"]
 
+#: Who acknowledges received QoS 1/2 messages to the broker: the client on hand-out
+#: (``"auto"``) or the application (``"manual"``, ``PersistentClient.ack``).
+AckMode = Literal["auto", "manual"]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientOptions:
@@ -85,6 +89,8 @@ class ClientOptions:
     websocket_headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = field(
         default=None, repr=False
     )
+    ack: AckMode = "auto"
+    max_unread_messages: int | None = None
 
     def __post_init__(self) -> None:
         validate_client_id(self.client_id, clean_session=self.clean_session)
@@ -158,6 +164,15 @@ class ClientOptions:
             or not 0 <= exit_timeout < math.inf
         ):
             raise InvalidInput(f"exit_timeout must be >= 0 seconds, not {exit_timeout!r}")
+        if self.ack not in ("auto", "manual"):
+            raise InvalidInput(f"ack must be 'auto' or 'manual', not {self.ack!r}")
+        unread = self.max_unread_messages
+        if unread is not None and (
+            isinstance(unread, bool) or not isinstance(unread, int) or unread < 1
+        ):
+            raise InvalidInput(
+                f"max_unread_messages must be a positive int or None, not {unread!r}"
+            )
         if self.on_corrupt not in ("raise", "start_clean"):
             raise InvalidInput(
                 f"on_corrupt must be 'raise' or 'start_clean', not {self.on_corrupt!r}"
@@ -205,6 +220,14 @@ class ClientOptions:
         return min(NEVER_EXPIRES - 1, max(1, math.ceil(expires_after)))
 
     @property
+    def announced_receive_maximum(self) -> int | None:
+        """MQTT 5 Receive Maximum for CONNECT: ``receive_maximum``, else, with
+        ``max_unread_messages``, that bound, so the broker holds back what we would hold."""
+        if self.receive_maximum is not None or self.max_unread_messages is None:
+            return self.receive_maximum
+        return min(self.max_unread_messages, 65535)
+
+    @property
     def first_protocol(self) -> int:
         """The protocol the first connection attempt speaks."""
         return MQTT_3_1_1 if self.protocol == MQTT_3_1_1 else MQTT_5
@@ -226,8 +249,11 @@ class ClientOptions:
             queue_memory_limit=self.queue_memory_limit,
             protocol_version=self.first_protocol,
             session_expiry_interval=self.session_expiry_interval,
-            receive_maximum=self.receive_maximum,
+            receive_maximum=self.announced_receive_maximum,
             max_packet_size=self.max_packet_size,
             topic_alias_maximum=self.topic_alias_maximum,
             poison_after=self.poison_after,
+            manual_ack=self.ack == "manual",
+            max_unread=self.max_unread_messages or 0,
+            reconnects=self.reconnect,
         )

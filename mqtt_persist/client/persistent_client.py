@@ -35,7 +35,7 @@ from mqtt_persist.client.connection import ConnectionSupervisor, describe_connec
 from mqtt_persist.client.dispatch import EventDispatcher
 from mqtt_persist.client.exit import settle_before_exit, settled
 from mqtt_persist.client.flusher import Flusher
-from mqtt_persist.client.options import ClientOptions, ProtocolChoice, TransportChoice
+from mqtt_persist.client.options import AckMode, ClientOptions, ProtocolChoice, TransportChoice
 from mqtt_persist.client.publishing import check_batch_room, prepare, prepare_batch
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.client.storage import SessionStatus, SessionStorage
@@ -103,6 +103,20 @@ class ClientStats:
     downgraded: int = 0
     #: Messages set aside as poison by this client (``poison_after``); see ``set_aside()``.
     set_aside: int = 0
+    #: Received messages waiting in ``client.messages`` now, and the most that ever waited
+    #: (never more than ``max_unread_messages``).
+    unread: int = 0
+    unread_peak: int = 0
+    #: QoS 1/2 messages received beyond ``max_unread_messages``: held, not yet acknowledged.
+    held_back: int = 0
+    #: QoS 0 messages dropped (oldest first) because ``max_unread_messages`` were waiting.
+    unread_dropped: int = 0
+    #: Inbound QoS 1/2 messages whose acknowledgement has not gone to the broker yet
+    #: (``ack="manual"`` or held back).
+    unacknowledged: int = 0
+    #: QoS 1/2 messages the broker sent past its flow control beyond ``max_unread_messages``
+    #: held ones: let go unacknowledged, and sent again by the broker after a reconnect.
+    shed: int = 0
 
 
 class PersistentClient:
@@ -179,6 +193,20 @@ class PersistentClient:
             resent on: pick a limit above the largest message you subscribe to.
         topic_alias_maximum: MQTT 5: how many topic aliases the broker may set up on a
             connection to this client (0: none); aliases are resolved before ``messages``.
+        ack: ``"auto"`` (the default): the client acknowledges a QoS 1/2 message to the broker
+            when it is handed to ``messages``. ``"manual"``: only when the application
+            acknowledges it (:meth:`ack`, ``message.ack()``, ``message.processing()``), so a
+            crash before that makes the broker deliver it again; see :meth:`ack`.
+        max_unread_messages: received messages waiting in ``messages``, at most (None: no
+            bound). QoS 1/2 messages beyond it are held unacknowledged, so the broker's flow
+            control stops sending; QoS 0 messages beyond it are dropped oldest first and
+            counted (``stats.unread_dropped``). Held messages rely on the broker's flow
+            control (MQTT 5: our Receive Maximum, which defaults to this bound when
+            ``receive_maximum`` is None; MQTT 3.1.1: its in-flight limit). A broker that sends
+            past it anyway (mosquitto 2.0.11 does) has the excess beyond this many held
+            messages let go unacknowledged (``stats.shed``); the client reconnects once the
+            held ones are read, and the broker sends them again. So received messages in
+            memory: at most twice this bound. With ``reconnect=False`` nothing is let go.
         logger: log through this logger's name instead of ``"mqtt_persist"``.
         poison_after: when the broker closed the connection right after the same message was
             sent this many times in a row, the message is *set aside*: kept in the store, not
@@ -241,6 +269,8 @@ class PersistentClient:
         transport: TransportChoice = "tcp",
         websocket_path: str = "/mqtt",
         websocket_headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        ack: AckMode = "auto",
+        max_unread_messages: int | None = None,
     ) -> None:
         options = ClientOptions(
             hostname=hostname,
@@ -275,6 +305,8 @@ class PersistentClient:
             transport=transport,
             websocket_path=websocket_path,
             websocket_headers=websocket_headers,
+            ack=ack,
+            max_unread_messages=max_unread_messages,
         )
         self._options = options
         self.hostname = hostname
@@ -362,10 +394,16 @@ class PersistentClient:
     def _build(self, session: Session) -> _Running:
         """The parts that run inside the task group, wired to each other and to this client."""
         options = self._options
-        dispatcher = EventDispatcher(
-            self._log, (options.hostname, options.port), metrics=self._metrics
-        )
         wake = Signal()
+        dispatcher = EventDispatcher(
+            self._log,
+            (options.hostname, options.port),
+            max_unread=options.max_unread_messages or 0,
+            on_leave=lambda message: self._message_left(session, wake),
+            acker=self if options.ack == "manual" else None,
+            ack_now=lambda message: self._ack_now(session, wake, message),
+            metrics=self._metrics,
+        )
         connection = ConnectionSupervisor(
             session,
             options,
@@ -740,22 +778,61 @@ class PersistentClient:
         return self._iterate_messages()
 
     async def _iterate_messages(self) -> AsyncIterator[Message]:
-        with self._require_open().dispatcher.receive_messages() as incoming:
-            while True:
+        incoming = self._require_open().dispatcher.inbox
+        while True:
+            try:
+                # Like asyncio.Queue.get(): no trip through the event loop while messages
+                # are waiting.
+                message = incoming.get_nowait()
+            except anyio.WouldBlock:
                 try:
-                    # Like asyncio.Queue.get(): no trip through the event loop while messages
-                    # are waiting.
-                    message = incoming.receive_nowait()
-                except anyio.WouldBlock:
-                    try:
-                        message = await incoming.receive()
-                    except anyio.EndOfStream:
-                        break
+                    message = await incoming.get()
                 except anyio.EndOfStream:
                     break
-                yield message
+            except anyio.EndOfStream:
+                break
+            yield message
         if self._fatal is not None:
             raise self._fatal
+
+    async def ack(self, message: Message) -> None:
+        """Acknowledge a received message (``ack="manual"``); returns once that is durable.
+
+        The broker gets the PUBACK (QoS 1) or PUBREC (QoS 2) once every message that arrived
+        before this one was acknowledged too: MQTT requires acknowledgements in arrival order,
+        so one message left unacknowledged holds back those after it (and, through the
+        broker's in-flight limit, further deliveries). A QoS 2 message is recorded in the
+        store before this returns and is never delivered again, also after a crash. A message
+        not acknowledged when the process dies is delivered again by the broker (at least
+        once). Acknowledging twice, a QoS 0 message, or in the automatic mode does nothing;
+        after the broker lost the session (CONNACK without it) there is nobody left to tell.
+        """
+        token = message._ack_token
+        if not token or message._acker is None:
+            return
+        if message._acker is not self:
+            raise InvalidInput("this message was received by another client")
+        parts = self._require_open()
+        session = parts.session
+        session.ack(token)
+        if session.has_output():
+            parts.flusher.wake.set()
+            if message.qos == 2 and self._storage.durable:
+                await parts.flusher.committed()
+
+    @staticmethod
+    def _message_left(session: Session, wake: Signal) -> None:
+        """A message left the inbox: with ``max_unread_messages``, held ones may follow."""
+        session.message_read()
+        if session.has_output() or session.wants_reconnect:
+            wake.set()
+
+    @staticmethod
+    def _ack_now(session: Session, wake: Signal, message: Message) -> None:
+        token = message._ack_token
+        if token:
+            session.ack(token)
+            wake.set()
 
     # --- state -------------------------------------------------------------------------------
 
@@ -836,6 +913,12 @@ class PersistentClient:
             refused=session.refused,
             downgraded=session.downgraded,
             set_aside=session.poison.count,
+            unread=len(parts.dispatcher.inbox),
+            unread_peak=parts.dispatcher.inbox.peak,
+            held_back=session.held_back,
+            unread_dropped=parts.dispatcher.inbox.dropped,
+            unacknowledged=session.unacknowledged,
+            shed=session.shed,
         )
 
     def _require_open(self) -> _Running:

@@ -61,3 +61,13 @@ class SessionConfig:
     poison_after: int = 3
     #: Seconds after our last write within which a broker's hang-up counts against a message.
     poison_window: float = 2.0
+    #: The application acknowledges each inbound QoS 1/2 message (``Session.ack``); PUBACK and
+    #: PUBREC go out only then, in arrival order (``inbound_acks.py``).
+    manual_ack: bool = False
+    #: Messages handed to the application and not yet read, at most (0: no bound); QoS 1/2
+    #: beyond it are held unacknowledged (``Session.message_read`` makes room).
+    max_unread: int = 0
+    #: The shell reconnects after a connection ends. Without that, QoS 1/2 messages a broker
+    #: sends past ``max_unread`` held ones are kept (held) rather than shed, since nothing
+    #: could bring shed ones back (``inbound_acks.py``).
+    reconnects: bool = True

@@ -117,7 +117,12 @@ class Session:
         )
         #: What the current (or last) connection allows.
         self.terms: ConnectionTerms = initial_terms(config, config.protocol_version)
-        self._inbound = InboundFlows(self._out)
+        self._inbound = InboundFlows(
+            self._out,
+            manual_ack=config.manual_ack,
+            max_unread=config.max_unread,
+            may_shed=config.reconnects,
+        )
         self._subscriptions = Subscriptions(self._ids, self._out)
         # Per state, the handler of every packet type it accepts: _packet_table read by state,
         # so that receive() finds a packet's handler, or learns it is refused, in one lookup.
@@ -292,6 +297,37 @@ class Session:
         """Resent inbound QoS 2 messages acknowledged without delivering them again."""
         return self._inbound.duplicates_suppressed
 
+    @property
+    def unread(self) -> int:
+        """Messages handed to the application and not yet read (counted with manual
+        acknowledgement or ``max_unread`` only)."""
+        return self._inbound.acks.unread
+
+    @property
+    def unread_peak(self) -> int:
+        """The highest :attr:`unread` so far."""
+        return self._inbound.acks.unread_peak
+
+    @property
+    def held_back(self) -> int:
+        """QoS 1/2 messages received beyond ``max_unread``: not handed out, not acknowledged."""
+        return self._inbound.acks.held
+
+    @property
+    def shed(self) -> int:
+        """QoS 1/2 messages let go unacknowledged past the held bound (sent again later)."""
+        return self._inbound.acks.shed
+
+    @property
+    def wants_reconnect(self) -> bool:
+        """The shell should renew the connection so that the broker resends shed messages."""
+        return self._inbound.acks.wants_reconnect
+
+    @property
+    def unacknowledged(self) -> int:
+        """Inbound QoS 1/2 messages whose PUBACK/PUBREC has not gone out yet (deferred)."""
+        return self._inbound.acks.unacknowledged
+
     def has_output(self) -> bool:
         """Something is waiting to be taken."""
         out = self._out
@@ -371,6 +407,20 @@ class Session:
         ready = self._connection_state is ConnectionState.READY
         return self._subscriptions.unsubscribe(filters, send=ready)
 
+    def ack(self, token: int) -> None:
+        """The application acknowledged the message handed out with this token (manual mode).
+
+        A QoS 2 message's packet ID is stored in this batch, so it is never delivered again;
+        its PUBREC, or a QoS 1 message's PUBACK, goes out once every message that arrived
+        before it was acknowledged too (MQTT §4.6).
+        """
+        self._inbound.acks.ack(token)
+
+    def message_read(self) -> None:
+        """The application took a handed-out message (or the inbox dropped it): with
+        ``max_unread``, held messages may follow (and, automatic mode, be acknowledged)."""
+        self._inbound.acks.message_read()
+
     # --- connection lifecycle ----------------------------------------------------------------
 
     def connect(self, now: float, protocol_version: int | None = None) -> int:
@@ -446,6 +496,7 @@ class Session:
         self._out.packets = []
         self._subscriptions.connection_lost()
         self._outbound.held.clear()
+        self._inbound.acks.new_connection()
         self._ping_sent_at = None
         # QoS 0 messages already written are gone; those still queued wait for the next connect.
 
