@@ -59,11 +59,12 @@ async def test_a_stopped_reader_keeps_memory_bounded_and_loses_nothing(
             # Five keepalive periods with nothing acknowledged: the connection stayed up.
             assert stats.connections == 1
             got: list[bytes] = []
-            async for message in client.messages:
-                got.append(message.payload)
-                held_peak = max(held_peak, client.stats.held_back)
-                if len(set(got)) == total:
-                    break
+            with anyio.fail_after(120):  # a hang is a failure, not a stuck suite
+                async for message in client.messages:
+                    got.append(message.payload)
+                    held_peak = max(held_peak, client.stats.held_back)
+                    if len(set(got)) == total:
+                        break
         stats = client.stats
         assert stats.unread_peak <= LIMIT, stats
         missing = set(payloads) - set(got)

@@ -227,15 +227,23 @@ class ConnectionSupervisor:
             except _CONNECTION_ERRORS as exc:
                 if self._closing():
                     return
-                reason = describe_connect_error(self._connection_error or exc)
-                self._attempt_failed(reason)
-                self._log.info("connection to %s lost: %s", options.broker_address, reason)
+                if self._renewed_here():
+                    self._log.debug("renewed connection ended; connecting again at once")
+                else:
+                    reason = describe_connect_error(self._connection_error or exc)
+                    self._attempt_failed(reason)
+                    self._log.info("connection to %s lost: %s", options.broker_address, reason)
             finally:
                 self._settle_probe()
-                if self._opened_at is not None:
+                # A connection we ended ourselves (renew()) says nothing about the broker: it
+                # neither spends the connections-a-minute budget nor waits a backoff delay.
+                if self._opened_at is not None and not self._renewed_here():
                     budget.started(self._opened_at)
             if self._closing():
                 return
+            if self._renewed_here():
+                attempt = 0
+                continue
             if self._was_stable():
                 attempt = 0
             delay = options.backoff.delay(attempt)
@@ -301,6 +309,10 @@ class ConnectionSupervisor:
         else:
             self.next_protocol = MQTT_5
             self._log.debug("MQTT 3.1.1 was not accepted either; the next attempt speaks MQTT 5")
+
+    def _renewed_here(self) -> bool:
+        """The last connection was ended by :meth:`renew`, not by the broker or the network."""
+        return self._generation > 0 and self._ended == self._generation
 
     def _was_stable(self) -> bool:
         """The last connection stayed up ``backoff.reset_after`` seconds after READY and the
