@@ -54,14 +54,18 @@ import psycopg
 from psycopg import AsyncConnection
 
 from mqtt_persist.errors import (
-    InvalidClientId,
     InvalidInput,
     SessionCorrupt,
     SessionExpired,
     StoreError,
 )
 from mqtt_persist.session.state import MessageAdded, Operation, SessionState, StoredMessage
-from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
+from mqtt_persist.stores._checks import (
+    check_client_id,
+    check_operations,
+    check_queued_limit,
+    check_read_limit,
+)
 from mqtt_persist.stores._expiry import session_info, ttl_from
 from mqtt_persist.stores._quarantine import quarantine_stamp
 from mqtt_persist.stores.base import SessionInfo, StoreContext
@@ -86,13 +90,6 @@ from mqtt_persist.stores.postgres.schema import FENCED, LOCKED, prepare_schema
 __all__ = ["PostgresStore"]
 
 logger = logging.getLogger(__name__)
-
-
-def _check_client_id(client_id: str) -> None:
-    try:
-        client_id.encode("utf-8")
-    except (AttributeError, UnicodeEncodeError) as exc:
-        raise InvalidClientId(f"client id {client_id!r} cannot be stored: {exc}") from None
 
 
 class PostgresStore(StoreContext):
@@ -328,7 +325,7 @@ class PostgresStore(StoreContext):
         ``takeover`` (default: the store's setting) is true: then it is taken over and its
         owner fenced), or when this store already holds it.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         if not self._opened:
             await self.open()
         async with self._lock_for(client_id):
@@ -352,7 +349,7 @@ class PostgresStore(StoreContext):
         :class:`~mqtt_persist.errors.SessionLocked` (another owner holds the lease) and
         :class:`~mqtt_persist.errors.SessionFenced` (a newer owner took it over).
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         check_queued_limit(queued_limit)
         async with self._lock_for(client_id):
             result = await self._load(client_id, queued_limit)
@@ -389,7 +386,7 @@ class PostgresStore(StoreContext):
         """Queued messages with ``seq > after_seq``, ascending, at most ``limit``: one range
         read of the session's messages in seq order. Only reads (a damaged row is quarantined
         unless another owner holds the session). An unknown session gives []."""
-        _check_client_id(client_id)
+        check_client_id(client_id)
         check_read_limit(limit)
         if limit == 0 or after_seq >= INT64_MAX:
             return []
@@ -425,7 +422,7 @@ class PostgresStore(StoreContext):
         quarantined, then replaced.
         """
         client_id = state.client_id
-        _check_client_id(client_id)
+        check_client_id(client_id)
         snapshot = state.copy()
         ops = snapshot.to_operations()
         check_operations(ops)  # refuse what cannot be stored, up front
@@ -456,7 +453,7 @@ class PostgresStore(StoreContext):
         newer owner took the session over and :class:`~mqtt_persist.errors.SessionLocked` when
         this store holds no lease while another owner does.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         batch = list(ops)
         check_operations(batch)
         top = max((op.message.seq for op in batch if type(op) is MessageAdded), default=None)
@@ -479,7 +476,7 @@ class PostgresStore(StoreContext):
         Idempotent. Raises :class:`~mqtt_persist.errors.SessionLocked` when another owner holds
         the lease.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         cid = id_bytes(client_id)
         async with self._lock_for(client_id):
             token = self._leases.token(client_id)
@@ -494,7 +491,7 @@ class PostgresStore(StoreContext):
 
         A session with damaged metadata counts as existing: :meth:`load` reports it.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         async with self._connection() as conn:
             cursor = await conn.execute(self._q.meta_read, (id_bytes(client_id),))
             row = await cursor.fetchone()
@@ -540,7 +537,7 @@ class PostgresStore(StoreContext):
 
         Creates an empty session when none is stored (an expired one counts as none).
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         ttl = ttl_from(seconds)
         cid, q = id_bytes(client_id), self._q
         async with self._lock_for(client_id):

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from mqtt_persist.errors import (
-    InvalidClientId,
     SessionCorrupt,
     StoreError,
 )
@@ -47,13 +46,6 @@ _T = TypeVar("_T")
 
 
 Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
-
-
-def _check_client_id(client_id: str) -> None:
-    try:
-        client_id.encode("utf-8")
-    except (AttributeError, UnicodeEncodeError) as exc:
-        raise InvalidClientId(f"client id {client_id!r} cannot be stored: {exc}") from None
 
 
 class StoreCore(StoreContext):

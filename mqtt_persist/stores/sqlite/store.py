@@ -69,10 +69,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mqtt_persist.session.state import Operation, SessionState, StoredMessage
-from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
+from mqtt_persist.stores._checks import (
+    check_client_id,
+    check_operations,
+    check_queued_limit,
+    check_read_limit,
+)
 from mqtt_persist.stores._expiry import ttl_from
 from mqtt_persist.stores.base import SessionInfo
-from mqtt_persist.stores.sqlite.core import Synchronous, _check_client_id
+from mqtt_persist.stores.sqlite.core import Synchronous
 from mqtt_persist.stores.sqlite.expiry import Expiry
 from mqtt_persist.stores.sqlite.reads import Reads
 from mqtt_persist.stores.sqlite.writes import Writes
@@ -121,7 +126,7 @@ class SQLiteStore(Writes, Reads, Expiry):
         Raises :class:`~mqtt_persist.errors.SessionLocked` when another process or another store
         holds it, or when this store already acquired it.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         await self._run(self._leases.acquire, client_id)
 
     async def release(self, client_id: str) -> None:
@@ -139,7 +144,7 @@ class SQLiteStore(Writes, Reads, Expiry):
         :class:`~mqtt_persist.errors.SessionCorrupt` (its rows are quarantined) or
         :class:`~mqtt_persist.errors.SessionLocked` (another process holds it).
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         check_queued_limit(queued_limit)
         return await self._run(self._load_job, client_id, queued_limit)
 
@@ -150,7 +155,7 @@ class SQLiteStore(Writes, Reads, Expiry):
         ones. Takes the lease if not held (a damaged row is quarantined). An unknown session
         gives [].
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         check_read_limit(limit)
         return await self._run(self._read_queued_job, client_id, after_seq, limit)
 
@@ -160,7 +165,7 @@ class SQLiteStore(Writes, Reads, Expiry):
         Keeps ``created_at`` and the TTL; ``last_seq`` never decreases. Queued messages the
         snapshot does not contain are removed like everything else it does not contain.
         """
-        _check_client_id(state.client_id)
+        check_client_id(state.client_id)
         snapshot = state.copy()
         check_operations(snapshot.to_operations())  # refuse what cannot be stored, up front
         await self._run(self._save_job, snapshot)
@@ -175,7 +180,7 @@ class SQLiteStore(Writes, Reads, Expiry):
         :class:`~mqtt_persist.stores.serialization.EncodeError` (nothing applied) for an
         operation that cannot be stored.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         batch = list(ops)
         check_operations(batch)
         await self._worker.run_gathered(self._apply_gathered_job, client_id, batch)
@@ -187,7 +192,7 @@ class SQLiteStore(Writes, Reads, Expiry):
         Raises :class:`~mqtt_persist.errors.SessionLocked` when another process holds the
         session.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         await self._run(self._delete_job, client_id)
 
     async def exists(self, client_id: str) -> bool:
@@ -195,7 +200,7 @@ class SQLiteStore(Writes, Reads, Expiry):
 
         A session with damaged metadata counts as existing: :meth:`load` reports it.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         return await self._run(self._exists_job, client_id)
 
     async def list_sessions(self) -> list[SessionInfo]:
@@ -208,7 +213,7 @@ class SQLiteStore(Writes, Reads, Expiry):
         Creates an empty session when none is stored (an expired one counts as none). Counts as
         an access. Takes the lease if not held.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         await self._run(self._update_ttl_job, client_id, ttl_from(seconds))
 
     async def cleanup_expired(self) -> int:
