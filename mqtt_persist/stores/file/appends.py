@@ -1,6 +1,6 @@
 """The file store's write path: a batch planned as one record, appended or compacted.
 
-``apply`` appends on the event loop when it may (``core.StoreCore._writable_here``), otherwise
+``apply`` appends on the event loop when it may (``core.FileStoreCore._writable_here``), otherwise
 as a job; a batch that would grow the journal too far compacts it instead (``snapshot``);
 ``save`` rewrites the journal from a state.
 """
@@ -15,7 +15,7 @@ from typing import NamedTuple
 from mqtt_persist.errors import SessionCorrupt
 from mqtt_persist.session.state import Operation, SessionState
 from mqtt_persist.stores.file import snapshot
-from mqtt_persist.stores.file.core import StoreCore
+from mqtt_persist.stores.file.core import FileStoreCore
 from mqtt_persist.stores.file.journal import (
     RECORD,
     encode_body,
@@ -42,7 +42,7 @@ class _Planned(NamedTuple):
     fits: bool
 
 
-class Appends(StoreCore):
+class FileAppends(FileStoreCore):
     """The write path of a :class:`FileStore`."""
 
     def _plan(self, session: OpenSession, encoded: list[bytes], now: float) -> _Planned:

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-class StoreCore(StoreContext):
+class FileStoreCore(StoreContext):
     """Configuration, worker plumbing and the open sessions of a :class:`FileStore`."""
 
     def __init__(

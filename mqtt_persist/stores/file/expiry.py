@@ -10,7 +10,7 @@ from mqtt_persist.stores._expiry import is_expired, session_info
 from mqtt_persist.stores._files import file_base
 from mqtt_persist.stores._leases import remove_expired
 from mqtt_persist.stores.base import SessionInfo
-from mqtt_persist.stores.file.core import StoreCore
+from mqtt_persist.stores.file.core import FileStoreCore
 from mqtt_persist.stores.file.index import Index
 from mqtt_persist.stores.file.journal import (
     Damaged,
@@ -21,7 +21,7 @@ from mqtt_persist.stores.file.journal import (
 logger = logging.getLogger(__name__)
 
 
-class Expiry(StoreCore):
+class FileExpiry(FileStoreCore):
     """Listing, TTL and expired-session cleanup of a :class:`FileStore` (worker-thread jobs)."""
 
     def _expiry_on_disk(self, client_id: str) -> tuple[float, float | None] | None:

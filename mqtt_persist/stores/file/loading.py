@@ -1,6 +1,6 @@
 """The file store's read jobs: loading a session and reading queued messages back.
 
-Opening a journal repairs a torn tail (``core.StoreCore._session``); the payloads are read
+Opening a journal repairs a torn tail (``core.FileStoreCore._session``); the payloads are read
 back with positioned reads (``readback``).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from mqtt_persist.errors import SessionExpired
 from mqtt_persist.session.state import SessionState, StoredMessage
 from mqtt_persist.stores._expiry import is_expired
-from mqtt_persist.stores.file.core import StoreCore
+from mqtt_persist.stores.file.core import FileStoreCore
 from mqtt_persist.stores.file.index import Entry
 from mqtt_persist.stores.file.journal import (
     Damaged,
@@ -20,7 +20,7 @@ from mqtt_persist.stores.file.readback import read_messages
 from mqtt_persist.stores.file.session import OpenSession
 
 
-class Loading(StoreCore):
+class FileLoading(FileStoreCore):
     """The read jobs of a :class:`FileStore` (run on its worker thread)."""
 
     def _load_job(self, client_id: str, queued_limit: int | None) -> SessionState | None:

@@ -70,12 +70,12 @@ from mqtt_persist.session.state import Operation, SessionState, StoredMessage
 from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
 from mqtt_persist.stores._expiry import ttl_from
 from mqtt_persist.stores.base import SessionInfo
-from mqtt_persist.stores.file.appends import Appends
-from mqtt_persist.stores.file.expiry import Expiry
-from mqtt_persist.stores.file.loading import Loading
+from mqtt_persist.stores.file.appends import FileAppends
+from mqtt_persist.stores.file.expiry import FileExpiry
+from mqtt_persist.stores.file.loading import FileLoading
 
 
-class FileStore(Appends, Loading, Expiry):
+class FileStore(FileAppends, FileLoading, FileExpiry):
     """A :class:`~mqtt_persist.stores.base.SessionStore` keeping one journal file per session.
 
     See the module documentation for the format and the guarantees. ``fsync=False`` skips every

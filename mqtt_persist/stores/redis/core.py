@@ -1,6 +1,6 @@
 """The Redis store's core: configuration, the connection and scripts, the guarded session call.
 
-Every script call that changes a session goes through ``StoreCore._session_call``: it passes
+Every script call that changes a session goes through ``RedisStoreCore._session_call``: it passes
 the lease's fencing token, maps the script's refusals to typed errors (fenced, locked, damaged,
 newer format) and quarantines damage it finds (``_quarantine``). ``store.RedisStore`` is the
 facade; the key layout and the guarantees are in ``store``'s module documentation.
@@ -50,7 +50,7 @@ from mqtt_persist.stores.redis.server import (
 logger = logging.getLogger(__name__)
 
 
-class StoreCore(StoreContext):
+class RedisStoreCore(StoreContext):
     """Configuration, connection, scripts and the guarded session call of a :class:`RedisStore`."""
 
     def __init__(

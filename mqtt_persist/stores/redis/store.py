@@ -85,7 +85,7 @@ from mqtt_persist.stores.redis.codec import (
     snapshot_args,
     unpack_pairs,
 )
-from mqtt_persist.stores.redis.core import StoreCore
+from mqtt_persist.stores.redis.core import RedisStoreCore
 from mqtt_persist.stores.redis.keys import (
     SEQ_OFFSET,
     Damage,
@@ -111,7 +111,7 @@ _LOAD_PAGE = 1000
 __all__ = ["RedisStore"]
 
 
-class RedisStore(StoreCore):
+class RedisStore(RedisStoreCore):
     """A :class:`~mqtt_persist.stores.base.SessionStore` in Redis, shared between processes.
 
     See the module documentation for the key layout and the guarantees. ``url`` is a redis-py

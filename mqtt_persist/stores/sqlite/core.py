@@ -48,7 +48,7 @@ _T = TypeVar("_T")
 Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
 
 
-class StoreCore(StoreContext):
+class SQLiteStoreCore(StoreContext):
     """Configuration, worker plumbing and the connection of a :class:`SQLiteStore`."""
 
     def __init__(

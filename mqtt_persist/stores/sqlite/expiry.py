@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mqtt_persist.stores._leases import remove_expired
-from mqtt_persist.stores.sqlite.core import StoreCore
+from mqtt_persist.stores.sqlite.core import SQLiteStoreCore
 from mqtt_persist.stores.sqlite.rows import (
     SELECT_META,
     BadRow,
@@ -19,7 +19,7 @@ from mqtt_persist.stores.sqlite.rows import (
 from mqtt_persist.stores.sqlite.schema import transaction
 
 
-class Expiry(StoreCore):
+class SQLiteExpiry(SQLiteStoreCore):
     """Delete, TTL and expired-session cleanup of a :class:`SQLiteStore` (worker-thread jobs)."""
 
     def _delete_job(self, client_id: str) -> None:

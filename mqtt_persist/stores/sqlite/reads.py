@@ -10,7 +10,7 @@ from mqtt_persist.errors import (
 from mqtt_persist.session.state import SessionState, StoredMessage
 from mqtt_persist.stores._expiry import session_info
 from mqtt_persist.stores.base import SessionInfo
-from mqtt_persist.stores.sqlite.core import StoreCore
+from mqtt_persist.stores.sqlite.core import SQLiteStoreCore
 from mqtt_persist.stores.sqlite.rows import (
     INT64_MAX,
     INT64_MIN,
@@ -29,7 +29,7 @@ from mqtt_persist.stores.sqlite.rows import (
 from mqtt_persist.stores.sqlite.schema import transaction
 
 
-class Reads(StoreCore):
+class SQLiteReads(SQLiteStoreCore):
     """The read jobs of a :class:`SQLiteStore` (run on its worker thread)."""
 
     def _load_job(self, client_id: str, queued_limit: int | None) -> SessionState | None:

@@ -78,14 +78,14 @@ from mqtt_persist.stores._checks import (
 from mqtt_persist.stores._expiry import ttl_from
 from mqtt_persist.stores.base import SessionInfo
 from mqtt_persist.stores.sqlite.core import Synchronous
-from mqtt_persist.stores.sqlite.expiry import Expiry
-from mqtt_persist.stores.sqlite.reads import Reads
-from mqtt_persist.stores.sqlite.writes import Writes
+from mqtt_persist.stores.sqlite.expiry import SQLiteExpiry
+from mqtt_persist.stores.sqlite.reads import SQLiteReads
+from mqtt_persist.stores.sqlite.writes import SQLiteWrites
 
 __all__ = ["SQLiteStore", "Synchronous"]
 
 
-class SQLiteStore(Writes, Reads, Expiry):
+class SQLiteStore(SQLiteWrites, SQLiteReads, SQLiteExpiry):
     """A :class:`~mqtt_persist.stores.base.SessionStore` keeping every session in one SQLite file.
 
     See the module documentation for the schema and the guarantees. ``path`` is the database

@@ -13,7 +13,7 @@ from typing import Any
 
 from mqtt_persist.session.state import Operation, SessionState
 from mqtt_persist.stores._worker import Outcome
-from mqtt_persist.stores.sqlite.core import StoreCore
+from mqtt_persist.stores.sqlite.core import SQLiteStoreCore
 from mqtt_persist.stores.sqlite.operations import HANDLERS
 from mqtt_persist.stores.sqlite.rows import (
     Meta,
@@ -28,7 +28,7 @@ from mqtt_persist.stores.sqlite.schema import (
 )
 
 
-class Writes(StoreCore):
+class SQLiteWrites(SQLiteStoreCore):
     """The write jobs of a :class:`SQLiteStore` (run on its worker thread)."""
 
     def _save_job(self, state: SessionState) -> None:
