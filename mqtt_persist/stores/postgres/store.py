@@ -67,11 +67,12 @@ from mqtt_persist.stores._checks import (
     check_read_limit,
 )
 from mqtt_persist.stores._expiry import session_info, ttl_from
+from mqtt_persist.stores._owners import fenced_error
 from mqtt_persist.stores._quarantine import quarantine_stamp
 from mqtt_persist.stores.base import SessionInfo, StoreContext
 from mqtt_persist.stores.postgres.connection import Pool, redact
 from mqtt_persist.stores.postgres.group import GroupCommit
-from mqtt_persist.stores.postgres.lease import PgLeases, fenced_error, locked_error
+from mqtt_persist.stores.postgres.lease import PgLeases, locked_error
 from mqtt_persist.stores.postgres.operations import Statement, statements_of
 from mqtt_persist.stores.postgres.rows import (
     INT64_MAX,
@@ -192,7 +193,9 @@ class PostgresStore(StoreContext):
                 self._leases.mark_fenced(client_id)
                 self.fenced_writes += 1
                 detail, hint = exc.diag.message_detail or "", exc.diag.message_hint or ""
-                raise fenced_error(client_id, token, detail, hint, self._lease_ttl) from None
+                raise fenced_error(
+                    client_id, str(token), hint, detail.encode(), self._lease_ttl
+                ) from None
             if exc.sqlstate == LOCKED:
                 raise locked_error(client_id, exc.diag.message_detail or "") from None
             raise self._pool.error(exc, "a query") from None

@@ -28,7 +28,7 @@ from mqtt_persist.errors import (
     StoreError,
     UnsupportedFormatVersion,
 )
-from mqtt_persist.stores._owners import describe_owner
+from mqtt_persist.stores._owners import describe_owner, fenced_error
 from mqtt_persist.stores._quarantine import quarantine_stamp
 from mqtt_persist.stores.base import StoreContext
 from mqtt_persist.stores.redis.keys import (
@@ -38,7 +38,7 @@ from mqtt_persist.stores.redis.keys import (
     id_bytes,
     text,
 )
-from mqtt_persist.stores.redis.lease import LeaseKeeper, fenced_error
+from mqtt_persist.stores.redis.lease import LeaseKeeper
 from mqtt_persist.stores.redis.scripts import Scripts
 from mqtt_persist.stores.redis.server import (
     FORMAT_VERSION,
@@ -188,9 +188,8 @@ class RedisStoreCore(StoreContext):
         if status == b"fenced":
             self._leases.mark_lost(client_id)  # acquire may take it again
             self.fenced_writes += 1
-            raise fenced_error(
-                client_id, self._token(client_id), reply[1], reply[2], self._lease_ttl
-            )
+            ours = self._token(client_id).decode() or "none"
+            raise fenced_error(client_id, ours, text(reply[2]), reply[1], self._lease_ttl)
         if status == b"corrupt":
             raise await self._quarantine(client_id, keys, reply[1], text(reply[2]))
         if status == b"badkey":
