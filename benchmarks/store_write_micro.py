@@ -195,7 +195,7 @@ class _LoopSQLite:
     async def apply(self, client_id: str, ops: list[Any]) -> None:
         from mqtt_persist.stores._checks import check_operations
         from mqtt_persist.stores.sqlite.schema import transaction
-        from mqtt_persist.stores.sqlite.store import _apply_batch
+        from mqtt_persist.stores.sqlite.writes import _apply_batch
 
         check_operations(ops)
         with transaction(self._conn):

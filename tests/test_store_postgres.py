@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from mqtt_persist.errors import (
+    InvalidClientId,
     SessionCorrupt,
     SessionFenced,
     StoreError,
@@ -415,3 +416,19 @@ async def test_applies_of_several_sessions_share_a_transaction(
         assert await rival.load("a") is None  # nothing of the fenced write
         await asyncio.gather(*(store.apply(c, [MessageAdded(msg(2))]) for c in ("b", "c")))
         assert transactions[-1] == 2  # together, and it went through
+
+
+async def test_a_client_id_that_is_not_utf8_is_refused_before_the_database(
+    store: PostgresStore,
+) -> None:
+    lone_surrogate = "a\ud800"
+    calls = [
+        store.load(lone_surrogate),
+        store.apply(lone_surrogate, [MessageAdded(msg(1))]),
+        store.update_ttl(lone_surrogate, 60),
+        store.exists(lone_surrogate),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidClientId, match="cannot be stored"):
+            await call
+    assert await store.list_sessions() == []

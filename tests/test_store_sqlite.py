@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mqtt_persist.errors import (
+    InvalidClientId,
     SessionCorrupt,
     SessionLocked,
     StoreError,
@@ -744,3 +745,19 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
         with raw(db) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchall() == [(b"ok",)]
     assert recovered >= 4  # every round acknowledged at least one batch
+
+
+async def test_a_client_id_that_is_not_utf8_is_refused_before_the_database(
+    store: SQLiteStore,
+) -> None:
+    lone_surrogate = "a\ud800"
+    calls = [
+        store.load(lone_surrogate),
+        store.apply(lone_surrogate, [MessageAdded(msg(1))]),
+        store.update_ttl(lone_surrogate, 60),
+        store.exists(lone_surrogate),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidClientId, match="cannot be stored"):
+            await call
+    assert await store.list_sessions() == []

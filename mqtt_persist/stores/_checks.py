@@ -9,6 +9,7 @@
 - :func:`check_queued_limit` / :func:`check_read_limit`: the arguments of ``load`` and
   ``read_queued``.
 - :func:`check_handlers`: a store's table of per-operation rules covers every operation type.
+- :func:`check_client_id`: a client id a store that keeps it as UTF-8 text can hold.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import typing
 from collections.abc import Collection, Sequence
 
-from mqtt_persist.errors import InvalidInput
+from mqtt_persist.errors import InvalidClientId, InvalidInput
 from mqtt_persist.session.state import Operation
 from mqtt_persist.stores.serialization import encode_each
 
 __all__ = [
     "OPERATION_TYPES",
+    "check_client_id",
     "check_handlers",
     "check_operations",
     "check_queued_limit",
@@ -65,3 +67,15 @@ def check_handlers(store: str, handlers: Collection[type]) -> None:
         names = ", ".join(sorted(t.__name__ for t in missing)) or "none"
         unknown = ", ".join(sorted(t.__name__ for t in extra)) or "none"
         raise TypeError(f"{store}: no rule for {names}; rules for non-operations: {unknown}")
+
+
+def check_client_id(client_id: str) -> None:
+    """Raise :class:`InvalidClientId` unless ``client_id`` encodes as UTF-8.
+
+    For the stores that keep the id as database text (SQLite, PostgreSQL): a lone surrogate,
+    which Python strings allow, would otherwise fail inside the driver with its own error.
+    """
+    try:
+        client_id.encode("utf-8")
+    except (AttributeError, UnicodeEncodeError) as exc:
+        raise InvalidClientId(f"client id {client_id!r} cannot be stored: {exc}") from None

@@ -4,7 +4,8 @@ A lease's owner is JSON naming it: host, boot id, PID namespace, pid and process
 time (plus the store and since when). A holder on THIS host (same host name, boot id and PID
 namespace) whose process is gone (no such pid, a zombie, or the pid now belongs to a process
 started later) is dead, and its lease may be taken over at once; anything we cannot check
-counts as alive.
+counts as alive. :func:`fenced_error` words a write refused because the session's fencing
+token is no longer ours, the same for every shared store.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from mqtt_persist.errors import SessionFenced
+
 __all__ = [
     "describe_owner",
+    "fenced_error",
     "identity",
     "owner_is_dead",
     "owner_value",
@@ -124,3 +128,30 @@ def owner_is_dead(raw: bytes) -> bool:
         return True  # killed, not yet reaped by its parent
     # The pid now belongs to a process started after the holder: the holder is gone.
     return type(recorded_start) is int and recorded_start != start
+
+
+def fenced_error(
+    client_id: str, ours: str, current: str, holder: bytes, lease_ttl: float
+) -> SessionFenced:
+    """The error of a write refused as fenced by a shared store.
+
+    ``ours`` is this store's fencing token as text, ``current`` the session's current one (''
+    none), ``holder`` the live lease's owner value (b'' none): ours still current means our
+    lease merely lapsed; another means a newer owner took over.
+    """
+    if current and current == ours:
+        return SessionFenced(
+            f"this store's lease on session {client_id!r} expired (not renewed within "
+            f"{lease_ttl:g} s; fencing token {ours}); nothing was written; acquire it again"
+        )
+    if holder:
+        return SessionFenced(
+            f"session {client_id!r} is held by {describe_owner(holder)}, which took it over "
+            f"(fencing token {current or '?'}; ours, {ours}, is no longer current); "
+            "nothing was written"
+        )
+    return SessionFenced(
+        f"this store's lease on session {client_id!r} expired or was released, and a newer "
+        f"owner took over since (our fencing token {ours} is no longer current); nothing was "
+        "written; release and acquire it again"
+    )

@@ -1,6 +1,9 @@
 """FileStore: one append-only journal file per session.
 
-``store`` is the store; ``session`` one open journal; ``writer`` the write path (appends on the
+``store`` is the store's facade (the public methods), built from ``core`` (configuration,
+worker plumbing, opening and removing sessions), ``loading`` (the read jobs), ``appends`` (the
+write path: append or compact) and ``expiry`` (listing, TTL, cleanup); ``session`` one open
+journal; ``writer`` the write path (appends on the
 event loop, syncs on the syncer thread); ``journal`` the file format and how a journal is read;
 ``index`` the in-memory index of an open session and what each operation does to it;
 ``readback`` reading messages back; ``snapshot`` rewriting a journal; ``sizes`` the tunable

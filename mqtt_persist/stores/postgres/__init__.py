@@ -1,9 +1,10 @@
 """PostgresStore: every session in one PostgreSQL schema, one row per message, fenced leases.
 
-``store`` is the store; ``schema`` the tables, the fencing check, format version and
-migrations; ``rows`` reading and checking rows; ``operations`` what each journal operation does
-to the tables; ``group`` group commit across sessions; ``lease`` ownership with fencing tokens;
-``connection`` the pool and safe DSNs.
+``store`` is the store's facade (the public methods), on ``core`` (configuration,
+connections, the fenced write, quarantine, shared reads); ``schema`` the tables, the fencing
+check, format version and migrations; ``rows`` reading and checking rows; ``operations`` what
+each journal operation does to the tables; ``group`` group commit across sessions; ``lease``
+ownership with fencing tokens; ``connection`` the pool and safe DSNs.
 Needs psycopg 3, an optional extra (``pip install mqtt-persist[postgres]``): importing this
 package without it raises :class:`PostgresUnavailable`, and ``mqtt_persist.stores`` imports it
 only when ``PostgresStore`` is first asked for.

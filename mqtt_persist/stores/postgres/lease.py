@@ -26,12 +26,12 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from mqtt_persist.errors import SessionFenced, SessionLocked, StoreError
+from mqtt_persist.errors import SessionLocked, StoreError
 from mqtt_persist.stores._owners import describe_owner, owner_is_dead, owner_value
 from mqtt_persist.stores.postgres.operations import statement
 from mqtt_persist.stores.postgres.rows import id_bytes
 
-__all__ = ["PgLease", "PgLeases", "fenced_error", "locked_error"]
+__all__ = ["PgLease", "PgLeases", "locked_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,29 +233,6 @@ class PgLeases:
                 # Try again next round: the lease survives until lease_ttl runs out, and even
                 # then stays ours unless somebody takes it over.
                 logger.warning("could not renew leases: %s", exc)
-
-
-def fenced_error(
-    client_id: str, token: int | None, detail: str, hint: str, lease_ttl: float
-) -> SessionFenced:
-    """The error of a write ``check_owner`` refused as fenced (detail: the lease's owner,
-    hint: its token; both empty when there is no lease row)."""
-    if hint and hint == str(token):
-        return SessionFenced(
-            f"this store's lease on session {client_id!r} expired (not renewed within "
-            f"{lease_ttl:g} s; fencing token {token}); nothing was written; acquire it again"
-        )
-    if detail:
-        return SessionFenced(
-            f"session {client_id!r} is held by {describe_owner(detail.encode())}, which took it "
-            f"over (fencing token {hint or '?'}; ours, {token}, is no longer current); "
-            "nothing was written"
-        )
-    return SessionFenced(
-        f"this store's lease on session {client_id!r} expired or was released, and a newer "
-        f"owner took over since (our fencing token {token} is no longer current); nothing was "
-        "written; release and acquire it again"
-    )
 
 
 def locked_error(client_id: str, detail: str) -> SessionLocked:

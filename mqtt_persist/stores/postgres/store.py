@@ -41,61 +41,43 @@ Credentials
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import math
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
-
-import psycopg
-from psycopg import AsyncConnection
+from collections.abc import Sequence
 
 from mqtt_persist.errors import (
-    InvalidClientId,
-    InvalidInput,
     SessionCorrupt,
     SessionExpired,
     StoreError,
 )
 from mqtt_persist.session.state import MessageAdded, Operation, SessionState, StoredMessage
-from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
+from mqtt_persist.stores._checks import (
+    check_client_id,
+    check_operations,
+    check_queued_limit,
+    check_read_limit,
+)
 from mqtt_persist.stores._expiry import session_info, ttl_from
-from mqtt_persist.stores._quarantine import quarantine_stamp
-from mqtt_persist.stores.base import SessionInfo, StoreContext
-from mqtt_persist.stores.postgres.connection import Pool, redact
-from mqtt_persist.stores.postgres.group import GroupCommit
-from mqtt_persist.stores.postgres.lease import PgLeases, fenced_error, locked_error
+from mqtt_persist.stores.base import SessionInfo
+from mqtt_persist.stores.postgres.core import PostgresStoreCore, _script
 from mqtt_persist.stores.postgres.operations import Statement, statements_of
 from mqtt_persist.stores.postgres.rows import (
     INT64_MAX,
     INT64_MIN,
     BadRow,
     Meta,
-    Queries,
-    SessionRows,
     build_state,
     id_bytes,
     message_from_row,
     meta_from_row,
 )
-from mqtt_persist.stores.postgres.schema import FENCED, LOCKED, prepare_schema
-
-__all__ = ["PostgresStore"]
+from mqtt_persist.stores.postgres.schema import prepare_schema
 
 logger = logging.getLogger(__name__)
 
-
-def _check_client_id(client_id: str) -> None:
-    try:
-        client_id.encode("utf-8")
-    except (AttributeError, UnicodeEncodeError) as exc:
-        raise InvalidClientId(f"client id {client_id!r} cannot be stored: {exc}") from None
+__all__ = ["PostgresStore"]
 
 
-class PostgresStore(StoreContext):
+class PostgresStore(PostgresStoreCore):
     """A :class:`~mqtt_persist.stores.base.SessionStore` in PostgreSQL, shared between processes.
 
     See the module documentation for the guarantees. ``dsn`` is a libpq connection string or
@@ -112,187 +94,6 @@ class PostgresStore(StoreContext):
 
     #: A committed batch survives the client process, and the server's crash (WAL).
     durable = True
-
-    def __init__(
-        self,
-        dsn: str = "postgresql://127.0.0.1:5432/postgres",
-        *,
-        schema: str = "mqtt_persist",
-        clock: Callable[[], float] = time.time,
-        lease_ttl: float = 15.0,
-        takeover: bool = False,
-        max_connections: int = 4,
-        connect_timeout: float = 10.0,
-    ) -> None:
-        """Configure the store; nothing connects before :meth:`open` (or the first call)."""
-        if not isinstance(schema, str) or not schema or "\x00" in schema or len(schema) > 63:
-            raise InvalidInput(f"schema must be a PostgreSQL identifier, not {schema!r}")
-        if not (isinstance(lease_ttl, int | float) and math.isfinite(lease_ttl) and lease_ttl > 0):
-            raise InvalidInput(f"lease_ttl must be a positive number of seconds, not {lease_ttl!r}")
-        if type(max_connections) is not int or max_connections < 1:
-            raise InvalidInput(f"max_connections must be an int >= 1, not {max_connections!r}")
-        self._safe_dsn = redact(dsn)
-        self._schema = schema
-        self._clock = clock
-        self._lease_ttl = float(lease_ttl)
-        self._takeover = takeover
-        # A transaction left idle by a paused process ends well before its lease lapses.
-        idle_ms = max(500, int(lease_ttl * 1000 / 2))
-        self._pool = Pool(
-            dsn, max_connections, idle_timeout_ms=idle_ms, connect_timeout=connect_timeout
-        )
-        self._q = Queries(schema)
-        self._group = GroupCommit(self._commit_applies)
-        self._leases = PgLeases(schema, self._lease_ttl, uuid.uuid4().hex, self._connection, schema)
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._open_lock = asyncio.Lock()
-        self._opened = False
-        #: Writes refused because a newer owner took the session over (SessionFenced).
-        self.fenced_writes = 0
-
-    def __repr__(self) -> str:
-        """Shows the DSN without its password."""
-        return f"PostgresStore({self._safe_dsn!r}, schema={self._schema!r})"
-
-    @property
-    def dsn(self) -> str:
-        """The DSN with any password replaced by ``***`` (safe to log)."""
-        return self._safe_dsn
-
-    @property
-    def schema(self) -> str:
-        """The PostgreSQL schema holding this store's tables."""
-        return self._schema
-
-    def fencing_token(self, client_id: str) -> int | None:
-        """The fencing token of the lease this store holds on ``client_id`` (None: none)."""
-        return self._leases.token(client_id)
-
-    # --- plumbing -------------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        if not self._opened:
-            await self.open()
-        async with self._pool.connection() as conn:
-            yield conn
-
-    def _lock_for(self, client_id: str) -> asyncio.Lock:
-        # Calls for one session run in call order, as one client issues them (a batch after the
-        # one it follows), even though they may run on different connections.
-        lock = self._locks.get(client_id)
-        if lock is None:
-            lock = self._locks[client_id] = asyncio.Lock()
-        return lock
-
-    @contextlib.contextmanager
-    def _owner_errors(self, client_id: str, token: int | None) -> Iterator[None]:
-        """``check_owner``'s refusals as SessionFenced / SessionLocked."""
-        try:
-            yield
-        except psycopg.Error as exc:
-            if exc.sqlstate == FENCED:
-                self._leases.mark_fenced(client_id)
-                self.fenced_writes += 1
-                detail, hint = exc.diag.message_detail or "", exc.diag.message_hint or ""
-                raise fenced_error(client_id, token, detail, hint, self._lease_ttl) from None
-            if exc.sqlstate == LOCKED:
-                raise locked_error(client_id, exc.diag.message_detail or "") from None
-            raise self._pool.error(exc, "a query") from None
-
-    async def _commit_applies(self, applies: Sequence[list[Statement]]) -> None:
-        """The applies' statements as ONE query: one transaction, one round trip (see
-        ``operations``: why not a pipeline). Raises the driver's error as it is: the caller
-        tells a fencing refusal from a failure."""
-        error: psycopg.Error | None = None
-        async with self._connection() as conn:
-            try:
-                await conn.execute(_script(conn, [st for apply in applies for st in apply]))
-            except psycopg.Error as exc:
-                error = exc  # raised below, outside the pool (which would make it a StoreError)
-        if error is not None:
-            raise error
-
-    def _where(self) -> str:
-        return f"PostgreSQL {self._safe_dsn}, schema {self._schema}"
-
-    async def _quarantine(
-        self, conn: AsyncConnection[Any], client_id: str, reason: str
-    ) -> SessionCorrupt:
-        """Inside the caller's transaction: move every row of the session to quarantine*."""
-        q, cid = self._q, id_bytes(client_id)
-        stamp = quarantine_stamp()
-        cursor = await conn.execute(q.quarantine, (stamp, reason, cid))
-        row = await cursor.fetchone()
-        if row is None:  # data without a sessions row
-            cursor = await conn.execute(q.quarantine_bare, (stamp, reason, cid))
-            row = await cursor.fetchone()
-            assert row is not None
-        (qid,) = row
-        for statement in q.quarantine_data:
-            await conn.execute(statement, (qid, cid))
-        await self._delete_rows(conn, cid)
-        where = f"{self._schema}.quarantine* tables, qid {qid}"
-        logger.error(
-            "session %r in %s: %s; moved to the %s", client_id, self._where(), reason, where
-        )
-        return SessionCorrupt(
-            f"session {client_id!r}: {reason}", location=self._where(), quarantined_to=where
-        )
-
-    async def _delete_rows(self, conn: AsyncConnection[Any], cid: bytes) -> None:
-        await conn.execute(self._q.delete_session, (cid,))
-        await self._delete_data(conn, cid)
-
-    async def _delete_data(self, conn: AsyncConnection[Any], cid: bytes) -> None:
-        for statement in self._q.delete_data:
-            await conn.execute(statement, (cid,))
-
-    async def _locked_meta(
-        self, conn: AsyncConnection[Any], client_id: str
-    ) -> Meta | SessionCorrupt | None:
-        """Inside a transaction: the session row (locked), None, or the error of a quarantine."""
-        cursor = await conn.execute(self._q.meta, (id_bytes(client_id),))
-        row = await cursor.fetchone()
-        if row is None:
-            return None
-        try:
-            return meta_from_row(row)
-        except BadRow as bad:
-            return await self._quarantine(conn, client_id, bad.reason)
-
-    async def _read_session(
-        self,
-        conn: AsyncConnection[Any],
-        client_id: str,
-        token: int | None,
-        queued_limit: int | None,
-    ) -> tuple[Any, SessionRows]:
-        """Inside a transaction: the fencing check, the session row (locked) and every row a
-        load needs (none but the first two when there is no session)."""
-        q, cid = self._q, id_bytes(client_id)
-
-        async def rows(statement: bytes, params: tuple[object, ...]) -> list[Any]:
-            cursor = await conn.execute(statement, params)
-            return await cursor.fetchall()
-
-        await conn.execute(q.check_owner, (cid, token))
-        meta = await rows(q.meta, (cid,))
-        if not meta:
-            return None, SessionRows([], 0, [], [], [], [])
-        queued_total = 0
-        if queued_limit is None:
-            messages = await rows(q.all_messages, (cid,))
-        else:
-            messages = await rows(q.inflight, (cid,))
-            messages += await rows(q.queued_first, (cid, queued_limit))
-            [(_, queued_total)] = await rows(q.counts, (cid,))
-        inbound, subscriptions, pending, set_aside = [
-            await rows(statement, (cid,)) for statement in q.session_reads
-        ]
-        return meta[0], SessionRows(
-            messages, queued_total, inbound, subscriptions, pending, set_aside
-        )
 
     # --- SessionStore ---------------------------------------------------------------------------
 
@@ -328,7 +129,7 @@ class PostgresStore(StoreContext):
         ``takeover`` (default: the store's setting) is true: then it is taken over and its
         owner fenced), or when this store already holds it.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         if not self._opened:
             await self.open()
         async with self._lock_for(client_id):
@@ -352,7 +153,7 @@ class PostgresStore(StoreContext):
         :class:`~mqtt_persist.errors.SessionLocked` (another owner holds the lease) and
         :class:`~mqtt_persist.errors.SessionFenced` (a newer owner took it over).
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         check_queued_limit(queued_limit)
         async with self._lock_for(client_id):
             result = await self._load(client_id, queued_limit)
@@ -389,7 +190,7 @@ class PostgresStore(StoreContext):
         """Queued messages with ``seq > after_seq``, ascending, at most ``limit``: one range
         read of the session's messages in seq order. Only reads (a damaged row is quarantined
         unless another owner holds the session). An unknown session gives []."""
-        _check_client_id(client_id)
+        check_client_id(client_id)
         check_read_limit(limit)
         if limit == 0 or after_seq >= INT64_MAX:
             return []
@@ -425,7 +226,7 @@ class PostgresStore(StoreContext):
         quarantined, then replaced.
         """
         client_id = state.client_id
-        _check_client_id(client_id)
+        check_client_id(client_id)
         snapshot = state.copy()
         ops = snapshot.to_operations()
         check_operations(ops)  # refuse what cannot be stored, up front
@@ -456,7 +257,7 @@ class PostgresStore(StoreContext):
         newer owner took the session over and :class:`~mqtt_persist.errors.SessionLocked` when
         this store holds no lease while another owner does.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         batch = list(ops)
         check_operations(batch)
         top = max((op.message.seq for op in batch if type(op) is MessageAdded), default=None)
@@ -479,7 +280,7 @@ class PostgresStore(StoreContext):
         Idempotent. Raises :class:`~mqtt_persist.errors.SessionLocked` when another owner holds
         the lease.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         cid = id_bytes(client_id)
         async with self._lock_for(client_id):
             token = self._leases.token(client_id)
@@ -494,7 +295,7 @@ class PostgresStore(StoreContext):
 
         A session with damaged metadata counts as existing: :meth:`load` reports it.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         async with self._connection() as conn:
             cursor = await conn.execute(self._q.meta_read, (id_bytes(client_id),))
             row = await cursor.fetchone()
@@ -540,7 +341,7 @@ class PostgresStore(StoreContext):
 
         Creates an empty session when none is stored (an expired one counts as none).
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         ttl = ttl_from(seconds)
         cid, q = id_bytes(client_id), self._q
         async with self._lock_for(client_id):
@@ -580,10 +381,3 @@ class PostgresStore(StoreContext):
                     await conn.execute(q.drop_lapsed_lease, (raw_id,))
                     removed += 1
         return removed
-
-
-def _script(conn: AsyncConnection[Any], statements: Sequence[Statement]) -> bytes:
-    """The statements as one query, their values bound on the client side by psycopg's quoting
-    (the connection's encoding and settings): PostgreSQL runs it as one transaction."""
-    cursor = psycopg.AsyncClientCursor(conn)
-    return ";\n".join([cursor.mogrify(text, params) for text, params in statements]).encode()

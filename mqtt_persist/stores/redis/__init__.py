@@ -2,7 +2,9 @@
 
 Needs redis-py, an optional extra (``pip install mqtt-persist[redis]``): importing this package
 without it raises :class:`RedisUnavailable`, and ``mqtt_persist.stores`` imports it only when
-``RedisStore`` is first asked for. ``store`` is the store; ``keys`` the key layout; ``codec``
+``RedisStore`` is first asked for. ``store`` is the store's facade (the public methods), on
+``core`` (configuration, connection, scripts, the fenced session call, quarantine); ``keys``
+the key layout; ``codec``
 what each operation becomes and how a reply becomes a state; ``scripts`` and ``scripts/*.lua``
 the Lua scripts; ``lease`` the leases and their fencing tokens (``stores._owners``: who holds one).
 """

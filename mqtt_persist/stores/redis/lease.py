@@ -31,12 +31,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from mqtt_persist.errors import SessionFenced, SessionLocked, StoreError
+from mqtt_persist.errors import SessionLocked, StoreError
 from mqtt_persist.stores._owners import describe_owner, owner_is_dead, owner_value
 from mqtt_persist.stores.redis.keys import KeyLayout, text
 from mqtt_persist.stores.redis.scripts import Scripts
 
-__all__ = ["LeaseKeeper", "TokenLease", "fenced_error"]
+__all__ = ["LeaseKeeper", "TokenLease"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,30 +203,3 @@ class LeaseKeeper:
             await asyncio.sleep(interval)
             if self._renewal is me:
                 await self.renew()
-
-
-def fenced_error(
-    client_id: str, ours: bytes, holder: bytes, current: bytes, lease_ttl: float
-) -> SessionFenced:
-    """The error of a write ``lease_refusal`` refused as fenced.
-
-    ``holder`` is the live lease's owner (b'' none), ``current`` the session's token (b''
-    none): ours when our lease merely lapsed, another when a newer owner took over.
-    """
-    token = ours.decode() or "none"
-    if current and current == ours:
-        return SessionFenced(
-            f"this store's lease on session {client_id!r} expired (not renewed within "
-            f"{lease_ttl:g} s; fencing token {token}); nothing was written; acquire it again"
-        )
-    if holder:
-        return SessionFenced(
-            f"session {client_id!r} is held by {describe_owner(holder)}, which took it over "
-            f"(fencing token {text(current) or '?'}; ours, {token}, is no longer current); "
-            "nothing was written"
-        )
-    return SessionFenced(
-        f"this store's lease on session {client_id!r} expired or was released, and a newer "
-        f"owner took over since (our fencing token {token} is no longer current); nothing was "
-        "written; release and acquire it again"
-    )

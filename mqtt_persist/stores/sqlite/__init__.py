@@ -1,6 +1,9 @@
 """SQLiteStore: every session in one SQLite database, one row per message.
 
-``store`` is the store; ``schema`` the tables, format version and migrations; ``rows`` reading
+``store`` is the store's facade (the public methods), built from ``core`` (configuration,
+worker plumbing, the connection, quarantine), ``reads`` (load, paging through the queue,
+listing), ``writes`` (save, applies gathered into one transaction) and ``expiry`` (delete, TTL,
+cleanup); ``schema`` the tables, format version and migrations; ``rows`` reading
 and checking rows; ``operations`` what each journal operation does to the tables.
 """
 

@@ -6,7 +6,7 @@ Durability model
     while a transaction commits (of one session or of many) go into the next transaction
     together, each batch inside its own ``SAVEPOINT``: a batch that fails is rolled back to its
     savepoint and fails alone, the others commit (group commit across calls: one COMMIT, one
-    WAL fsync, for all of them; see ``_apply_gathered_job``). With ``synchronous="FULL"`` (the
+    WAL fsync, for all of them; see ``writes``). With ``synchronous="FULL"`` (the
     default) SQLite appends the transaction's pages to the WAL and fsyncs it once before
     ``COMMIT`` returns, so a returned ``apply`` survives a crash or a power cut, and a crash at
     any point leaves all of a batch or none of it (SQLite's own recovery drops a WAL tail
@@ -25,8 +25,10 @@ Threading
     a caller cancelled while waiting either never started (nothing happened) or ran to
     completion (everything happened).
 
-Schema and format versions: see ``schema``; reading and checking rows: ``rows``; what each
-journal operation does: ``operations``.
+The facade here is built from ``core`` (configuration, worker plumbing, the connection,
+quarantine), ``reads`` (load, paging, listing), ``writes`` (save, gathered applies) and
+``expiry`` (delete, TTL, cleanup). Schema and format versions: see ``schema``; reading and
+checking rows: ``rows``; what each journal operation does: ``operations``.
 
 Metadata: ``created_at`` is set once; ``last_access`` is written in the same transaction as
 every :meth:`~SQLiteStore.apply`, :meth:`~SQLiteStore.load`, :meth:`~SQLiteStore.save` and
@@ -64,75 +66,26 @@ Leases
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import logging
-import os
-import sqlite3
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from collections.abc import Sequence
 
-from mqtt_persist.errors import (
-    InvalidClientId,
-    SessionCorrupt,
-    SessionExpired,
-    StoreError,
-)
 from mqtt_persist.session.state import Operation, SessionState, StoredMessage
-from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
-from mqtt_persist.stores._expiry import session_info, ttl_from
-from mqtt_persist.stores._files import fsync_directory, quarantine_target
-from mqtt_persist.stores._leases import FlockLeases, remove_expired
-from mqtt_persist.stores._worker import Outcome, Worker
-from mqtt_persist.stores.base import SessionInfo, StoreContext
-from mqtt_persist.stores.sqlite.operations import HANDLERS
-from mqtt_persist.stores.sqlite.rows import (
-    INT64_MAX,
-    INT64_MIN,
-    SELECT_META,
-    SELECT_QUEUED_AFTER,
-    SELECT_QUEUED_FIRST,
-    BadRow,
-    Meta,
-    create_session,
-    delete_data,
-    delete_rows,
-    fetch,
-    list_metas,
-    message_from_row,
-    meta_from_row,
-    quarantine_rows,
-    read_state,
-    session_id,
+from mqtt_persist.stores._checks import (
+    check_client_id,
+    check_operations,
+    check_queued_limit,
+    check_read_limit,
 )
-from mqtt_persist.stores.sqlite.schema import (
-    DamagedFile,
-    configure,
-    create_file,
-    is_file_corruption,
-    transaction,
-)
+from mqtt_persist.stores._expiry import ttl_from
+from mqtt_persist.stores.base import SessionInfo
+from mqtt_persist.stores.sqlite.core import Synchronous
+from mqtt_persist.stores.sqlite.expiry import SQLiteExpiry
+from mqtt_persist.stores.sqlite.reads import SQLiteReads
+from mqtt_persist.stores.sqlite.writes import SQLiteWrites
 
 __all__ = ["SQLiteStore", "Synchronous"]
 
-logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
-
-#: The values of SQLite's ``PRAGMA synchronous`` that :class:`SQLiteStore` accepts.
-Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
-
-
-def _check_client_id(client_id: str) -> None:
-    try:
-        client_id.encode("utf-8")
-    except (AttributeError, UnicodeEncodeError) as exc:
-        raise InvalidClientId(f"client id {client_id!r} cannot be stored: {exc}") from None
-
-
-class SQLiteStore(StoreContext):
+class SQLiteStore(SQLiteWrites, SQLiteReads, SQLiteExpiry):
     """A :class:`~mqtt_persist.stores.base.SessionStore` keeping every session in one SQLite file.
 
     See the module documentation for the schema and the guarantees. ``path`` is the database
@@ -148,359 +101,6 @@ class SQLiteStore(StoreContext):
 
     #: Committed sessions survive the process (and, with ``synchronous`` FULL/EXTRA, power loss).
     durable = True
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        synchronous: Synchronous = "FULL",
-        busy_timeout: float = 10.0,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        """Configure the store; nothing touches the disk before the first call."""
-        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
-            raise ValueError(
-                f"synchronous must be 'FULL', 'NORMAL' or 'EXTRA', not {synchronous!r}"
-            )
-        # Absolute now: a later chdir() must not move the sessions.
-        self._path = os.path.abspath(os.fspath(path))
-        self._synchronous = synchronous
-        self._busy_timeout = busy_timeout
-        self._clock = clock
-        self._worker = Worker("mqtt-persist-sqlite")
-        # Worker-thread side: touched only by jobs, which run one at a time in call order.
-        self._conn: sqlite3.Connection | None = None
-        self._leases = FlockLeases(self._path + ".locks", self._has_session)
-
-    @property
-    def path(self) -> Path:
-        """The database file."""
-        return Path(self._path)
-
-    def lock_path(self, client_id: str) -> Path:
-        """The lease file of ``client_id`` (whether or not it exists)."""
-        return Path(self._leases.path(client_id))
-
-    # --- plumbing -------------------------------------------------------------------------------
-
-    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn(*args)`` on the worker thread: the one way any job reaches the database."""
-        return await self._worker.run(self._guarded, fn, *args)
-
-    def _guarded(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run a job; report SQLite's and the OS's failures as the store's."""
-        try:
-            return fn(*args)
-        except (sqlite3.Error, DamagedFile, OSError) as exc:
-            error = self._store_error(exc)
-            raise error from (None if isinstance(exc, DamagedFile) else exc)
-
-    def _store_error(self, exc: Exception) -> Exception:
-        """The store's error for a failure of SQLite or of the OS (others stay as they are).
-
-        A damaged file is moved aside first (:meth:`_quarantine_file`).
-        """
-        if isinstance(exc, sqlite3.DatabaseError) and is_file_corruption(exc):
-            return self._quarantine_file(str(exc))
-        if isinstance(exc, sqlite3.Error):
-            return StoreError(f"session database {self._path} failed: {exc}")
-        if isinstance(exc, DamagedFile):
-            return self._quarantine_file(str(exc))
-        if isinstance(exc, OSError):
-            return StoreError(f"session store I/O failed: {exc}")
-        return exc
-
-    def _db(self) -> sqlite3.Connection:
-        """The connection, opening (and if need be creating) the database first."""
-        if self._conn is None:
-            self._connect()
-            assert self._conn is not None
-        return self._conn
-
-    def _connect(self) -> None:
-        create_file(self._path)
-        self._conn = conn = sqlite3.connect(
-            self._path,
-            timeout=self._busy_timeout,
-            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-            check_same_thread=False,  # only ever used on the worker thread, one job at a time
-        )
-        try:
-            configure(conn, self._path, self._synchronous)
-        except BaseException as exc:
-            # A damaged file stays open for _quarantine_file, which moves it before closing
-            # the connection (see there); anything else closes it now.
-            damaged = isinstance(exc, DamagedFile) or (
-                isinstance(exc, sqlite3.DatabaseError) and is_file_corruption(exc)
-            )
-            if not damaged:
-                self._conn = None
-                conn.close()
-            raise
-
-    def _quarantine_file(self, reason: str) -> SessionCorrupt:
-        """Move the whole database aside (never delete it); the next call starts a new one.
-
-        The files are renamed while the connection is still open and only then is it closed:
-        closing first, SQLite would checkpoint and DELETE the -wal file by its name.
-        """
-        conn, self._conn = self._conn, None
-        target = quarantine_target(self._path, ("", "-wal", "-shm"))
-        try:
-            os.rename(self._path, target)
-            # The WAL belongs to that file: left behind, SQLite would replay it into the next,
-            # new database. Renamed alike, the quarantined copy still opens with its WAL.
-            for extra in ("-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(self._path + extra, target + extra)
-            fsync_directory(os.path.dirname(self._path))
-        except OSError as exc:
-            logger.error("could not quarantine damaged session database %s: %s", self._path, exc)
-            return SessionCorrupt(f"{reason}; moving it aside failed: {exc}", location=self._path)
-        finally:
-            if conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-        logger.error("damaged session database %s (%s) moved to %s", self._path, reason, target)
-        return SessionCorrupt(reason, location=self._path, quarantined_to=target)
-
-    def _quarantine_session(
-        self, conn: sqlite3.Connection, sid: int, client_id: str, reason: str
-    ) -> SessionCorrupt:
-        """Inside the caller's transaction: move every row of the session to quarantine*."""
-        qid = quarantine_rows(conn, sid, reason)
-        where = f"quarantine tables of {self._path}, qid {qid}"
-        logger.error("session %r in %s: %s; moved to the %s", client_id, self._path, reason, where)
-        return SessionCorrupt(
-            f"session {client_id!r}: {reason}", location=self._path, quarantined_to=where
-        )
-
-    def _meta_or_quarantine(
-        self, conn: sqlite3.Connection, client_id: str
-    ) -> Meta | SessionCorrupt | None:
-        """Inside a transaction: the checked metadata, None, or the error of a quarantine."""
-        row = conn.execute(SELECT_META, (client_id,)).fetchone()
-        if row is None:
-            return None
-        try:
-            return meta_from_row(row)
-        except BadRow as bad:
-            return self._quarantine_session(conn, row[0], client_id, bad.reason)
-
-    def _has_session(self, client_id: str) -> bool:
-        """Whether a lock file still guards data (if unsure: yes, and the file stays)."""
-        if self._conn is None:
-            return True
-        try:
-            return session_id(self._conn, client_id) is not None
-        except sqlite3.Error:
-            return True
-
-    # --- jobs (worker thread) -------------------------------------------------------------------
-
-    def _close_job(self) -> None:
-        self._leases.release_all()
-        if self._conn is not None:
-            # The last connection to close checkpoints the WAL into the database file.
-            conn, self._conn = self._conn, None
-            conn.close()
-
-    def _load_job(self, client_id: str, queued_limit: int | None) -> SessionState | None:
-        conn = self._db()
-        if client_id not in self._leases:
-            if session_id(conn, client_id) is None:
-                return None
-            self._leases.ensure(client_id)
-        now = self._clock()
-        result: SessionState | StoreError | None
-        # One write transaction: the access time, an expiry or a quarantine all commit with it.
-        with transaction(conn):
-            meta = self._meta_or_quarantine(conn, client_id)
-            if meta is None or isinstance(meta, SessionCorrupt):
-                result = meta
-            elif meta.expired(now):
-                delete_rows(conn, meta.sid)
-                result = SessionExpired(f"session {client_id!r} expired and was removed")
-            else:
-                try:
-                    result = read_state(conn, client_id, meta, queued_limit)
-                except BadRow as bad:
-                    result = self._quarantine_session(conn, meta.sid, client_id, bad.reason)
-                else:
-                    conn.execute(
-                        "UPDATE sessions SET last_access = ? WHERE sid = ?", (now, meta.sid)
-                    )
-        if isinstance(result, StoreError):
-            raise result
-        return result
-
-    def _read_queued_job(self, client_id: str, after_seq: int, limit: int) -> list[StoredMessage]:
-        conn = self._db()
-        sid = session_id(conn, client_id)
-        if sid is None or limit == 0 or after_seq >= INT64_MAX:
-            return []
-        self._leases.ensure(client_id)
-        try:
-            if after_seq < INT64_MIN:  # below every 64-bit integer SQLite can hold
-                rows = fetch(conn, "messages", SELECT_QUEUED_FIRST, (sid, limit))
-            else:
-                rows = fetch(conn, "messages", SELECT_QUEUED_AFTER, (sid, after_seq, limit))
-            return [message_from_row(row) for row in rows]
-        except BadRow as bad:
-            with transaction(conn):
-                if session_id(conn, client_id) == sid:
-                    error = self._quarantine_session(conn, sid, client_id, bad.reason)
-                else:  # pragma: no cover - needs another writer between the two statements
-                    error = SessionCorrupt(bad.reason, location=self._path)
-            raise error from None
-
-    def _save_job(self, state: SessionState) -> None:
-        client_id = state.client_id
-        self._leases.ensure(client_id)
-        conn = self._db()
-        now = self._clock()
-        with transaction(conn):
-            meta = self._meta_or_quarantine(conn, client_id)
-            if isinstance(meta, Meta):
-                sid = meta.sid
-                delete_data(conn, sid)
-            else:
-                # No session, or one with unreadable metadata, now in quarantine: start anew.
-                sid = create_session(conn, client_id, now)
-            _apply_rules(conn, sid, state.to_operations())
-            # Never lower last_seq: a new message must not reuse a number already handed out.
-            conn.execute(
-                "UPDATE sessions SET last_access = ?, last_seq = max(last_seq, ?) WHERE sid = ?",
-                (now, state.last_seq, sid),
-            )
-
-    def _apply_gathered_job(self, calls: Sequence[tuple[Any, ...]]) -> list[Outcome]:
-        """The applies ``(client_id, ops)`` queued together, in ONE transaction and ONE COMMIT.
-
-        Each batch runs inside its own savepoint: one that fails (a bad row, a constraint, a
-        lease held elsewhere) is rolled back to it and fails alone, and the others commit. A
-        failure of the transaction itself (BEGIN, COMMIT, a damaged file, SQLite rolling the
-        whole transaction back on a full disk or an I/O error) fails every batch in it. Each
-        caller learns its own outcome once the COMMIT holding its batch returned.
-        """
-        outcomes: list[Outcome] = [(None, None)] * len(calls)
-        try:
-            conn = self._db()
-            included: list[int] = []
-            for i, (client_id, ops) in enumerate(calls):
-                try:
-                    # An empty batch is only an access, and only to a session that exists.
-                    if ops or session_id(conn, client_id) is not None:
-                        self._leases.ensure(client_id)
-                        included.append(i)
-                except Exception as exc:
-                    if _damaged(exc):
-                        raise
-                    outcomes[i] = (None, self._batch_error(exc))
-            if not included:
-                return outcomes
-            now = self._clock()
-            with transaction(conn):
-                for i in included:
-                    client_id, ops = calls[i]
-                    conn.execute("SAVEPOINT apply")
-                    try:
-                        _apply_batch(conn, client_id, ops, now)
-                    except Exception as exc:
-                        # A damaged file, or SQLite rolled the whole transaction back (a full
-                        # disk, an I/O error): every batch fails.
-                        if _damaged(exc) or not conn.in_transaction:
-                            raise
-                        conn.execute("ROLLBACK TO apply")
-                        outcomes[i] = (None, self._batch_error(exc))
-                    conn.execute("RELEASE apply")
-        except Exception as exc:
-            error = self._store_error(exc)
-            for i, (_, failed) in enumerate(outcomes):
-                if failed is None:
-                    outcomes[i] = (None, _copy_error(error, exc))
-        return outcomes
-
-    def _batch_error(self, exc: Exception) -> Exception:
-        """The store's error for one batch that failed on its own."""
-        error = self._store_error(exc)
-        if error is not exc:
-            error.__cause__ = exc
-        return error
-
-    def _delete_job(self, client_id: str) -> None:
-        conn = self._db()
-        if client_id not in self._leases and session_id(conn, client_id) is None:
-            return
-        with self._leases.during(client_id), transaction(conn):
-            sid = session_id(conn, client_id)
-            if sid is not None:
-                delete_rows(conn, sid)
-
-    def _exists_job(self, client_id: str) -> bool:
-        row = self._db().execute(SELECT_META, (client_id,)).fetchone()
-        if row is None:
-            return False
-        try:
-            meta = meta_from_row(row)
-        except BadRow:
-            return True  # load() reports it (and quarantines it)
-        return not meta.expired(self._clock())
-
-    def _list_job(self) -> list[SessionInfo]:
-        return [
-            session_info(
-                client_id,
-                created_at=meta.created_at,
-                last_access=meta.last_access,
-                ttl=meta.ttl,
-                inflight=meta.inflight,
-                queued=meta.queued,
-                set_aside=meta.set_aside,
-            )
-            for client_id, meta in list_metas(self._db(), self._path)
-        ]
-
-    def _update_ttl_job(self, client_id: str, ttl: float | None) -> None:
-        self._leases.ensure(client_id)
-        conn = self._db()
-        now = self._clock()
-        with transaction(conn):
-            meta = self._meta_or_quarantine(conn, client_id)
-            if isinstance(meta, Meta) and meta.expired(now):
-                # An expired session counts as none: the TTL applies to a new, empty one.
-                delete_rows(conn, meta.sid)
-                meta = None
-            sid = meta.sid if isinstance(meta, Meta) else create_session(conn, client_id, now)
-            conn.execute(
-                "UPDATE sessions SET ttl = ?, last_access = ? WHERE sid = ?", (ttl, now, sid)
-            )
-
-    def _cleanup_job(self) -> int:
-        conn = self._db()
-        now = self._clock()
-        expired = [
-            client_id for client_id, meta in list_metas(self._db(), self._path) if meta.expired(now)
-        ]
-
-        def remove(client_ids: Sequence[str]) -> int:
-            removed = 0
-            with transaction(conn):
-                for client_id in client_ids:
-                    # Again under the write lock: its owner may have touched it since.
-                    row = conn.execute(SELECT_META, (client_id,)).fetchone()
-                    if row is None:
-                        continue
-                    try:
-                        meta = meta_from_row(row)
-                    except BadRow:
-                        continue
-                    if meta.expired(now):
-                        delete_rows(conn, meta.sid)
-                        removed += 1
-            return removed
-
-        return remove_expired(self._leases, expired, remove)
 
     # --- SessionStore ---------------------------------------------------------------------------
 
@@ -526,7 +126,7 @@ class SQLiteStore(StoreContext):
         Raises :class:`~mqtt_persist.errors.SessionLocked` when another process or another store
         holds it, or when this store already acquired it.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         await self._run(self._leases.acquire, client_id)
 
     async def release(self, client_id: str) -> None:
@@ -544,7 +144,7 @@ class SQLiteStore(StoreContext):
         :class:`~mqtt_persist.errors.SessionCorrupt` (its rows are quarantined) or
         :class:`~mqtt_persist.errors.SessionLocked` (another process holds it).
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         check_queued_limit(queued_limit)
         return await self._run(self._load_job, client_id, queued_limit)
 
@@ -555,7 +155,7 @@ class SQLiteStore(StoreContext):
         ones. Takes the lease if not held (a damaged row is quarantined). An unknown session
         gives [].
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         check_read_limit(limit)
         return await self._run(self._read_queued_job, client_id, after_seq, limit)
 
@@ -565,7 +165,7 @@ class SQLiteStore(StoreContext):
         Keeps ``created_at`` and the TTL; ``last_seq`` never decreases. Queued messages the
         snapshot does not contain are removed like everything else it does not contain.
         """
-        _check_client_id(state.client_id)
+        check_client_id(state.client_id)
         snapshot = state.copy()
         check_operations(snapshot.to_operations())  # refuse what cannot be stored, up front
         await self._run(self._save_job, snapshot)
@@ -580,7 +180,7 @@ class SQLiteStore(StoreContext):
         :class:`~mqtt_persist.stores.serialization.EncodeError` (nothing applied) for an
         operation that cannot be stored.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         batch = list(ops)
         check_operations(batch)
         await self._worker.run_gathered(self._apply_gathered_job, client_id, batch)
@@ -592,7 +192,7 @@ class SQLiteStore(StoreContext):
         Raises :class:`~mqtt_persist.errors.SessionLocked` when another process holds the
         session.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         await self._run(self._delete_job, client_id)
 
     async def exists(self, client_id: str) -> bool:
@@ -600,7 +200,7 @@ class SQLiteStore(StoreContext):
 
         A session with damaged metadata counts as existing: :meth:`load` reports it.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         return await self._run(self._exists_job, client_id)
 
     async def list_sessions(self) -> list[SessionInfo]:
@@ -613,47 +213,9 @@ class SQLiteStore(StoreContext):
         Creates an empty session when none is stored (an expired one counts as none). Counts as
         an access. Takes the lease if not held.
         """
-        _check_client_id(client_id)
+        check_client_id(client_id)
         await self._run(self._update_ttl_job, client_id, ttl_from(seconds))
 
     async def cleanup_expired(self) -> int:
         """Remove every expired session nobody holds a lease on; returns how many."""
         return await self._run(self._cleanup_job)
-
-
-def _apply_batch(
-    conn: sqlite3.Connection, client_id: str, ops: Sequence[Operation], now: float
-) -> None:
-    """Inside a transaction: one apply's batch (creating the session), stamped ``now``."""
-    if not ops:
-        conn.execute("UPDATE sessions SET last_access = ? WHERE client_id = ?", (now, client_id))
-        return
-    sid = session_id(conn, client_id)
-    if sid is None:
-        sid = create_session(conn, client_id, now)
-    else:
-        conn.execute("UPDATE sessions SET last_access = ? WHERE sid = ?", (now, sid))
-    _apply_rules(conn, sid, ops)
-
-
-def _damaged(exc: Exception) -> bool:
-    """Whether ``exc`` says the database file itself is damaged."""
-    return isinstance(exc, DamagedFile) or (
-        isinstance(exc, sqlite3.DatabaseError) and is_file_corruption(exc)
-    )
-
-
-def _copy_error(error: Exception, cause: BaseException) -> Exception:
-    """A copy of ``error`` for one more caller (one instance raised in many tasks would
-    collect all their tracebacks), made without calling its ``__init__``."""
-    duplicate = type(error).__new__(type(error))
-    duplicate.args = error.args
-    duplicate.__dict__.update(error.__dict__)
-    duplicate.__cause__ = cause
-    return duplicate
-
-
-def _apply_rules(conn: sqlite3.Connection, sid: int, ops: Sequence[Operation]) -> None:
-    """Apply operations through :data:`~.operations.HANDLERS`, a run of one type at a time."""
-    for op_type, group in itertools.groupby(ops, type):
-        HANDLERS[op_type](conn, sid, list(group))
