@@ -151,6 +151,9 @@ async def _stored_inbound_ids(spec: str, client_id: str) -> set[int]:
     store: SessionStore = store_from_spec(spec)
     await store.open()
     try:
+        # The dead child's lease is taken over the way the next child does it (a shared store
+        # reads a session only for its owner); close() gives it back.
+        await store.acquire(client_id)
         state = await store.load(client_id)
     finally:
         await store.close()
