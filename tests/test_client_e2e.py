@@ -279,7 +279,13 @@ async def test_broker_restart_with_persistence_resumes_session(
 
 def assert_in_order(payloads: list[bytes]) -> None:
     first_seen = list(dict.fromkeys(int(p) for p in payloads))
-    assert first_seen == sorted(first_seen), "messages on one topic left out of order"
+    late = next((i for i in range(1, len(first_seen)) if first_seen[i] < first_seen[i - 1]), None)
+    if late is not None:
+        around = first_seen[max(0, late - 25) : late + 5]
+        raise AssertionError(
+            f"messages on one topic left out of order: {first_seen[late]} first arrived after "
+            f"{first_seen[late - 1]}; first arrivals around it: {around}"
+        )
 
 
 # --- configuration and errors ------------------------------------------------------------------
