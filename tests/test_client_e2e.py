@@ -29,8 +29,10 @@ from mqtt_persist.protocol.packets import ProtocolVersion
 from tests.support.broker import BrokerFactory, MosquittoBroker
 from tests.support.observer import PahoObserver, paho_publish_async
 from tests.support.proxy import FaultProxy, ProxyFactory
+from tests.support.tally import wire_order_violations
 from tests.support.transports import Route
 from tests.support.waiting import until
+from tests.support.wire import PUBLISH, WirePacket
 
 pytestmark = pytest.mark.broker
 
@@ -182,7 +184,9 @@ async def test_connection_cut_while_messages_in_flight_loses_nothing(
     protocol: ProtocolVersion,
     transport: Route,
 ) -> None:
-    proxy = await proxy_factory(broker)
+    # mqtt=True: the proxy records what the client wrote (it then forwards whole packets, so a
+    # cut never tears one; tests/test_faults_network.py's "torn" fault covers that).
+    proxy = await proxy_factory(broker, mqtt=True)
     total = 400
     async with PahoObserver(broker.host, broker.port, "cut/#") as observer:
         async with client_for(
@@ -201,8 +205,15 @@ async def test_connection_cut_while_messages_in_flight_loses_nothing(
         )
     q2 = Counter(observer.payloads("cut/q2"))
     assert all(n == 1 for n in q2.values()), "QoS 2 delivered more than once"
-    assert_in_order(observer.payloads("cut/q1"))
-    assert_in_order(observer.payloads("cut/q2"))
+    # Order is the client's to keep on its side of the broker (§4.6: resends in their original
+    # order, then the rest): on each connection, and across them, each message first went out
+    # after every earlier one of its topic. The subscriber's order is not asserted: mosquitto
+    # 2.0.11 itself reorders a topic's QoS 1 messages for a subscriber whose outgoing queue is
+    # in use while QoS 2 messages share it, with a plain paho publisher and no fault at all
+    # (docs/reliability.md, "Limits"), which a loaded machine turns into a flaky failure here.
+    assert wire_order_violations(proxy.packets) == []
+    for topic in ("cut/q1", "cut/q2"):
+        assert_in_order(sent_payloads(proxy.packets, topic))
 
 
 async def test_stalled_connection_is_detected_by_keepalive(
@@ -275,6 +286,16 @@ async def test_broker_restart_with_persistence_resumes_session(
             lambda: {int(p) for p in observer.payloads()} >= set(range(100)), 20
         )
     assert all(n == 1 for n in Counter(observer.payloads("keep/q2")).values())
+
+
+def sent_payloads(packets: list[WirePacket], topic: str) -> list[bytes]:
+    """The payloads of the PUBLISH packets the client wrote on ``topic``, over every
+    connection, in the order the proxy read them (resends included)."""
+    return [
+        p.payload
+        for p in packets
+        if p.direction == "up" and p.type == PUBLISH and p.topic == topic and p.payload is not None
+    ]
 
 
 def assert_in_order(payloads: list[bytes]) -> None:
