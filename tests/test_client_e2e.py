@@ -29,8 +29,10 @@ from mqtt_persist.protocol.packets import ProtocolVersion
 from tests.support.broker import BrokerFactory, MosquittoBroker
 from tests.support.observer import PahoObserver, paho_publish_async
 from tests.support.proxy import FaultProxy, ProxyFactory
+from tests.support.tally import wire_order_violations
 from tests.support.transports import Route
 from tests.support.waiting import until
+from tests.support.wire import PUBLISH, WirePacket
 
 pytestmark = pytest.mark.broker
 
@@ -155,7 +157,7 @@ async def test_offline_publishes_reach_a_subscriber_in_order(
     protocol: ProtocolVersion,
     transport: Route,
 ) -> None:
-    proxy = await proxy_factory(broker)
+    proxy = await proxy_factory(broker, mqtt=True)  # records what the client wrote
     proxy.refuse(True)
     async with PahoObserver(broker.host, broker.port, "order/#") as observer:
         async with client_for(
@@ -166,10 +168,17 @@ async def test_offline_publishes_reach_a_subscriber_in_order(
             proxy.refuse(False)
             await client.drain(timeout=20)
         assert await observer.await_count(100), observer.count()
+        assert set(observer.payloads()) == {str(i).encode() for i in range(100)}
         # MQTT orders messages per topic and QoS (§4.6): the broker forwards a QoS 1 message
-        # at PUBLISH but a QoS 2 one only at PUBREL, so the two levels interleave freely.
-        assert observer.payloads("order/q1") == [str(i).encode() for i in range(0, 100, 2)]
-        assert observer.payloads("order/q2") == [str(i).encode() for i in range(1, 100, 2)]
+        # at PUBLISH but a QoS 2 one only at PUBREL, so the two levels interleave freely. The
+        # order is checked where the client keeps it, on its wire: mosquitto 2.0.11 reorders
+        # QoS 1 for a subscriber it queues for (see the connection-cut test below).
+        assert sent_payloads(proxy.packets, "order/q1") == [
+            str(i).encode() for i in range(0, 100, 2)
+        ]
+        assert sent_payloads(proxy.packets, "order/q2") == [
+            str(i).encode() for i in range(1, 100, 2)
+        ]
 
 
 # --- faults ------------------------------------------------------------------------------------
@@ -182,7 +191,9 @@ async def test_connection_cut_while_messages_in_flight_loses_nothing(
     protocol: ProtocolVersion,
     transport: Route,
 ) -> None:
-    proxy = await proxy_factory(broker)
+    # mqtt=True: the proxy records what the client wrote (it then forwards whole packets, so a
+    # cut never tears one; tests/test_faults_network.py's "torn" fault covers that).
+    proxy = await proxy_factory(broker, mqtt=True)
     total = 400
     async with PahoObserver(broker.host, broker.port, "cut/#") as observer:
         async with client_for(
@@ -201,8 +212,15 @@ async def test_connection_cut_while_messages_in_flight_loses_nothing(
         )
     q2 = Counter(observer.payloads("cut/q2"))
     assert all(n == 1 for n in q2.values()), "QoS 2 delivered more than once"
-    assert_in_order(observer.payloads("cut/q1"))
-    assert_in_order(observer.payloads("cut/q2"))
+    # Order is the client's to keep on its side of the broker (§4.6: resends in their original
+    # order, then the rest): on each connection, and across them, each message first went out
+    # after every earlier one of its topic. The subscriber's order is not asserted: mosquitto
+    # 2.0.11 itself reorders a topic's QoS 1 messages for a subscriber whose outgoing queue is
+    # in use while QoS 2 messages share it, with a plain paho publisher and no fault at all
+    # (docs/reliability.md, "Limits"), which a loaded machine turns into a flaky failure here.
+    assert wire_order_violations(proxy.packets) == []
+    for topic in ("cut/q1", "cut/q2"):
+        assert_in_order(sent_payloads(proxy.packets, topic))
 
 
 async def test_stalled_connection_is_detected_by_keepalive(
@@ -277,9 +295,25 @@ async def test_broker_restart_with_persistence_resumes_session(
     assert all(n == 1 for n in Counter(observer.payloads("keep/q2")).values())
 
 
+def sent_payloads(packets: list[WirePacket], topic: str) -> list[bytes]:
+    """The payloads of the PUBLISH packets the client wrote on ``topic``, over every
+    connection, in the order the proxy read them (resends included)."""
+    return [
+        p.payload
+        for p in packets
+        if p.direction == "up" and p.type == PUBLISH and p.topic == topic and p.payload is not None
+    ]
+
+
 def assert_in_order(payloads: list[bytes]) -> None:
     first_seen = list(dict.fromkeys(int(p) for p in payloads))
-    assert first_seen == sorted(first_seen), "messages on one topic left out of order"
+    late = next((i for i in range(1, len(first_seen)) if first_seen[i] < first_seen[i - 1]), None)
+    if late is not None:
+        around = first_seen[max(0, late - 25) : late + 5]
+        raise AssertionError(
+            f"messages on one topic left out of order: {first_seen[late]} first arrived after "
+            f"{first_seen[late - 1]}; first arrivals around it: {around}"
+        )
 
 
 # --- configuration and errors ------------------------------------------------------------------
