@@ -43,3 +43,11 @@ def test_every_exported_name_is_documented_and_every_documented_error_exists() -
     row = next(line for line in README.splitlines() if line.startswith("| `MqttPersistError`"))
     for name in set(re.findall(r"`([A-Z][A-Za-z]+)`", row)) - {"TimeoutError"}:
         assert name in exported, f"README names {name}, which mqtt_persist does not export"
+    errors = {
+        name
+        for name in exported
+        if isinstance(getattr(mqtt_persist, name), type)
+        and issubclass(getattr(mqtt_persist, name), BaseException)
+    }
+    missing = errors - set(re.findall(r"`([A-Z][A-Za-z]+)`", row))
+    assert not missing, f"the README's error row leaves out {sorted(missing)}"
