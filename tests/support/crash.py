@@ -2,12 +2,13 @@
 
 Shared by the crash tests, ``benchmarks/crash_figures.py`` and ``benchmarks/fault_matrix.py``.
 One run: start the child on a durable store, wait until it reported its first accepted message,
-kill it with SIGKILL at a random moment after that, start it again on the same store from the
-message after the last one it reported accepted, ``cycles`` times; then let a last child finish
-and drain. Waiting for the first accepted message (an event, not a time) makes every kill land
-while a child is publishing, however slowly a loaded machine starts it; ``accepted_per_kill``
-records how many each killed child had accepted. Every message ``publish()`` returned for must
-arrive (QoS 1 at least once, QoS 2 exactly once), in order per topic.
+kill it with SIGKILL once it reported a random number of accepted messages, start it again on
+the same store from the message after the last one it reported accepted, ``cycles`` times; then
+let a last child finish and drain. Counting accepted messages (events, not time) makes every
+kill land while a child is publishing, however fast the child or slow the machine;
+``accepted_per_kill`` records how many each killed child had accepted. Every message
+``publish()`` returned for must arrive (QoS 1 at least once, QoS 2 exactly once), in order
+per topic.
 
 Exactly one message per kill may legitimately be published twice *by the test*: the one whose
 ``publish()`` had stored it but not yet returned when the kill landed; the next child, starting
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,15 +108,16 @@ def run_kill_cycles(
     total: int = 1000,
     client_id: str = "killed-child",
     seed: int = 1,
-    window: tuple[float, float] = (0.0, 0.05),
     first_message_timeout: float = 60.0,
     protocol: int | None = None,
     transport: str = "tcp",
 ) -> CrashFigures:
     """Kill a publishing child ``cycles`` times (fewer if it finishes first); see the module.
 
-    Each kill lands ``window`` seconds (uniformly drawn) after the child reported its first
-    accepted message. ``protocol`` (4 or 5) is the MQTT version the child speaks; None: the
+    Each kill lands once the child reported a randomly drawn number of accepted messages (on
+    average the share of the rest that leaves every cycle a kill; counted, not timed, so a
+    fast child or a slow machine changes neither how many kills land nor where), or after 10 s
+    of waiting for them. ``protocol`` (4 or 5) is the MQTT version the child speaks; None: the
     client's default. ``transport="websockets"`` puts a WebSocket bridge
     (:class:`~tests.support.ws_bridge.ThreadedBridge`) between the children and the recording
     proxy, so the children speak MQTT over WebSockets.
@@ -152,7 +155,11 @@ def run_kill_cycles(
             if not first.wait(first_message_timeout):
                 child.kill()
                 raise RuntimeError(f"child accepted nothing in {first_message_timeout}s")
-            reader.join(rng.uniform(*window))
+            share = max(1, (total - start) // (cycles - figures.kills + 1))
+            target = rng.randint(1, 2 * share)
+            deadline = time.monotonic() + 10.0
+            while len(lines) < target and reader.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.0005)
             child.send_signal(signal.SIGKILL)
             child.wait()
             reader.join()
