@@ -17,9 +17,10 @@ what makes it exhaustively testable (tests/test_session.py drives it packet by p
 
 :class:`Session` owns the connection: its state (changed only through the table in
 ``transitions.py``), which packets each state accepts (:meth:`Session._packet_table`), CONNACK,
-keepalive, and the output. The rest is delegated to one part per job: ``outgoing_queue.py``
-(accepted messages waiting for the window), ``outbound.py`` (the in-flight window and outgoing
-QoS 1/2 flows), ``inbound.py`` (messages from the broker) and ``subscriptions.py``.
+keepalive, and the output; its counters and read-only views are in ``queries.py``. The rest
+is delegated to one part per job: ``outgoing_queue.py`` (accepted messages waiting for the
+window), ``outbound.py`` (the in-flight window and outgoing QoS 1/2 flows), ``inbound.py``
+(messages from the broker) and ``subscriptions.py``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from mqtt_persist.session.outgoing_queue import OutgoingQueue, from_stored, to_s
 from mqtt_persist.session.output import Outbox, PendingOutput
 from mqtt_persist.session.packet_ids import PacketIdAllocator
 from mqtt_persist.session.poison import PoisonGuard
+from mqtt_persist.session.queries import SessionQueries
 from mqtt_persist.session.state import (
     ProtocolVersionSet,
     SessionState,
@@ -92,7 +94,7 @@ __all__ = [
 PacketHandler = Callable[[Any], None]
 
 
-class Session:
+class Session(SessionQueries):
     """A client session: connection state, keepalive, and the parts that do the rest. No I/O."""
 
     def __init__(
@@ -116,7 +118,7 @@ class Session:
             self._outbound, self._out, after=config.poison_after, window=config.poison_window
         )
         #: What the current (or last) connection allows.
-        self.terms: ConnectionTerms = initial_terms(config, config.protocol_version)
+        self.terms = initial_terms(config, config.protocol_version)
         self._inbound = InboundFlows(
             self._out,
             manual_ack=config.manual_ack,
@@ -210,56 +212,6 @@ class Session:
         """Where the current connection stands (the durable state is :class:`SessionState`)."""
         return self._connection_state
 
-    @property
-    def queued(self) -> int:
-        """Messages waiting for the in-flight window (or for a connection)."""
-        return self._queue.queued
-
-    @property
-    def queued_in_memory(self) -> int:
-        """Queued messages held in memory (the rest are read back from the store when due)."""
-        return self._queue.in_memory
-
-    @property
-    def inflight(self) -> int:
-        """QoS 1/2 messages sent (or to be resent) and not yet acknowledged."""
-        return len(self._outbound.inflight)
-
-    @property
-    def queue_is_full(self) -> bool:
-        """``max_queued`` messages are waiting (never, when it is 0)."""
-        return self._queue.is_full
-
-    @property
-    def subscriptions(self) -> dict[str, int]:
-        """Filters the session wants, with their requested QoS."""
-        return {f: s.qos for f, s in self._subscriptions.wanted.items()}
-
-    @property
-    def stored_subscriptions(self) -> dict[str, StoredSubscription]:
-        """Filters the session wants, with their options and subscription identifiers."""
-        return dict(self._subscriptions.wanted)
-
-    @property
-    def is_idle(self) -> bool:
-        """Nothing left to deliver: no queued or in-flight messages."""
-        return not self._outbound.inflight and not self._queue.queued
-
-    @property
-    def dropped(self) -> int:
-        """Messages dropped because the queue was full."""
-        return self._queue.dropped
-
-    @property
-    def in_doubt(self) -> int:
-        """QoS 2 messages past PUBREC when a broker lost the session (reported IN_DOUBT)."""
-        return self._outbound.in_doubt
-
-    @property
-    def downgraded(self) -> int:
-        """QoS 2 messages the broker completed with PUBACK (it downgraded them to QoS 1)."""
-        return self._outbound.downgraded
-
     def retry_set_aside(self, seq: int) -> int:
         """Publish a set-aside message again, as a new message at the end of the queue.
 
@@ -271,62 +223,6 @@ class Session:
         new_seq = self.publish(m.topic, m.payload, m.qos, m.retain, m.properties, m.expires_at)
         self.poison.take(seq)
         return new_seq
-
-    @property
-    def requeued(self) -> int:
-        """Messages published again as new because a broker lost the session."""
-        return self._outbound.requeued
-
-    @property
-    def expired(self) -> int:
-        """Messages whose MQTT 5 Message Expiry Interval passed before the broker took them."""
-        return self._outbound.expired
-
-    @property
-    def refused(self) -> int:
-        """Messages the broker refused (MQTT 5 reason codes) or announced it cannot take."""
-        return self._outbound.refused
-
-    @property
-    def protocol_version(self) -> int:
-        """The protocol of the current (or last) connection: 4 (3.1.1) or 5."""
-        return self.terms.protocol_version
-
-    @property
-    def duplicates_suppressed(self) -> int:
-        """Resent inbound QoS 2 messages acknowledged without delivering them again."""
-        return self._inbound.duplicates_suppressed
-
-    @property
-    def unread(self) -> int:
-        """Messages handed to the application and not yet read (counted with manual
-        acknowledgement or ``max_unread`` only)."""
-        return self._inbound.acks.unread
-
-    @property
-    def unread_peak(self) -> int:
-        """The highest :attr:`unread` so far."""
-        return self._inbound.acks.unread_peak
-
-    @property
-    def held_back(self) -> int:
-        """QoS 1/2 messages received beyond ``max_unread``: not handed out, not acknowledged."""
-        return self._inbound.acks.held
-
-    @property
-    def shed(self) -> int:
-        """QoS 1/2 messages let go unacknowledged past the held bound (sent again later)."""
-        return self._inbound.acks.shed
-
-    @property
-    def wants_reconnect(self) -> bool:
-        """The shell should renew the connection so that the broker resends shed messages."""
-        return self._inbound.acks.wants_reconnect
-
-    @property
-    def unacknowledged(self) -> int:
-        """Inbound QoS 1/2 messages whose PUBACK/PUBREC has not gone out yet (deferred)."""
-        return self._inbound.acks.unacknowledged
 
     def has_output(self) -> bool:
         """Something is waiting to be taken."""
