@@ -94,6 +94,10 @@ __all__ = [
 PacketHandler = Callable[[Any], None]
 
 
+#: Acknowledgements of our PUBLISHes: one on a connection shows it made progress.
+_PUBLISH_ACKS = frozenset({PubAck, PubRec, PubComp})
+
+
 class Session(SessionQueries):
     """A client session: connection state, keepalive, and the parts that do the rest. No I/O."""
 
@@ -139,8 +143,11 @@ class Session(SessionQueries):
         self._lost_requeued = 0
         self._lost_in_doubt = 0
         self._last_sent = 0.0
-        # Whether the broker sent anything after our last write (poison messages).
+        # Whether the broker sent anything after our last write, and whether it acknowledged
+        # any PUBLISH on this connection (poison messages: a connection that made progress
+        # was cut, not refused).
         self._heard_since_sent = False
+        self._acked_on_connection = False
         self._ping_sent_at: float | None = None
         #: The protocol level the stored session was made with (None: never connected).
         self._stored_protocol: int | None = None
@@ -327,6 +334,7 @@ class Session(SessionQueries):
         """
         self._fire(Trigger.CONNECT)  # RuntimeError unless disconnected
         self.generation += 1
+        self._acked_on_connection = False
         cfg = self.config
         version = cfg.protocol_version if protocol_version is None else protocol_version
         self._set_terms(initial_terms(cfg, version))
@@ -382,7 +390,11 @@ class Session(SessionQueries):
         closed the connection, if it did (not a keepalive timeout, a protocol error or our own
         close): a broker hanging up right after a message counts against it (poison.py).
         """
-        if self._connection_state is ConnectionState.READY and closed_by_broker_at is not None:
+        if (
+            self._connection_state is ConnectionState.READY
+            and closed_by_broker_at is not None
+            and not self._acked_on_connection
+        ):
             quiet = None if self._heard_since_sent else closed_by_broker_at - self._last_sent
             self.poison.connection_ended(quiet_for=quiet)
         elif self._connection_state is ConnectionState.READY:
@@ -430,6 +442,8 @@ class Session(SessionQueries):
         # Any packet proves the link alive; a PINGRESP is not required specifically.
         self._ping_sent_at = None
         self._heard_since_sent = True
+        if type(packet) in _PUBLISH_ACKS:
+            self._acked_on_connection = True
         handler = self._accepts.get(type(packet))
         if handler is None:
             name = type(packet).__name__.upper()

@@ -8,6 +8,10 @@ connection and hold back every message behind it, across restarts too.
 The rule. A connection *strikes* a message when all of this holds as it ends:
 
 * it had reached READY (a connection lost before CONNACK says nothing about a message);
+* the broker acknowledged no PUBLISH on it (no PUBACK, PUBREC or PUBCOMP): a connection that
+  made progress and then ended was cut, by the network or the broker's own trouble, not ended
+  over one message. A refusing broker (nats-server) hangs up on the message it is resent first;
+  a flaky network cuts connections that were carrying acknowledgements;
 * it ended within ``poison_window`` seconds of our last write, and nothing arrived from the
   broker after that write (no acknowledgement, no PINGRESP: the broker went silent and hung up);
 * the message is the oldest (lowest sequence number) PUBLISH written on that connection that is
