@@ -7,9 +7,12 @@ A CONNACK alone does not start the delays again from ``initial``: a broker that 
 connection and closes it at once (nats-server does, on a PUBLISH it will not take) would
 otherwise be reconnected to without pause. Only a connection that stayed up ``reset_after``
 seconds and on which the broker sent something after CONNACK (an acknowledgement, a message, a
-PINGRESP) resets them. Whatever the delays, at most ``max_per_minute`` connections are opened to
-the broker in any 60 seconds (an attempt whose TCP connect fails is paced by the delays alone:
-it costs the broker nothing, and a broker that is down for a minute must not cost a minute more).
+PINGRESP) resets them. Whatever the delays, at most ``max_per_minute`` connections that got
+nowhere are opened to the broker in any 60 seconds: connections that ended without the broker
+sending anything after CONNACK. An attempt whose TCP connect fails is paced by the delays alone
+(it costs the broker nothing, and a broker that is down for a minute must not cost a minute
+more), and so is a connection that carried traffic before it was cut (a flaky network is not
+a broker refusing us).
 """
 
 from __future__ import annotations

@@ -229,6 +229,33 @@ async def test_refused_tcp_connects_do_not_count_against_the_cap(
     assert "connections opened to the broker" not in caplog.text
 
 
+async def test_connections_cut_after_carrying_traffic_do_not_count_against_the_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flaky network cuts connections that were working: the broker acknowledged a message
+    on each before the cut. That is not a broker refusing us, and the cap must not stall it."""
+
+    async def script(conn: FakeConnection, index: int) -> None:
+        await conn.expect(Connect)
+        await conn.send(ConnAck(index > 0, 0))
+        publish = await conn.expect(Publish)
+        await conn.send(PubAck(publish.packet_id))  # type: ignore[arg-type]
+        # ...and the link dies.
+
+    backoff = Backoff(initial=0.01, maximum=0.01, minimum=0.001, max_per_minute=3)
+    async with (
+        ScriptedBroker(script) as fake,
+        PersistentClient(
+            fake.host, fake.port, client_id="cut", backoff=backoff, protocol=V311,
+            exit_timeout=0,
+        ) as client,
+    ):  # fmt: skip
+        for i in range(8):
+            await client.publish("t", str(i).encode(), qos=1)
+        await until(lambda: fake.connections >= 8, 10, "eight connections, each acknowledging")
+    assert "connections opened to the broker in the last minute" not in caplog.text
+
+
 # --- protocol="auto": fall back to 3.1.1 on evidence, not on any close ----------------------------
 
 

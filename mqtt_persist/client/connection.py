@@ -235,9 +235,14 @@ class ConnectionSupervisor:
                     self._log.info("connection to %s lost: %s", options.broker_address, reason)
             finally:
                 self._settle_probe()
-                # A connection we ended ourselves (renew()) says nothing about the broker: it
-                # neither spends the connections-a-minute budget nor waits a backoff delay.
-                if self._opened_at is not None and not self._renewed_here():
+                # The budget is for connections that got nowhere: one the broker answered after
+                # CONNACK was cut, not refused (a flaky network must not cost a minute's wait),
+                # and one we ended ourselves (renew()) says nothing about the broker at all.
+                if (
+                    self._opened_at is not None
+                    and not self._heard_after_ready
+                    and not self._renewed_here()
+                ):
                     budget.started(self._opened_at)
             if self._closing():
                 return
