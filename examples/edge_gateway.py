@@ -21,9 +21,12 @@ already has. For QoS 2 that would be a duplicate end to end, so the gateway keep
 
 After a restart, a ``pending`` entry counts as forwarded if the upstream store holds a message
 with forward number N (nothing can have left that store between its commit and step 2: the
-process was dead), and the first message the local broker delivers again, with packet ID P and
-the DUP flag, is then acknowledged without forwarding it a second time. Messages are handled
-one at a time and acknowledged in order, so only that one can be in between.
+process was dead). A forwarded message is then *awaited*: the log keeps its packet ID P and a
+digest of its topic and payload, and when the local broker delivers it again (packet ID P, the
+DUP flag, the same digest) it is acknowledged without forwarding it a second time. It is
+awaited whenever it comes, not only first: a broker may resend other messages ahead of it
+(mosquitto 2.0.11 reorders), and one that already had our PUBREC never resends it, so the wait
+ends after ``AWAIT_LIMIT`` more messages (a packet ID comes back only after 65,535 others).
 
 Both brokers need to keep this gateway's sessions (mosquitto does by default).
 """
@@ -49,6 +52,8 @@ from mqtt_persist.protocol.properties import decode_properties
 LOCAL_ID = "gateway-local"
 UPSTREAM_ID = "gateway-upstream"
 FORWARD_PROPERTY = "gateway-forward"
+#: Messages after which an awaited redelivery is given up (see the module docstring).
+AWAIT_LIMIT = 1000
 
 
 class ForwardLog:
@@ -66,8 +71,10 @@ class ForwardLog:
             self.entry = json.loads(path.read_text())
 
     def write(self, **entry: Any) -> None:
-        """Replace the entry; ``next`` (the next forward number) carries over unless given."""
-        self.entry = {"next": self.entry["next"], **entry}
+        """Replace the entry; ``next`` (the next forward number) and ``awaiting`` (a forwarded
+        message its local broker may deliver again) carry over unless given."""
+        carried = {"next": self.entry["next"], "awaiting": self.entry.get("awaiting", [])}
+        self.entry = {**carried, **entry}
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             json.dump(self.entry, f)
@@ -105,9 +112,19 @@ async def recover(log: ForwardLog, upstream_store: Path) -> None:
         log.write(state="idle")
 
 
+def await_redelivery(log: ForwardLog) -> None:
+    """After a restart: a message that was forwarded but maybe not acknowledged locally is
+    awaited (its redelivery acknowledged, not forwarded), however late it comes."""
+    entry = log.entry
+    if entry["state"] == "forwarded":
+        awaited = {"packet_id": entry["packet_id"], "digest": entry["digest"], "left": AWAIT_LIMIT}
+        log.write(state="idle", awaiting=[*entry.get("awaiting", []), awaited])
+
+
 async def run(local: tuple[str, int], upstream: tuple[str, int], store: Path, topic: str) -> None:
     log = ForwardLog(store / "forward.json")
     await recover(log, store / "upstream")
+    await_redelivery(log)
     backoff = Backoff(initial=0.05, maximum=1.0)
     async with (
         PersistentClient(
@@ -126,19 +143,24 @@ async def run(local: tuple[str, int], upstream: tuple[str, int], store: Path, to
         # whoever started us that the local broker now keeps messages for the gateway.
         await (await down.subscribe(topic, qos=2))
         print("READY", flush=True)
-        first = True
         async for message in down.messages:
             entry = log.entry
-            again = (
-                first
-                and message.qos
-                and entry["state"] == "forwarded"
-                and message.dup
-                and message.packet_id == entry["packet_id"]
-                and digest(message) == entry["digest"]
-            )
-            first = first and not message.qos
-            if again:
+            awaiting = entry.get("awaiting", [])
+            match = None
+            if message.qos and message.dup:
+                match = next(
+                    (
+                        a
+                        for a in awaiting
+                        if a["packet_id"] == message.packet_id and a["digest"] == digest(message)
+                    ),
+                    None,
+                )
+            if awaiting and message.qos:
+                # Each awaited redelivery is given up after AWAIT_LIMIT other messages.
+                rest = [{**a, "left": a["left"] - 1} for a in awaiting if a is not match]
+                log.write(state=entry["state"], awaiting=[a for a in rest if a["left"] > 0])
+            if match is not None:
                 print(f"ALREADY {message.payload.decode(errors='replace')}", flush=True)
             elif message.qos == 0:
                 await up.publish(message.topic, message.payload, 0, message.retain)
