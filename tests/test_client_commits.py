@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
 from mqtt_persist import FileStore, PersistentClient, SQLiteStore
@@ -40,12 +41,25 @@ async def test_a_sequential_publish_costs_one_commit(
     ) as client:
         await client.wait_connected(10)
         seqs = []
+        offline = 0
         for i in range(count):
+            # The rule holds while the window has room; a broker's Receive Maximum (MQTT 5)
+            # can be 20, and PUBACKs lag on a loaded machine: keep well inside it.
+            with anyio.fail_after(20):
+                while client.stats.inflight >= 10:
+                    await anyio.sleep(0.005)
             before = len(recorder.calls)
+            connections = client.stats.connections
+            connected = client.is_connected
             delivery = await client.publish("commits/t", str(i).encode(), qos=qos)
             seqs.append(delivery.seq)
-            # The window (100) always has room here: this publish's message and its packet ID
-            # were committed together, by exactly one apply that ran during the call.
+            if not connected or client.stats.connections != connections:
+                # No connection, no packet ID yet: it comes with the next connection's batch.
+                # (A loaded machine can drop one; the rule is about connected publishes.)
+                offline += 1
+                continue
+            # The window has room here: this publish's message and its packet ID were
+            # committed together, by exactly one apply that ran during the call.
             added = recorder.call_of(MessageAdded, delivery.seq)
             assigned = recorder.call_of(PacketIdAssigned, delivery.seq)
             assert added == assigned, f"message {i}: MessageAdded and PacketIdAssigned split"
@@ -57,3 +71,4 @@ async def test_a_sequential_publish_costs_one_commit(
             assert len(publish_commits) == 1, f"message {i}: {len(publish_commits)} commits"
         await client.drain(20)
     assert len(seqs) == count
+    assert offline <= count // 10, f"{offline} of {count} publishes found no connection"
