@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import anyio
 import pytest
 
 from mqtt_persist import FileStore, PersistentClient, SQLiteStore
@@ -18,6 +17,7 @@ from mqtt_persist.session.state import MessageAdded, PacketIdAssigned
 from mqtt_persist.stores.base import SessionStore
 from tests.support.apply_recorder import ApplyRecorder
 from tests.support.broker import MosquittoBroker
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.broker
 
@@ -45,9 +45,7 @@ async def test_a_sequential_publish_costs_one_commit(
         for i in range(count):
             # The rule holds while the window has room; a broker's Receive Maximum (MQTT 5)
             # can be 20, and PUBACKs lag on a loaded machine: keep well inside it.
-            with anyio.fail_after(20):
-                while client.stats.inflight >= 10:
-                    await anyio.sleep(0.005)
+            await until(lambda: client.stats.inflight < 10, 20, "room in the window")
             before = len(recorder.calls)
             connections = client.stats.connections
             connected = client.is_connected
