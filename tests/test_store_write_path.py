@@ -204,10 +204,12 @@ async def test_sessions_of_one_store_share_sync_rounds(
     await gate.wait_entered()
     gate.open()
     await running
-    # While the first sync was held every other session wrote its record: one round took
-    # them all, one sync per session in it.
+    # The sync thread may take the first round as soon as one or two sessions have written
+    # (it races the event loop), but while that round's sync was held every other session
+    # wrote its record: the next round took all of them, one sync per session in it.
     assert sum(rounds) == 100
-    assert max(rounds) >= 9, rounds
+    assert rounds[1] >= len(clients) - rounds[0], rounds
+    assert max(rounds) >= len(clients) // 2, rounds
     assert len(rounds) <= 92
     assert len(gate.calls) == 100  # a session has one record per round: one sync each
     # The sessions of a round were synced side by side (the file system commits them at once).
