@@ -216,6 +216,9 @@ class TcpStream(ByteStream):
         protocol = self._protocol
         if self._closed:
             raise anyio.ClosedResourceError
+        if protocol.writer is not None:
+            # A second writer would take the first one's wake-up and leave it waiting forever.
+            raise anyio.BusyResourceError("writing")
         if protocol.lost or self._transport.is_closing():
             raise anyio.BrokenResourceError from protocol.exception
         self._transport.write(item)

@@ -182,6 +182,48 @@ async def test_malformed_packets_end_the_connection_and_the_client_reconnects(
     assert why in log.split("lost: ", 1)[1]
 
 
+async def test_a_protocol_error_while_the_flusher_waits_to_write_does_not_wedge_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # MQTT 5 tells the broker why it hangs up on a protocol error (a DISCONNECT with a reason
+    # code). That write must not race the flusher's: here the broker stops reading, so the
+    # flusher waits in send() for the socket to drain when the malformed packet arrives. A
+    # second writer on the stream took the flusher's wake-up and left it waiting forever: no
+    # pass ran again, not even on the next connection.
+    caplog.set_level(logging.DEBUG, logger="mqtt_persist")
+    flooded = anyio.Event()
+
+    async def script(conn: FakeConnection, index: int) -> None:
+        await hostile.accept(conn)
+        if index:
+            await hostile.behave(conn)
+            return
+        await flooded.wait()  # reading nothing meanwhile: the client's socket buffer fills
+        await conn.send_raw(b"\x30\x06\x00\x01t\x02\x7f\x00")  # an unknown property
+        await anyio.sleep(1.5)  # longer than the client waits for its goodbye to be written
+        await hostile.until_client_leaves(conn)
+
+    with anyio.fail_after(30):
+        async with (
+            ScriptedBroker(script) as fake,
+            PersistentClient(
+                fake.host, fake.port, client_id="wedge", backoff=FAST, protocol=V5
+            ) as client,
+        ):  # fmt: skip
+            await client.wait_connected(10)
+            for _ in range(64):  # 16 MB at QoS 0: far more than the socket buffers hold
+                await client.publish("bulk", b"x" * (256 << 10))
+            await anyio.sleep(0.5)  # the flusher is now waiting for the socket
+            flooded.set()
+            await until(lambda: fake.connections >= 2, 20, "a reconnect")
+            with anyio.fail_after(10):
+                delivery = await client.publish("after", b"1", qos=1)
+                await delivery
+    assert not fake.errors, fake.errors
+    _no_errors_logged(caplog)
+    assert "unknown property identifier" in caplog.text
+
+
 async def test_a_flood_of_user_properties_within_the_limit_is_decoded_in_bounded_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

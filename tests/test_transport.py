@@ -102,6 +102,25 @@ async def test_send_waits_while_the_peer_does_not_read_then_completes(server: _S
     writer.close()
 
 
+async def test_a_second_writer_while_one_waits_is_refused(server: _Server) -> None:
+    """One writer at a time: a second one would take the first one's wake-up, which then
+    waited forever (the client's flusher did, after an MQTT 5 goodbye raced it)."""
+    stream, reader, writer = await _connect(server)
+    block = b"z" * (1024 * 1024)
+    sending = asyncio.ensure_future(_send_many(stream, block, 16))
+    await asyncio.sleep(0.2)
+    assert not sending.done()
+    with pytest.raises(anyio.BusyResourceError), anyio.fail_after(5):
+        await stream.send(b"second")
+    received = await asyncio.wait_for(reader.readexactly(16 * len(block)), 20)
+    await asyncio.wait_for(sending, 5)  # the first writer was woken and finished
+    assert received == block * 16
+    await stream.send(b"after")  # and the stream takes writes again
+    assert await asyncio.wait_for(reader.readexactly(5), 5) == b"after"
+    await stream.aclose()
+    writer.close()
+
+
 async def _send_many(stream: TcpStream, block: bytes, times: int) -> None:
     for _ in range(times):
         await stream.send(block)

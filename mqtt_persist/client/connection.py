@@ -137,6 +137,12 @@ class ConnectionSupervisor:
         self._options = options
         # The generation ended by renew(): its stream takes no more writes.
         self._ended = 0
+        # The generation being closed after a protocol error: the flusher writes nothing more
+        # on it (renew()'s _ended says more than that: it also paces the reconnect).
+        self._silenced = 0
+        # A send() is waiting for the stream: nobody else may write on it meanwhile (a second
+        # writer on a stream would take the first one's wake-up, or interleave TLS records).
+        self._writing = False
         self._log = log
         self._ready = ready
         self._wake_flusher = wake_flusher
@@ -348,10 +354,16 @@ class ConnectionSupervisor:
         reconnects; the session resends whatever was not acknowledged.
         """
         stream = self._stream
-        if stream is None or self._generation != generation or self._ended == generation:
+        if (
+            stream is None
+            or self._generation != generation
+            or self._ended == generation
+            or self._silenced == generation
+        ):
             return
         version = self._version
         data = b"".join([encode(packet, version) for packet in packets])
+        self._writing = True
         try:
             await stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -359,6 +371,8 @@ class ConnectionSupervisor:
             if not isinstance(exc, anyio.ClosedResourceError):
                 self._peer_hung_up = True  # the broker closed its end
             await self.drop()
+        finally:
+            self._writing = False
 
     async def renew(self, generation: int) -> None:
         """End connection ``generation`` cleanly so that the supervisor connects again.
@@ -426,8 +440,10 @@ class ConnectionSupervisor:
                         await self._read_loop(stream, connack_deadline, tasks, task_status)
                 except ProtocolError as exc:
                     error = exc
-                    if version == MQTT_5:
+                    self._silenced = self._generation
+                    if version == MQTT_5 and not self._writing:
                         # Tell the broker why; best effort, the connection ends either way.
+                        # Not while the flusher waits to write: one writer at a time.
                         await _say_goodbye(stream, exc.reason_code)
                 except Exception as exc:
                     error = exc
