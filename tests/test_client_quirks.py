@@ -37,6 +37,7 @@ from tests.support.waiting import until
 
 FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
 V311 = ProtocolVersion.V311
+V5 = ProtocolVersion.V5
 
 
 async def test_a_subscribe_superseded_by_an_unsubscribe_is_not_reported_refused(
@@ -287,7 +288,8 @@ async def test_auto_keeps_3_1_1_once_the_broker_closed_5_and_accepted_3_1_1() ->
     ):
         await until(lambda: len(seen) >= 6, 10, "six connections")
         assert client.protocol_version is V311
-    assert seen[:6] == [5, 4, 4, 4, 4, 4]
+    # Two unanswered MQTT 5 CONNECTs in a row, then 3.1.1 accepted: 3.1.1 for good.
+    assert seen[:6] == [5, 5, 4, 4, 4, 4]
 
 
 async def test_auto_tries_5_again_when_3_1_1_was_not_accepted_either() -> None:
@@ -298,5 +300,55 @@ async def test_auto_tries_5_again_when_3_1_1_was_not_accepted_either() -> None:
         ScriptedBroker(script) as fake,  # type: ignore[arg-type]
         PersistentClient(fake.host, fake.port, client_id="auto-retry", backoff=FAST),
     ):
-        await until(lambda: len(seen) >= 4, 10, "four connections")
-    assert seen[:4] == [5, 4, 5, 4]
+        await until(lambda: len(seen) >= 6, 10, "six connections")
+    assert seen[:6] == [5, 5, 4, 5, 5, 4]
+
+
+async def test_auto_keeps_mqtt_5_after_one_connect_cut_unanswered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One MQTT 5 CONNECT closed unanswered (a network cut on the CONNECT, a broker going
+    down) is not evidence against MQTT 5: the client tries 5 again and stays on it (formerly it
+    probed 3.1.1, which this broker accepts too, and kept 3.1.1 for its lifetime)."""
+    caplog.set_level(logging.INFO, logger="mqtt_persist")
+    seen: list[int] = []
+
+    async def script(conn: FakeConnection, index: int) -> None:
+        await conn.expect(Connect)
+        seen.append(conn.protocol_version)
+        if index == 0:
+            return  # the cut: closed without CONNACK
+        await conn.send(ConnAck(False, 0))
+        await asyncio.sleep(10)
+
+    async with (
+        ScriptedBroker(script) as fake,
+        PersistentClient(fake.host, fake.port, client_id="auto-cut", backoff=FAST) as client,
+    ):
+        await client.wait_connected(10)
+        assert client.protocol_version is V5
+    assert seen == [5, 5]
+    assert "trying MQTT 5 once more" in caplog.text
+    assert "trying MQTT 3.1.1" not in caplog.text
+
+
+async def test_auto_without_reconnect_probes_3_1_1_after_two_unanswered_connects() -> None:
+    """reconnect=False gets the same three attempts, in ``__aenter__``: 5, 5, then 3.1.1."""
+    seen: list[int] = []
+
+    async def script(conn: FakeConnection, index: int) -> None:
+        await conn.expect(Connect)
+        seen.append(conn.protocol_version)
+        if conn.protocol_version == 5:
+            return  # RabbitMQ 3.10 closes an MQTT 5 CONNECT without an answer
+        await conn.send(ConnAck(False, 0))
+        await asyncio.sleep(10)
+
+    async with (
+        ScriptedBroker(script) as fake,
+        PersistentClient(fake.host, fake.port, client_id="auto-once", reconnect=False) as client,
+    ):
+        await client.wait_connected(5)
+        await until(lambda: client.protocol_version is not None, 5, "the CONNACK reported")
+        assert client.protocol_version is V311
+    assert seen == [5, 5, 4]

@@ -104,7 +104,8 @@ class _NotMqtt5(Exception):
 
     ``definite``: it said so (CONNACK "unacceptable protocol version" / 0x84). Otherwise it
     closed the connection without answering, which a broker that only speaks 3.1.1 does
-    (RabbitMQ 3.10) and so does one that was going down anyway: the next attempt probes 3.1.1.
+    (RabbitMQ 3.10), and so does one that was going down anyway, or a network cut that landed
+    on the CONNECT: only two such closes in a row make the next attempt probe 3.1.1.
     """
 
     def __init__(self, text: str, *, definite: bool) -> None:
@@ -166,9 +167,13 @@ class ConnectionSupervisor:
         self._ended_at = 0.0
         # When the current (or last) attempt's connection opened; None: it did not open.
         self._opened_at: float | None = None
-        # "auto": "pending" after an MQTT 5 CONNECT closed unanswered, "probing" while the
+        # "auto": "pending" after MQTT 5 CONNECTs closed unanswered, "probing" while the
         # MQTT 3.1.1 attempt that follows runs (see _settle_probe).
         self._probe: str | None = None
+        # Connection attempts so far, and the one whose MQTT 5 CONNECT was last closed
+        # unanswered (see _fall_back).
+        self._attempts = 0
+        self._unanswered_at = -1
         self._on_granted_expiry = on_granted_expiry
         #: The protocol of the next connection attempt (``"auto"`` moves it to 3.1.1 for good
         #: once a broker shows that it does not speak MQTT 5).
@@ -275,11 +280,13 @@ class ConnectionSupervisor:
         (to ``PersistentClient.__aenter__``).
         """
         try:
-            try:
-                await self._connect_once(task_status=task_status)
-            except _NotMqtt5 as exc:
-                self._fall_back(exc)
-                await self._connect_once(task_status=task_status)
+            while True:  # at most three attempts: 5, 5 again, then 3.1.1 (see _fall_back)
+                try:
+                    await self._connect_once(task_status=task_status)
+                except _NotMqtt5 as exc:
+                    self._fall_back(exc)
+                    continue
+                break
         except Exception as exc:
             if not self._ready_once:
                 raise
@@ -294,19 +301,33 @@ class ConnectionSupervisor:
         self.last_error = reason
 
     def _fall_back(self, reason: _NotMqtt5) -> None:
-        self.next_protocol = MQTT_3_1_1
+        """After an MQTT 5 CONNECT the broker refused (``definite``) or closed unanswered.
+
+        A refusal says the broker does not speak 5: 3.1.1 from now on. An unanswered close
+        is weaker evidence: a network cut or a broker going down that lands on the CONNECT
+        looks the same, and a 3.1.1 probe accepted after it would keep the client on 3.1.1
+        for its lifetime. So the first such close is answered with MQTT 5 once more, at once;
+        only a second one right after it makes the next attempt probe 3.1.1.
+        """
         if reason.definite:
+            self.next_protocol = MQTT_3_1_1
             self._probe = None
             self._log.info("the broker does not speak MQTT 5 (%s); using MQTT 3.1.1", reason)
-        else:
-            self._probe = "pending"
-            self._log.info("the broker may not speak MQTT 5 (%s); trying MQTT 3.1.1", reason)
+            return
+        in_a_row = self._unanswered_at == self._attempts - 1
+        self._unanswered_at = self._attempts
+        if not in_a_row:
+            self._log.info("the broker may not speak MQTT 5 (%s); trying MQTT 5 once more", reason)
+            return
+        self.next_protocol = MQTT_3_1_1
+        self._probe = "pending"
+        self._log.info("the broker may not speak MQTT 5 (%s, twice); trying MQTT 3.1.1", reason)
 
     def _settle_probe(self) -> None:
         """After the MQTT 3.1.1 attempt that followed an unanswered MQTT 5 CONNECT.
 
-        Accepted: the broker closed 5 and took 3.1.1 right after, so it does not speak 5;
-        3.1.1 it is, for the client's lifetime. Not accepted (no CONNACK either, the broker
+        Accepted: the broker closed 5 twice and took 3.1.1 right after, so it does not speak
+        5; 3.1.1 it is, for the client's lifetime. Not accepted (no CONNACK either, the broker
         unreachable): the close said nothing about the protocol; the next attempt speaks 5.
         """
         if self._probe != "probing":
@@ -414,6 +435,7 @@ class ConnectionSupervisor:
         if self._probe == "pending":
             self._probe = "probing"
         self._opened_at = None
+        self._attempts += 1
         stream = await open_stream(
             options.hostname,
             options.port,

@@ -107,8 +107,9 @@ class PersistentClient(LifecycleAPI, PublishAPI, SubscribeAPI, ReceiveAPI, Poiso
             damaged data is kept aside by the store, never deleted.
         protocol: ``ProtocolVersion.V5``, ``ProtocolVersion.V311``, or ``"auto"`` (the
             default): MQTT 5, and MQTT 3.1.1 from the moment a broker shows it does not speak 5
-            (it answers the MQTT 5 CONNECT with "unacceptable protocol version", or closes the
-            connection without answering and then accepts a 3.1.1 CONNECT at once).
+            (it answers the MQTT 5 CONNECT with "unacceptable protocol version", or closes two
+            MQTT 5 CONNECTs in a row without answering and then accepts a 3.1.1 CONNECT at
+            once: one unanswered close may be a network cut, and MQTT 5 is tried again).
             :attr:`protocol_version` tells which one is in use.
             On MQTT 5 ``clean_session`` and ``session_expiry`` become Clean Start and the
             Session Expiry Interval, the broker's Receive Maximum bounds the in-flight window
