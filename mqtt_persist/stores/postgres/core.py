@@ -127,7 +127,7 @@ class PostgresStoreCore(StoreContext):
             yield
         except psycopg.Error as exc:
             if exc.sqlstate == FENCED:
-                self._leases.mark_fenced(client_id)
+                self._leases.mark_lost(client_id)
                 self.fenced_writes += 1
                 detail, hint = exc.diag.message_detail or "", exc.diag.message_hint or ""
                 raise fenced_error(

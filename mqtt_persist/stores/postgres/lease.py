@@ -17,7 +17,6 @@ must acquire again, so a paused owner never races a rival that saw the lapse.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -26,8 +25,9 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from mqtt_persist.errors import SessionLocked, StoreError
+from mqtt_persist.errors import SessionLocked
 from mqtt_persist.stores._owners import describe_owner, owner_is_dead, owner_value
+from mqtt_persist.stores._renewed_leases import RenewedLeases
 from mqtt_persist.stores.postgres.operations import statement
 from mqtt_persist.stores.postgres.rows import id_bytes
 
@@ -45,44 +45,31 @@ class PgLease:
 
     token: int
     #: A newer owner took it over (seen by a renewal or a refused write).
-    fenced: bool = False
+    lost: bool = False
 
 
-class PgLeases:
+class PgLeases(RenewedLeases[PgLease]):
     """The leases one PostgresStore holds, and the task that renews them."""
+
+    owner_kind = "PostgresStore"
 
     def __init__(
         self, schema: str, lease_ttl: float, store_id: str, connect: Connect, name: str
     ) -> None:
         """Leases in ``schema``'s ``leases`` table, ``lease_ttl`` seconds each."""
+        super().__init__(lease_ttl, name)
         self._schema = schema
-        self._lease_ttl = lease_ttl
         self._store_id = store_id
         self._connect = connect
-        self._name = name
-        self._held: dict[str, PgLease] = {}
-        self._renewal: asyncio.Task[None] | None = None
 
     def token(self, client_id: str) -> int | None:
         """Our fencing token for ``client_id`` (None when we hold no lease)."""
         lease = self._held.get(client_id)
         return None if lease is None else lease.token
 
-    def holds(self, client_id: str) -> bool:
-        """True while we hold the lease and have not seen it taken over."""
-        lease = self._held.get(client_id)
-        return lease is not None and not lease.fenced
-
-    def mark_fenced(self, client_id: str) -> None:
-        """A write found our token outdated: acquire may take the lease again."""
-        if (lease := self._held.get(client_id)) is not None:
-            lease.fenced = True
-
     async def acquire(self, client_id: str, *, takeover: bool) -> int:
         """Take the lease and return its token; SessionLocked naming the holder if refused."""
-        held = self._held.get(client_id)
-        if held is not None and not held.fenced:
-            raise SessionLocked(f"session {client_id!r} is already acquired by this store")
+        self._check_free(client_id)
         cid = id_bytes(client_id)
         owner = owner_value(self._store_id).decode()
         expected: str | None = None
@@ -145,26 +132,15 @@ class PgLeases:
             expected = holder_owner
         else:
             raise SessionLocked(f"session {client_id!r}: its lease keeps changing hands")
-        self._held[client_id] = PgLease(int(token))
-        if self._renewal is None or self._renewal.done():
-            self._renewal = asyncio.get_running_loop().create_task(
-                self._renew_forever(), name=f"PostgresStore lease renewal ({self._name})"
-            )
+        self._hold(client_id, PgLease(int(token)))
         return int(token)
 
     @property
     def _sequence(self) -> str:
         return statement(self._schema, "{s}.fencing_tokens").decode()
 
-    async def release(self, client_id: str) -> None:
-        """Give the lease back if it is still ours (its token matches). Idempotent."""
-        lease = self._held.pop(client_id, None)
-        if not self._held:
-            await self.stop_renewal()
-        if lease is not None:
-            await self._delete(client_id, lease)
-
-    async def _delete(self, client_id: str, lease: PgLease) -> None:
+    async def _give_back(self, client_id: str, lease: PgLease) -> None:
+        """Delete the row if the token is still ours."""
         async with self._connect() as conn:
             await conn.execute(
                 statement(
@@ -173,30 +149,9 @@ class PgLeases:
                 (id_bytes(client_id), lease.token),
             )
 
-    async def release_all(self) -> None:
-        """Stop renewing and release every lease; one that cannot be released is logged and
-        left to lapse within ``lease_ttl``."""
-        await self.stop_renewal()
-        held, self._held = self._held, {}
-        for client_id, lease in held.items():
-            try:
-                await self._delete(client_id, lease)
-            except StoreError as exc:
-                logger.warning("could not release the lease of session %r: %s", client_id, exc)
-
-    async def stop_renewal(self) -> None:
-        """Stop the renewal task (leases then lapse after ``lease_ttl``)."""
-        task, self._renewal = self._renewal, None
-        if task is not None and not task.done():
-            task.cancel()
-            # Bounded: a driver may swallow the cancellation of a call in flight (seen with
-            # redis-py); the loop then ends by itself at its next turn (it is no longer the
-            # renewal task), and a close must not wait for that.
-            await asyncio.wait({task}, timeout=1.0)
-
     async def renew(self) -> None:
         """Extend every held lease by ``lease_ttl`` from now (server time); mark the fenced."""
-        leases = [(cid, lease) for cid, lease in self._held.items() if not lease.fenced]
+        leases = [(cid, lease) for cid, lease in self._held.items() if not lease.lost]
         if not leases:
             return
         async with self._connect() as conn:
@@ -212,27 +167,8 @@ class PgLeases:
             )
             renewed = {token for (token,) in await cursor.fetchall()}
         for client_id, lease in leases:
-            if lease.token not in renewed and self._held.get(client_id) is lease:
-                lease.fenced = True
-                logger.error(
-                    "session %r was taken over by another owner; writes to it are refused "
-                    "(fenced) until it is acquired again",
-                    client_id,
-                )
-
-    async def _renew_forever(self) -> None:
-        interval = self._lease_ttl / 3
-        me = asyncio.current_task()
-        while self._renewal is me:
-            await asyncio.sleep(interval)
-            if self._renewal is not me:
-                return
-            try:
-                await self.renew()
-            except StoreError as exc:
-                # Try again next round: the lease survives until lease_ttl runs out, and even
-                # then stays ours unless somebody takes it over.
-                logger.warning("could not renew leases: %s", exc)
+            if lease.token not in renewed:
+                self._taken_over(client_id, lease)
 
 
 def locked_error(client_id: str, detail: str) -> SessionLocked:

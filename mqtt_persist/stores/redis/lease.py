@@ -20,7 +20,6 @@ again, so a paused owner never races a rival that saw the lapse.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -33,6 +32,7 @@ from redis.commands.core import AsyncScript
 
 from mqtt_persist.errors import SessionLocked, StoreError
 from mqtt_persist.stores._owners import describe_owner, owner_is_dead, owner_value
+from mqtt_persist.stores._renewed_leases import RenewedLeases
 from mqtt_persist.stores.redis.keys import KeyLayout, text
 from mqtt_persist.stores.redis.scripts import Scripts
 
@@ -54,21 +54,20 @@ class TokenLease:
     lost: bool = False
 
 
-class LeaseKeeper:
+class LeaseKeeper(RenewedLeases[TokenLease]):
     """The leases one RedisStore holds, and the task that renews them."""
+
+    owner_kind = "RedisStore"
 
     def __init__(
         self, layout: KeyLayout, lease_ttl: float, store_id: str, errors: Errors, name: str
     ) -> None:
         """Leases under ``layout``, ``lease_ttl`` seconds each; ``errors`` reports failures."""
+        super().__init__(lease_ttl, name)
         self._layout = layout
-        self._lease_ttl = lease_ttl
         self._lease_ms = max(1, math.ceil(lease_ttl * 1000))
         self._store_id = store_id
         self._errors = errors
-        self._name = name
-        self._held: dict[str, TokenLease] = {}
-        self._renewal: asyncio.Task[None] | None = None
         #: The scripts to renew with (set by the store when connected; None: not connected).
         self.scripts: Scripts | None = None
 
@@ -78,16 +77,6 @@ class LeaseKeeper:
         lease = self._held.get(client_id)
         return b"" if lease is None else lease.token
 
-    def holds(self, client_id: str) -> bool:
-        """True while we hold the lease and have not seen it taken over."""
-        lease = self._held.get(client_id)
-        return lease is not None and not lease.lost
-
-    def mark_lost(self, client_id: str) -> None:
-        """A script found our token outdated: acquire may take the lease again."""
-        if (lease := self._held.get(client_id)) is not None:
-            lease.lost = True
-
     def _keys(self, client_id: str) -> list[bytes]:
         keys = self._layout.session(client_id)
         return [keys.lease, keys.fence]
@@ -96,9 +85,7 @@ class LeaseKeeper:
         self, client_id: str, client: Redis, scripts: Scripts, *, takeover: bool
     ) -> None:
         """Take the lease; SessionLocked, naming the holder, when another owner holds it."""
-        held = self._held.get(client_id)
-        if held is not None and not held.lost:
-            raise SessionLocked(f"session {client_id!r} is already acquired by this store")
+        self._check_free(client_id)
         keys = [*self._keys(client_id), self._layout.fencing]
         owner = owner_value(self._store_id)
         dead = b""
@@ -125,50 +112,18 @@ class LeaseKeeper:
                 client_id,
                 describe_owner(dead),
             )
-        self._held[client_id] = TokenLease(reply[1], owner)
-        if self._renewal is None or self._renewal.done():
-            self._renewal = asyncio.get_running_loop().create_task(
-                self._renew_forever(), name=f"RedisStore lease renewal ({self._name})"
-            )
+        self._hold(client_id, TokenLease(reply[1], owner))
 
     async def _run(self, script: AsyncScript, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         with self._errors():
             return await script(keys=keys, args=args)
 
-    async def release(self, client_id: str) -> None:
-        """Give the lease back if we still hold it (compare-and-delete). Idempotent."""
-        lease = self._held.pop(client_id, None)
-        if not self._held:
-            await self.stop_renewal()
-        if lease is not None and self.scripts is not None:
+    async def _give_back(self, client_id: str, lease: TokenLease) -> None:
+        """Delete the lease if it is ours and the fence if it holds our token."""
+        if self.scripts is not None:  # not connected: the lease lapses by itself
             await self._run(
                 self.scripts.lease_release, self._keys(client_id), [lease.token, lease.owner]
             )
-
-    async def release_all(self) -> None:
-        """Stop renewing and release every lease; one that cannot be released is logged and
-        left to expire within ``lease_ttl``."""
-        await self.stop_renewal()
-        held, self._held = self._held, {}
-        if self.scripts is None:
-            return
-        for client_id, lease in held.items():
-            try:
-                await self._run(
-                    self.scripts.lease_release, self._keys(client_id), [lease.token, lease.owner]
-                )
-            except StoreError as exc:
-                logger.warning("could not release the lease of session %r: %s", client_id, exc)
-
-    async def stop_renewal(self) -> None:
-        """Stop the renewal task (leases then lapse after ``lease_ttl``)."""
-        task, self._renewal = self._renewal, None
-        if task is not None and not task.done():
-            task.cancel()
-            # Bounded: a driver may swallow the cancellation of a call in flight (seen with
-            # redis-py); the loop then ends by itself at its next turn (it is no longer the
-            # renewal task), and a close must not wait for that.
-            await asyncio.wait({task}, timeout=1.0)
 
     async def renew(self) -> None:
         """Extend every held lease (set it again if it lapsed); mark those taken over."""
@@ -188,18 +143,5 @@ class LeaseKeeper:
                 # then stays ours unless somebody takes it over.
                 logger.warning("could not renew the lease of session %r: %s", client_id, exc)
                 continue
-            if not renewed and self._held.get(client_id) is lease:
-                lease.lost = True
-                logger.error(
-                    "session %r was taken over by another owner; writes to it are refused "
-                    "(fenced) until it is acquired again",
-                    client_id,
-                )
-
-    async def _renew_forever(self) -> None:
-        interval = self._lease_ttl / 3
-        me = asyncio.current_task()
-        while self._renewal is me:
-            await asyncio.sleep(interval)
-            if self._renewal is me:
-                await self.renew()
+            if not renewed:
+                self._taken_over(client_id, lease)
