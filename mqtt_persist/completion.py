@@ -11,8 +11,7 @@ import asyncio
 from collections.abc import Generator
 from typing import Any, Generic, TypeVar
 
-import anyio
-
+from mqtt_persist._events import Event, new_event
 from mqtt_persist.errors import SubscriptionRefused, SubscriptionSuperseded
 from mqtt_persist.message import DeliveryOutcome
 from mqtt_persist.protocol.packets import SUBACK_FAILURE, PacketType
@@ -33,7 +32,7 @@ class Completion(Generic[T]):
         self._value: T = _PENDING
         self._error: BaseException | None = None
         # Created by the first waiter; every waiter shares it.
-        self._done: anyio.Event | None = None
+        self._done: Event | None = None
 
     def done(self) -> bool:
         """True once the value or the error is known."""
@@ -67,7 +66,7 @@ class Completion(Generic[T]):
     async def _wait(self) -> T:
         if not self.done():
             if self._done is None:
-                self._done = anyio.Event()
+                self._done = new_event()
             await self._done.wait()
         return self.result()
 

@@ -4,7 +4,7 @@
 over and over ("there is work for the flusher", "the queue has room"), and it needs one event
 that many ``publish()`` calls wait on together ("the next commit is done"); both are built here
 on an event that is set once: ``asyncio.Event`` when asyncio runs the loop, ``anyio.Event``
-otherwise (``_new_event``).
+otherwise (``mqtt_persist._events.new_event``).
 
 Both sit on the hot path of a durable ``publish()`` (wake the flusher, wait for its commit), so
 both create an ``anyio.Event`` only when a task really has to sleep: creating one costs ~1.3 µs
@@ -26,33 +26,7 @@ store, while msg/s of old and new stay within each other's run-to-run spread on 
 
 from __future__ import annotations
 
-import asyncio
-from typing import Protocol
-
-import anyio
-
-
-class _Event(Protocol):
-    """What both ``anyio.Event`` and ``asyncio.Event`` offer."""
-
-    def set(self) -> None: ...
-    def is_set(self) -> bool: ...
-    async def wait(self) -> object: ...
-
-
-def _new_event() -> _Event:
-    """An ``asyncio.Event`` where asyncio runs the loop, else an ``anyio.Event``.
-
-    Every durable ``publish()`` makes one (its commit's ticket) and usually a second (the
-    flusher's wake-up); anyio's costs ~1.3 µs to create and a lookup of the backend per call
-    (measured in the module docstring), asyncio's ~0.16 µs. Same semantics for these uses: set
-    once, waited for, cancelled through the task like anything else.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return anyio.Event()
-    return asyncio.Event()
+from mqtt_persist._events import Event, new_event
 
 
 class Signal:
@@ -69,7 +43,7 @@ class Signal:
 
     def __init__(self) -> None:
         self._flag = False
-        self._event: _Event | None = None
+        self._event: Event | None = None
 
     def set(self) -> None:
         """Set the flag and wake everyone waiting for it."""
@@ -100,7 +74,7 @@ class Signal:
             return
         event = self._event
         if event is None:
-            event = self._event = _new_event()
+            event = self._event = new_event()
         await event.wait()
 
 
@@ -117,7 +91,7 @@ class CommitTicket:
 
     def __init__(self) -> None:
         #: Set when the commit ended; a waiter then checks ``error``.
-        self.done = _new_event()
+        self.done = new_event()
         self.error: BaseException | None = None
 
     @property
