@@ -256,11 +256,15 @@ class WebSocketStream(ByteStream):
     async def _send_raw(self, data: bytes) -> None:
         async with self._send_lock:
             await self._stream.send(data)
-            # No checkpoint between this look and the lock's release: nothing is left behind.
-            while self._control:
-                control = b"".join(self._control)
-                self._control.clear()
-                await self._stream.send(control)
+            await self._send_pending_control()
+
+    async def _send_pending_control(self) -> None:
+        """With the send lock held. No checkpoint between the last look and the lock's
+        release: nothing is left behind."""
+        while self._control:
+            control = b"".join(self._control)
+            self._control.clear()
+            await self._stream.send(control)
 
     async def send(self, item: bytes) -> None:
         """Send ``item`` as one binary message (a frame may hold several MQTT packets)."""
@@ -288,6 +292,11 @@ class WebSocketStream(ByteStream):
                     while not self._receiving and not self._peer_closed:
                         self._ws.receive_data(await self._stream.receive(_READ_SIZE))
                         await self._handle_events()
+            elif self._control:
+                # The answer to the server's close waits behind a send under way: as long.
+                with anyio.move_on_after(_CLOSE_WAIT), contextlib.suppress(Exception):
+                    async with self._send_lock:
+                        await self._send_pending_control()
         finally:
             await self._stream.aclose()
 
