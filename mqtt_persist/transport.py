@@ -228,6 +228,9 @@ class TcpStream(ByteStream):
                 await waiter
             finally:
                 protocol.writer = None
+        if self._closed:
+            # aclose() from another task discarded what was waiting to be written.
+            raise anyio.ClosedResourceError
         if protocol.lost and protocol.exception is not None:
             raise anyio.BrokenResourceError from protocol.exception
 

@@ -179,7 +179,8 @@ class WebSocketStream(ByteStream):
     """MQTT bytes over an open WebSocket: binary frames out, frame payloads in.
 
     Only one task may receive at a time, as with any anyio stream; sends are serialised here,
-    since :meth:`receive` answers pings on the same underlying stream.
+    since :meth:`receive` answers pings on the same underlying stream. The reader never waits
+    for a send under way: its answers go out right after that send.
     """
 
     def __init__(self, stream: ByteStream, ws: WSConnection, url: str) -> None:
@@ -188,6 +189,10 @@ class WebSocketStream(ByteStream):
         self.url = url
         self._buffer = bytearray()
         self._send_lock = anyio.Lock()
+        # Control frames (a pong, the answer to the server's close) from the reader while a
+        # send was under way: that send writes them after its own. Waiting for it instead
+        # would stop the reading while the server may be the one waiting for us to read.
+        self._control: list[bytes] = []
         self._peer_closed = False
         self._receiving = False
         # What came in the same read as the server's 101 (a ping, say) waits in wsproto.
@@ -217,19 +222,23 @@ class WebSocketStream(ByteStream):
         return chunk
 
     async def _handle_events(self) -> None:
+        from wsproto.connection import ConnectionState
         from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
         for event in self._ws.events():
             if isinstance(event, BytesMessage):
                 self._buffer += event.data
             elif isinstance(event, Ping):
-                await self._send_raw(self._ws.send(event.response()))
+                # Not once our close frame is out (aclose() from another task): wsproto
+                # refuses a pong then, and the server expects only its close answered.
+                if self._ws.state is ConnectionState.OPEN:
+                    await self._send_control(self._ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 self._peer_closed = True
                 if self._can_send():
                     # Answer the server's close: the closing handshake is then complete.
                     with contextlib.suppress(Exception):
-                        await self._send_raw(self._ws.send(event.response()))
+                        await self._send_control(self._ws.send(event.response()))
             elif isinstance(event, TextMessage):
                 raise ProtocolError(f"{self.url} sent a text frame; MQTT over WebSockets is binary")
 
@@ -238,9 +247,24 @@ class WebSocketStream(ByteStream):
 
         return self._ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
 
+    async def _send_control(self, data: bytes) -> None:
+        if self._send_lock.locked():
+            self._control.append(data)  # the send under way writes it next
+        else:
+            await self._send_raw(data)
+
     async def _send_raw(self, data: bytes) -> None:
         async with self._send_lock:
             await self._stream.send(data)
+            await self._send_pending_control()
+
+    async def _send_pending_control(self) -> None:
+        """With the send lock held. No checkpoint between the last look and the lock's
+        release: nothing is left behind."""
+        while self._control:
+            control = b"".join(self._control)
+            self._control.clear()
+            await self._stream.send(control)
 
     async def send(self, item: bytes) -> None:
         """Send ``item`` as one binary message (a frame may hold several MQTT packets)."""
@@ -268,6 +292,11 @@ class WebSocketStream(ByteStream):
                     while not self._receiving and not self._peer_closed:
                         self._ws.receive_data(await self._stream.receive(_READ_SIZE))
                         await self._handle_events()
+            elif self._control:
+                # The answer to the server's close waits behind a send under way: as long.
+                with anyio.move_on_after(_CLOSE_WAIT), contextlib.suppress(Exception):
+                    async with self._send_lock:
+                        await self._send_pending_control()
         finally:
             await self._stream.aclose()
 

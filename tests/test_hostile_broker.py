@@ -35,6 +35,7 @@ from mqtt_persist.protocol.packets import (
 from mqtt_persist.session.machine import ConnectionState, Session, SessionConfig
 from tests.support import hostile
 from tests.support.fake_broker import FakeConnection, Script, ScriptedBroker
+from tests.support.transports import Route
 from tests.support.waiting import until
 
 # No cap on connections a minute: the fuzzers open one per case, on purpose.
@@ -222,6 +223,40 @@ async def test_a_protocol_error_while_the_flusher_waits_to_write_does_not_wedge_
     assert not fake.errors, fake.errors
     _no_errors_logged(caplog)
     assert "unknown property identifier" in caplog.text
+
+
+async def test_the_keepalive_ends_a_connection_whose_broker_stopped_reading_under_a_send(
+    transport: Route, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The keepalive task closes the stream under the flusher's send that waits for the socket
+    # to drain (over WebSockets, after its close frame waited for that send): the send must
+    # wake and fail, and the client connect again; a send left waiting would stop every pass.
+    caplog.set_level(logging.DEBUG, logger="mqtt_persist")
+
+    async def script(conn: FakeConnection, index: int) -> None:
+        await hostile.accept(conn)
+        if index:
+            await hostile.behave(conn)
+            return
+        await anyio.sleep(30)  # reading nothing: the client's socket buffer fills
+
+    with anyio.fail_after(20):
+        async with (
+            ScriptedBroker(script) as fake,
+            PersistentClient(
+                **transport.client_kwargs(fake), client_id="stalled", backoff=FAST, keepalive=1
+            ) as client,
+        ):  # fmt: skip
+            await client.wait_connected(10)
+            for _ in range(64):  # 16 MB at QoS 0: far more than the socket buffers hold
+                await client.publish("bulk", b"x" * (256 << 10))
+            await until(lambda: fake.connections >= 2, 10, "a reconnect")
+            with anyio.fail_after(10):
+                delivery = await client.publish("after", b"1", qos=1)
+                await delivery
+    assert not fake.errors, fake.errors
+    _no_errors_logged(caplog)
+    assert "no answer from the broker" in caplog.text
 
 
 async def test_a_flood_of_user_properties_within_the_limit_is_decoded_in_bounded_time(

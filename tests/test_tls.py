@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from anyio.streams.tls import TLSStream
 
 from mqtt_persist import (
     Backoff,
@@ -28,10 +29,11 @@ from mqtt_persist import (
     TLSError,
     tls_context,
 )
-from mqtt_persist.protocol.packets import Connect
-from tests.support.broker import BrokerFactory, MosquittoBroker
+from mqtt_persist.protocol.packets import Connect, ProtocolVersion
+from tests.support.broker import BrokerFactory, MosquittoBroker, free_port
 from tests.support.certs import CLIENT_KEY_PASSWORD, listener_config, make_pki
 from tests.support.proxy import FaultProxy
+from tests.support.waiting import until
 
 FAST = Backoff(initial=0.01, maximum=0.05, minimum=0.01)
 
@@ -229,3 +231,89 @@ async def test_no_credential_reaches_a_store_or_a_log_line(
     assert b"creds-tls" in stored  # the store was written
     for secret in [PASSWORD, USERNAME, CLIENT_KEY_PASSWORD, *key.splitlines()[1:-1]]:
         assert secret.encode() not in stored, f"a credential in the store: {secret[:12]}..."
+
+
+# --- the TLS reader writes too ------------------------------------------------------------------
+
+
+class _OpenSslServer:
+    """``openssl s_server`` on a free port, speaking TLS 1.2: it sends what the test writes to
+    its stdin (raw MQTT bytes, say a CONNACK) and renegotiates when told, which no broker
+    does on demand. One client connection at a time, as s_server serves them."""
+
+    def __init__(self, pki: Path, directory: Path) -> None:
+        self.port = free_port()
+        self._log = directory / "s_server.out"
+        self._process = subprocess.Popen(
+            ["openssl", "s_server", "-accept", f"127.0.0.1:{self.port}", "-tls1_2",
+             "-cert", str(pki / "server.crt"), "-key", str(pki / "server.key")],
+            stdin=subprocess.PIPE, stdout=self._log.open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    async def listening(self) -> None:
+        await until(lambda: b"ACCEPT" in self._log.read_bytes(), 10, "s_server to listen")
+
+    async def connected(self, count: int, client_id: bytes) -> None:
+        """Until the ``count``-th CONNECT arrived: s_server serves that connection now (it
+        sends what its stdin gets to the connection it serves when it reads it)."""
+        await until(
+            lambda: self._log.read_bytes().count(client_id) >= count, 10, f"CONNECT {count}"
+        )
+
+    def write(self, data: bytes) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.write(data)
+        self._process.stdin.flush()
+
+    def close(self) -> None:
+        self._process.kill()
+        self._process.wait()
+
+
+def _flusher_waits_for_the_socket(client: PersistentClient) -> bool:
+    parts = client._parts
+    assert parts is not None
+    stream = parts.connection._stream
+    if not isinstance(stream, TLSStream):
+        return False
+    raw = stream.transport_stream
+    # anyio's socket stream: a send under way waits for this event while the kernel is full.
+    return not raw._protocol.write_event.is_set()  # type: ignore[attr-defined]
+
+
+async def test_a_renegotiation_while_the_flusher_waits_to_write_ends_only_the_connection(
+    pki: Path, tmp_path: Path
+) -> None:
+    # A TLS 1.2 server's HelloRequest makes the reader write (a ClientHello, from inside
+    # receive()) while the flusher's send waits for a server that stopped reading; anyio's
+    # socket stream refuses the second writer with BusyResourceError. That error escaped the
+    # supervisor and ended the client; it ends only the connection now.
+    server = _OpenSslServer(pki, tmp_path)
+    try:
+        await server.listening()
+        async with (
+            FaultProxy("127.0.0.1", server.port) as proxy,
+            PersistentClient(
+                proxy.host, proxy.port, client_id="tls-reneg", backoff=FAST, keepalive=0,
+                tls=tls_context(str(pki / "ca.crt")), protocol=ProtocolVersion.V311,
+            ) as client,
+        ):  # fmt: skip
+            with anyio.fail_after(10):
+                await server.connected(1, b"tls-reneg")
+                server.write(CONNACK)
+                await client.wait_connected()
+                proxy.stall(True, direction="up")  # the server reads nothing more
+                for _ in range(64):  # 16 MB at QoS 0: more than the socket buffers hold
+                    await client.publish("bulk", b"x" * (256 << 10))
+                await until(lambda: _flusher_waits_for_the_socket(client), 5, "a waiting send")
+                server.write(b"r\n")  # s_server: renegotiate
+                assert await proxy.wait_total_connections(2, timeout=5), "no reconnect"
+                proxy.stall(False)
+                await server.connected(2, b"tls-reneg")
+                server.write(CONNACK)
+                await client.wait_connected()
+    finally:
+        server.close()
+
+
+CONNACK = b"\x20\x02\x00\x00"

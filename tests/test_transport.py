@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from mqtt_persist.transport import TcpStream, open_stream
+from tests.support.waiting import until
 
 
 class _Server:
@@ -118,6 +119,19 @@ async def test_a_second_writer_while_one_waits_is_refused(server: _Server) -> No
     await stream.send(b"after")  # and the stream takes writes again
     assert await asyncio.wait_for(reader.readexactly(5), 5) == b"after"
     await stream.aclose()
+    writer.close()
+
+
+async def test_aclose_from_another_task_fails_a_waiting_send(server: _Server) -> None:
+    """The close discards what the send was waiting to write: the send must not return as
+    if the bytes had gone (anyio's own stream raises ClosedResourceError too)."""
+    stream, _reader, writer = await _connect(server)
+    sending = asyncio.ensure_future(stream.send(b"z" * (16 * 1024 * 1024)))
+    await until(lambda: stream._protocol.writing_paused, 5, "the send to wait")
+    assert not sending.done()
+    await stream.aclose()
+    with pytest.raises(anyio.ClosedResourceError):
+        await asyncio.wait_for(sending, 5)
     writer.close()
 
 

@@ -9,10 +9,13 @@ reads at chosen points.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import sys
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -20,6 +23,7 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import ByteStream
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState as WsState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -44,6 +48,7 @@ from mqtt_persist import (
 from mqtt_persist.cli.broker import BrokerAddress, parse_host
 from mqtt_persist.protocol.codec import Decoder, encode
 from mqtt_persist.protocol.packets import MQTT_3_1_1, PingReq, Publish
+from mqtt_persist.transport import TcpStream, open_stream
 from mqtt_persist.websocket import (
     WebSocketSettings,
     WebSocketStream,
@@ -489,6 +494,152 @@ async def test_a_refusal_with_a_body_names_status_and_body() -> None:
     assert str(info.value) == (
         "WebSocket handshake with wss://broker.example:443/mqtt failed: HTTP 401: bad token"
     )
+
+
+# --- one stream, a reader and a writer: against a real socket ---------------------------------
+
+
+_Accepted = tuple[WSConnection, asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class _StallingServer:
+    """A WebSocket server on 127.0.0.1 (wsproto's server side on a real socket) whose
+    connection the test drives by hand; it reads only when told to, so the client's writes
+    back up as behind a server that stopped reading."""
+
+    def __init__(self) -> None:
+        self.accepted: asyncio.Queue[_Accepted] = asyncio.Queue()
+        self.port = 0
+
+    async def __aenter__(self) -> _StallingServer:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            ws = WSConnection(ConnectionType.SERVER)
+            while not any(isinstance(e, Request) for e in ws.events()):
+                ws.receive_data(await reader.read(65536))
+            writer.write(ws.send(AcceptConnection(subprotocol="mqtt")))
+            await self.accepted.put((ws, reader, writer))
+
+        self._server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def _stalled_client(server: _StallingServer) -> tuple[WebSocketStream, *_Accepted]:
+    stream = await open_stream(
+        "127.0.0.1", server.port, tls=None, timeout=5, websocket=WebSocketSettings()
+    )
+    assert isinstance(stream, WebSocketStream)
+    ws, reader, writer = await asyncio.wait_for(server.accepted.get(), 5)
+    return stream, ws, reader, writer
+
+
+async def _events_until(
+    ws: WSConnection, reader: asyncio.StreamReader, done: Callable[[list[object]], bool]
+) -> list[object]:
+    events: list[object] = []
+    with anyio.fail_after(10):
+        while not done(events):
+            data = await reader.read(1 << 20)
+            assert data, "the client closed the connection"
+            ws.receive_data(data)
+            events.extend(ws.events())
+    return events
+
+
+_BLOCK = b"z" * (1 << 20)
+_BLOCKS = 16  # far more than the socket buffers hold: the send waits for the server to read
+
+
+async def _until_the_send_waits(stream: WebSocketStream) -> None:
+    tcp = stream._stream
+    assert isinstance(tcp, TcpStream)
+    # Paused: the kernel's buffers are full and a send is under way (it holds the lock).
+    await until(lambda: tcp._protocol.writing_paused, 5, "the send to wait for the server")
+    assert stream._send_lock.locked()
+
+
+async def _send_blocks(stream: WebSocketStream, *, until_closed: bool = False) -> None:
+    try:
+        for _ in range(_BLOCKS):
+            await stream.send(_BLOCK)
+    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+        if not until_closed:
+            raise
+
+
+async def test_a_ping_while_a_send_waits_does_not_stop_the_reading() -> None:
+    # The pong used to wait for the send under way, and the reader with it: a server that
+    # waits for us to read before it reads again (a relay with backpressure both ways) then
+    # waited for ever. The pong goes out right after that send instead.
+    async with _StallingServer() as server, anyio.create_task_group() as tasks:
+        stream, ws, reader, writer = await _stalled_client(server)
+        tasks.start_soon(_send_blocks, stream)
+        await _until_the_send_waits(stream)
+        writer.write(ws.send(Ping(b"there?")) + ws.send(BytesMessage(b"mqtt bytes")))
+        with anyio.fail_after(3):
+            assert await stream.receive() == b"mqtt bytes"
+        events = await _events_until(
+            ws,
+            reader,
+            lambda e: (
+                sum(len(x.data) for x in e if isinstance(x, BytesMessage)) == len(_BLOCK) * _BLOCKS
+            ),
+        )
+        assert b"".join(e.data for e in events if isinstance(e, BytesMessage)) == _BLOCK * _BLOCKS
+        assert [e for e in events if isinstance(e, Pong)] == [Pong(b"there?")]
+        writer.close()
+    await stream.aclose()
+
+
+async def test_the_servers_close_while_a_send_waits_ends_the_reading() -> None:
+    async with _StallingServer() as server, anyio.create_task_group() as tasks:
+        stream, ws, reader, writer = await _stalled_client(server)
+        tasks.start_soon(partial(_send_blocks, stream, until_closed=True))
+        await _until_the_send_waits(stream)
+        writer.write(ws.send(CloseConnection(code=1001)))
+        with anyio.fail_after(3), pytest.raises(anyio.EndOfStream):
+            await stream.receive()
+        # The supervisor closes the stream at once: the answer still goes out after the send
+        # under way, once the server reads again.
+        tasks.start_soon(stream.aclose)
+        events = await _events_until(
+            ws, reader, lambda e: any(isinstance(x, CloseConnection) for x in e)
+        )
+        assert isinstance(events[-1], CloseConnection)
+        writer.close()
+
+
+async def test_a_ping_after_our_close_frame_is_not_an_unexpected_error() -> None:
+    # aclose() from another task (the keepalive giving up, say) marks the close frame sent
+    # before it is written; a ping read meanwhile made receive() raise wsproto's
+    # LocalProtocolError, which no caller expects (the supervisor let it end the client).
+    async with _StallingServer() as server:
+        stream, ws, _reader, writer = await _stalled_client(server)
+        outcome: list[BaseException] = []
+
+        async def read() -> None:
+            try:
+                await stream.receive()
+            except Exception as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(read)
+                tasks.start_soon(partial(_send_blocks, stream, until_closed=True))
+                await _until_the_send_waits(stream)  # and so will the close frame behind it
+                tasks.start_soon(stream.aclose)
+                await until(lambda: stream._ws.state is not WsState.OPEN, 3, "the close frame")
+                writer.write(ws.send(Ping(b"still there?")))
+                await until(lambda: bool(outcome), 4, "the reader to end")
+                tasks.cancel_scope.cancel()
+        # aclose() gave up on the close frame and closed the stream under the reader.
+        assert isinstance(outcome[0], anyio.ClosedResourceError), outcome
+        writer.close()
 
 
 # --- the command line --------------------------------------------------------------------------

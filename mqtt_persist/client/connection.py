@@ -95,6 +95,16 @@ _CONNECTION_ERRORS = (
     anyio.EndOfStream,
     anyio.BrokenResourceError,
     anyio.ClosedResourceError,
+    # A stream that needed a second reader or writer (TLS writes from inside a read when the
+    # server renegotiates, and reads from inside a write) refused it, and is broken now.
+    anyio.BusyResourceError,
+)
+#: What a failed send raises: the connection is dropped, the client goes on.
+_STREAM_ERRORS = (
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.BusyResourceError,
+    OSError,
 )
 _READ_SIZE = 65536
 
@@ -387,9 +397,9 @@ class ConnectionSupervisor:
         self._writing = True
         try:
             await stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+        except _STREAM_ERRORS as exc:
             self._log.debug("send failed: %r", exc)
-            if not isinstance(exc, anyio.ClosedResourceError):
+            if not isinstance(exc, anyio.ClosedResourceError | anyio.BusyResourceError):
                 self._peer_hung_up = True  # the broker closed its end
             await self.drop()
         finally:
