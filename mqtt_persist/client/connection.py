@@ -418,12 +418,15 @@ class ConnectionSupervisor:
             return
         # Nothing more is written on it (the session resends what it needs on the next one).
         self._ended = generation
+        self._writing = True  # a protocol error meanwhile says no goodbye over this DISCONNECT
         try:
             await stream.send(encode(Disconnect(), self._version))
             await stream.send_eof()
         except Exception as exc:  # a TLS stream cannot half-close; a dead one cannot send
             self._log.debug("clean renew failed (%r); dropping the connection", exc)
             await self.drop()
+        finally:
+            self._writing = False
 
     async def drop(self) -> None:
         """Close the current connection, if any; its reader ends it the usual way."""
