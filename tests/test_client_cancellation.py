@@ -111,3 +111,34 @@ async def test_exit_cancelled_while_settling_still_closes_the_client(
             assert await observer.await_count(1)
         assert observer.payloads() == [b"once"]
     no_errors_logged(caplog)
+
+
+# --- receiving -------------------------------------------------------------------------------
+
+
+@FLAVOURS
+async def test_messages_iterator_survives_a_timed_out_wait(
+    flavour: Flavour, broker_factory: BrokerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A timeout around one step of ``client.messages`` (``wait_for(anext(it), t)``, or a
+    cancel scope around it) ends that wait, not the iteration: the same iterator yields the
+    next message, and nothing that arrived is skipped."""
+    broker = broker_factory()
+    async with PersistentClient(
+        broker.host, broker.port, client_id="cx-iter", backoff=FAST
+    ) as client:
+        await client.subscribe("cx/iter", qos=1)
+        await client.wait_connected(5)
+        incoming = aiter(client.messages)
+        if flavour == "asyncio":
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(incoming), 0.05)
+        else:
+            with anyio.move_on_after(0.05) as waiting:
+                await anext(incoming)
+            assert waiting.cancelled_caught
+        await client.publish("cx/iter", b"after", qos=1)
+        with anyio.fail_after(5):
+            message = await anext(incoming)
+        assert message.payload == b"after"
+    no_errors_logged(caplog)
