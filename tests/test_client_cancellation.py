@@ -12,15 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import anyio
 import pytest
 
-from mqtt_persist import Backoff, FileStore, PersistentClient
+from mqtt_persist import (
+    Backoff,
+    DeliveryOutcome,
+    FileStore,
+    MemoryStore,
+    PersistentClient,
+    SessionStore,
+)
 from mqtt_persist.log import LOGGER_NAME
+from mqtt_persist.session.state import Operation
 from tests.support.broker import BrokerFactory
 from tests.support.observer import PahoObserver
 from tests.support.proxy import ProxyFactory
@@ -30,6 +39,89 @@ FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
 
 Flavour = Literal["asyncio", "anyio"]
 FLAVOURS = pytest.mark.parametrize("flavour", ["asyncio", "anyio"])
+STORES = pytest.mark.parametrize("store_kind", ["file", "memory"])
+
+
+def make_store(kind: str, path: Path) -> SessionStore:
+    return FileStore(path) if kind == "file" else MemoryStore()
+
+
+class CommitGate:
+    """Holds the store's commits while closed, so a test can cancel a caller that waits for
+    one: ``store.apply`` waits at the gate before it writes."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self.waiting = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        original = store.apply
+
+        async def apply(client_id: str, ops: Sequence[Operation]) -> None:
+            if not self._open.is_set():
+                self.waiting += 1
+                try:
+                    await self._open.wait()
+                finally:
+                    self.waiting -= 1
+            await original(client_id, ops)
+
+        store.apply = apply  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+
+class Caller:
+    """One call of the client in a task of its own, cancellable either way: ``task.cancel()``
+    (asyncio) or its own anyio cancel scope."""
+
+    def __init__(self, flavour: Flavour, call: Callable[[], Awaitable[object]]) -> None:
+        self.flavour = flavour
+        self.started = False
+        self.result: object = None
+        self.done = False
+        self._call = call
+        self._scope: anyio.CancelScope | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        self.started = True
+        if self.flavour == "asyncio":
+            self.result = await self._call()
+            self.done = True
+        else:
+            with anyio.CancelScope() as self._scope:
+                self.result = await self._call()
+                self.done = True
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def cancel(self) -> None:
+        assert self._task is not None and not self._task.done()
+        if self.flavour == "asyncio":
+            self._task.cancel()
+        else:
+            assert self._scope is not None
+            self._scope.cancel()
+
+    async def outcome(self) -> object:
+        """The call's result; ``CANCELLED`` if it was cancelled."""
+        assert self._task is not None
+        with anyio.fail_after(10):
+            try:
+                await asyncio.shield(self._task)
+            except asyncio.CancelledError:
+                if not self._task.cancelled():
+                    raise
+                return CANCELLED
+        return self.result if self.done else CANCELLED
+
+
+CANCELLED = object()
 
 
 async def cancel_once_waiting(
@@ -141,4 +233,111 @@ async def test_messages_iterator_survives_a_timed_out_wait(
         with anyio.fail_after(5):
             message = await anext(incoming)
         assert message.payload == b"after"
+    no_errors_logged(caplog)
+
+
+# --- publishing ------------------------------------------------------------------------------
+
+
+@FLAVOURS
+async def test_publish_cancelled_while_waiting_for_its_commit(
+    flavour: Flavour,
+    broker_factory: BrokerFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Durable publish() calls wait for the flusher's commit, several of them on one shared
+    CommitTicket. Cancelling one caller waiting for the commit under way and one waiting for
+    the next: their messages were accepted (the session took them before the wait), so they
+    arrive once; the callers sharing those commits return normally; the client goes on."""
+    broker = broker_factory()
+    store = FileStore(tmp_path / "store")
+    gate = CommitGate(store)
+    async with (
+        PahoObserver(broker.host, broker.port, "cx/#") as observer,
+        PersistentClient(
+            broker.host, broker.port, client_id="cx-pub", store=store, backoff=FAST
+        ) as client,
+    ):
+        await client.wait_connected(5)
+        gate.close()
+        # Started one after the other without a yield: both join the same commit.
+        under_way = Caller(flavour, lambda: client.publish("cx/p", b"c1", qos=2))
+        sharing_under_way = Caller(flavour, lambda: client.publish("cx/p", b"c2", qos=2))
+        under_way.start()
+        sharing_under_way.start()
+        await until(lambda: gate.waiting == 1, 5, "the first commit to reach the store")
+        # The flusher is held in that commit: these two wait for the next one, together.
+        waits_next = Caller(flavour, lambda: client.publish("cx/p", b"n1", qos=2))
+        sharing_next = Caller(
+            flavour, lambda: client.publish_many([("cx/p", b"n2"), ("cx/p", b"n3")], qos=2)
+        )
+        waits_next.start()
+        sharing_next.start()
+        await until(lambda: waits_next.started and sharing_next.started, 5, "the callers")
+        under_way.cancel()
+        waits_next.cancel()
+        assert await under_way.outcome() is CANCELLED
+        assert await waits_next.outcome() is CANCELLED
+        gate.open()
+        delivery = await sharing_under_way.outcome()
+        deliveries = await sharing_next.outcome()
+        with anyio.fail_after(10):
+            assert await delivery is DeliveryOutcome.ACKNOWLEDGED  # type: ignore[misc]
+            for each in deliveries:  # type: ignore[attr-defined]
+                assert await each is DeliveryOutcome.ACKNOWLEDGED
+            later = await client.publish("cx/p", b"later", qos=2)
+            assert await later is DeliveryOutcome.ACKNOWLEDGED
+            await client.drain(10)
+        assert await observer.await_count(6)
+    assert Counter(observer.payloads()) == Counter([b"c1", b"c2", b"n1", b"n2", b"n3", b"later"])
+    no_errors_logged(caplog)
+
+
+@FLAVOURS
+@STORES
+async def test_publish_cancelled_while_the_queue_is_full(
+    flavour: Flavour,
+    store_kind: str,
+    broker_factory: BrokerFactory,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With queue_full="block" a publish() waits for room before it stores anything: a
+    cancelled one leaves nothing behind, and the publisher still waiting gets the room."""
+    broker = broker_factory()
+    proxy = await proxy_factory(broker)
+    proxy.refuse(True)  # offline: the queue fills up
+    async with (
+        PahoObserver(broker.host, broker.port, "cx/#") as observer,
+        PersistentClient(
+            "127.0.0.1",
+            proxy.port,
+            client_id="cx-full",
+            store=make_store(store_kind, tmp_path),
+            backoff=FAST,
+            max_queued=1,
+            queue_full="block",
+        ) as client,
+    ):
+        first = await client.publish("cx/q", b"first", qos=1)
+        cancelled = Caller(flavour, lambda: client.publish("cx/q", b"cancelled", qos=1))
+        waiting = Caller(flavour, lambda: client.publish("cx/q", b"waiting", qos=1))
+        cancelled.start()
+        waiting.start()
+        await until(lambda: cancelled.started and waiting.started, 5, "the publishers")
+        cancelled.cancel()
+        assert await cancelled.outcome() is CANCELLED
+        assert client.stats.queued == 1
+        proxy.refuse(False)
+        with anyio.fail_after(10):
+            assert await first is DeliveryOutcome.ACKNOWLEDGED
+            delivery = await waiting.outcome()
+            assert await delivery is DeliveryOutcome.ACKNOWLEDGED  # type: ignore[misc]
+            later = await client.publish("cx/q", b"later", qos=1)
+            assert await later is DeliveryOutcome.ACKNOWLEDGED
+            await client.drain(10)
+        assert await observer.await_count(3)
+    assert sorted(observer.payloads()) == [b"first", b"later", b"waiting"]
     no_errors_logged(caplog)
