@@ -341,3 +341,45 @@ async def test_publish_cancelled_while_the_queue_is_full(
         assert await observer.await_count(3)
     assert sorted(observer.payloads()) == [b"first", b"later", b"waiting"]
     no_errors_logged(caplog)
+
+
+# --- entering the client ---------------------------------------------------------------------
+
+
+@FLAVOURS
+async def test_enter_cancelled_while_loading_releases_the_session(
+    flavour: Flavour,
+    broker_factory: BrokerFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A timeout around ``async with PersistentClient(...)`` that fires while the stored
+    session is being loaded must give the lease back: the next client of the session (a retry)
+    gets it, instead of SessionLocked."""
+    broker = broker_factory()
+    store = FileStore(tmp_path / "store")
+    loading = False
+    hold = asyncio.Event()
+    original = store.load
+
+    async def slow_load(client_id: str, **kwargs: int | None) -> object:
+        nonlocal loading
+        loading = True
+        await hold.wait()
+        return await original(client_id, **kwargs)
+
+    store.load = slow_load  # type: ignore[assignment, method-assign]
+
+    async def enter() -> None:
+        async with PersistentClient(
+            broker.host, broker.port, client_id="cx-enter", store=store, backoff=FAST
+        ):
+            pass
+
+    await cancel_once_waiting(flavour, enter, lambda: loading)
+    store.load = original  # type: ignore[method-assign]
+    async with PersistentClient(
+        broker.host, broker.port, client_id="cx-enter", store=store, backoff=FAST
+    ) as client:
+        await client.wait_connected(5)
+    no_errors_logged(caplog)
