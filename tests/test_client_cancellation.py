@@ -31,7 +31,7 @@ from mqtt_persist import (
 from mqtt_persist.log import LOGGER_NAME
 from mqtt_persist.session.state import Operation
 from tests.support.broker import BrokerFactory
-from tests.support.observer import PahoObserver
+from tests.support.observer import PahoObserver, paho_publish_async
 from tests.support.proxy import ProxyFactory
 from tests.support.waiting import until
 
@@ -382,4 +382,110 @@ async def test_enter_cancelled_while_loading_releases_the_session(
         broker.host, broker.port, client_id="cx-enter", store=store, backoff=FAST
     ) as client:
         await client.wait_connected(5)
+    no_errors_logged(caplog)
+
+
+# --- subscribing -----------------------------------------------------------------------------
+
+
+@FLAVOURS
+@STORES
+async def test_subscribe_and_unsubscribe_cancelled_while_waiting_for_the_commit(
+    flavour: Flavour,
+    store_kind: str,
+    broker_factory: BrokerFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """subscribe()/unsubscribe() change the session, then wait for the commit (with any
+    store). Cancelled in that wait, the change was made and still reaches the broker; later
+    calls work, and leaving the client does not wait for an answer that never comes."""
+    broker = broker_factory()
+    store = make_store(store_kind, tmp_path / "store")
+    gate = CommitGate(store)
+    async with PersistentClient(
+        broker.host, broker.port, client_id="cx-sub", store=store, backoff=FAST
+    ) as client:
+        await client.wait_connected(5)
+        await client.subscribe("cx/gone", qos=1)
+        gate.close()
+        subscribing = Caller(flavour, lambda: client.subscribe("cx/kept", qos=1))
+        unsubscribing = Caller(flavour, lambda: client.unsubscribe("cx/gone"))
+        subscribing.start()
+        unsubscribing.start()
+        await until(lambda: gate.waiting == 1, 5, "the commit to reach the store")
+        subscribing.cancel()
+        unsubscribing.cancel()
+        assert await subscribing.outcome() is CANCELLED
+        assert await unsubscribing.outcome() is CANCELLED
+        gate.open()
+        with anyio.fail_after(10):
+            later = await client.subscribe("cx/later", qos=1)
+            assert await later == (1,)
+            # In this order from one publisher: had the unsubscribe not reached the broker,
+            # "gone" would arrive before "kept".
+            for topic in ("cx/gone", "cx/kept", "cx/later"):
+                await client.publish(topic, topic.encode(), qos=1)
+            incoming = aiter(client.messages)
+            assert (await anext(incoming)).topic == "cx/kept"
+            assert (await anext(incoming)).topic == "cx/later"
+            await client.drain(10)
+    no_errors_logged(caplog)
+
+
+# --- acknowledging received messages ---------------------------------------------------------
+
+
+@FLAVOURS
+async def test_manual_ack_cancelled_while_waiting_for_the_commit(
+    flavour: Flavour,
+    broker_factory: BrokerFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A durable QoS 2 ack() waits for the commit that records the message as received.
+    Cancelled in that wait, the ack still happened: the next message is acknowledged after
+    it (acks go out in arrival order), and neither comes again to the next client."""
+    broker = broker_factory()
+    path = tmp_path / "store"
+
+    def client_of(store: SessionStore) -> PersistentClient:
+        return PersistentClient(
+            broker.host,
+            broker.port,
+            client_id="cx-ack",
+            store=store,
+            backoff=FAST,
+            ack="manual",
+        )
+
+    store = FileStore(path)
+    gate = CommitGate(store)
+    async with client_of(store) as client:
+        await client.subscribe("cx/in", qos=2)
+        await client.wait_connected(5)
+        await paho_publish_async(broker.host, broker.port, "cx/in", [b"1", b"2"], qos=2)
+        incoming = aiter(client.messages)
+        with anyio.fail_after(10):
+            first = await anext(incoming)
+            second = await anext(incoming)
+        gate.close()
+        acking = Caller(flavour, first.ack)
+        acking.start()
+        await until(lambda: gate.waiting == 1, 5, "the ack's commit to reach the store")
+        acking.cancel()
+        assert await acking.outcome() is CANCELLED
+        gate.open()
+        with anyio.fail_after(10):
+            async with second.processing():
+                pass
+            await client.drain(10)
+    async with client_of(FileStore(path)) as client:
+        await client.wait_connected(5)
+        await paho_publish_async(broker.host, broker.port, "cx/in", [b"3"], qos=2)
+        with anyio.fail_after(10):
+            message = await anext(aiter(client.messages))
+            # The broker sends what it still holds for the session before anything new.
+            assert message.payload == b"3"
+            await message.ack()
     no_errors_logged(caplog)
