@@ -29,6 +29,7 @@ from mqtt_persist import (
     SessionStore,
 )
 from mqtt_persist.log import LOGGER_NAME
+from mqtt_persist.protocol.packets import ProtocolVersion
 from mqtt_persist.session.state import Operation
 from tests.support.broker import BrokerFactory
 from tests.support.observer import PahoObserver, paho_publish_async
@@ -488,4 +489,109 @@ async def test_manual_ack_cancelled_while_waiting_for_the_commit(
             # The broker sends what it still holds for the session before anything new.
             assert message.payload == b"3"
             await message.ack()
+    no_errors_logged(caplog)
+
+
+# --- waiting for the connection and for the broker -------------------------------------------
+
+
+@FLAVOURS
+@STORES
+async def test_wait_connected_and_drain_cancelled_beside_other_waiters(
+    flavour: Flavour,
+    store_kind: str,
+    broker_factory: BrokerFactory,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """wait_connected() and drain() waiters share the client's wake-ups (Signal): cancelling
+    one leaves the others waiting and woken as before, and the same calls work later."""
+    broker = broker_factory()
+    proxy = await proxy_factory(broker)
+    proxy.refuse(True)
+    async with (
+        PahoObserver(broker.host, broker.port, "cx/#") as observer,
+        PersistentClient(
+            "127.0.0.1",
+            proxy.port,
+            client_id="cx-wait",
+            store=make_store(store_kind, tmp_path),
+            backoff=FAST,
+        ) as client,
+    ):
+        delivery = await client.publish("cx/w", b"queued", qos=1)
+        cancelled_connect = Caller(flavour, client.wait_connected)
+        other_connect = Caller(flavour, client.wait_connected)
+        cancelled_drain = Caller(flavour, client.drain)
+        other_drain = Caller(flavour, client.drain)
+        callers = (cancelled_connect, other_connect, cancelled_drain, other_drain)
+        for caller in callers:
+            caller.start()
+        await until(lambda: all(c.started for c in callers), 5, "the waiters")
+        cancelled_connect.cancel()
+        cancelled_drain.cancel()
+        assert await cancelled_connect.outcome() is CANCELLED
+        assert await cancelled_drain.outcome() is CANCELLED
+        assert not other_connect.done and not other_drain.done
+        proxy.refuse(False)
+        with anyio.fail_after(10):
+            assert await other_connect.outcome() is None
+            assert await other_drain.outcome() is None
+            assert await delivery is DeliveryOutcome.ACKNOWLEDGED
+            await client.wait_connected(5)
+            later = await client.publish("cx/w", b"later", qos=1)
+            await client.drain(5)
+            assert later.outcome is DeliveryOutcome.ACKNOWLEDGED
+        assert await observer.await_count(2)
+    assert sorted(observer.payloads()) == [b"later", b"queued"]
+    no_errors_logged(caplog)
+
+
+# --- request / response (MQTT 5) -------------------------------------------------------------
+
+
+@FLAVOURS
+async def test_request_cancelled_while_waiting_for_its_response(
+    flavour: Flavour, broker_factory: BrokerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request() cancelled while it waits for the response: the request went out (it was
+    published), its late response arrives in client.messages like any message, and the next
+    request gets its own response."""
+    broker = broker_factory()
+
+    def client_for(client_id: str) -> PersistentClient:
+        return PersistentClient(
+            broker.host,
+            broker.port,
+            client_id=client_id,
+            backoff=FAST,
+            protocol=ProtocolVersion.V5,
+        )
+
+    async with client_for("cx-responder") as responder, client_for("cx-requester") as client:
+        with anyio.fail_after(10):
+            await (await responder.subscribe("cx/req", qos=1))
+            await (await client.subscribe("cx/resp", qos=1))
+        requests = aiter(responder.messages)
+        asking = Caller(flavour, lambda: client.request("cx/req", b"q1", response_topic="cx/resp"))
+        asking.start()
+        with anyio.fail_after(10):
+            request = await anext(requests)  # published: now waiting for the response
+        assert request.payload == b"q1"
+        asking.cancel()
+        assert await asking.outcome() is CANCELLED
+        with anyio.fail_after(10):
+            await responder.respond(request, b"late")
+            late = await anext(aiter(client.messages))
+            assert (late.topic, late.payload) == ("cx/resp", b"late")
+
+            async def serve() -> None:
+                await responder.respond(await anext(requests), b"answer")
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(serve)
+                answer = await client.request("cx/req", b"q2", response_topic="cx/resp")
+            assert answer.payload == b"answer"
+            await client.drain(5)
     no_errors_logged(caplog)
