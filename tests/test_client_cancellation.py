@@ -595,3 +595,54 @@ async def test_request_cancelled_while_waiting_for_its_response(
             assert answer.payload == b"answer"
             await client.drain(5)
     no_errors_logged(caplog)
+
+
+@FLAVOURS
+async def test_processing_block_cancelled_leaves_the_message_to_acknowledge(
+    flavour: Flavour, broker_factory: BrokerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``async with message.processing():`` cancelled inside the block does not acknowledge
+    (the block did not succeed): the message can still be acknowledged afterwards, which
+    releases the acknowledgements of the messages after it."""
+    broker = broker_factory()
+    shared_store = MemoryStore()
+
+    def client_of() -> PersistentClient:
+        return PersistentClient(
+            broker.host,
+            broker.port,
+            client_id="cx-proc",
+            store=shared_store,
+            backoff=FAST,
+            ack="manual",
+        )
+
+    async with client_of() as client:
+        await client.subscribe("cx/proc", qos=1)
+        await client.wait_connected(5)
+        await paho_publish_async(broker.host, broker.port, "cx/proc", [b"1", b"2"], qos=1)
+        incoming = aiter(client.messages)
+        with anyio.fail_after(10):
+            first = await anext(incoming)
+            second = await anext(incoming)
+        inside = False
+
+        async def process() -> None:
+            nonlocal inside
+            async with first.processing():
+                inside = True
+                await anyio.sleep_forever()
+
+        await cancel_once_waiting(flavour, process, lambda: inside)
+        with anyio.fail_after(10):
+            await second.ack()
+            await first.ack()
+            await client.drain(10)
+    async with client_of() as client:
+        await client.wait_connected(5)
+        await paho_publish_async(broker.host, broker.port, "cx/proc", [b"3"], qos=1)
+        with anyio.fail_after(10):
+            message = await anext(aiter(client.messages))
+            assert message.payload == b"3"  # 1 and 2 were acknowledged: not sent again
+            await message.ack()
+    no_errors_logged(caplog)
