@@ -344,6 +344,37 @@ async def test_publish_cancelled_while_the_queue_is_full(
     no_errors_logged(caplog)
 
 
+@FLAVOURS
+async def test_awaiting_a_delivery_cancelled_beside_another_waiter(
+    flavour: Flavour,
+    broker_factory: BrokerFactory,
+    proxy_factory: ProxyFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``await delivery`` waits for the broker; cancelling one waiter (a timeout around it)
+    leaves the delivery pending for the others, and it can be awaited again."""
+    broker = broker_factory()
+    proxy = await proxy_factory(broker)
+    proxy.refuse(True)
+    async with PersistentClient(
+        "127.0.0.1", proxy.port, client_id="cx-delivery", backoff=FAST
+    ) as client:
+        delivery = await client.publish("cx/d", b"x", qos=1)
+        cancelled = Caller(flavour, lambda: delivery)
+        other = Caller(flavour, lambda: delivery)
+        cancelled.start()
+        other.start()
+        await until(lambda: cancelled.started and other.started, 5, "the waiters")
+        cancelled.cancel()
+        assert await cancelled.outcome() is CANCELLED
+        assert delivery.outcome is None and not other.done
+        proxy.refuse(False)
+        with anyio.fail_after(10):
+            assert await other.outcome() is DeliveryOutcome.ACKNOWLEDGED
+            assert await delivery is DeliveryOutcome.ACKNOWLEDGED
+    no_errors_logged(caplog)
+
+
 # --- entering the client ---------------------------------------------------------------------
 
 
