@@ -11,6 +11,7 @@ cancel scope, which keeps cancelling every later await inside it until it is lef
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -234,6 +235,11 @@ async def test_messages_iterator_survives_a_timed_out_wait(
         with anyio.fail_after(5):
             message = await anext(incoming)
         assert message.payload == b"after"
+        # Still closable like the async generator it used to be.
+        async with contextlib.aclosing(incoming):  # type: ignore[type-var]
+            pass
+        with pytest.raises(StopAsyncIteration):
+            await anext(incoming)
     no_errors_logged(caplog)
 
 

@@ -75,18 +75,26 @@ class _Messages:
     raised ``StopAsyncIteration`` as if the client had closed.
     """
 
-    __slots__ = ("_client", "_inbox")
+    __slots__ = ("_client", "_closed", "_inbox")
 
     def __init__(self, client: ReceiveAPI) -> None:
         self._client = client
         # Looked up on the first step (as the generator did): once iterating, the messages
         # waiting are read to the end even while the client closes or after a fatal error.
         self._inbox: Inbox | None = None
+        self._closed = False
 
     def __aiter__(self) -> _Messages:
         return self
 
+    async def aclose(self) -> None:
+        """Stop iterating (what ``aclose()`` of the former async generator did, so
+        ``contextlib.aclosing(client.messages)`` keeps working); the messages stay queued."""
+        self._closed = True
+
     async def __anext__(self) -> Message:
+        if self._closed:
+            raise StopAsyncIteration
         client = self._client
         incoming = self._inbox
         if incoming is None:
