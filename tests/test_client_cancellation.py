@@ -683,3 +683,43 @@ async def test_processing_block_cancelled_leaves_the_message_to_acknowledge(
             assert message.payload == b"3"  # 1 and 2 were acknowledged: not sent again
             await message.ack()
     no_errors_logged(caplog)
+
+
+@FLAVOURS
+async def test_enter_cancelled_while_connecting_without_reconnect(
+    flavour: Flavour,
+    broker_factory: BrokerFactory,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With reconnect=False entering waits for the connection: cancelled there (a broker
+    that does not answer CONNECT), the client is shut down and its lease given back, so a
+    retry enters and connects."""
+    broker = broker_factory()
+    proxy = await proxy_factory(broker)
+    proxy.stall(True, "down")  # CONNECT goes up, CONNACK never comes back
+    store = tmp_path / "store"
+
+    def client_of() -> PersistentClient:
+        return PersistentClient(
+            "127.0.0.1",
+            proxy.port,
+            client_id="cx-connect",
+            store=FileStore(store),
+            reconnect=False,
+            connect_timeout=30,
+        )
+
+    async def enter() -> None:
+        async with client_of():
+            pass
+
+    await cancel_once_waiting(flavour, enter, lambda: proxy.total_connections >= 1)
+    proxy.stall(False)
+    async with client_of() as client:
+        await client.wait_connected(5)
+        with anyio.fail_after(10):
+            delivery = await client.publish("cx/c", b"x", qos=1)
+            assert await delivery is DeliveryOutcome.ACKNOWLEDGED
+    no_errors_logged(caplog)
