@@ -142,17 +142,25 @@ class LifecycleAPI(ReceiveAPI):
         tb: TracebackType | None,
     ) -> None:
         parts = self._parts
-        if parts is not None and not self._closing and (exc is None or isinstance(exc, Exception)):
-            await settle_before_exit(
-                parts.session,
-                parts.flusher,
-                parts.dispatcher,
-                parts.connection,
-                timeout=self._options.exit_timeout,
-                failed=lambda: self._fatal is not None,
-                log=self._log,
-            )
-        await self._shutdown(graceful=True)
+        try:
+            if (
+                parts is not None
+                and not self._closing
+                and (exc is None or isinstance(exc, Exception))
+            ):
+                await settle_before_exit(
+                    parts.session,
+                    parts.flusher,
+                    parts.dispatcher,
+                    parts.connection,
+                    timeout=self._options.exit_timeout,
+                    failed=lambda: self._fatal is not None,
+                    log=self._log,
+                )
+        finally:
+            # Cancelled while waiting for the broker (a timeout around the whole block): the
+            # client still closes, or its tasks, task group and lease would outlive the block.
+            await self._shutdown(graceful=True)
 
     async def _shutdown(self, *, graceful: bool) -> None:
         parts, stack, tasks = self._parts, self._exit_stack, self._task_group

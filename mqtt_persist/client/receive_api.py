@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import anyio
 
 from mqtt_persist.client.base import ClientBase
+from mqtt_persist.client.inbox import Inbox
 from mqtt_persist.client.signals import Signal
 from mqtt_persist.errors import InvalidInput
 from mqtt_persist.message import Message
@@ -21,26 +22,10 @@ class ReceiveAPI(ClientBase):
         """Received messages, in arrival order; ends when the client closes.
 
         Raises the client's fatal error (for example a refused connection) if one ends it.
+        A timeout or cancellation around one step (``asyncio.wait_for(anext(it), t)``) ends
+        that wait only: the same iterator goes on with the next message.
         """
-        return self._iterate_messages()
-
-    async def _iterate_messages(self) -> AsyncIterator[Message]:
-        incoming = self._require_open().dispatcher.inbox
-        while True:
-            try:
-                # Like asyncio.Queue.get(): no trip through the event loop while messages
-                # are waiting.
-                message = incoming.get_nowait()
-            except anyio.WouldBlock:
-                try:
-                    message = await incoming.get()
-                except anyio.EndOfStream:
-                    break
-            except anyio.EndOfStream:
-                break
-            yield message
-        if self._fatal is not None:
-            raise self._fatal
+        return _Messages(self)
 
     async def ack(self, message: Message) -> None:
         """Acknowledge a received message (``ack="manual"``); returns once that is durable.
@@ -80,3 +65,51 @@ def ack_now(session: Session, wake: Signal, message: Message) -> None:
     if token:
         session.ack(token)
         wake.set()
+
+
+class _Messages:
+    """The iterator behind :attr:`ReceiveAPI.messages`.
+
+    Not an async generator: an exception thrown into a generator's ``await`` (the
+    cancellation of a timed-out ``anext()``) ends the generator, and every later ``anext()``
+    raised ``StopAsyncIteration`` as if the client had closed.
+    """
+
+    __slots__ = ("_client", "_closed", "_inbox")
+
+    def __init__(self, client: ReceiveAPI) -> None:
+        self._client = client
+        # Looked up on the first step (as the generator did): once iterating, the messages
+        # waiting are read to the end even while the client closes or after a fatal error.
+        self._inbox: Inbox | None = None
+        self._closed = False
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def aclose(self) -> None:
+        """Stop iterating (what ``aclose()`` of the former async generator did, so
+        ``contextlib.aclosing(client.messages)`` keeps working); the messages stay queued."""
+        self._closed = True
+
+    async def __anext__(self) -> Message:
+        if self._closed:
+            raise StopAsyncIteration
+        client = self._client
+        incoming = self._inbox
+        if incoming is None:
+            incoming = self._inbox = client._require_open().dispatcher.inbox
+        try:
+            # Like asyncio.Queue.get(): no trip through the event loop while messages are
+            # waiting.
+            return incoming.get_nowait()
+        except anyio.WouldBlock:
+            try:
+                return await incoming.get()
+            except anyio.EndOfStream:
+                pass
+        except anyio.EndOfStream:
+            pass
+        if client._fatal is not None:
+            raise client._fatal
+        raise StopAsyncIteration

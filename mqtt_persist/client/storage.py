@@ -55,7 +55,10 @@ class SessionStorage:
             if expires_after is not None or state is not None:
                 await store.update_ttl(client_id, expires_after)
         except BaseException:
-            await store.release(client_id)
+            # Shielded: cancelled while loading (a timeout around entering the client), an
+            # unshielded release is cancelled too, and the lease would stay taken for good.
+            with anyio.CancelScope(shield=True):
+                await store.release(client_id)
             raise
         if state is not None and not state.is_empty:
             self.status = "restored"
