@@ -355,6 +355,16 @@ async def test_refused_connection_is_fatal_and_surfaces(
         )
 
 
+async def test_reconnect_false_enter_returns_connected(
+    broker: MosquittoBroker, protocol: ProtocolVersion
+) -> None:
+    """Without reconnecting, entering waits for the connection: the client says it is
+    connected, and which protocol it speaks, from its first line on."""
+    async with client_for(None, broker, "entered", protocol=protocol, reconnect=False) as client:
+        assert client.is_connected
+        assert client.protocol_version is protocol
+
+
 async def test_reconnect_false_raises_when_broker_unreachable(
     broker_factory: BrokerFactory,
     protocol: ProtocolVersion,

@@ -69,6 +69,10 @@ class LifecycleAPI(ReceiveAPI):
                 await tasks.start(
                     parts.connection.run_single_connection, name=f"mqtt_persist connection {name}"
                 )
+                # The connection is READY; the client says so (is_connected, protocol_version)
+                # once the flusher dispatched it, a pass later. Enter returns connected. A
+                # connection lost meanwhile fails the client, which sets ready too.
+                await parts.dispatcher.ready.wait()
             except BaseException as exc:
                 await self._shutdown(graceful=False)
                 if isinstance(exc, OSError | TimeoutError):
