@@ -519,6 +519,33 @@ async def test_a_broker_exceeding_our_receive_maximum_is_told_so() -> None:
     assert not fake.errors
 
 
+async def test_a_request_the_requester_receives_itself_is_not_its_response(
+    broker: MosquittoBroker,
+) -> None:
+    """A requester subscribed to its own request topic receives the request, which carries the
+    same correlation data as the response: it is a message, not the answer."""
+    async with (
+        client_for(broker, "echo-responder") as responder,
+        client_for(broker, "echo-requester") as requester,
+    ):
+        await (await responder.subscribe("echo/req", qos=1))
+        await (await requester.subscribe("echo/#", qos=1))  # its requests and their replies
+
+        async def serve() -> None:
+            async for message in responder.messages:
+                await responder.respond(message, b"pong")
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve)
+            answer = await requester.request(
+                "echo/req", b"ping", response_topic="echo/reply", timeout=10
+            )
+            (own,) = await receive(requester, 1)
+            tasks.cancel_scope.cancel()
+    assert (answer.topic, answer.payload) == ("echo/reply", b"pong")
+    assert (own.topic, own.payload) == ("echo/req", b"ping")
+
+
 async def test_request_and_respond_pair_up_by_correlation_data(broker: MosquittoBroker) -> None:
     async with (
         client_for(broker, "responder") as responder,

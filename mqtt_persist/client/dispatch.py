@@ -62,8 +62,9 @@ class EventDispatcher:
         self.connections = 0
         #: CONNACK's Session Present of the last successful connection (None before one).
         self.session_present: bool | None = None
-        #: ``request()`` calls waiting for their response, by correlation data.
-        self.responses: dict[bytes, Completion[Message]] = {}
+        #: ``request()`` calls waiting for their response, by correlation data: the response
+        #: topic and the waiter.
+        self.responses: dict[bytes, tuple[str, Completion[Message]]] = {}
         # Never blocks the flusher (that would stall every publish): the session holds QoS 1/2
         # beyond ``max_unread`` unacknowledged, and the inbox drops the oldest QoS 0.
         self.inbox = Inbox(max_unread, on_leave)
@@ -133,12 +134,19 @@ class EventDispatcher:
             delivery._set_result(outcome)
 
     def _answers_a_request(self, message: Message) -> bool:
-        """Hand a response to the ``request()`` waiting for its correlation data, if any."""
+        """Hand a response to the ``request()`` waiting for its correlation data, if any.
+
+        Only a message on the request's response topic answers it: the request itself carries
+        the same correlation data, and a client subscribed to its own request topic receives it.
+        """
         correlation = message.properties.correlation_data
-        waiter = self.responses.pop(correlation, None) if correlation is not None else None
-        if waiter is None:
+        if correlation is None:
             return False
-        waiter._set_result(message)
+        pending = self.responses.get(correlation)
+        if pending is None or pending[0] != message.topic:
+            return False
+        del self.responses[correlation]
+        pending[1]._set_result(message)
         return True
 
     def _publish_refused(self, event: PublishRefused) -> None:
@@ -201,6 +209,6 @@ class EventDispatcher:
             delivery._set_exception(error)
         for request in self.requests.values():
             request._set_exception(error)
-        for waiter in self.responses.values():
+        for _, waiter in self.responses.values():
             waiter._set_exception(error)
         self.end_messages()

@@ -131,12 +131,13 @@ class PublishAPI(ClientBase):
         """Publish a request and wait for its response (MQTT 5 request/response, §4.10).
 
         The request carries ``response_topic`` and a fresh Correlation Data; the first message
-        that arrives with that correlation data is the response: it is returned here and does
-        not appear in :attr:`messages`. Subscribe to ``response_topic`` first (a subscription
-        is stored and restored like any other). The request itself is published as
-        :meth:`publish` publishes, so it is durable at QoS 1/2; the wait is not: after a
-        restart, or once ``timeout`` (seconds) raised :class:`TimeoutError`, a late response
-        arrives in :attr:`messages` like any message. The responder answers with
+        that arrives on ``response_topic`` with that correlation data is the response (the
+        request itself, should this client be subscribed to its topic, is a message): it is
+        returned here and does not appear in :attr:`messages`. Subscribe to ``response_topic``
+        first (a subscription is stored and restored like any other). The request itself is
+        published as :meth:`publish` publishes, so it is durable at QoS 1/2; the wait is not:
+        after a restart, or once ``timeout`` (seconds) raised :class:`TimeoutError`, a late
+        response arrives in :attr:`messages` like any message. The responder answers with
         :meth:`respond`.
         """
         validate_topic(response_topic)
@@ -146,7 +147,7 @@ class PublishAPI(ClientBase):
         )
         waiter: Completion[Message] = Completion()
         responses = self._require_open().dispatcher.responses
-        responses[correlation] = waiter
+        responses[correlation] = (response_topic, waiter)
         try:
             await self.publish(topic, payload, qos, properties=props)
             with anyio.fail_after(timeout):
