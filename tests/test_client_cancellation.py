@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -420,6 +421,55 @@ async def test_enter_cancelled_while_loading_releases_the_session(
         broker.host, broker.port, client_id="cx-enter", store=store, backoff=FAST
     ) as client:
         await client.wait_connected(5)
+    no_errors_logged(caplog)
+
+
+@FLAVOURS
+async def test_enter_cancelled_while_the_lease_is_taken_releases_it(
+    flavour: Flavour,
+    broker_factory: BrokerFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cancelled while the store's worker thread takes the lease (a slow ``flock``): the job
+    finishes without its caller and the lease is taken. The client gives it back, so a retry
+    in this process is not refused with "already acquired by this store"."""
+    broker = broker_factory()
+    store = FileStore(tmp_path / "store")
+    leases = store._leases
+    taking = threading.Event()
+    go_on = threading.Event()
+    original = leases.acquire
+
+    def slow_acquire(client_id: str) -> None:
+        taking.set()
+        go_on.wait(5)  # on the worker thread, past the point where a cancel could skip it
+        original(client_id)
+
+    leases.acquire = slow_acquire  # type: ignore[method-assign]
+
+    async def enter() -> None:
+        async with PersistentClient(
+            broker.host, broker.port, client_id="cx-lease", store=store, backoff=FAST
+        ):
+            pass
+
+    def waiting() -> bool:
+        if taking.is_set() and not go_on.is_set():
+            # Let the job finish just after the cancel: the client's release queues behind it.
+            asyncio.get_running_loop().call_later(0.2, go_on.set)
+        return taking.is_set()
+
+    try:
+        await cancel_once_waiting(flavour, enter, waiting)
+    finally:
+        go_on.set()
+    leases.acquire = original  # type: ignore[method-assign]
+    with anyio.fail_after(10):
+        async with PersistentClient(
+            broker.host, broker.port, client_id="cx-lease", store=store, backoff=FAST
+        ) as client:
+            await client.wait_connected(5)
     no_errors_logged(caplog)
 
 

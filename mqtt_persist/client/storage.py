@@ -9,6 +9,7 @@ flusher, and a snapshot of the machine would miss queued messages that live only
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import anyio
@@ -46,7 +47,16 @@ class SessionStorage:
         """
         store, client_id = self.store, self._options.client_id
         await store.open()
-        await store.acquire(client_id)
+        try:
+            await store.acquire(client_id)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # Cancelled: a store may take the lease anyway, after its caller has gone (a
+                # job already running on its worker thread). Give it back once that is done;
+                # a store that holds none for this session does nothing.
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await store.release(client_id)
+            raise
         try:
             state = await self._load()
             # The expiry is stored with the session, so any process can clean it up. A new
