@@ -1,0 +1,68 @@
+"""Lifecycle and failure paths: what every waiter sees when the client stops for good, and
+how it leaves ``async with`` from awkward states."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import pytest
+
+from mqtt_persist import (
+    Backoff,
+    ConnectionRefused,
+    MemoryStore,
+    PersistentClient,
+    StoreError,
+)
+from mqtt_persist.session.state import Operation
+from tests.support.broker import BrokerFactory
+
+FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
+#: Nothing listens on the discard port: the client stays disconnected, backing off.
+NOWHERE = 9
+
+
+class BreakableStore(MemoryStore):
+    """A durable MemoryStore whose commits raise ``error`` once it is set."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: Exception | None = None
+
+    async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
+        if self.error is not None:
+            raise self.error
+        await super().apply(client_id, ops)
+
+
+async def test_awaited_delivery_and_subscription_raise_a_fatal_store_error() -> None:
+    """Regression: a Delivery or SubscribeRequest awaited after the store broke waited
+    forever (only leaving ``async with`` failed them, and the block was waiting on them)."""
+    store = BreakableStore()
+    async with PersistentClient(
+        "127.0.0.1", NOWHERE, client_id="fatal-waiters", store=store, backoff=FAST
+    ) as client:
+        delivery = await client.publish("t", b"1", qos=1)  # stored; no broker to take it
+        request = await client.subscribe("s/#", qos=1)
+        store.error = StoreError("disk gone")
+        with anyio.fail_after(5), pytest.raises(StoreError):
+            await client.publish("t", b"2", qos=1)
+        with anyio.fail_after(2), pytest.raises(StoreError, match="disk gone"):
+            await delivery
+        with anyio.fail_after(2), pytest.raises(StoreError, match="disk gone"):
+            await request
+
+
+async def test_awaited_delivery_raises_a_fatal_refusal(broker_factory: BrokerFactory) -> None:
+    """A refused CONNECT stops the client: a delivery waiting for the broker learns why."""
+    broker = broker_factory(start=False, extra_config="allow_anonymous false\n")
+    async with PersistentClient(
+        "127.0.0.1", broker.port, client_id="refused-waiter", store=BreakableStore(), backoff=FAST
+    ) as client:
+        delivery = await client.publish("t", b"1", qos=1)
+        broker.start()
+        with anyio.fail_after(5), pytest.raises(ConnectionRefused):
+            await delivery
