@@ -13,10 +13,11 @@ from mqtt_persist import (
     ConnectionRefused,
     MemoryStore,
     PersistentClient,
+    SessionFenced,
     StoreError,
 )
 from mqtt_persist.session.state import Operation
-from tests.support.broker import BrokerFactory
+from tests.support.broker import BrokerFactory, MosquittoBroker
 
 FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
 #: Nothing listens on the discard port: the client stays disconnected, backing off.
@@ -66,3 +67,51 @@ async def test_awaited_delivery_raises_a_fatal_refusal(broker_factory: BrokerFac
         broker.start()
         with anyio.fail_after(5), pytest.raises(ConnectionRefused):
             await delivery
+
+
+async def test_fenced_before_connecting_without_reconnect_raises_fenced(
+    broker: MosquittoBroker,
+) -> None:
+    """reconnect=False: a store that refuses the first commit makes entering raise the
+    store's error, not whatever the dropped connection raised."""
+    store = BreakableStore()
+    store.error = SessionFenced("another process took the session over")
+    with anyio.fail_after(5), pytest.raises(SessionFenced):
+        async with PersistentClient(
+            "127.0.0.1", broker.port, client_id="fenced-once", store=store, reconnect=False
+        ):
+            pass
+
+
+class FailLaterStore(BreakableStore):
+    """Commits raise ``error`` from the ``fail_at``-th one on."""
+
+    def __init__(self, error: Exception, fail_at: int) -> None:
+        super().__init__()
+        self._later = error
+        self._fail_at = fail_at
+        self.applied = 0
+
+    async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
+        self.applied += 1
+        if self.applied >= self._fail_at:
+            self.error = self._later
+        await super().apply(client_id, ops)
+
+
+async def test_fenced_right_after_connack_without_reconnect_raises_fenced(
+    broker: MosquittoBroker,
+) -> None:
+    """reconnect=False enters connected or not at all: fenced at the commit before the first
+    packets after CONNACK (a stored subscription to restore), entering raises."""
+    store = FailLaterStore(SessionFenced("another process took the session over"), 10**9)
+    async with PersistentClient(
+        "127.0.0.1", NOWHERE, client_id="fenced-late", store=store, backoff=FAST
+    ) as client:
+        await client.subscribe("s/#", qos=1)
+    store.applied, store._fail_at = 0, 2  # the commit before CONNECT passes; the next fails
+    with anyio.fail_after(5), pytest.raises(SessionFenced):
+        async with PersistentClient(
+            "127.0.0.1", broker.port, client_id="fenced-late", store=store, reconnect=False
+        ) as client:
+            pytest.fail(f"entered a stopped client (connected: {client.is_connected})")

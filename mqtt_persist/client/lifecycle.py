@@ -75,6 +75,11 @@ class LifecycleAPI(ReceiveAPI):
                 await parts.dispatcher.ready.wait()
             except BaseException as exc:
                 await self._shutdown(graceful=False)
+                fatal = self._fatal
+                if fatal is not None and fatal is not exc and isinstance(exc, Exception):
+                    # The flusher stopped the client (a broken store, a fenced session) and
+                    # dropped the connection: the drop is what reached us, the store is why.
+                    raise fatal from exc
                 if isinstance(exc, OSError | TimeoutError):
                     raise ConnectionLost(
                         f"could not connect to {options.broker_address}: "
