@@ -12,12 +12,14 @@ from mqtt_persist import (
     Backoff,
     ConnectionRefused,
     MemoryStore,
+    MqttPersistError,
     PersistentClient,
     SessionFenced,
     StoreError,
 )
 from mqtt_persist.session.state import Operation
 from tests.support.broker import BrokerFactory, MosquittoBroker
+from tests.support.waiting import until
 
 FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
 #: Nothing listens on the discard port: the client stays disconnected, backing off.
@@ -115,3 +117,61 @@ async def test_fenced_right_after_connack_without_reconnect_raises_fenced(
             "127.0.0.1", broker.port, client_id="fenced-late", store=store, reconnect=False
         ) as client:
             pytest.fail(f"entered a stopped client (connected: {client.is_connected})")
+
+
+class GatedStore(BreakableStore):
+    """Commits wait for ``gate`` while it is armed; ``entered`` says one is waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: anyio.Event | None = None
+        self.entered = anyio.Event()
+
+    async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
+        gate = self.gate
+        if gate is not None:
+            self.entered.set()
+            await gate.wait()
+        await super().apply(client_id, ops)
+
+
+async def test_a_flusher_bug_fails_the_publish_waiting_for_the_next_commit(
+    broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an unexpected error in a flusher pass stopped the client, but a publish()
+    waiting for the commit after that pass waited until the block was left."""
+    store = GatedStore()
+    async with PersistentClient(
+        "127.0.0.1", broker.port, client_id="flusher-bug", store=store, backoff=FAST
+    ) as client:
+        await client.wait_connected(timeout=10)
+        parts = client._parts
+        assert parts is not None
+
+        async def broken_send(*args: object) -> None:
+            raise RuntimeError("a bug in sending")
+
+        monkeypatch.setattr(parts.connection, "send", broken_send)
+        gate = store.gate = anyio.Event()
+        outcome: list[BaseException | None] = []
+
+        async def publish(payload: bytes) -> None:
+            try:
+                await client.publish("t", payload, qos=1)
+            except MqttPersistError as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(publish, b"first")  # its commit waits at the gate
+            with anyio.fail_after(5):
+                await store.entered.wait()
+            tasks.start_soon(publish, b"second")  # waits for the commit after it
+            await until(lambda: parts.flusher._next_commit is not None, timeout=5)
+            gate.set()  # the pass sends, the send raises, the flusher stops
+            with anyio.fail_after(3):
+                await until(lambda: len(outcome) == 2, timeout=3)
+        # The first one's commit succeeded before the pass broke; the second never came.
+        assert outcome[0] is None
+        assert isinstance(outcome[1], MqttPersistError)
