@@ -10,6 +10,7 @@ import pytest
 
 from mqtt_persist import (
     Backoff,
+    ClientClosed,
     ConnectionRefused,
     MemoryStore,
     MqttPersistError,
@@ -175,3 +176,33 @@ async def test_a_flusher_bug_fails_the_publish_waiting_for_the_next_commit(
         # The first one's commit succeeded before the pass broke; the second never came.
         assert outcome[0] is None
         assert isinstance(outcome[1], MqttPersistError)
+
+
+@pytest.mark.parametrize("call", ["drain", "wait_connected"])
+async def test_a_wait_in_a_task_outside_the_block_ends_when_the_client_closes(call: str) -> None:
+    """Regression: drain() and wait_connected() running in a task that outlives the block
+    (an outer task group) waited for good once the client closed under them; a Delivery
+    awaited there raises ClientClosed, and so do they now."""
+    outcome: list[BaseException | None] = []
+
+    async def wait(client: PersistentClient) -> None:
+        try:
+            await getattr(client, call)()
+        except ClientClosed as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    with anyio.fail_after(5):
+        async with (
+            anyio.create_task_group() as tasks,
+            PersistentClient(
+                "127.0.0.1", NOWHERE, client_id="outside", backoff=FAST, exit_timeout=0
+            ) as client,
+        ):
+            await client.publish("t", b"queued", qos=0)  # so that drain() has to wait
+            tasks.start_soon(wait, client)
+            await anyio.wait_all_tasks_blocked()
+            assert not outcome
+    assert len(outcome) == 1 and isinstance(outcome[0], ClientClosed), outcome
+    assert not client.is_connected

@@ -200,6 +200,9 @@ class LifecycleAPI(ReceiveAPI):
         parts.flusher.fail_waiting(error)
         parts.dispatcher.fail_pending(error)
         parts.flusher.room.set()
+        # wait_connected() and drain() in a task outside the block: they re-check and raise.
+        parts.dispatcher.ready.set()
+        parts.flusher.flushed.set()
 
     async def _release_store(self) -> None:
         await self._storage.close()
