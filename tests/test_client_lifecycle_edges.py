@@ -3,7 +3,7 @@ how it leaves ``async with`` from awkward states."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import pytest
@@ -206,3 +206,57 @@ async def test_a_wait_in_a_task_outside_the_block_ends_when_the_client_closes(ca
             assert not outcome
     assert len(outcome) == 1 and isinstance(outcome[0], ClientClosed), outcome
     assert not client.is_connected
+
+
+async def test_every_waiter_raises_the_store_error_that_stops_the_client() -> None:
+    """The store breaks under a commit while every kind of call waits: each raises the
+    store's error promptly, and the block is left without another error."""
+    store = GatedStore()
+    async with PersistentClient(
+        "127.0.0.1",
+        NOWHERE,
+        client_id="all-waiters",
+        store=store,
+        backoff=FAST,
+        max_queued=1,
+        queue_full="block",
+    ) as client:
+        delivery = await client.publish("t", b"queued", qos=1)  # the queue is full now
+        gate = store.gate = anyio.Event()
+        raised: dict[str, BaseException | None] = {}
+
+        async def record(name: str, call: Callable[[], Awaitable[object]]) -> None:
+            try:
+                await call()
+            except StoreError as exc:
+                raised[name] = exc
+            else:
+                raised[name] = None
+
+        async def read() -> None:
+            async for _ in client.messages:
+                pass
+
+        async def awaited() -> None:
+            await delivery
+
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "subscribe": lambda: client.subscribe("s", qos=1),  # its commit waits at the gate
+            "blocked publish": lambda: client.publish("t", b"blocked", qos=1),
+            "publish_many": lambda: client.publish_many([("t", b"m")], qos=1),
+            "drain": client.drain,
+            "wait_connected": client.wait_connected,
+            "messages": read,
+            "delivery": awaited,
+        }
+        async with anyio.create_task_group() as tasks:
+            for name, call in calls.items():
+                tasks.start_soon(record, name, call)
+            with anyio.fail_after(5):
+                await store.entered.wait()
+            await anyio.wait_all_tasks_blocked()
+            store.error = StoreError("disk gone")
+            gate.set()
+            with anyio.fail_after(3):
+                await until(lambda: len(raised) == len(calls), timeout=3)
+        assert {name: str(exc) for name, exc in raised.items()} == dict.fromkeys(calls, "disk gone")
