@@ -20,6 +20,7 @@ from mqtt_persist import (
 )
 from mqtt_persist.session.state import Operation
 from tests.support.broker import BrokerFactory, MosquittoBroker
+from tests.support.fake_broker import FakeConnection, ScriptedBroker
 from tests.support.waiting import until
 
 FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
@@ -260,3 +261,25 @@ async def test_every_waiter_raises_the_store_error_that_stops_the_client() -> No
             with anyio.fail_after(3):
                 await until(lambda: len(raised) == len(calls), timeout=3)
         assert {name: str(exc) for name, exc in raised.items()} == dict.fromkeys(calls, "disk gone")
+
+
+async def test_the_exit_does_not_wait_through_the_connections_per_minute_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: while the supervisor waited for Backoff.max_per_minute (up to a minute),
+    leaving waited the whole exit_timeout for a connection that was not coming, where a
+    backoff delay ends that wait at once."""
+
+    async def script(conn: FakeConnection, index: int) -> None:
+        conn.close()  # accepted, then closed unanswered: a connection that got nowhere
+
+    capped = Backoff(initial=0.01, maximum=0.02, minimum=0.01, max_per_minute=2)
+    async with ScriptedBroker(script) as fake:
+        with anyio.fail_after(5):
+            async with PersistentClient(
+                fake.host, fake.port, client_id="capped", backoff=capped, exit_timeout=10
+            ) as client:
+                await client.publish("t", b"x", qos=1)
+                await until(lambda: "Backoff.max_per_minute" in caplog.text, timeout=4)
+                leaving = anyio.current_time()
+        assert anyio.current_time() - leaving < 1.0
