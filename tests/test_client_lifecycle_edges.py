@@ -283,3 +283,31 @@ async def test_the_exit_does_not_wait_through_the_connections_per_minute_cap(
                 await until(lambda: "Backoff.max_per_minute" in caplog.text, timeout=4)
                 leaving = anyio.current_time()
         assert anyio.current_time() - leaving < 1.0
+
+
+async def test_a_client_entered_again_refuses_and_leaves_its_session_to_the_next() -> None:
+    """A PersistentClient is entered once: entering it again raises ClientClosed before it
+    touches the store (no second lease, nothing loaded over the session), every call on the
+    closed client raises ClientClosed, and a new client restores what the first one left."""
+    store = BreakableStore()
+    client = PersistentClient("127.0.0.1", NOWHERE, client_id="twice", store=store, backoff=FAST)
+    async with client:
+        await client.publish("t", b"kept", qos=1)
+    with anyio.fail_after(5):
+        with pytest.raises(ClientClosed, match="only once"):
+            async with client:
+                pytest.fail("entered twice")
+        for call in (
+            lambda: client.publish("t", b"late", qos=1),
+            lambda: client.subscribe("s"),
+            client.drain,
+            client.wait_connected,
+        ):
+            with pytest.raises(ClientClosed):
+                await call()
+        assert not client.is_connected
+        async with PersistentClient(
+            "127.0.0.1", NOWHERE, client_id="twice", store=store, backoff=FAST, exit_timeout=0
+        ) as again:
+            assert again.session_status == "restored"
+            assert again.stats.queued == 1
