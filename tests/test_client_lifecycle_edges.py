@@ -11,6 +11,7 @@ import pytest
 from mqtt_persist import (
     Backoff,
     ClientClosed,
+    ConnectionLost,
     ConnectionRefused,
     MemoryStore,
     MqttPersistError,
@@ -18,7 +19,9 @@ from mqtt_persist import (
     SessionFenced,
     StoreError,
 )
-from mqtt_persist.session.state import Operation
+from mqtt_persist.protocol.packets import SubAck, Subscribe
+from mqtt_persist.session.state import Operation, SubscriptionSet
+from tests.support import hostile
 from tests.support.broker import BrokerFactory, MosquittoBroker
 from tests.support.fake_broker import FakeConnection, ScriptedBroker
 from tests.support.waiting import until
@@ -311,3 +314,44 @@ async def test_a_client_entered_again_refuses_and_leaves_its_session_to_the_next
         ) as again:
             assert again.session_status == "restored"
             assert again.stats.queued == 1
+
+
+class HoldsConfirmations(BreakableStore):
+    """Commits of a confirmed subscription (the SUBACK's) wait for good once ``hold`` is set."""
+
+    hold = False
+
+    async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
+        if self.hold and any(isinstance(op, SubscriptionSet) and op.confirmed for op in ops):
+            await anyio.sleep_forever()
+        await super().apply(client_id, ops)
+
+
+async def test_reconnect_false_does_not_enter_a_client_whose_connection_was_lost() -> None:
+    """Regression: the connection was READY (its restored subscription acknowledged) and lost
+    while the commit that reports it waited; entering returned a stopped, disconnected client.
+    Entering returns connected or raises."""
+    store = HoldsConfirmations()
+    async with PersistentClient(
+        "127.0.0.1", NOWHERE, client_id="lost-early", store=store, backoff=FAST
+    ) as client:
+        await client.subscribe("s/#", qos=1)  # restored on the next connection
+
+    async def script(conn: FakeConnection, index: int) -> None:
+        await hostile.accept(conn)
+        subscribe = await conn.expect(Subscribe)
+        await conn.send(SubAck(subscribe.packet_id, [1]))
+        conn.close()  # READY, and gone before the client could report it
+
+    store.hold = True
+    async with ScriptedBroker(script) as fake:
+        with anyio.fail_after(5), pytest.raises(ConnectionLost):
+            async with PersistentClient(
+                fake.host,
+                fake.port,
+                client_id="lost-early",
+                store=store,
+                reconnect=False,
+                connect_timeout=1,
+            ) as client:
+                pytest.fail(f"entered (connected: {client.is_connected}, stopped: {client._fatal})")

@@ -71,8 +71,11 @@ class LifecycleAPI(ReceiveAPI):
                 )
                 # The connection is READY; the client says so (is_connected, protocol_version)
                 # once the flusher dispatched it, a pass later. Enter returns connected. A
-                # connection lost meanwhile fails the client, which sets ready too.
+                # connection lost meanwhile fails the client, which sets ready too: then
+                # entering raises why.
                 await parts.dispatcher.ready.wait()
+                if self._fatal is not None:
+                    raise self._fatal
             except BaseException as exc:
                 await self._shutdown(graceful=False)
                 fatal = self._fatal
