@@ -79,8 +79,9 @@ class Delivery(Completion[DeliveryOutcome]):
 
     Awaiting it never raises because the broker is unreachable: it waits, across reconnects,
     until the broker acknowledged the message. It raises :class:`~mqtt_persist.errors.ClientClosed`
-    if the client closes first (the message stays in the store and goes out after the next
-    connect of a client with the same id and store).
+    if the client closes first, and the client's fatal error (a broken store, a refused
+    connection) if one stops it (either way the message stays in the store and goes out after
+    the next connect of a client with the same id and store).
     """
 
     __slots__ = ("qos", "reason_code", "reason_string", "seq", "topic")

@@ -84,7 +84,10 @@ class ClientBase:
             self._log.error("client stopped: %s", error)
         parts = self._parts
         if parts is not None:
-            parts.dispatcher.end_messages()
+            # Nothing resolves a delivery, a subscribe request or a request() after this (no
+            # more connections): their waiters learn why now, not when the block is left,
+            # which never comes while the block waits on one of them.
+            parts.dispatcher.fail_pending(self._fatal)
             parts.flusher.room.set()
             parts.dispatcher.ready.set()  # wake wait_connected, which re-checks _fatal
             parts.flusher.flushed.set()

@@ -220,7 +220,13 @@ class ConnectionSupervisor:
                     options.backoff.max_per_minute,
                     wait,
                 )
-                await anyio.sleep(wait)
+                # No connection is up or coming meanwhile, as in a backoff delay (the exit
+                # does not wait through it).
+                self.backing_off = True
+                try:
+                    await anyio.sleep(wait)
+                finally:
+                    self.backing_off = False
             try:
                 await self._connect_once()
             except _NotMqtt5 as exc:

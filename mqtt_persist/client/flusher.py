@@ -151,7 +151,10 @@ class Flusher:
                     return
                 except Exception as exc:  # a bug; never leave callers hanging silently
                     self._log.exception("flusher failed")
-                    self._fail(MqttPersistError(f"internal error in the flusher: {exc!r}"))
+                    error = MqttPersistError(f"internal error in the flusher: {exc!r}")
+                    # No pass commits for them any more, as after a store error.
+                    self.fail_waiting(error)
+                    self._fail(error)
                     await self._connection.drop()
                     return
             try:

@@ -71,10 +71,18 @@ class LifecycleAPI(ReceiveAPI):
                 )
                 # The connection is READY; the client says so (is_connected, protocol_version)
                 # once the flusher dispatched it, a pass later. Enter returns connected. A
-                # connection lost meanwhile fails the client, which sets ready too.
+                # connection lost meanwhile fails the client, which sets ready too: then
+                # entering raises why.
                 await parts.dispatcher.ready.wait()
+                if self._fatal is not None:
+                    raise self._fatal
             except BaseException as exc:
                 await self._shutdown(graceful=False)
+                fatal = self._fatal
+                if fatal is not None and fatal is not exc and isinstance(exc, Exception):
+                    # The flusher stopped the client (a broken store, a fenced session) and
+                    # dropped the connection: the drop is what reached us, the store is why.
+                    raise fatal from exc
                 if isinstance(exc, OSError | TimeoutError):
                     raise ConnectionLost(
                         f"could not connect to {options.broker_address}: "
@@ -195,6 +203,9 @@ class LifecycleAPI(ReceiveAPI):
         parts.flusher.fail_waiting(error)
         parts.dispatcher.fail_pending(error)
         parts.flusher.room.set()
+        # wait_connected() and drain() in a task outside the block: they re-check and raise.
+        parts.dispatcher.ready.set()
+        parts.flusher.flushed.set()
 
     async def _release_store(self) -> None:
         await self._storage.close()

@@ -274,7 +274,12 @@ class PersistentClient(LifecycleAPI, PublishAPI, SubscribeAPI, ReceiveAPI, Poiso
     def is_connected(self) -> bool:
         """True while the connection is up and the session restored on the broker."""
         parts = self._parts
-        return parts is not None and parts.dispatcher.ready.is_set() and self._fatal is None
+        return (
+            parts is not None
+            and parts.dispatcher.ready.is_set()
+            and self._fatal is None
+            and not self._closing
+        )
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the connection is up (subscriptions restored).
@@ -283,15 +288,14 @@ class PersistentClient(LifecycleAPI, PublishAPI, SubscribeAPI, ReceiveAPI, Poiso
         ``TimeoutError``), whose message names the broker, the time waited and the last
         connection error, e.g. ``could not connect to 127.0.0.1:1 within 10s (4 attempts;
         last error: connection refused)``. A fatal error (a refused CONNECT, a broken store)
-        is raised as itself.
+        is raised as itself; :class:`~mqtt_persist.errors.ClientClosed` if the client closes.
         """
         parts = self._require_open()
         ready = parts.dispatcher.ready
         with anyio.move_on_after(timeout) as waiting:
-            # _fail() sets ready too, to wake this wait: check the fatal error first.
+            # _fail() and closing set ready too, to wake this wait: check those first.
             while True:
-                if self._fatal is not None:
-                    raise self._fatal
+                self._require_open()
                 if ready.is_set():
                     return
                 await ready.wait()
@@ -302,7 +306,11 @@ class PersistentClient(LifecycleAPI, PublishAPI, SubscribeAPI, ReceiveAPI, Poiso
         )
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Wait until the broker acknowledged every queued and in-flight message."""
+        """Wait until the broker acknowledged every queued and in-flight message.
+
+        Raises :class:`TimeoutError` after ``timeout`` seconds, the client's fatal error if
+        one stops it, and :class:`~mqtt_persist.errors.ClientClosed` if the client closes.
+        """
         parts = self._require_open()
         session, flusher, dispatcher = parts.session, parts.flusher, parts.dispatcher
         with anyio.fail_after(timeout):
