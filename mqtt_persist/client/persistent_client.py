@@ -151,7 +151,9 @@ class PersistentClient(LifecycleAPI, PublishAPI, SubscribeAPI, ReceiveAPI, Poiso
             queued or in-flight messages not yet acknowledged. It waits only while a
             connection is up or being attempted (not through a backoff delay), and not when
             the block is left by cancellation. 0 skips the wait; whatever is left stays in the
-            store either way and is sent by the next client with the same id and store.
+            store either way and is sent by the next client with the same id and store. The
+            last commit and the DISCONNECT after the wait are bounded by ``connect_timeout``:
+            a broker that stopped reading holds the exit that long, whatever ``exit_timeout``.
         metrics: a :class:`~mqtt_persist.metrics.MetricsSink` to report to, e.g.
             :class:`~mqtt_persist.metrics.prometheus.PrometheusMetrics` (None: no metrics, and
             no cost). The names are listed in docs/metrics.md.
