@@ -355,3 +355,46 @@ async def test_reconnect_false_does_not_enter_a_client_whose_connection_was_lost
                 connect_timeout=1,
             ) as client:
                 pytest.fail(f"entered (connected: {client.is_connected}, stopped: {client._fatal})")
+
+
+class StallingStore(MemoryStore):
+    """A durable MemoryStore whose commits wait, once ``stall`` is set, until cancelled."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stall = False
+        self.stalled = anyio.Event()
+
+    async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
+        if self.stall:
+            self.stalled.set()
+            await anyio.sleep_forever()
+        await super().apply(client_id, ops)
+
+
+async def test_a_publish_whose_commit_the_close_cut_short_is_told_its_fate_is_unknown() -> None:
+    """Closing cancels a commit that did not finish within connect_timeout. Its publish() gets
+    ClientClosed saying the message may or may not be stored (not "stays in the store"); one
+    whose commit never started is told it was not stored."""
+    store = StallingStore()
+    errors: dict[str, ClientClosed] = {}
+
+    async def publish(client: PersistentClient, name: str) -> None:
+        with pytest.raises(ClientClosed) as caught:
+            await client.publish("t", name.encode(), qos=1)
+        errors[name] = caught.value
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as outside, PersistentClient(
+            "127.0.0.1", NOWHERE, client_id="cut-short", store=store, backoff=FAST,
+            connect_timeout=0.3,
+        ) as client:  # fmt: skip
+            store.stall = True
+            outside.start_soon(publish, client, "cut")
+            await store.stalled.wait()
+            outside.start_soon(publish, client, "never")
+            await until(lambda: client._parts.flusher._next_commit is not None, 5, "queued")
+    assert "may or may not be in the store" in str(errors["cut"]), errors["cut"]
+    assert "was not stored" in str(errors["never"]), errors["never"]

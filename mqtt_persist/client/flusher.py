@@ -20,7 +20,7 @@ import anyio
 from mqtt_persist.client.connection import ConnectionSupervisor
 from mqtt_persist.client.dispatch import EventDispatcher
 from mqtt_persist.client.signals import CommitTicket, Signal
-from mqtt_persist.errors import MqttPersistError, StoreError
+from mqtt_persist.errors import ClientClosed, MqttPersistError, StoreError
 from mqtt_persist.log import ClientLogger
 from mqtt_persist.metrics import ClientMetrics
 from mqtt_persist.session.machine import Session
@@ -117,12 +117,33 @@ class Flusher:
         return not self._busy and not self._deferred_ops
 
     def fail_waiting(self, error: BaseException) -> None:
-        """Every caller still waiting for a commit raises ``error``."""
+        """Every caller still waiting for a commit raises ``error``.
+
+        A :class:`ClientClosed` says, in place of the generic words, what the close did to the
+        caller's message: a commit cut short may or may not have reached the store, and one
+        that never started did not.
+        """
+        closed = isinstance(error, ClientClosed)
         for ticket in self._abandoned:
-            ticket.resolve(error)
+            ticket.resolve(
+                ClientClosed(
+                    "the client closed while this call's commit was under way: the message may "
+                    "or may not be in the store (the next client with the same id and store "
+                    "sends it if it is)"
+                )
+                if closed
+                else error
+            )
         self._abandoned.clear()
         if self._next_commit is not None:
-            self._next_commit.resolve(error)
+            self._next_commit.resolve(
+                ClientClosed(
+                    "the client closed before this call's commit started: the message was not "
+                    "stored"
+                )
+                if closed
+                else error
+            )
             self._next_commit = None
 
     # --- the task ----------------------------------------------------------------------------
