@@ -169,3 +169,41 @@ async def test_a_refusal_elsewhere_keeps_a_session_in_flight_in_order(
         await asyncio.gather(first, *later)
         assert await store.load("a") == replay("a", [publish(s) for s in range(1, 5)])
         assert await store.load("b") == replay("b", [publish(1), publish(2)])
+
+
+async def test_a_record_left_in_flight_by_a_closed_loop_settles_before_the_next_loops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One loop after another: the next loop's first append must not overtake a record the
+    closed loop left in flight, or the index replays the two in the wrong order."""
+    use_sync_path(monkeypatch, "aio")
+    store = FileStore(tmp_path / "s")
+    gate = SyncGate(monkeypatch, hold=True)
+    failures: list[BaseException] = []
+    pending: list[asyncio.Task[None]] = []
+
+    def on_another_loop() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            gate.open()
+            loop.run_until_complete(store.apply("a", publish(1)))
+            gate._open.clear()  # hold the next sync
+            gate.entered.clear()
+            pending.append(loop.create_task(store.apply("a", publish(2))))
+            loop.run_until_complete(gate.wait_entered())
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            loop.close()  # with the sync of publish(2) in flight and nobody to complete it
+
+    thread = threading.Thread(target=on_another_loop)
+    thread.start()
+    await asyncio.to_thread(thread.join, 30)
+    assert not failures and not pending[0].done()
+    gate.open()
+    await asyncio.wait_for(store.apply("a", publish(3)), 30)  # on this loop, a new context
+    expected = replay("a", [publish(s) for s in (1, 2, 3)])
+    assert await asyncio.wait_for(store.load("a"), 30) == expected
+    await store.close()
+    async with FileStore(tmp_path / "s") as reopened:
+        assert await reopened.load("a") == expected

@@ -137,6 +137,9 @@ class Syncer:
         # AIO was found unusable here (then every record goes to the thread).
         self._loops: dict[asyncio.AbstractEventLoop, LoopSyncs] = {}
         self._no_aio = False
+        # Held while the AIO of closed loops is drained and closed: the worker (in settle)
+        # and the loop meeting its first record (in _loop_syncs) may both try.
+        self._retiring = threading.Lock()
 
     def submit(self, commit: Commit) -> None:
         """Hand over a written record; its future resolves once a sync covered it.
@@ -181,9 +184,7 @@ class Syncer:
                     continue
             # Records synced through AIO are settled by their loop: one that was closed
             # meanwhile never will, so settle them here.
-            for loop, syncs in list(self._loops.items()):
-                if loop.is_closed():
-                    syncs.drain()
+            self._retire_closed_loops()
 
     def stop(self) -> None:
         """End the thread once the records submitted so far are settled (does not wait), and
@@ -192,7 +193,8 @@ class Syncer:
             commits, self._commits = self._commits, None
         if commits is not None:
             commits.put(None)
-        loops, self._loops = self._loops, {}
+        with self._retiring:
+            loops, self._loops = self._loops, {}
         for loop, syncs in loops.items():
             try:
                 loop.call_soon_threadsafe(syncs.close)
@@ -210,12 +212,25 @@ class Syncer:
             return None
         syncs = self._loops.get(loop)
         if syncs is None:
+            # The store moved on from an earlier loop, maybe closed with records in flight:
+            # settle them before this loop's records can overtake them in the index.
+            self._retire_closed_loops()
             context = aio.open_context()
             if context is None:
                 self._no_aio = True
                 return None
             syncs = self._loops[loop] = LoopSyncs(loop, context, self)
         return syncs
+
+    def _retire_closed_loops(self) -> None:
+        """Settle the records closed loops left in flight (blocking: no loop will reap them)
+        and close those loops' AIO."""
+        with self._retiring:
+            for loop, syncs in list(self._loops.items()):
+                if loop.is_closed():
+                    syncs.drain()
+                    syncs.close()
+                    del self._loops[loop]
 
     def _start(self) -> queue.SimpleQueue[Commit | None]:
         with self._starting:
