@@ -207,3 +207,42 @@ async def test_a_record_left_in_flight_by_a_closed_loop_settles_before_the_next_
     await store.close()
     async with FileStore(tmp_path / "s") as reopened:
         assert await reopened.load("a") == expected
+
+
+async def test_a_full_context_sends_one_round_to_the_thread_and_keeps_aio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EAGAIN (every slot of the context in flight: a few hundred sessions syncing at once)
+    is not a file system without AIO fsync: the records that found it full go to the thread,
+    the later ones through AIO again."""
+    full = threading.Event()
+    submits: list[int] = []
+
+    class Filling(FakeAioContext):
+        def submit_fdatasync(self, fd: int, token: int) -> None:
+            if full.is_set():
+                full.clear()
+                raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+            submits.append(token)
+            super().submit_fdatasync(fd, token)
+
+    monkeypatch.setattr(aio, "open_context", Filling)
+    threaded: list[object] = []
+    real_submit = file_writer.Syncer.submit_threaded
+
+    def submit_threaded(syncer: file_writer.Syncer, commit: file_writer.Commit) -> None:
+        threaded.append(commit)
+        real_submit(syncer, commit)
+
+    monkeypatch.setattr(file_writer.Syncer, "submit_threaded", submit_threaded)
+    async with FileStore(tmp_path / "s") as store:
+        await store.apply("a", publish(1))
+        await store.apply("a", publish(2))
+        full.set()
+        await store.apply("a", publish(3))  # found the context full
+        assert len(threaded) == 1
+        before = len(submits)
+        for seq in range(4, 8):
+            await store.apply("a", publish(seq))
+        assert len(threaded) == 1 and len(submits) == before + 4
+        assert await store.load("a") == replay("a", [publish(s) for s in range(1, 8)])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -411,8 +412,11 @@ class LoopSyncs:
             try:
                 self._context.submit_fdatasync(session.fd, token)
             except OSError as exc:
-                logger.debug("AIO fsync refused (%s); syncing on a thread instead", exc)
-                self.refused = True
+                if exc.errno != errno.EAGAIN:
+                    logger.debug("AIO fsync refused (%s); syncing on a thread instead", exc)
+                    self.refused = True
+                # EAGAIN: every slot of the context is in flight (a few hundred sessions
+                # syncing at once). These records go to the thread, later ones try AIO again.
             else:
                 self._flights[token] = (session, commits)
                 self._waiting[id(session)] = []
