@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from mqtt_persist.errors import SessionLocked, StoreError
@@ -393,6 +394,33 @@ async def test_a_failed_write_that_cannot_be_undone_is_repaired_on_the_next_call
     expected = replay("a", [publish(1), publish(3)])
     assert await store.load("a") == expected
     assert await reloaded(store, "a") == expected
+
+
+async def test_a_syncer_thread_that_cannot_start_fails_the_apply_and_wedges_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_path: None
+) -> None:
+    # Not the store fixture: were the worker wedged, closing the store would hang the test.
+    store = FileStore(tmp_path / "s")
+    await store.apply("a", publish(1))  # a new journal: a rewrite on the worker, no syncer
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "mqtt-persist-file-sync":
+            raise RuntimeError("can't start new thread (simulated)")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="simulated"):
+        await store.apply("a", publish(2))
+    monkeypatch.undo()
+    # The record was written but never handed to a syncer: the next job must not wait for it.
+    with anyio.fail_after(5):
+        await store.apply("a", publish(3))
+        state = await store.load("a")
+    # The session was read again from the file, which holds the unsynced record too.
+    assert state == replay("a", [publish(s) for s in (1, 2, 3)])
+    with anyio.fail_after(5):
+        await store.close()
 
 
 @contextlib.contextmanager

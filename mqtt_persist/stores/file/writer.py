@@ -151,13 +151,19 @@ class Syncer:
         """
         session = commit.session
         session.submitted += 1  # only the submitting thread writes it
-        syncs = None if session.threaded else self._loop_syncs(commit.loop)
-        # A loop whose AIO was refused still takes the records of a session with a sync in
-        # flight there: they go to the thread once it completed, in order.
-        if syncs is not None and (not syncs.refused or syncs.busy(session)):
-            syncs.submit(commit)
-        else:
-            self.submit_threaded(commit)
+        try:
+            syncs = None if session.threaded else self._loop_syncs(commit.loop)
+            # A loop whose AIO was refused still takes the records of a session with a sync
+            # in flight there: they go to the thread once it completed, in order.
+            if syncs is not None and (not syncs.refused or syncs.busy(session)):
+                syncs.submit(commit)
+            else:
+                self.submit_threaded(commit)
+        except BaseException:
+            # Never handed over (no thread could start): nobody will settle it, and settle()
+            # must not wait for it.
+            session.submitted -= 1
+            raise
 
     def submit_threaded(self, commit: Commit) -> None:
         """Hand a record already counted in ``submitted`` to the syncer thread."""
@@ -237,11 +243,13 @@ class Syncer:
         with self._starting:
             commits = self._commits
             if commits is None:
-                commits = self._commits = queue.SimpleQueue()
+                commits = queue.SimpleQueue()
                 thread = threading.Thread(
                     target=self._serve, args=(commits,), name=self._name, daemon=True
                 )
                 thread.start()
+                # Only now: a queue whose thread never started would take commits for good.
+                self._commits = commits
             return commits
 
     def _serve(self, commits: queue.SimpleQueue[Commit | None]) -> None:
