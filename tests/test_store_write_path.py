@@ -423,6 +423,31 @@ async def test_a_syncer_thread_that_cannot_start_fails_the_apply_and_wedges_noth
         await store.close()
 
 
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+async def test_a_worker_thread_that_cannot_start_fails_the_call_and_wedges_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    store: FileStore | SQLiteStore
+    store = FileStore(tmp_path / "s") if kind == "file" else SQLiteStore(tmp_path / "s.db")
+    name = store._worker._name
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == name:
+            raise RuntimeError("can't start new thread (simulated)")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="simulated"):
+        await store.apply("a", publish(1))
+    monkeypatch.undo()
+    # The next call starts a thread of its own; the one that never ran is not waited for.
+    with anyio.fail_after(5):
+        await store.apply("a", publish(1))
+        assert await store.load("a") == replay("a", [publish(1)])
+        await store.close()
+
+
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     path.mkdir()

@@ -148,11 +148,12 @@ class Worker:
 
     def _start(self) -> queue.SimpleQueue[_Job | None]:
         jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        previous = self._thread
-        self._thread = threading.Thread(
-            target=_serve, args=(jobs, previous), name=self._name, daemon=True
+        thread = threading.Thread(
+            target=_serve, args=(jobs, self._thread), name=self._name, daemon=True
         )
-        self._thread.start()
+        thread.start()
+        # Only once it runs: the next thread joins this one, and an unstarted one cannot be.
+        self._thread = thread
         self._queue = jobs
         return jobs
 
