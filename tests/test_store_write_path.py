@@ -448,6 +448,46 @@ async def test_a_worker_thread_that_cannot_start_fails_the_call_and_wedges_nothi
         await store.close()
 
 
+async def test_a_job_its_closed_loop_never_heard_back_from_leaves_the_fast_path_open(
+    tmp_path: Path,
+) -> None:
+    """One loop after another: a job whose caller's loop closed before it finished still
+    counts as finished, so the next loop appends on the loop again."""
+    store = FileStore(tmp_path / "s", fsync=False)
+    started, release = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def hold() -> None:
+        started.set()
+        release.wait(10)
+
+    def on_another_loop() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(store.apply("a", publish(1)))
+            job = loop.create_task(store._run("a", hold))
+            loop.run_until_complete(asyncio.to_thread(started.wait, 10))
+            job.cancel()  # the job runs on; its loop closes before it reports
+            loop.run_until_complete(asyncio.gather(job, return_exceptions=True))
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            loop.close()
+            release.set()
+
+    thread = threading.Thread(target=on_another_loop)
+    thread.start()
+    await asyncio.to_thread(thread.join, 30)
+    assert not failures and started.is_set()
+    with anyio.fail_after(5):
+        assert await store.exists("a")  # a job behind the held one: that one is through
+        coroutine = store.apply("a", publish(2))
+        with pytest.raises(StopIteration):  # written on the loop, no job
+            coroutine.send(None)
+        assert await store.load("a") == replay("a", [publish(1), publish(2)])
+        await store.close()
+
+
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     path.mkdir()
