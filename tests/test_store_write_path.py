@@ -268,6 +268,31 @@ async def test_apply_cancelled_while_its_record_syncs_still_happens(
     assert await reloaded(store, "a") == expected
 
 
+async def test_close_while_applies_wait_for_their_sync_lets_them_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync_path: str
+) -> None:
+    store = FileStore(tmp_path / "s")
+    await store.apply("a", publish(1))
+    gate = SyncGate(monkeypatch, hold=True)
+    applying = [asyncio.ensure_future(store.apply("a", publish(seq))) for seq in (2, 3, 4)]
+    await gate.wait_entered()
+    closing = asyncio.ensure_future(store.close())
+    later = asyncio.ensure_future(store.apply("a", publish(5)))  # after close: reopens
+    await asyncio.sleep(0.05)
+    assert not closing.done() and not any(task.done() for task in applying)
+    gate.open()
+    with anyio.fail_after(5):
+        await asyncio.gather(*applying, closing)
+        await later
+        expected = replay("a", [publish(s) for s in range(1, 6)])
+        assert await store.load("a") == expected
+        await store.apply("a", publish(6))  # on the loop again, with a new AIO context
+        await store.close()
+    assert store._syncer._loops == {}
+    async with FileStore(tmp_path / "s") as reopened:
+        assert await reopened.load("a") == replay("a", [publish(s) for s in range(1, 7)])
+
+
 # --- FileStore: failures ------------------------------------------------------------------------
 
 
