@@ -749,3 +749,21 @@ async def test_a_transaction_rolled_back_by_sqlite_fails_every_batch_in_it(
     assert await db_store.load("c") is None
     await db_store.apply("c", publish(1))  # the store carries on
     assert await db_store.load("c") == replay("c", [publish(1)])
+
+
+async def test_close_while_applies_are_queued_runs_them_first(db_store: SQLiteStore) -> None:
+    async with worker_held(db_store):
+        applying = [asyncio.ensure_future(db_store.apply("a", publish(seq))) for seq in (1, 2)]
+        cancelled = asyncio.ensure_future(db_store.apply("b", publish(1)))
+        await asyncio.sleep(0)  # all three queued behind the held job
+        closing = asyncio.ensure_future(db_store.close())
+        later = asyncio.ensure_future(db_store.apply("a", publish(3)))  # after close: reopens
+        await asyncio.sleep(0.01)
+        cancelled.cancel()  # before its job started: it never happens
+        assert not any(task.done() for task in [*applying, closing, later])
+    with anyio.fail_after(5):
+        await asyncio.gather(*applying, closing, later)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert await db_store.load("a") == replay("a", [publish(s) for s in (1, 2, 3)])
+        assert await db_store.load("b") is None
