@@ -13,6 +13,7 @@ import os
 import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
 from mqtt_persist.stores import FileStore
@@ -246,3 +247,46 @@ async def test_a_full_context_sends_one_round_to_the_thread_and_keeps_aio(
             await store.apply("a", publish(seq))
         assert len(threaded) == 1 and len(submits) == before + 4
         assert await store.load("a") == replay("a", [publish(s) for s in range(1, 8)])
+
+
+async def test_a_record_left_in_flight_by_a_loop_left_open_does_not_wedge_the_next_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the first loop is left open, not running (``run_until_complete`` and
+    then another loop): its records are settled all the same, in order."""
+    use_sync_path(monkeypatch, "aio")
+    store = FileStore(tmp_path / "s")
+    gate = SyncGate(monkeypatch, hold=True)
+    failures: list[BaseException] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def on_another_loop() -> None:
+        loop = asyncio.new_event_loop()
+        loops.append(loop)
+        try:
+            gate.open()
+            loop.run_until_complete(store.apply("a", publish(1)))
+            gate._open.clear()  # hold the next sync
+            gate.entered.clear()
+            applying = loop.create_task(store.apply("a", publish(2)))
+            loop.run_until_complete(gate.wait_entered())
+            applying.cancel()  # its record is written: the batch stands
+            loop.run_until_complete(asyncio.gather(applying, return_exceptions=True))
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=on_another_loop)
+    thread.start()
+    await asyncio.to_thread(thread.join, 30)
+    try:
+        assert not failures
+        gate.open()
+        expected = replay("a", [publish(s) for s in (1, 2, 3)])
+        with anyio.fail_after(5):
+            await store.apply("a", publish(3))  # on this loop: must not overtake publish(2)
+            assert await store.load("a") == expected
+            await store.close()
+    finally:
+        loops[0].close()
+    async with FileStore(tmp_path / "s") as reopened:
+        assert await reopened.load("a") == expected

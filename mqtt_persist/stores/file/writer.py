@@ -138,8 +138,8 @@ class Syncer:
         # AIO was found unusable here (then every record goes to the thread).
         self._loops: dict[asyncio.AbstractEventLoop, LoopSyncs] = {}
         self._no_aio = False
-        # Held while the AIO of closed loops is drained and closed: the worker (in settle)
-        # and the loop meeting its first record (in _loop_syncs) may both try.
+        # Held while the AIO of loops not running is drained (and of closed ones closed): the
+        # worker (in settle) and the loop meeting its first record (in _loop_syncs) may both.
         self._retiring = threading.Lock()
 
     def submit(self, commit: Commit) -> None:
@@ -189,9 +189,9 @@ class Syncer:
                     if session.settled >= session.submitted:
                         return
                     continue
-            # Records synced through AIO are settled by their loop: one that was closed
-            # meanwhile never will, so settle them here.
-            self._retire_closed_loops()
+            # Records synced through AIO are settled by their loop: one that was closed, or
+            # is not running (the store moved on to another), will not, so settle them here.
+            self._retire_idle_loops()
 
     def stop(self) -> None:
         """End the thread once the records submitted so far are settled (does not wait), and
@@ -219,9 +219,9 @@ class Syncer:
             return None
         syncs = self._loops.get(loop)
         if syncs is None:
-            # The store moved on from an earlier loop, maybe closed with records in flight:
-            # settle them before this loop's records can overtake them in the index.
-            self._retire_closed_loops()
+            # The store moved on from an earlier loop, maybe left (closed or not) with records
+            # in flight: settle them before this loop's records can overtake them in the index.
+            self._retire_idle_loops()
             context = aio.open_context()
             if context is None:
                 self._no_aio = True
@@ -229,15 +229,17 @@ class Syncer:
             syncs = self._loops[loop] = LoopSyncs(loop, context, self)
         return syncs
 
-    def _retire_closed_loops(self) -> None:
-        """Settle the records closed loops left in flight (blocking: no loop will reap them)
-        and close those loops' AIO."""
+    def _retire_idle_loops(self) -> None:
+        """Settle the records that loops not running left in flight (blocking: those loops
+        will not reap them, or not soon) and close the AIO of the closed ones."""
         with self._retiring:
             for loop, syncs in list(self._loops.items()):
                 if loop.is_closed():
                     syncs.drain()
                     syncs.close()
                     del self._loops[loop]
+                elif not loop.is_running():
+                    syncs.drain()  # it may run again: its AIO stays
 
     def _start(self) -> queue.SimpleQueue[Commit | None]:
         with self._starting:
@@ -394,6 +396,9 @@ class LoopSyncs:
         self._flights: dict[int, tuple[OpenSession, list[Commit]]] = {}
         # Sessions with a sync in flight (by id), and the records waiting for the next one.
         self._waiting: dict[int, list[Commit]] = {}
+        # Held while submitting or completing: another thread drains a loop that is not
+        # running (Syncer._retire_idle_loops), and that loop may start running meanwhile.
+        self._lock = threading.Lock()
         self.refused = False
         self._closed = False
         loop.add_reader(context.eventfd, self._on_ready)
@@ -404,11 +409,12 @@ class LoopSyncs:
 
     def submit(self, commit: Commit) -> None:
         """Sync a record written on this loop (called on the loop)."""
-        waiting = self._waiting.get(id(commit.session))
-        if waiting is not None:
-            waiting.append(commit)
-        else:
-            self._start(commit.session, [commit])
+        with self._lock:
+            waiting = self._waiting.get(id(commit.session))
+            if waiting is not None:
+                waiting.append(commit)
+            else:
+                self._start(commit.session, [commit])
 
     def _start(self, session: OpenSession, commits: list[Commit]) -> None:
         if session.sync_error is not None or session.fd is None:
@@ -433,7 +439,8 @@ class LoopSyncs:
             self._syncer.submit_threaded(commit)
 
     def _on_ready(self) -> None:
-        self._complete(self._context.reap())
+        with self._lock:
+            self._complete(self._context.reap())
 
     def _complete(self, done: list[tuple[int, int]]) -> None:
         for token, result in done:
@@ -452,13 +459,21 @@ class LoopSyncs:
     def _finish(self, commits: list[Commit], synced: dict[int, StoreError | None]) -> None:
         outcomes = _settle_records(commits, synced)
         self._syncer.mark_settled(commits)
-        if not self._loop.is_closed():
+        try:
+            here = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            here = False
+        if here:
             _resolve_on_loop(outcomes)
+        else:  # drained elsewhere; RuntimeError: the loop is closed, nobody is left to tell
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_resolve_on_loop, outcomes)
 
     def drain(self) -> None:
-        """Settle everything in flight, blocking: for a loop that was closed meanwhile."""
-        while self._flights:
-            self._complete(self._context.reap(wait=True))
+        """Settle everything in flight, blocking: for a loop that is closed or not running."""
+        with self._lock:
+            while self._flights:
+                self._complete(self._context.reap(wait=True))
 
     def close(self) -> None:
         """Stop watching the eventfd and destroy the context (nothing may be in flight)."""
