@@ -13,6 +13,7 @@ import os
 import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
 from mqtt_persist.stores import FileStore
@@ -169,3 +170,123 @@ async def test_a_refusal_elsewhere_keeps_a_session_in_flight_in_order(
         await asyncio.gather(first, *later)
         assert await store.load("a") == replay("a", [publish(s) for s in range(1, 5)])
         assert await store.load("b") == replay("b", [publish(1), publish(2)])
+
+
+async def test_a_record_left_in_flight_by_a_closed_loop_settles_before_the_next_loops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One loop after another: the next loop's first append must not overtake a record the
+    closed loop left in flight, or the index replays the two in the wrong order."""
+    use_sync_path(monkeypatch, "aio")
+    store = FileStore(tmp_path / "s")
+    gate = SyncGate(monkeypatch, hold=True)
+    failures: list[BaseException] = []
+    pending: list[asyncio.Task[None]] = []
+
+    def on_another_loop() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            gate.open()
+            loop.run_until_complete(store.apply("a", publish(1)))
+            gate._open.clear()  # hold the next sync
+            gate.entered.clear()
+            pending.append(loop.create_task(store.apply("a", publish(2))))
+            loop.run_until_complete(gate.wait_entered())
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            loop.close()  # with the sync of publish(2) in flight and nobody to complete it
+
+    thread = threading.Thread(target=on_another_loop)
+    thread.start()
+    await asyncio.to_thread(thread.join, 30)
+    assert not failures and not pending[0].done()
+    gate.open()
+    await asyncio.wait_for(store.apply("a", publish(3)), 30)  # on this loop, a new context
+    expected = replay("a", [publish(s) for s in (1, 2, 3)])
+    assert await asyncio.wait_for(store.load("a"), 30) == expected
+    await store.close()
+    async with FileStore(tmp_path / "s") as reopened:
+        assert await reopened.load("a") == expected
+
+
+async def test_a_full_context_sends_one_round_to_the_thread_and_keeps_aio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EAGAIN (every slot of the context in flight: a few hundred sessions syncing at once)
+    is not a file system without AIO fsync: the records that found it full go to the thread,
+    the later ones through AIO again."""
+    full = threading.Event()
+    submits: list[int] = []
+
+    class Filling(FakeAioContext):
+        def submit_fdatasync(self, fd: int, token: int) -> None:
+            if full.is_set():
+                full.clear()
+                raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+            submits.append(token)
+            super().submit_fdatasync(fd, token)
+
+    monkeypatch.setattr(aio, "open_context", Filling)
+    threaded: list[object] = []
+    real_submit = file_writer.Syncer.submit_threaded
+
+    def submit_threaded(syncer: file_writer.Syncer, commit: file_writer.Commit) -> None:
+        threaded.append(commit)
+        real_submit(syncer, commit)
+
+    monkeypatch.setattr(file_writer.Syncer, "submit_threaded", submit_threaded)
+    async with FileStore(tmp_path / "s") as store:
+        await store.apply("a", publish(1))
+        await store.apply("a", publish(2))
+        full.set()
+        await store.apply("a", publish(3))  # found the context full
+        assert len(threaded) == 1
+        before = len(submits)
+        for seq in range(4, 8):
+            await store.apply("a", publish(seq))
+        assert len(threaded) == 1 and len(submits) == before + 4
+        assert await store.load("a") == replay("a", [publish(s) for s in range(1, 8)])
+
+
+async def test_a_record_left_in_flight_by_a_loop_left_open_does_not_wedge_the_next_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the first loop is left open, not running (``run_until_complete`` and
+    then another loop): its records are settled all the same, in order."""
+    use_sync_path(monkeypatch, "aio")
+    store = FileStore(tmp_path / "s")
+    gate = SyncGate(monkeypatch, hold=True)
+    failures: list[BaseException] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def on_another_loop() -> None:
+        loop = asyncio.new_event_loop()
+        loops.append(loop)
+        try:
+            gate.open()
+            loop.run_until_complete(store.apply("a", publish(1)))
+            gate._open.clear()  # hold the next sync
+            gate.entered.clear()
+            applying = loop.create_task(store.apply("a", publish(2)))
+            loop.run_until_complete(gate.wait_entered())
+            applying.cancel()  # its record is written: the batch stands
+            loop.run_until_complete(asyncio.gather(applying, return_exceptions=True))
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=on_another_loop)
+    thread.start()
+    await asyncio.to_thread(thread.join, 30)
+    try:
+        assert not failures
+        gate.open()
+        expected = replay("a", [publish(s) for s in (1, 2, 3)])
+        with anyio.fail_after(5):
+            await store.apply("a", publish(3))  # on this loop: must not overtake publish(2)
+            assert await store.load("a") == expected
+            await store.close()
+    finally:
+        loops[0].close()
+    async with FileStore(tmp_path / "s") as reopened:
+        assert await reopened.load("a") == expected

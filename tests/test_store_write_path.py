@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from mqtt_persist.errors import SessionLocked, StoreError
@@ -267,6 +268,31 @@ async def test_apply_cancelled_while_its_record_syncs_still_happens(
     assert await reloaded(store, "a") == expected
 
 
+async def test_close_while_applies_wait_for_their_sync_lets_them_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync_path: str
+) -> None:
+    store = FileStore(tmp_path / "s")
+    await store.apply("a", publish(1))
+    gate = SyncGate(monkeypatch, hold=True)
+    applying = [asyncio.ensure_future(store.apply("a", publish(seq))) for seq in (2, 3, 4)]
+    await gate.wait_entered()
+    closing = asyncio.ensure_future(store.close())
+    later = asyncio.ensure_future(store.apply("a", publish(5)))  # after close: reopens
+    await asyncio.sleep(0.05)
+    assert not closing.done() and not any(task.done() for task in applying)
+    gate.open()
+    with anyio.fail_after(5):
+        await asyncio.gather(*applying, closing)
+        await later
+        expected = replay("a", [publish(s) for s in range(1, 6)])
+        assert await store.load("a") == expected
+        await store.apply("a", publish(6))  # on the loop again, with a new AIO context
+        await store.close()
+    assert store._syncer._loops == {}
+    async with FileStore(tmp_path / "s") as reopened:
+        assert await reopened.load("a") == replay("a", [publish(s) for s in range(1, 7)])
+
+
 # --- FileStore: failures ------------------------------------------------------------------------
 
 
@@ -393,6 +419,98 @@ async def test_a_failed_write_that_cannot_be_undone_is_repaired_on_the_next_call
     expected = replay("a", [publish(1), publish(3)])
     assert await store.load("a") == expected
     assert await reloaded(store, "a") == expected
+
+
+async def test_a_syncer_thread_that_cannot_start_fails_the_apply_and_wedges_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_path: None
+) -> None:
+    # Not the store fixture: were the worker wedged, closing the store would hang the test.
+    store = FileStore(tmp_path / "s")
+    await store.apply("a", publish(1))  # a new journal: a rewrite on the worker, no syncer
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "mqtt-persist-file-sync":
+            raise RuntimeError("can't start new thread (simulated)")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="simulated"):
+        await store.apply("a", publish(2))
+    monkeypatch.undo()
+    # The record was written but never handed to a syncer: the next job must not wait for it.
+    with anyio.fail_after(5):
+        await store.apply("a", publish(3))
+        state = await store.load("a")
+    # The session was read again from the file, which holds the unsynced record too.
+    assert state == replay("a", [publish(s) for s in (1, 2, 3)])
+    with anyio.fail_after(5):
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+async def test_a_worker_thread_that_cannot_start_fails_the_call_and_wedges_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    store: FileStore | SQLiteStore
+    store = FileStore(tmp_path / "s") if kind == "file" else SQLiteStore(tmp_path / "s.db")
+    name = store._worker._name
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == name:
+            raise RuntimeError("can't start new thread (simulated)")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="simulated"):
+        await store.apply("a", publish(1))
+    monkeypatch.undo()
+    # The next call starts a thread of its own; the one that never ran is not waited for.
+    with anyio.fail_after(5):
+        await store.apply("a", publish(1))
+        assert await store.load("a") == replay("a", [publish(1)])
+        await store.close()
+
+
+async def test_a_job_its_closed_loop_never_heard_back_from_leaves_the_fast_path_open(
+    tmp_path: Path,
+) -> None:
+    """One loop after another: a job whose caller's loop closed before it finished still
+    counts as finished, so the next loop appends on the loop again."""
+    store = FileStore(tmp_path / "s", fsync=False)
+    started, release = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def hold() -> None:
+        started.set()
+        release.wait(10)
+
+    def on_another_loop() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(store.apply("a", publish(1)))
+            job = loop.create_task(store._run("a", hold))
+            loop.run_until_complete(asyncio.to_thread(started.wait, 10))
+            job.cancel()  # the job runs on; its loop closes before it reports
+            loop.run_until_complete(asyncio.gather(job, return_exceptions=True))
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            loop.close()
+            release.set()
+
+    thread = threading.Thread(target=on_another_loop)
+    thread.start()
+    await asyncio.to_thread(thread.join, 30)
+    assert not failures and started.is_set()
+    with anyio.fail_after(5):
+        assert await store.exists("a")  # a job behind the held one: that one is through
+        coroutine = store.apply("a", publish(2))
+        with pytest.raises(StopIteration):  # written on the loop, no job
+            coroutine.send(None)
+        assert await store.load("a") == replay("a", [publish(1), publish(2)])
+        await store.close()
 
 
 @contextlib.contextmanager
@@ -631,3 +749,21 @@ async def test_a_transaction_rolled_back_by_sqlite_fails_every_batch_in_it(
     assert await db_store.load("c") is None
     await db_store.apply("c", publish(1))  # the store carries on
     assert await db_store.load("c") == replay("c", [publish(1)])
+
+
+async def test_close_while_applies_are_queued_runs_them_first(db_store: SQLiteStore) -> None:
+    async with worker_held(db_store):
+        applying = [asyncio.ensure_future(db_store.apply("a", publish(seq))) for seq in (1, 2)]
+        cancelled = asyncio.ensure_future(db_store.apply("b", publish(1)))
+        await asyncio.sleep(0)  # all three queued behind the held job
+        closing = asyncio.ensure_future(db_store.close())
+        later = asyncio.ensure_future(db_store.apply("a", publish(3)))  # after close: reopens
+        await asyncio.sleep(0.01)
+        cancelled.cancel()  # before its job started: it never happens
+        assert not any(task.done() for task in [*applying, closing, later])
+    with anyio.fail_after(5):
+        await asyncio.gather(*applying, closing, later)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert await db_store.load("a") == replay("a", [publish(s) for s in (1, 2, 3)])
+        assert await db_store.load("b") is None

@@ -45,10 +45,10 @@ Gather = Callable[[Sequence[tuple[Any, ...]]], list[Outcome]]
 class _Job:
     """A queued job: the caller's loop and future, the function and its arguments.
 
-    ``gather`` marks a gathered job (``fn`` is then unused); ``done`` runs on the caller's loop
-    once the job finished or was skipped, even if its caller was cancelled. (An asyncio future
-    resolved with call_soon_threadsafe: measured a third cheaper per hop than a
-    concurrent.futures.Future wrapped for asyncio.)
+    ``gather`` marks a gathered job (``fn`` is then unused); ``done`` runs on the worker thread
+    once the job finished or was skipped, even if its caller was cancelled or its loop closed.
+    (An asyncio future resolved with call_soon_threadsafe: measured a third cheaper per hop
+    than a concurrent.futures.Future wrapped for asyncio.)
     """
 
     __slots__ = ("args", "done", "fn", "future", "gather", "loop")
@@ -94,9 +94,10 @@ class Worker:
     ) -> _T:
         """Run ``fn(*args)`` on the thread and return its result (or raise its exception).
 
-        ``done`` (if given) runs on this loop once the job has finished, or was skipped
-        because this caller was cancelled before it started: unlike the caller, it always
-        learns when the thread is through with the job.
+        ``done`` (if given) runs once the job has finished, or was skipped because this
+        caller was cancelled before it started: unlike the caller, it always learns when the
+        thread is through with the job, even once this loop is closed. It runs on the thread
+        (on this loop only if the job never reached it), before the caller resumes.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
@@ -148,11 +149,12 @@ class Worker:
 
     def _start(self) -> queue.SimpleQueue[_Job | None]:
         jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        previous = self._thread
-        self._thread = threading.Thread(
-            target=_serve, args=(jobs, previous), name=self._name, daemon=True
+        thread = threading.Thread(
+            target=_serve, args=(jobs, self._thread), name=self._name, daemon=True
         )
-        self._thread.start()
+        thread.start()
+        # Only once it runs: the next thread joins this one, and an unstarted one cannot be.
+        self._thread = thread
         self._queue = jobs
         return jobs
 
@@ -220,21 +222,18 @@ def _run_group(gather: Gather, group: list[_Job]) -> None:
 
 
 def _report(job: _Job, result: Any, error: BaseException | None) -> None:
+    if job.done is not None:
+        # Here, not on the caller's loop: that loop may close before it would run it (one
+        # loop after another), and the store would wait for this job for good.
+        job.done()
     # RuntimeError: the caller's loop is closed, nobody is left to tell.
     with contextlib.suppress(RuntimeError):
-        job.loop.call_soon_threadsafe(_resolve, job.future, result, error, job.done)
+        job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
 
 
-def _resolve(
-    future: asyncio.Future[Any],
-    result: Any,
-    error: BaseException | None,
-    done: Callable[[], object] | None,
-) -> None:
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     # On the caller's loop. A caller cancelled while the job ran gets nothing: the job's
     # effects stand, as they would had it finished first.
-    if done is not None:
-        done()
     if future.cancelled():
         return
     if error is None:

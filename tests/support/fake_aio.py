@@ -50,8 +50,10 @@ class FakeAioContext:
             result = -(exc.errno or errno.EIO)
         with self._arrived:
             self._done.append((token, result))
+            # Under the lock, as close() is: the reaper may close the context as soon as it
+            # saw this completion, before this thread got to signal it.
+            os.eventfd_write(self.eventfd, 1)
             self._arrived.notify_all()
-        os.eventfd_write(self.eventfd, 1)
 
     def reap(self, *, wait: bool = False) -> list[tuple[int, int]]:
         with self._arrived:
@@ -64,7 +66,8 @@ class FakeAioContext:
         return done
 
     def close(self) -> None:
-        os.close(self.eventfd)
+        with self._lock:
+            os.close(self.eventfd)
 
 
 def use_sync_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:

@@ -61,7 +61,9 @@ class _Event(ctypes.Structure):
 class AioContext:
     """An AIO context whose completions are signalled on :attr:`eventfd`."""
 
-    #: Syncs in flight at once (one per session; more wait for a slot, see ``submit``).
+    #: Syncs asked for in flight at once (one per session). The kernel rounds it up (231 on
+    #: these 2-vCPU VMs); past that ``submit_fdatasync`` raises EAGAIN, and ``LoopSyncs``
+    #: hands that round to the syncer thread.
     DEPTH = 64
 
     def __init__(self, syscall: Callable[..., int], numbers: tuple[int, int, int, int]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -64,9 +65,12 @@ class FileStoreCore(StoreContext):
         self._clock = clock
         self._worker = Worker("mqtt-persist-file")
         self._syncer = Syncer("mqtt-persist-file-sync")
-        # Event-loop side: worker jobs queued or running, per client id and for the whole store
-        # (None). The loop writes to a session only while both are zero (see ``writer``).
+        # Worker jobs queued or running, per client id and for the whole store (None). The loop
+        # writes to a session only while both are zero (see ``writer``). Counted up on the loop,
+        # down on the worker as soon as a job is through (its caller's loop may be closed by
+        # then), so both change it under the lock; the loop reads it without.
         self._jobs: dict[str | None, int] = {}
+        self._jobs_lock = threading.Lock()
         # Worker-thread side: touched only by jobs, which run one at a time in call order (and
         # by the loop's appends, which never overlap a job of their session).
         self._opened = False
@@ -90,17 +94,23 @@ class FileStoreCore(StoreContext):
         ``scope`` is the client id whose session the job touches (None: any of them); the loop
         does not write to that session until the worker is through with the job.
         """
-        jobs = self._jobs
-        jobs[scope] = jobs.get(scope, 0) + 1
+        self._queued(scope)
         return await self._worker.run(self._job, scope, fn, *args, done=partial(self._done, scope))
 
+    def _queued(self, scope: str | None) -> None:
+        """Count a job for ``scope`` (on the loop) until :meth:`_done` (on the worker)."""
+        with self._jobs_lock:
+            jobs = self._jobs
+            jobs[scope] = jobs.get(scope, 0) + 1
+
     def _done(self, scope: str | None) -> None:
-        jobs = self._jobs
-        left = jobs[scope] - 1
-        if left:
-            jobs[scope] = left
-        else:
-            del jobs[scope]
+        with self._jobs_lock:
+            jobs = self._jobs
+            left = jobs[scope] - 1
+            if left:
+                jobs[scope] = left
+            else:
+                del jobs[scope]
 
     def _job(self, scope: str | None, fn: Callable[..., _T], *args: Any) -> _T:
         try:

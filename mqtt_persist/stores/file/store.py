@@ -101,8 +101,7 @@ class FileStore(FileAppends, FileLoading, FileExpiry):
 
         The store can be reopened afterwards.
         """
-        jobs = self._jobs
-        jobs[None] = jobs.get(None, 0) + 1
+        self._queued(None)
         await self._worker.stop(self._close_job, done=partial(self._done, None))
 
     async def acquire(self, client_id: str) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -137,6 +138,9 @@ class Syncer:
         # AIO was found unusable here (then every record goes to the thread).
         self._loops: dict[asyncio.AbstractEventLoop, LoopSyncs] = {}
         self._no_aio = False
+        # Held while the AIO of loops not running is drained (and of closed ones closed): the
+        # worker (in settle) and the loop meeting its first record (in _loop_syncs) may both.
+        self._retiring = threading.Lock()
 
     def submit(self, commit: Commit) -> None:
         """Hand over a written record; its future resolves once a sync covered it.
@@ -147,13 +151,19 @@ class Syncer:
         """
         session = commit.session
         session.submitted += 1  # only the submitting thread writes it
-        syncs = None if session.threaded else self._loop_syncs(commit.loop)
-        # A loop whose AIO was refused still takes the records of a session with a sync in
-        # flight there: they go to the thread once it completed, in order.
-        if syncs is not None and (not syncs.refused or syncs.busy(session)):
-            syncs.submit(commit)
-        else:
-            self.submit_threaded(commit)
+        try:
+            syncs = None if session.threaded else self._loop_syncs(commit.loop)
+            # A loop whose AIO was refused still takes the records of a session with a sync
+            # in flight there: they go to the thread once it completed, in order.
+            if syncs is not None and (not syncs.refused or syncs.busy(session)):
+                syncs.submit(commit)
+            else:
+                self.submit_threaded(commit)
+        except BaseException:
+            # Never handed over (no thread could start): nobody will settle it, and settle()
+            # must not wait for it.
+            session.submitted -= 1
+            raise
 
     def submit_threaded(self, commit: Commit) -> None:
         """Hand a record already counted in ``submitted`` to the syncer thread."""
@@ -179,11 +189,9 @@ class Syncer:
                     if session.settled >= session.submitted:
                         return
                     continue
-            # Records synced through AIO are settled by their loop: one that was closed
-            # meanwhile never will, so settle them here.
-            for loop, syncs in list(self._loops.items()):
-                if loop.is_closed():
-                    syncs.drain()
+            # Records synced through AIO are settled by their loop: one that was closed, or
+            # is not running (the store moved on to another), will not, so settle them here.
+            self._retire_idle_loops()
 
     def stop(self) -> None:
         """End the thread once the records submitted so far are settled (does not wait), and
@@ -192,7 +200,8 @@ class Syncer:
             commits, self._commits = self._commits, None
         if commits is not None:
             commits.put(None)
-        loops, self._loops = self._loops, {}
+        with self._retiring:
+            loops, self._loops = self._loops, {}
         for loop, syncs in loops.items():
             try:
                 loop.call_soon_threadsafe(syncs.close)
@@ -210,6 +219,9 @@ class Syncer:
             return None
         syncs = self._loops.get(loop)
         if syncs is None:
+            # The store moved on from an earlier loop, maybe left (closed or not) with records
+            # in flight: settle them before this loop's records can overtake them in the index.
+            self._retire_idle_loops()
             context = aio.open_context()
             if context is None:
                 self._no_aio = True
@@ -217,15 +229,29 @@ class Syncer:
             syncs = self._loops[loop] = LoopSyncs(loop, context, self)
         return syncs
 
+    def _retire_idle_loops(self) -> None:
+        """Settle the records that loops not running left in flight (blocking: those loops
+        will not reap them, or not soon) and close the AIO of the closed ones."""
+        with self._retiring:
+            for loop, syncs in list(self._loops.items()):
+                if loop.is_closed():
+                    syncs.drain()
+                    syncs.close()
+                    del self._loops[loop]
+                elif not loop.is_running():
+                    syncs.drain()  # it may run again: its AIO stays
+
     def _start(self) -> queue.SimpleQueue[Commit | None]:
         with self._starting:
             commits = self._commits
             if commits is None:
-                commits = self._commits = queue.SimpleQueue()
+                commits = queue.SimpleQueue()
                 thread = threading.Thread(
                     target=self._serve, args=(commits,), name=self._name, daemon=True
                 )
                 thread.start()
+                # Only now: a queue whose thread never started would take commits for good.
+                self._commits = commits
             return commits
 
     def _serve(self, commits: queue.SimpleQueue[Commit | None]) -> None:
@@ -370,6 +396,9 @@ class LoopSyncs:
         self._flights: dict[int, tuple[OpenSession, list[Commit]]] = {}
         # Sessions with a sync in flight (by id), and the records waiting for the next one.
         self._waiting: dict[int, list[Commit]] = {}
+        # Held while submitting or completing: another thread drains a loop that is not
+        # running (Syncer._retire_idle_loops), and that loop may start running meanwhile.
+        self._lock = threading.Lock()
         self.refused = False
         self._closed = False
         loop.add_reader(context.eventfd, self._on_ready)
@@ -380,11 +409,12 @@ class LoopSyncs:
 
     def submit(self, commit: Commit) -> None:
         """Sync a record written on this loop (called on the loop)."""
-        waiting = self._waiting.get(id(commit.session))
-        if waiting is not None:
-            waiting.append(commit)
-        else:
-            self._start(commit.session, [commit])
+        with self._lock:
+            waiting = self._waiting.get(id(commit.session))
+            if waiting is not None:
+                waiting.append(commit)
+            else:
+                self._start(commit.session, [commit])
 
     def _start(self, session: OpenSession, commits: list[Commit]) -> None:
         if session.sync_error is not None or session.fd is None:
@@ -396,8 +426,11 @@ class LoopSyncs:
             try:
                 self._context.submit_fdatasync(session.fd, token)
             except OSError as exc:
-                logger.debug("AIO fsync refused (%s); syncing on a thread instead", exc)
-                self.refused = True
+                if exc.errno != errno.EAGAIN:
+                    logger.debug("AIO fsync refused (%s); syncing on a thread instead", exc)
+                    self.refused = True
+                # EAGAIN: every slot of the context is in flight (a few hundred sessions
+                # syncing at once). These records go to the thread, later ones try AIO again.
             else:
                 self._flights[token] = (session, commits)
                 self._waiting[id(session)] = []
@@ -406,7 +439,8 @@ class LoopSyncs:
             self._syncer.submit_threaded(commit)
 
     def _on_ready(self) -> None:
-        self._complete(self._context.reap())
+        with self._lock:
+            self._complete(self._context.reap())
 
     def _complete(self, done: list[tuple[int, int]]) -> None:
         for token, result in done:
@@ -425,13 +459,21 @@ class LoopSyncs:
     def _finish(self, commits: list[Commit], synced: dict[int, StoreError | None]) -> None:
         outcomes = _settle_records(commits, synced)
         self._syncer.mark_settled(commits)
-        if not self._loop.is_closed():
+        try:
+            here = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            here = False
+        if here:
             _resolve_on_loop(outcomes)
+        else:  # drained elsewhere; RuntimeError: the loop is closed, nobody is left to tell
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_resolve_on_loop, outcomes)
 
     def drain(self) -> None:
-        """Settle everything in flight, blocking: for a loop that was closed meanwhile."""
-        while self._flights:
-            self._complete(self._context.reap(wait=True))
+        """Settle everything in flight, blocking: for a loop that is closed or not running."""
+        with self._lock:
+            while self._flights:
+                self._complete(self._context.reap(wait=True))
 
     def close(self) -> None:
         """Stop watching the eventfd and destroy the context (nothing may be in flight)."""
