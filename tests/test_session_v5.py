@@ -308,6 +308,32 @@ def test_maximum_qos_and_retain_available_refuse_what_the_broker_cannot_take() -
     assert refused(out) == {1: ReasonCode.QOS_NOT_SUPPORTED, 2: ReasonCode.RETAIN_NOT_SUPPORTED}
 
 
+@pytest.mark.parametrize(
+    ("pubcomp_code", "refusal"),
+    [(0, None), (ReasonCode.PACKET_IDENTIFIER_NOT_FOUND, ReasonCode.QOS_NOT_SUPPORTED)],
+)
+def test_a_qos2_flow_in_flight_when_the_maximum_qos_drops_is_released_not_refused(
+    pubcomp_code: int, refusal: int | None
+) -> None:
+    """The QoS 2 PUBLISH already went out: the broker, which kept the session, may have taken
+    it (its PUBREC lost) and hold the packet ID. Refusing it unsent would report a message the
+    broker may deliver as not delivered; PUBREL frees the ID and PUBCOMP says which it was."""
+    h = V5()
+    h.connect()
+    h.session.publish("t", b"x", 2)
+    (pub,) = publishes(h.take())
+    h.session.connection_lost()
+    out = h.connect(session_present=True, maximum_qos=1)
+    assert out.packets == [PubRel(pub.packet_id)]  # type: ignore[arg-type]
+    assert refused(out) == {} and h.journal.messages[1].released
+    out = h.feed(PubComp(pub.packet_id, pubcomp_code))  # type: ignore[arg-type]
+    if refusal is None:
+        assert completed(out) == {1: DeliveryOutcome.ACKNOWLEDGED}
+    else:
+        assert refused(out) == {1: refusal} and completed(out) == {}
+    assert h.journal.messages == {} and not h.session.inflight
+
+
 # --- CONNACK and DISCONNECT --------------------------------------------------------------------
 
 

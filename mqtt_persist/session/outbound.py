@@ -17,6 +17,8 @@ MQTT 5 adds what the broker may answer and what a message may carry:
   answered, so the message is neither retried nor kept;
 * a message the broker announced it cannot take (larger than its Maximum Packet Size, a QoS or
   a retain flag it does not support) is discarded unsent and reported the same way (§3.1.2.11);
+  a QoS 2 flow already sent when new terms refuse it is released instead (the broker may hold
+  it), and refused only if PUBCOMP says the broker never had it (0x92);
 * a message with a Message Expiry Interval carries what is left of it on every send; one that
   expired before it reached the wire is discarded and reported ``EXPIRED``; so is a QoS 1
   message that expired in flight (the broker keeps no state for it). A QoS 2 message that
@@ -391,10 +393,21 @@ class OutboundFlows:
         return True
 
     def _unsendable_in_flight(self, message: OutgoingMessage) -> bool:
-        """Discard a held flow the broker cannot take (it cannot hold state for it either)."""
+        """End a held flow the broker can no longer take (its CONNACK terms changed).
+
+        A QoS 2 PUBLISH already went out once: the broker (it kept the session) may have
+        taken it and hold its packet ID, its PUBREC lost. So it is released, as an expired
+        one is: PUBCOMP 0x92 says the broker never had it (refused), success that it did.
+        """
         reason = self._unsendable_reason(message)
         if reason is None:
             return False
+        if message.qos == 2:
+            message.released = True
+            message.refused_release = reason
+            self._out.ops.append(MessageReleased(message.seq))
+            self._out.packets.append(PubRel(message.packet_id))  # type: ignore[arg-type]
+            return True
         self.end_flow(message.packet_id)  # type: ignore[arg-type]
         self._refuse(message, *reason)
         return True
@@ -509,6 +522,12 @@ class OutboundFlows:
             return
         if message.expired_release:
             self._finish_expired_release(packet_id, packet.reason_code)
+            return
+        refusal = message.refused_release
+        if refusal is not None and packet.reason_code == ReasonCode.PACKET_IDENTIFIER_NOT_FOUND:
+            self.end_flow(packet_id)
+            self._refuse(message, *refusal)
+            self._window_freed()
             return
         self._finish(packet_id)
 
