@@ -18,7 +18,7 @@ MQTT 5 adds what the broker may answer and what a message may carry:
 * a message the broker announced it cannot take (larger than its Maximum Packet Size, a QoS or
   a retain flag it does not support) is discarded unsent and reported the same way (§3.1.2.11);
   a QoS 2 flow already sent when new terms refuse it is released instead (the broker may hold
-  it), and refused only if PUBCOMP says the broker never had it (0x92);
+  it): refused if PUBCOMP says the broker never had it (0x92), else in doubt;
 * a message with a Message Expiry Interval carries what is left of it on every send; one that
   expired before it reached the wire is discarded and reported ``EXPIRED``; so is a QoS 1
   message that expired in flight (the broker keeps no state for it). A QoS 2 message that
@@ -397,7 +397,8 @@ class OutboundFlows:
 
         A QoS 2 PUBLISH already went out once: the broker (it kept the session) may have
         taken it and hold its packet ID, its PUBREC lost. So it is released, as an expired
-        one is: PUBCOMP 0x92 says the broker never had it (refused), success that it did.
+        one is: PUBCOMP 0x92 says the broker never had it (refused); a successful PUBCOMP
+        leaves it in doubt (mosquitto answers one for an ID it never saw).
         """
         reason = self._unsendable_reason(message)
         if reason is None:
@@ -524,10 +525,16 @@ class OutboundFlows:
             self._finish_expired_release(packet_id, packet.reason_code)
             return
         refusal = message.refused_release
-        if refusal is not None and packet.reason_code == ReasonCode.PACKET_IDENTIFIER_NOT_FOUND:
-            self.end_flow(packet_id)
-            self._refuse(message, *refusal)
-            self._window_freed()
+        if refusal is not None:
+            if packet.reason_code == ReasonCode.PACKET_IDENTIFIER_NOT_FOUND:
+                self.end_flow(packet_id)
+                self._refuse(message, *refusal)
+                self._window_freed()
+                return
+            # Not proof that the broker had it: mosquitto 2.0 answers a PUBREL for an ID it
+            # never saw with PUBCOMP 0 too (measured), so it may or may not be delivered.
+            self.in_doubt += 1
+            self._finish(packet_id, DeliveryOutcome.IN_DOUBT)
             return
         self._finish(packet_id)
 
