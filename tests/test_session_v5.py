@@ -262,7 +262,8 @@ def test_a_qos1_message_that_expired_in_flight_is_dropped_on_resume() -> None:
     ("pubcomp_code", "outcome"),
     [
         (ReasonCode.PACKET_IDENTIFIER_NOT_FOUND, DeliveryOutcome.EXPIRED),
-        (ReasonCode.SUCCESS, DeliveryOutcome.ACKNOWLEDGED),
+        # Not proof the broker had it: mosquitto 2.0.11 answers PUBCOMP 0 for any ID.
+        (ReasonCode.SUCCESS, DeliveryOutcome.IN_DOUBT),
     ],
 )
 def test_a_qos2_message_that_expired_in_flight_is_released_not_resent(

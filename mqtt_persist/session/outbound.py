@@ -23,7 +23,8 @@ MQTT 5 adds what the broker may answer and what a message may carry:
   expired before it reached the wire is discarded and reported ``EXPIRED``; so is a QoS 1
   message that expired in flight (the broker keeps no state for it). A QoS 2 message that
   expired in flight is *released* instead of resent: the broker may hold its packet ID, and
-  only PUBREL frees it; PUBCOMP then says whether the broker had it (0x92: it never did).
+  only PUBREL frees it; PUBCOMP 0x92 says the broker never had it, another one leaves it in
+  doubt (mosquitto answers PUBCOMP 0 for an ID it never saw).
 """
 
 from __future__ import annotations
@@ -543,10 +544,10 @@ class OutboundFlows:
         if reason_code == ReasonCode.PACKET_IDENTIFIER_NOT_FOUND:
             outcome = DeliveryOutcome.EXPIRED  # the broker never had it: nothing was delivered
             self.expired += 1
-        elif self.terms.protocol_version == MQTT_5:
-            outcome = DeliveryOutcome.ACKNOWLEDGED  # it had it, and its own expiry applies
         else:
-            outcome = DeliveryOutcome.IN_DOUBT  # 3.1.1's PUBCOMP cannot say which
+            # 3.1.1's PUBCOMP cannot say which, and MQTT 5's success does not either:
+            # mosquitto 2.0 answers PUBREL for an ID it never saw with PUBCOMP 0 (measured).
+            outcome = DeliveryOutcome.IN_DOUBT
             self.in_doubt += 1
         self._out.ops.append(MessageRemoved(message.seq))
         self._out.events.append(PublishCompleted(message.seq, outcome))
