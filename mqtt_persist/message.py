@@ -80,6 +80,9 @@ class DeliveryOutcome(enum.Enum):
     SENT = "sent"
     #: QoS 2: the broker had answered PUBREC, then lost its session before PUBCOMP. Only the
     #: broker knew whether it forwarded the message, so it is neither resent nor claimed done.
+    #: Also a QoS 2 message sent once and then released unacknowledged because the broker's new
+    #: terms (MQTT 5 CONNACK, e.g. Maximum QoS 1) no longer take it, or because it expired,
+    #: when PUBCOMP was not 0x92 (mosquitto answers PUBCOMP 0 for an ID it never saw).
     IN_DOUBT = "in_doubt"
     #: Discarded from a full queue (``queue_full="drop_oldest"``); never reached the broker.
     DROPPED = "dropped"

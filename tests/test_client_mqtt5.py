@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -32,7 +34,18 @@ from mqtt_persist import (
     RetainHandling,
     ServerDisconnected,
 )
-from mqtt_persist.protocol.packets import ConnAck, Connect, Disconnect, Publish
+from mqtt_persist.protocol.codec import Decoder, encode
+from mqtt_persist.protocol.packets import (
+    MQTT_5,
+    ConnAck,
+    Connect,
+    Disconnect,
+    Packet,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+)
 from tests.support.broker import BrokerFactory, MosquittoBroker
 from tests.support.fake_broker import FakeConnection, ScriptedBroker
 from tests.support.nats import NatsServer
@@ -576,3 +589,59 @@ async def test_request_and_respond_pair_up_by_correlation_data(broker: Mosquitto
     with pytest.raises(InvalidInput, match="no response topic"):
         async with client_for(broker, "responder-2") as client:
             await client.respond(stray, b"x")
+
+
+def _raw_v5(broker: MosquittoBroker) -> tuple[socket.socket, Callable[[], Packet]]:
+    """An MQTT 5 connection to ``broker`` and a bounded read of its next packet."""
+    sock = socket.create_connection((broker.host, broker.port), 5)
+    decoder = Decoder(protocol_version=MQTT_5)
+    pending: list[Packet] = []
+
+    def receive() -> Packet:
+        while not pending:
+            data = sock.recv(65536)
+            assert data, "the broker closed the connection"
+            pending.extend(decoder.feed(data))
+        return pending.pop(0)
+
+    sock.sendall(
+        encode(
+            Connect(
+                client_id="maxqos-fact",
+                clean_session=False,
+                keepalive=60,
+                protocol_level=MQTT_5,
+                properties=Properties(session_expiry_interval=3600),
+            ),
+            MQTT_5,
+        )
+    )
+    return sock, receive
+
+
+def test_mosquitto_restarted_with_max_qos_1_keeps_a_qos2_flow_and_pubcomps_any_id(
+    persistent_broker: MosquittoBroker,
+) -> None:
+    """The facts behind releasing, not refusing nor resending, a QoS 2 flow in flight when the
+    Maximum QoS drops (session/outbound.py): the session and its QoS 2 flow survive the
+    restart, a resend is a protocol error to it (DISCONNECT 0x9B), and PUBREL gets PUBCOMP 0
+    for an ID it never saw as for one it holds (so only 0x92 would say "never had it")."""
+    sock, receive = _raw_v5(persistent_broker)
+    with sock:
+        assert isinstance(receive(), ConnAck)
+        sock.sendall(encode(Publish("fact/t", b"x", 2, packet_id=5), MQTT_5))
+        assert isinstance(receive(), PubRec)  # and never answered: lost, as far as we know
+    persistent_broker.extra_config = "max_qos 1"
+    persistent_broker.restart()
+    sock, receive = _raw_v5(persistent_broker)
+    with sock:
+        connack = receive()
+        assert isinstance(connack, ConnAck) and connack.session_present
+        assert connack.properties.maximum_qos == 1
+        sock.sendall(encode(PubRel(6), MQTT_5))  # an ID it never saw
+        assert receive() == PubComp(6, 0)
+        sock.sendall(encode(PubRel(5), MQTT_5))
+        assert receive() == PubComp(5, 0)
+        sock.sendall(encode(Publish("fact/t", b"y", 2, dup=True, packet_id=7), MQTT_5))
+        answer = receive()
+        assert isinstance(answer, Disconnect) and answer.reason_code == 0x9B

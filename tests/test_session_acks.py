@@ -120,6 +120,21 @@ def test_acks_given_while_offline_go_out_when_the_broker_resends() -> None:
     assert h.feed(Publish("t", b"1", 1, dup=True, packet_id=4)).packets == [PubAck(4)]
 
 
+def test_a_qos2_acked_offline_and_resent_frees_its_id_for_the_next_message() -> None:
+    """Acknowledged while its PUBREC could not go out, the resend finds the stored ID: once
+    PUBREL ends that flow, a new message the broker sends under the same ID is delivered."""
+    h = manual()
+    (message,) = received(h.feed(Publish("t", b"old", 2, packet_id=7)))
+    h.session.connection_lost()
+    h.session.ack(message._ack_token)
+    h.take()
+    h.connect(session_present=True)
+    assert h.feed(Publish("t", b"old", 2, dup=True, packet_id=7)).packets == [PubRec(7)]
+    assert h.feed(PubRel(7)).packets == [PubComp(7)]
+    out = h.feed(Publish("t", b"new", 2, packet_id=7))
+    assert [m.payload for m in received(out)] == [b"new"]
+
+
 def test_broker_lost_session_makes_acks_no_ops_and_stores_no_qos2_id() -> None:
     h = manual()
     (message,) = received(h.feed(Publish("t", b"1", 2, packet_id=9)))

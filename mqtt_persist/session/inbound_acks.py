@@ -145,6 +145,9 @@ class InboundAcks:
         if publish.qos == 2 and packet_id in flows.qos2_received:
             # Acknowledged by the application before; PUBREC again, in its turn.
             flows.duplicates_suppressed += 1
+            # Its entry from before a reconnect (acknowledged, PUBREC not yet sent) is done
+            # with: left behind, it would pass the next message under this ID off as a resend.
+            self._by_id.pop(packet_id, None)
             self._order.append(_Pending(None, packet_id, 2, acked=True))
             self._release()
             return

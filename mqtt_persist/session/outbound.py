@@ -17,11 +17,14 @@ MQTT 5 adds what the broker may answer and what a message may carry:
   answered, so the message is neither retried nor kept;
 * a message the broker announced it cannot take (larger than its Maximum Packet Size, a QoS or
   a retain flag it does not support) is discarded unsent and reported the same way (§3.1.2.11);
+  a QoS 2 flow already sent when new terms refuse it is released instead (the broker may hold
+  it): refused if PUBCOMP says the broker never had it (0x92), else in doubt;
 * a message with a Message Expiry Interval carries what is left of it on every send; one that
   expired before it reached the wire is discarded and reported ``EXPIRED``; so is a QoS 1
   message that expired in flight (the broker keeps no state for it). A QoS 2 message that
   expired in flight is *released* instead of resent: the broker may hold its packet ID, and
-  only PUBREL frees it; PUBCOMP then says whether the broker had it (0x92: it never did).
+  only PUBREL frees it; PUBCOMP 0x92 says the broker never had it, another one leaves it in
+  doubt (mosquitto answers PUBCOMP 0 for an ID it never saw).
 """
 
 from __future__ import annotations
@@ -391,10 +394,22 @@ class OutboundFlows:
         return True
 
     def _unsendable_in_flight(self, message: OutgoingMessage) -> bool:
-        """Discard a held flow the broker cannot take (it cannot hold state for it either)."""
+        """End a held flow the broker can no longer take (its CONNACK terms changed).
+
+        A QoS 2 PUBLISH already went out once: the broker (it kept the session) may have
+        taken it and hold its packet ID, its PUBREC lost. So it is released, as an expired
+        one is: PUBCOMP 0x92 says the broker never had it (refused); a successful PUBCOMP
+        leaves it in doubt (mosquitto answers one for an ID it never saw).
+        """
         reason = self._unsendable_reason(message)
         if reason is None:
             return False
+        if message.qos == 2:
+            message.released = True
+            message.refused_release = reason
+            self._out.ops.append(MessageReleased(message.seq))
+            self._out.packets.append(PubRel(message.packet_id))  # type: ignore[arg-type]
+            return True
         self.end_flow(message.packet_id)  # type: ignore[arg-type]
         self._refuse(message, *reason)
         return True
@@ -510,6 +525,18 @@ class OutboundFlows:
         if message.expired_release:
             self._finish_expired_release(packet_id, packet.reason_code)
             return
+        refusal = message.refused_release
+        if refusal is not None:
+            if packet.reason_code == ReasonCode.PACKET_IDENTIFIER_NOT_FOUND:
+                self.end_flow(packet_id)
+                self._refuse(message, *refusal)
+                self._window_freed()
+                return
+            # Not proof that the broker had it: mosquitto 2.0 answers a PUBREL for an ID it
+            # never saw with PUBCOMP 0 too (measured), so it may or may not be delivered.
+            self.in_doubt += 1
+            self._finish(packet_id, DeliveryOutcome.IN_DOUBT)
+            return
         self._finish(packet_id)
 
     def _finish_expired_release(self, packet_id: int, reason_code: int) -> None:
@@ -517,10 +544,10 @@ class OutboundFlows:
         if reason_code == ReasonCode.PACKET_IDENTIFIER_NOT_FOUND:
             outcome = DeliveryOutcome.EXPIRED  # the broker never had it: nothing was delivered
             self.expired += 1
-        elif self.terms.protocol_version == MQTT_5:
-            outcome = DeliveryOutcome.ACKNOWLEDGED  # it had it, and its own expiry applies
         else:
-            outcome = DeliveryOutcome.IN_DOUBT  # 3.1.1's PUBCOMP cannot say which
+            # 3.1.1's PUBCOMP cannot say which, and MQTT 5's success does not either:
+            # mosquitto 2.0 answers PUBREL for an ID it never saw with PUBCOMP 0 (measured).
+            outcome = DeliveryOutcome.IN_DOUBT
             self.in_doubt += 1
         self._out.ops.append(MessageRemoved(message.seq))
         self._out.events.append(PublishCompleted(message.seq, outcome))

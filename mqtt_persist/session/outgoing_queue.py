@@ -37,6 +37,7 @@ class OutgoingMessage:
         "payload",
         "properties",
         "qos",
+        "refused_release",
         "released",
         "retain",
         "seq",
@@ -72,6 +73,9 @@ class OutgoingMessage:
         self.expires_at = expires_at
         #: QoS 2: it expired in flight and was released instead of resent (outbound.py).
         self.expired_release = False
+        #: QoS 2: released instead of resent because the broker's new terms refuse it (the
+        #: reason code and text to report if PUBCOMP says the broker never had it).
+        self.refused_release: tuple[int, str] | None = None
         #: It has MQTT 5 properties or an expiry: its PUBLISH is built the slow way.
         self.special = properties is not NO_PROPERTIES or expires_at is not None
 
