@@ -78,7 +78,7 @@ async def test_gateway_survives_repeated_sigkills_without_loss_or_qos2_duplicate
             # Mid-stream: once this gateway forwarded something, at a random moment after.
             assert await observer.await_until(lambda s=seen: observer.count() >= s + 10, 60)
             await asyncio.sleep(random.uniform(0, 0.2))
-            killed_at.append(observer.count())
+            killed_at.append(len(set(observer.payloads())))  # distinct: QoS 1 may repeat
             await stop(gateway, signal.SIGKILL)
             gateway = await start_gateway(local.url, upstream.url, store)
         await publishing
@@ -98,7 +98,11 @@ async def test_gateway_survives_repeated_sigkills_without_loss_or_qos2_duplicate
     repeats = sum(n - 1 for n in arrived.values())
     print(f"kills at upstream counts {killed_at}; {sum(arrived.values())} arrived, "
           f"{repeats} QoS 1 repeats")  # fmt: skip
-    assert killed_at[-1] < len(q1) + len(q2), "the last kill came after the stream ended"
+    # The kills must hit the stream, or the test proves nothing. A fast gateway may finish
+    # before the last of them (it did in a loaded run: 401 arrivals counted with a QoS 1
+    # repeat); at least half must land mid-stream.
+    mid_stream = [k for k in killed_at if k < len(q1) + len(q2)]
+    assert len(mid_stream) >= kills // 2, f"kills at {killed_at}: the stream ended first"
     missing = [p for p in q2 + q1 if arrived[p] == 0]
     assert not missing, missing[:20]
     twice = [p for p in q2 if arrived[p] > 1]
