@@ -16,7 +16,7 @@ import pytest
 
 from mqtt_persist.cli.session_file import Header, encode_header
 from mqtt_persist.session.state import SessionState
-from tests.support.broker import MosquittoBroker, free_port
+from tests.support.broker import BrokerFactory, MosquittoBroker, free_port
 from tests.support.cli import Result, run_cli, start_cli
 from tests.support.observer import PahoObserver, paho_publish
 from tests.support.redis_server import shared_redis_url, unique_prefix
@@ -190,3 +190,18 @@ def test_demo_command_against_no_broker_says_so_in_one_line() -> None:
     assert len(lines) == 1, result
     assert lines[0].startswith(f"mqtt-persist: error: could not connect to 127.0.0.1:{port}")
     assert "within 1s" in lines[0] and "connection refused" in lines[0], lines
+
+
+def test_a_refusing_broker_is_one_line_on_stderr(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
+    """The client logs why it stopped, and the command then fails with that same error: the
+    log record must not make it two lines (docs/cli.md: exactly one line on stderr)."""
+    broker = broker_factory(extra_config="allow_anonymous false\n")
+    common = ["--store", (tmp_path / "s").as_uri(), "--port", str(broker.port)]
+    for args in (
+        ["pub", *common, "-i", "p", "-t", "t", "-m", "x", "--wait-ack", "--timeout", "10"],
+        ["pub", *common, "-i", "p", "-t", "t", "-m", "x", "--linger", "10"],
+        ["sub", *common, "-i", "s", "-t", "t", "--timeout", "10"],
+    ):
+        one_line_error(run_cli(*args, timeout=20), 1, "not authorized")
