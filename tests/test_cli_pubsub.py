@@ -205,3 +205,14 @@ def test_a_refusing_broker_is_one_line_on_stderr(
         ["sub", *common, "-i", "s", "-t", "t", "--timeout", "10"],
     ):
         one_line_error(run_cli(*args, timeout=20), 1, "not authorized")
+
+
+def test_pub_of_nothing_with_the_broker_down_claims_no_acknowledgement(tmp_path: Path) -> None:
+    """Empty stdin stores nothing, and nothing is queued: that is no reason to say the
+    messages were "sent and acknowledged" by a broker that was never reached."""
+    result = run_cli(
+        "pub", "--store", (tmp_path / "s").as_uri(), "-i", "e", "-t", "t", "-l",
+        "--port", str(free_port()), "--linger", "0", input=b"",
+    )  # fmt: skip
+    assert result.code == 0, result
+    assert "stored 0 message(s)" in result.out and "acknowledged" not in result.out, result

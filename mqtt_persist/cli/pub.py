@@ -220,7 +220,8 @@ def _summary(report: dict[str, Any], broker: BrokerOptions) -> str:
         if report["timed_out"]:
             text += " before the timeout"
     unsent = report["unsent"]
-    if not unsent and "acknowledged" not in report:
+    # Nothing unsent may also mean nothing was ever queued: no broker acknowledged anything.
+    if not unsent and "acknowledged" not in report and report["connected"]:
         text += f"; all sent and acknowledged by {broker.address}"
     if unsent:
         reached = "" if report["connected"] else f"; broker {broker.address} not reached"
