@@ -271,3 +271,14 @@ def test_export_import_round_trip_across_store_kinds(tmp_path: Path) -> None:
     refused = run_cli("sessions", "import", truncated, "--store", redis_url, "--replace")
     one_line_error(refused, 2, "truncated")
     assert with_store(redis_url, loaded)[0] == expected
+
+
+def test_export_into_a_missing_directory_names_the_output(tmp_path: Path) -> None:
+    """The temporary file beside the output is an implementation detail: the error names the
+    path given to -o, without a Python exception name."""
+    store = (tmp_path / "s").as_uri()
+    with_store(store, lambda s: s.apply("dev-1", rich_session_ops(queued=1)))
+    output = tmp_path / "missing" / "dev-1.jsonl"
+    result = run_cli("sessions", "export", "dev-1", "--store", store, "-o", output)
+    one_line_error(result, 2, str(output), "No such file or directory")
+    assert "Error:" not in result.err and ".dev-1.jsonl." not in result.err, result

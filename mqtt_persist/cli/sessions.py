@@ -269,7 +269,11 @@ def export_command(
         sys.stdout.buffer.flush()
     else:
         # A temporary file renamed into place: a failed export leaves no half file behind.
-        fd, temporary = tempfile.mkstemp(dir=output.parent or ".", prefix=f".{output.name}.")
+        try:
+            fd, temporary = tempfile.mkstemp(dir=output.parent or ".", prefix=f".{output.name}.")
+        except OSError as exc:
+            # The temporary file is ours, not the user's: name the path they gave.
+            raise CliError(f"cannot write {output}: {exc.strerror or exc}", ExitCode.USAGE) from exc
         try:
             with os.fdopen(fd, "wb") as out:
                 records = run_async(lambda: run(out))
