@@ -216,3 +216,39 @@ def test_pub_of_nothing_with_the_broker_down_claims_no_acknowledgement(tmp_path:
     )  # fmt: skip
     assert result.code == 0, result
     assert "stored 0 message(s)" in result.out and "acknowledged" not in result.out, result
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_pub_interrupted_while_waiting_for_acks_keeps_what_it_stored(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Ctrl-C or SIGTERM during --wait-ack: exit 130 at once with one line, no traceback, and
+    the messages already stored stay in the store for the next run."""
+    store = (tmp_path / "s").as_uri()
+    running = start_cli(
+        "pub", "--store", store, "-i", "edge", "-t", "t", "-m", "a", "-m", "b", "-q", "2",
+        "--port", str(free_port()), "--wait-ack", "--timeout", "30",
+    )  # fmt: skip
+    try:
+
+        def stored() -> bool:
+            listed = with_store(store, lambda s: s.list_sessions())
+            return any(i.client_id == "edge" and i.queued + i.inflight == 2 for i in listed)
+
+        # A sync poll: with_store runs its own event loop.
+        deadline = time.monotonic() + 10
+        while not stored():
+            assert time.monotonic() < deadline, "the messages were never stored"
+            time.sleep(0.02)
+        running.send_signal(sig)
+        assert running.wait(5) == 130
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.wait()
+    assert running.stderr is not None
+    err = running.stderr.read().decode()
+    assert err == f"mqtt-persist: error: interrupted by {sig.name}\n", err
+    state = load(store, "edge")
+    assert state is not None
+    assert [m.payload for m in state.messages.values()] == [b"a", b"b"]
