@@ -16,7 +16,7 @@ import pytest
 
 from mqtt_persist.cli.session_file import Header, encode_header
 from mqtt_persist.session.state import SessionState
-from tests.support.broker import MosquittoBroker, free_port
+from tests.support.broker import BrokerFactory, MosquittoBroker, free_port
 from tests.support.cli import Result, run_cli, start_cli
 from tests.support.observer import PahoObserver, paho_publish
 from tests.support.redis_server import shared_redis_url, unique_prefix
@@ -190,3 +190,65 @@ def test_demo_command_against_no_broker_says_so_in_one_line() -> None:
     assert len(lines) == 1, result
     assert lines[0].startswith(f"mqtt-persist: error: could not connect to 127.0.0.1:{port}")
     assert "within 1s" in lines[0] and "connection refused" in lines[0], lines
+
+
+def test_a_refusing_broker_is_one_line_on_stderr(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
+    """The client logs why it stopped, and the command then fails with that same error: the
+    log record must not make it two lines (docs/cli.md: exactly one line on stderr)."""
+    broker = broker_factory(extra_config="allow_anonymous false\n")
+    common = ["--store", (tmp_path / "s").as_uri(), "--port", str(broker.port)]
+    for args in (
+        ["pub", *common, "-i", "p", "-t", "t", "-m", "x", "--wait-ack", "--timeout", "10"],
+        ["pub", *common, "-i", "p", "-t", "t", "-m", "x", "--linger", "10"],
+        ["sub", *common, "-i", "s", "-t", "t", "--timeout", "10"],
+    ):
+        one_line_error(run_cli(*args, timeout=20), 1, "not authorized")
+
+
+def test_pub_of_nothing_with_the_broker_down_claims_no_acknowledgement(tmp_path: Path) -> None:
+    """Empty stdin stores nothing, and nothing is queued: that is no reason to say the
+    messages were "sent and acknowledged" by a broker that was never reached."""
+    result = run_cli(
+        "pub", "--store", (tmp_path / "s").as_uri(), "-i", "e", "-t", "t", "-l",
+        "--port", str(free_port()), "--linger", "0", input=b"",
+    )  # fmt: skip
+    assert result.code == 0, result
+    assert "stored 0 message(s)" in result.out and "acknowledged" not in result.out, result
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_pub_interrupted_while_waiting_for_acks_keeps_what_it_stored(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Ctrl-C or SIGTERM during --wait-ack: exit 130 at once with one line, no traceback, and
+    the messages already stored stay in the store for the next run."""
+    store = (tmp_path / "s").as_uri()
+    running = start_cli(
+        "pub", "--store", store, "-i", "edge", "-t", "t", "-m", "a", "-m", "b", "-q", "2",
+        "--port", str(free_port()), "--wait-ack", "--timeout", "30",
+    )  # fmt: skip
+    try:
+
+        def stored() -> bool:
+            listed = with_store(store, lambda s: s.list_sessions())
+            return any(i.client_id == "edge" and i.queued + i.inflight == 2 for i in listed)
+
+        # A sync poll: with_store runs its own event loop.
+        deadline = time.monotonic() + 10
+        while not stored():
+            assert time.monotonic() < deadline, "the messages were never stored"
+            time.sleep(0.02)
+        running.send_signal(sig)
+        assert running.wait(5) == 130
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.wait()
+    assert running.stderr is not None
+    err = running.stderr.read().decode()
+    assert err == f"mqtt-persist: error: interrupted by {sig.name}\n", err
+    state = load(store, "edge")
+    assert state is not None
+    assert [m.payload for m in state.messages.values()] == [b"a", b"b"]

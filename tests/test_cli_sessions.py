@@ -271,3 +271,32 @@ def test_export_import_round_trip_across_store_kinds(tmp_path: Path) -> None:
     refused = run_cli("sessions", "import", truncated, "--store", redis_url, "--replace")
     one_line_error(refused, 2, "truncated")
     assert with_store(redis_url, loaded)[0] == expected
+
+
+def test_export_into_a_missing_directory_names_the_output(tmp_path: Path) -> None:
+    """The temporary file beside the output is an implementation detail: the error names the
+    path given to -o, without a Python exception name."""
+    store = (tmp_path / "s").as_uri()
+    with_store(store, lambda s: s.apply("dev-1", rich_session_ops(queued=1)))
+    output = tmp_path / "missing" / "dev-1.jsonl"
+    result = run_cli("sessions", "export", "dev-1", "--store", store, "-o", output)
+    one_line_error(result, 2, str(output), "No such file or directory")
+    assert "Error:" not in result.err and ".dev-1.jsonl." not in result.err, result
+
+
+def test_delete_changes_nothing_when_one_of_the_sessions_is_held(tmp_path: Path) -> None:
+    """Exit 3 says nothing was changed: a session listed before the held one is not deleted
+    either (it was, silently: the error named only the held one)."""
+    store_url = (tmp_path / "s").as_uri()
+    for client_id in ("a", "held", "z"):
+        with_store(store_url, lambda s, c=client_id: s.apply(c, rich_session_ops(queued=1)))
+    holder = store_from_url(store_url)
+    asyncio.run(holder.open())
+    asyncio.run(holder.acquire("held"))  # the lease (a flock) outlives this loop
+    try:
+        result = run_cli("sessions", "delete", "a", "held", "z", "--yes", "--store", store_url)
+    finally:
+        asyncio.run(holder.close())
+    one_line_error(result, 3, "held")
+    listed = with_store(store_url, lambda s: s.list_sessions())
+    assert sorted(i.client_id for i in listed) == ["a", "held", "z"], result

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import anyio
 import pytest
 
 from mqtt_persist import MemoryStore
@@ -316,3 +317,21 @@ async def test_wait_ack_counts_a_downgraded_qos2_message_as_acknowledged() -> No
         "not_acknowledged": ["set_aside"],
         "timed_out": False,
     }
+
+
+def test_pub_reads_a_very_long_stdin_line_in_linear_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line longer than one read arrives in many pieces; gluing each piece to all the ones
+    before it took quadratic time (a 64 MiB line: tens of seconds, a 256 MiB one: minutes)."""
+    from mqtt_persist.cli import pub
+
+    line = b"x" * (64 << 20)
+    stdin = io.TextIOWrapper(io.BufferedReader(io.BytesIO(line + b"\r\nshort\n" + line[:3])))
+    monkeypatch.setattr(sys, "stdin", stdin)
+
+    async def lines() -> list[bytes]:
+        with anyio.fail_after(5):
+            return [b for batch in [x async for x in pub._stdin_lines()] for b in batch]
+
+    got = anyio.run(lines)
+    assert [len(b) for b in got] == [len(line), 5, 3] and got[1] == b"short"
+    assert got[0] == line

@@ -44,6 +44,58 @@ class _Settings:
 SETTINGS = _Settings()
 
 
+class _StopRecords(logging.Filter):
+    """Holds back the library's "client stopped: <error>" records until the command ends.
+
+    The command usually fails with that very error, and then its own error line says it: the
+    record would make a second line (docs/cli.md: a failure is one line). A record whose error
+    the command did not report is shown after all, before the command's own error line or at
+    its end.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+        self._releasing = False
+        self.handler: logging.Handler | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a "client stopped" record (kept), True for every other."""
+        if self._releasing or not (
+            record.levelno >= logging.ERROR
+            and isinstance(record.msg, str)
+            and record.msg.endswith("client stopped: %s")
+            and isinstance(record.args, tuple)
+            and len(record.args) == 1
+            and isinstance(record.args[0], BaseException)
+        ):
+            return True
+        self.held.append(record)
+        return False
+
+    def release(self, reported: BaseException | None = None) -> None:
+        """Show the held records, except one whose error is ``reported`` (or its cause)."""
+        chain: list[BaseException] = []
+        error = reported
+        while error is not None and error not in chain:
+            chain.append(error)
+            error = error.__cause__ or error.__context__
+        held, self.held = self.held, []
+        if self.handler is None:
+            return
+        self._releasing = True
+        try:
+            for record in held:
+                assert isinstance(record.args, tuple)
+                if not any(record.args[0] is e for e in chain):
+                    self.handler.handle(record)
+        finally:
+            self._releasing = False
+
+
+STOP_RECORDS = _StopRecords()
+
+
 @click.group(context_settings={"max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show tracebacks and the library's debug log.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the library's informational log.")
@@ -62,6 +114,9 @@ def cli(debug: bool, verbose: bool) -> None:
 
 def _configure_logging(level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    # Before ScrubFilter, which merges the error into the message.
+    STOP_RECORDS.handler = handler
+    handler.addFilter(STOP_RECORDS)
     handler.addFilter(ScrubFilter())
     handler.setFormatter(logging.Formatter("mqtt-persist: %(levelname)s: %(message)s"))
     logger = logging.getLogger(LOGGER_NAME)
@@ -121,6 +176,13 @@ def demo_command(
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line; its exit code. Nothing but a one-line message on failure."""
     try:
+        return _run(argv)
+    finally:
+        STOP_RECORDS.release()
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    try:
         result = cli.main(
             args=list(argv) if argv is not None else None,
             prog_name="mqtt-persist",
@@ -148,6 +210,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail_with(exc: Exception) -> int:
+    STOP_RECORDS.release(reported=exc)
     if isinstance(exc, SessionLocked):
         exc = held_error(exc)
     if isinstance(exc, CliError):

@@ -133,16 +133,22 @@ async def _stdin_lines() -> AsyncIterator[list[bytes]]:
     """Batches of stdin's lines, each batch what had arrived, as soon as it arrived."""
     # read1: whatever has arrived (at least one byte), so a slow pipe is published as it comes.
     stream = cast(io.BufferedReader, sys.stdin.buffer)
-    pending = b""
+    # The start of an unfinished line, in pieces: joined once its end arrives, since gluing
+    # each read to the ones before would copy a long line over and over (quadratic time).
+    pieces: list[bytes] = []
     while True:
         chunk = await anyio.to_thread.run_sync(stream.read1, _READ_SIZE)
         if not chunk:
             break
-        *lines, pending = (pending + chunk).split(b"\n")
+        if b"\n" not in chunk:
+            pieces.append(chunk)
+            continue
+        *lines, rest = b"".join([*pieces, chunk]).split(b"\n")
+        pieces = [rest]
         batch = [line.removesuffix(b"\r") for line in lines if line.strip(b"\r")]
         for start in range(0, len(batch), STDIN_BATCH):
             yield batch[start : start + STDIN_BATCH]
-    last = pending.removesuffix(b"\r")
+    last = b"".join(pieces).removesuffix(b"\r")
     if last:
         yield [last]
 
@@ -214,7 +220,8 @@ def _summary(report: dict[str, Any], broker: BrokerOptions) -> str:
         if report["timed_out"]:
             text += " before the timeout"
     unsent = report["unsent"]
-    if not unsent and "acknowledged" not in report:
+    # Nothing unsent may also mean nothing was ever queued: no broker acknowledged anything.
+    if not unsent and "acknowledged" not in report and report["connected"]:
         text += f"; all sent and acknowledged by {broker.address}"
     if unsent:
         reached = "" if report["connected"] else f"; broker {broker.address} not reached"

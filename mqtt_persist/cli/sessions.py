@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -201,11 +202,16 @@ def delete_command(
 
     async def run() -> list[str]:
         deleted: list[str] = []
-        async with opened(store):
-            for client_id in client_ids:
+        wanted = list(dict.fromkeys(client_ids))
+        async with opened(store), contextlib.AsyncExitStack() as leases:
+            # Every session is checked and leased before any is deleted: exit 3 or 4 means
+            # nothing was changed, not that the sessions named before that one are gone.
+            for client_id in wanted:
                 await _listed(store, client_id)
-                async with holding(store, client_id):
-                    await store.delete(client_id)
+            for client_id in wanted:
+                await leases.enter_async_context(holding(store, client_id))
+            for client_id in wanted:
+                await store.delete(client_id)
                 deleted.append(client_id)
         return deleted
 
@@ -269,7 +275,11 @@ def export_command(
         sys.stdout.buffer.flush()
     else:
         # A temporary file renamed into place: a failed export leaves no half file behind.
-        fd, temporary = tempfile.mkstemp(dir=output.parent or ".", prefix=f".{output.name}.")
+        try:
+            fd, temporary = tempfile.mkstemp(dir=output.parent or ".", prefix=f".{output.name}.")
+        except OSError as exc:
+            # The temporary file is ours, not the user's: name the path they gave.
+            raise CliError(f"cannot write {output}: {exc.strerror or exc}", ExitCode.USAGE) from exc
         try:
             with os.fdopen(fd, "wb") as out:
                 records = run_async(lambda: run(out))
