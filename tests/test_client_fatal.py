@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import anyio
 import pytest
 
-from mqtt_persist import Backoff, MemoryStore, PersistentClient, SessionFenced, StoreError
-from mqtt_persist.session.state import Operation
+from mqtt_persist import Backoff, PersistentClient, SessionFenced, StoreError
 from tests.support.broker import MosquittoBroker
 from tests.support.proxy import ProxyFactory
+from tests.support.stores import BreakableStore
 
 FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
-
-
-class BreakableStore(MemoryStore):
-    """A durable MemoryStore whose commits raise ``error`` once it is set."""
-
-    durable = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.error: Exception | None = None
-
-    async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
-        if self.error is not None:
-            raise self.error
-        await super().apply(client_id, ops)
 
 
 @pytest.mark.parametrize(

@@ -24,26 +24,12 @@ from mqtt_persist.session.state import Operation, SubscriptionSet
 from tests.support import hostile
 from tests.support.broker import BrokerFactory, MosquittoBroker
 from tests.support.fake_broker import FakeConnection, ScriptedBroker
+from tests.support.stores import BreakableStore
 from tests.support.waiting import until
 
 FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
 #: Nothing listens on the discard port: the client stays disconnected, backing off.
 NOWHERE = 9
-
-
-class BreakableStore(MemoryStore):
-    """A durable MemoryStore whose commits raise ``error`` once it is set."""
-
-    durable = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.error: Exception | None = None
-
-    async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
-        if self.error is not None:
-            raise self.error
-        await super().apply(client_id, ops)
 
 
 async def test_awaited_delivery_and_subscription_raise_a_fatal_store_error() -> None:

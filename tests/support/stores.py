@@ -10,9 +10,11 @@ inside the package, so the tests survive a reshuffle of the stores' internals.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from mqtt_persist import FileStore, MemoryStore, SessionStore
+from mqtt_persist.session.state import Operation
 from mqtt_persist.stores import SQLiteStore
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "KINDS",
     "MATRIX_DURABLE_KINDS",
     "MATRIX_KINDS",
+    "BreakableStore",
     "make_store",
     "store_from_spec",
     "store_spec",
@@ -84,3 +87,18 @@ def make_store(
         return MemoryStore()
     os.makedirs(workdir, exist_ok=True)
     return store_from_spec(store_spec(kind, workdir, redis_url=redis_url, name=name))
+
+
+class BreakableStore(MemoryStore):
+    """A durable MemoryStore whose commits raise ``error`` once it is set."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: Exception | None = None
+
+    async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
+        if self.error is not None:
+            raise self.error
+        await super().apply(client_id, ops)
