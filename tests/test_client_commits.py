@@ -70,3 +70,5 @@ async def test_a_sequential_publish_costs_one_commit(
         await client.drain(20)
     assert len(seqs) == count
     assert offline <= count // 10, f"{offline} of {count} publishes found no connection"
+    # Each found the flusher idle and committed from its own task (Flusher.commit_inline).
+    assert recorder.begun >= count - offline - 5, f"{recorder.begun} inline commits of {count}"

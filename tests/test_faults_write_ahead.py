@@ -29,14 +29,18 @@ from tests.support.witness import GatedStore, WriteAheadWitness
 pytestmark = pytest.mark.broker
 
 N = 40
+SEQUENTIAL = 10
 
 
+@pytest.mark.parametrize("inline", [False, True], ids=["apply", "inline"])
 @pytest.mark.parametrize("kind", ["memory", "file", "sqlite"])
 async def test_no_protected_packet_leaves_and_no_qos2_message_is_seen_before_its_commit(
-    kind: str, broker: MosquittoBroker, proxy_factory: ProxyFactory, tmp_path: Path
+    kind: str, inline: bool, broker: MosquittoBroker, proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
+    """With ``inline``, the store offers ``begin_apply``: a publisher that finds the flusher
+    idle commits from its own task, and the flusher task sends the batch later."""
     proxy = await proxy_factory(broker, mqtt=True)
-    store = GatedStore(make_store(kind, tmp_path))
+    store = GatedStore(make_store(kind, tmp_path), inline=inline)
     witness = WriteAheadWitness(store, proxy)
     gatekeeper = asyncio.create_task(witness.run())
     received: list[Message] = []
@@ -66,10 +70,15 @@ async def test_no_protected_packet_leaves_and_no_qos2_message_is_seen_before_its
             deliveries = await asyncio.gather(
                 *(client.publish(topic_of("wa/out", i), str(i), qos=qos_of(i)) for i in range(N))
             )
+            # One at a time: with ``inline`` each is committed from this task.
+            for i in range(N, N + SEQUENTIAL):
+                deliveries.append(
+                    await client.publish(topic_of("wa/out", i), str(i), qos=qos_of(i))
+                )
             await inbound
             outcomes = await asyncio.wait_for(asyncio.gather(*deliveries), 60)
             await until(lambda: len(received) >= N, 30, "every inbound message")
-            assert await observer.await_numbers(set(range(N)), 30)
+            assert await observer.await_numbers(set(range(N + SEQUENTIAL)), 30)
             consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
@@ -77,6 +86,10 @@ async def test_no_protected_packet_leaves_and_no_qos2_message_is_seen_before_its
         await witness.stop(gatekeeper)
     assert witness.violations == []
     assert all(o is DeliveryOutcome.ACKNOWLEDGED for o in outcomes)
+    if inline and store.durable:  # a MemoryStore's publish() waits for no commit
+        assert store.begun >= SEQUENTIAL, "the publishers never committed inline"
+    else:
+        assert store.begun == 0
     # The witness really looked: every packet kind was checked as it reached the proxy, and
     # every protecting operation was held uncommitted at least once while the proxy settled.
     assert witness.checked["PUBLISH"] >= N

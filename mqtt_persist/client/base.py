@@ -65,9 +65,15 @@ class ClientBase:
             self._metrics.published(qos)
         delivery = Delivery(seq, topic, qos)
         parts.dispatcher.deliveries[seq] = delivery
-        parts.flusher.wake.set()
+        flusher = parts.flusher
         if qos and self._storage.durable:
-            await parts.flusher.committed()
+            if flusher.can_commit_inline():
+                await flusher.commit_inline()
+            else:
+                flusher.wake.set()
+                await flusher.committed()
+        else:
+            flusher.wake.set()
         return delivery
 
     def _require_open(self) -> Running:

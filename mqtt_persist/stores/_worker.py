@@ -113,10 +113,20 @@ class Worker:
         same ``gather`` queued right behind it, and resolves each caller with its own outcome.
         ``done`` as in :meth:`run`.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._submit(_Job(loop, future, None, args, gather, done))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.start_gathered(future, gather, *args, done=done)
         return await future
+
+    def start_gathered(
+        self,
+        future: asyncio.Future[Any],
+        gather: Gather,
+        *args: Any,
+        done: Callable[[], object] | None = None,
+    ) -> None:
+        """:meth:`run_gathered` without waiting: ``future`` (of the running loop) gets the
+        outcome. Raises only if the job could not be queued (no thread could start)."""
+        self._submit(_Job(future.get_loop(), future, None, args, gather, done))
 
     async def stop(
         self, last: Callable[[], object] | None = None, *, done: Callable[[], object] | None = None

@@ -11,6 +11,7 @@ either all of a batch or none of it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
@@ -109,6 +110,34 @@ class SessionStore(Protocol):
 
     async def cleanup_expired(self) -> int:
         """Remove every expired session; returns how many were removed."""
+
+
+@runtime_checkable
+class StartsCommits(Protocol):
+    """What a store may add to :class:`SessionStore`: a commit started without an ``await``.
+
+    Optional. A store that has it lets a one-at-a-time ``publish()`` commit from the caller's
+    own task, with no hop through the client's flusher task (FileStore, MemoryStore). The
+    write-ahead rule is unchanged: the client sends the batch's packets only once ``durable``
+    resolved without an error. The client uses ``begin_apply`` only where it belongs with
+    ``apply``: a subclass (or a wrapper set on an instance) that replaces ``apply`` alone keeps
+    every commit on its ``apply``.
+    """
+
+    def begin_apply(
+        self, client_id: str, ops: Sequence[Operation], durable: asyncio.Future[None]
+    ) -> bool:
+        """Start :meth:`SessionStore.apply` of ``ops`` now, on the event loop, without awaiting.
+
+        True: the batch is written and ``durable`` resolves once it is as durable as
+        ``apply`` would have made it (it may be resolved already), or gets the
+        :class:`~mqtt_persist.errors.StoreError` that ``apply`` would have raised. False:
+        nothing was done and ``durable`` is untouched (this batch needs ``apply``: for
+        example the session's first, or one that compacts the journal). Raises what ``apply``
+        raises for a batch it refuses outright; nothing of it is stored then. ``ops`` is not
+        empty, and the store must not cancel ``durable``.
+        """
+        ...
 
 
 class StoreContext:

@@ -7,6 +7,7 @@ loses everything; use :class:`~mqtt_persist.stores.file.FileStore` for that.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
@@ -179,6 +180,18 @@ class MemoryStore(StoreContext):
         An empty batch only counts as an access. Like every store, ``apply`` does not check
         expiry: the caller holds the session.
         """
+        self._apply_now(client_id, ops)
+
+    def begin_apply(
+        self, client_id: str, ops: Sequence[Operation], durable: asyncio.Future[None]
+    ) -> bool:
+        """:meth:`apply` without an ``await``: applied, and ``durable`` resolved, on return
+        (:class:`~mqtt_persist.stores.base.StartsCommits`)."""
+        self._apply_now(client_id, ops)
+        durable.set_result(None)
+        return True
+
+    def _apply_now(self, client_id: str, ops: Sequence[Operation]) -> None:
         # The same check as every store, on the whole batch before the state is touched, so a
         # bad one applies nothing.
         check_operations(ops)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from mqtt_persist.session.state import MessageAdded, Operation, PacketIdAssigned
@@ -9,10 +10,12 @@ from mqtt_persist.stores.base import SessionStore
 
 
 class ApplyRecorder:
-    """Wraps ``store.apply``; the operations of every call, one list per call."""
+    """Wraps ``store.apply`` (and ``begin_apply``, the inline commit, where the store has it);
+    the operations of every commit, one list per commit. ``begun`` counts inline commits."""
 
     def __init__(self, store: SessionStore) -> None:
         self.calls: list[list[Operation]] = []
+        self.begun = 0
         original = store.apply
 
         async def apply(client_id: str, ops: Sequence[Operation]) -> None:
@@ -20,6 +23,19 @@ class ApplyRecorder:
             await original(client_id, ops)
 
         store.apply = apply  # type: ignore[method-assign]
+        begin = getattr(store, "begin_apply", None)
+        if begin is not None:
+
+            def begin_apply(
+                client_id: str, ops: Sequence[Operation], durable: asyncio.Future[None]
+            ) -> bool:
+                started: bool = begin(client_id, ops, durable)
+                if started:
+                    self.calls.append(list(ops))
+                    self.begun += 1
+                return started
+
+            store.begin_apply = begin_apply  # type: ignore[attr-defined]
 
     def call_of(self, kind: type, seq: int) -> int:
         """Index of the apply call holding ``kind``'s operation for message ``seq``."""

@@ -9,6 +9,7 @@ inside the package, so the tests survive a reshuffle of the stores' internals.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,3 +103,12 @@ class BreakableStore(MemoryStore):
         if self.error is not None:
             raise self.error
         await super().apply(client_id, ops)
+
+    def begin_apply(
+        self, client_id: str, ops: Sequence[Operation], durable: asyncio.Future[None]
+    ) -> bool:
+        # The inline commit fails the same way: its caller gets the error from ``durable``.
+        if self.error is not None:
+            durable.set_exception(self.error)
+            return True
+        return super().begin_apply(client_id, ops, durable)

@@ -66,13 +66,19 @@ class GatedStore:
     the inner ``apply`` returned, before the waiting caller resumes.
     """
 
-    def __init__(self, inner: SessionStore) -> None:
+    def __init__(self, inner: SessionStore, *, inline: bool = False) -> None:
         self.inner = inner
         self.durable: bool = bool(getattr(inner, "durable", True))
         self.arrived: asyncio.Queue[Batch] = asyncio.Queue()
         self.batches: list[Batch] = []
         self.gated = True
         self.on_commit: Any = None
+        #: Batches that came through ``begin_apply`` (a publisher's inline commit).
+        self.begun = 0
+        self._commits: set[asyncio.Task[None]] = set()
+        if inline:
+            # The store then offers inline commits (StartsCommits), paired with its apply.
+            self.begin_apply = self._begin_apply
 
     async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
         batch = Batch(len(self.batches), list(ops))
@@ -84,6 +90,25 @@ class GatedStore:
         batch.committed = True
         if self.on_commit is not None:
             self.on_commit(batch)
+
+    def _begin_apply(
+        self, client_id: str, ops: Sequence[Operation], durable: asyncio.Future[None]
+    ) -> bool:
+        """The batch goes through the gate and ``apply`` in a task; ``durable`` follows it."""
+        self.begun += 1
+
+        async def commit() -> None:
+            try:
+                await self.apply(client_id, ops)
+            except Exception as exc:
+                durable.set_exception(exc)
+            else:
+                durable.set_result(None)
+
+        task = asyncio.get_running_loop().create_task(commit())
+        self._commits.add(task)
+        task.add_done_callback(self._commits.discard)
+        return True
 
     def open_gates(self) -> None:
         """Stop gating; let every held batch through."""

@@ -84,6 +84,24 @@ class FileAppends(FileStoreCore):
             raise
         return True
 
+    def _append_here(
+        self,
+        client_id: str,
+        ops: Sequence[Operation],
+        encoded: list[bytes],
+        committed: asyncio.Future[None] | None,
+    ) -> bool:
+        """Append a non-empty batch on the event loop if it may (``_writable_here``) and the
+        record fits; False: it must be a job. ``committed`` as for :meth:`_append`."""
+        session = self._writable_here(client_id)
+        if session is None:
+            return False
+        planned = self._plan(session, encoded, self._clock())
+        if not planned.fits:
+            return False
+        self._append(session, ops, encoded, planned, committed)
+        return True
+
     def _save_job(self, state: SessionState) -> None:
         client_id = state.client_id
         try:

@@ -167,22 +167,16 @@ class FileStore(FileAppends, FileLoading, FileExpiry):
         """
         # The check is the encoding, kept: the index records where each operation lands.
         encoded = check_operations(ops)
-        session = self._writable_here(client_id)
-        if session is not None:
-            now = self._clock()
-            if not ops:
-                session.last_access = now
-                return
-            planned = self._plan(session, encoded, now)
-            if planned.fits:
-                if not self._fsync:
-                    self._append(session, ops, encoded, planned, None)  # the write is the commit
-                    return
-                durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._append(session, ops, encoded, planned, durable)
-                await durable
-                return
         committed = asyncio.get_running_loop().create_future() if self._fsync else None
+        if not ops:
+            session = self._writable_here(client_id)
+            if session is not None:
+                session.last_access = self._clock()
+                return
+        elif self._append_here(client_id, ops, encoded, committed):
+            if committed is not None:
+                await committed
+            return
         try:
             wait = await self._run(client_id, self._apply_job, client_id, ops, encoded, committed)
         except asyncio.CancelledError:
@@ -193,6 +187,23 @@ class FileStore(FileAppends, FileLoading, FileExpiry):
         if wait:
             assert committed is not None
             await committed
+
+    def begin_apply(
+        self, client_id: str, ops: Sequence[Operation], durable: asyncio.Future[None]
+    ) -> bool:
+        """:meth:`apply` started without an ``await``
+        (:class:`~mqtt_persist.stores.base.StartsCommits`).
+
+        True when the record could be appended on the event loop (it is written; ``durable``
+        resolves once it is synced, at once with ``fsync=False``); False when ``apply`` must
+        run it as a job (a new session, a compaction, a job of this session queued).
+        """
+        encoded = check_operations(ops)
+        if not self._append_here(client_id, ops, encoded, durable if self._fsync else None):
+            return False
+        if not self._fsync:
+            durable.set_result(None)
+        return True
 
     async def delete(self, client_id: str) -> None:
         """Remove the session's journal (quarantined files stay). Idempotent.

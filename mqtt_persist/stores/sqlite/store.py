@@ -66,6 +66,7 @@ Leases
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from mqtt_persist.session.state import Operation, SessionState, StoredMessage
@@ -184,6 +185,17 @@ class SQLiteStore(SQLiteWrites, SQLiteReads, SQLiteExpiry):
         batch = list(ops)
         check_operations(batch)
         await self._worker.run_gathered(self._apply_gathered_job, client_id, batch)
+
+    def begin_apply(
+        self, client_id: str, ops: Sequence[Operation], durable: asyncio.Future[None]
+    ) -> bool:
+        """:meth:`apply` queued on the worker thread without an ``await``; ``durable`` gets
+        its outcome (:class:`~mqtt_persist.stores.base.StartsCommits`). Always True."""
+        check_client_id(client_id)
+        batch = list(ops)
+        check_operations(batch)
+        self._worker.start_gathered(durable, self._apply_gathered_job, client_id, batch)
+        return True
 
     async def delete(self, client_id: str) -> None:
         """Remove the session's rows (quarantined rows stay). Idempotent.
