@@ -474,7 +474,7 @@ async def test_a_worker_thread_that_cannot_start_fails_the_call_and_wedges_nothi
         real_start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", start)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(StoreError, match=r"worker thread.*simulated"):
         await store.apply("a", publish(1))
     monkeypatch.undo()
     # The next call starts a thread of its own; the one that never ran is not waited for.
