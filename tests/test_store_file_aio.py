@@ -8,7 +8,9 @@ following the disk) run over both in tests/test_store_write_path.py (fixture ``s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import gc
 import os
 import threading
 from pathlib import Path
@@ -290,3 +292,55 @@ async def test_a_record_left_in_flight_by_a_loop_left_open_does_not_wedge_the_ne
         loops[0].close()
     async with FileStore(tmp_path / "s") as reopened:
         assert await reopened.load("a") == expected
+
+
+def _aio_resources() -> tuple[int, int]:
+    """(eventfds open, AIO contexts mapped) in this process."""
+    eventfds = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            eventfds += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]"
+    with open("/proc/self/maps") as maps:
+        contexts = sum("/[aio]" in line for line in maps)
+    return eventfds, contexts
+
+
+def test_a_close_cancelled_before_its_loop_closed_the_aio_still_releases_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() cancelled at once: its job still runs on the worker, which hands the AIO close
+    to the loop; the loop is closed without running it. The eventfd and the kernel's AIO
+    context go anyway (they leaked: one of each per such close)."""
+    use_sync_path(monkeypatch, "kernel")
+    store = FileStore(tmp_path / "s")
+    before = _aio_resources()
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(store.apply("a", publish(1)))  # a job on the worker: no AIO
+        loop.run_until_complete(store.apply("a", publish(2)))  # synced through this loop's AIO
+        assert _aio_resources() == (before[0] + 1, before[1] + 1)
+        # The close job waits until the loop stopped, as when close() is cancelled and the
+        # loop then ends before the worker is through.
+        stopped = threading.Event()
+        real_close_job = store._close_job
+
+        def close_job() -> None:
+            stopped.wait(10)
+            real_close_job()
+
+        monkeypatch.setattr(store, "_close_job", close_job)
+        close = loop.create_task(store.close())
+        loop.run_until_complete(asyncio.sleep(0))  # close() submitted its job and waits
+        close.cancel()
+        loop.run_until_complete(asyncio.wait({close}))
+        assert close.cancelled()
+        stopped.set()
+        worker = store._worker._thread
+        assert worker is not None
+        worker.join(10)  # the close job ran: the AIO close is queued on the stopped loop
+        assert not worker.is_alive()
+    finally:
+        loop.close()
+    del loop, close
+    gc.collect()
+    assert _aio_resources() == before

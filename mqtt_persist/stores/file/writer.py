@@ -40,6 +40,7 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -401,6 +402,11 @@ class LoopSyncs:
         self._lock = threading.Lock()
         self.refused = False
         self._closed = False
+        # The context is closed by close(), which Syncer.stop queues on the loop (the loop must
+        # stop watching the eventfd first). A loop closed before it ran that drops the callback
+        # and its reader, and with them this object: then the finalizer closes the context.
+        self._release = weakref.finalize(self, context.close)
+        self._release.atexit = False
         loop.add_reader(context.eventfd, self._on_ready)
 
     def busy(self, session: OpenSession) -> bool:
@@ -483,4 +489,4 @@ class LoopSyncs:
         if not self._loop.is_closed():
             with contextlib.suppress(RuntimeError, ValueError):
                 self._loop.remove_reader(self._context.eventfd)
-        self._context.close()
+        self._release()
