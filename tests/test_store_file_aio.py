@@ -13,6 +13,7 @@ import errno
 import gc
 import os
 import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -344,3 +345,50 @@ def test_a_close_cancelled_before_its_loop_closed_the_aio_still_releases_it(
     del loop, close
     gc.collect()
     assert _aio_resources() == before
+
+
+@pytest.mark.parametrize("left", ["closed", "idle"])
+async def test_a_record_left_in_flight_by_another_loop_costs_the_next_job_no_fixed_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left: str
+) -> None:
+    """A job that must wait for a record a closed (or idle: not running) loop left syncing
+    settles it at once rather than after waiting half a second for that loop to."""
+    use_sync_path(monkeypatch, "aio")
+    store = FileStore(tmp_path / "s")
+    gate = SyncGate(monkeypatch, hold=True)
+    failures: list[BaseException] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def on_another_loop() -> None:
+        loop = asyncio.new_event_loop()
+        loops.append(loop)
+        try:
+            gate.open()
+            loop.run_until_complete(store.apply("a", publish(1)))
+            gate._open.clear()  # hold the next sync
+            gate.entered.clear()
+            applying = loop.create_task(store.apply("a", publish(2)))
+            loop.run_until_complete(gate.wait_entered())
+            applying.cancel()  # its record is written: the batch stands
+            loop.run_until_complete(asyncio.gather(applying, return_exceptions=True))
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            if left == "closed":
+                loop.close()
+
+    thread = threading.Thread(target=on_another_loop)
+    thread.start()
+    await asyncio.to_thread(thread.join, 30)
+    try:
+        assert not failures
+        gate.open()
+        await asyncio.sleep(0.05)  # the sync is done; only its loop could reap it
+        began = time.monotonic()
+        state = await asyncio.wait_for(store.load("a"), 30)  # a job: settles publish(2) first
+        took = time.monotonic() - began
+        assert state == replay("a", [publish(1), publish(2)])
+        assert took < 0.25, f"the job waited {took:.3f} s for the other loop's record"
+        await store.close()
+    finally:
+        loops[0].close()

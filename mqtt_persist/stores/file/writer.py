@@ -186,13 +186,16 @@ class Syncer:
         failed). Called by the worker thread before a job that touches the session."""
         while True:
             with self._settled:
-                if session.settled >= session.submitted or self._settled.wait(0.5):
-                    if session.settled >= session.submitted:
-                        return
-                    continue
+                if session.settled >= session.submitted:
+                    return
             # Records synced through AIO are settled by their loop: one that was closed, or
-            # is not running (the store moved on to another), will not, so settle them here.
+            # is not running (the store moved on to another), will not, so settle them here,
+            # before waiting (waiting first cost such a job half a second). The rest are
+            # settled by a running loop or the thread, which notify.
             self._retire_idle_loops()
+            with self._settled:
+                if session.settled < session.submitted:
+                    self._settled.wait(0.5)
 
     def stop(self) -> None:
         """End the thread once the records submitted so far are settled (does not wait), and
