@@ -248,6 +248,7 @@ def _reply_lost_after_the_server_acted(store: Any) -> None:
 
         @contextlib.asynccontextmanager
         async def hanging_connect() -> Any:
+            leases._connect = connect  # only this round trip hangs
             async with connect() as conn:
                 yield Hanging(conn)
 

@@ -153,8 +153,25 @@ class PgLeases(RenewedLeases[PgLease]):
         return int(token)
 
     async def _abandon(self, cid: bytes, owner: str) -> None:
-        """Delete the lease if it holds ``owner``, the owner value of one acquire attempt."""
-        async with self._connect() as conn:
+        """Delete the lease if it holds ``owner``, the owner value of one acquire attempt.
+
+        That attempt's statement may still be running on the server (psycopg closes a
+        connection it could not cancel the query of, and a takeover may be waiting for the row
+        lock of the former owner's write): an INSERT of the same key, locking the row ON
+        CONFLICT, first waits for whatever else writes the row (an insert in progress, a lock
+        holder), so the DELETE sees its outcome. Should no row exist, it inserts one with our
+        owner value, which the DELETE removes in the same transaction.
+        """
+        async with self._connect() as conn, conn.transaction():
+            await conn.execute(
+                statement(
+                    self._schema,
+                    "INSERT INTO {s}.leases AS l (client_id, token, owner, expires_at) "
+                    "VALUES (%s, 0, %s, clock_timestamp()) "
+                    "ON CONFLICT (client_id) DO UPDATE SET owner = l.owner WHERE false",
+                ),
+                (cid, owner),
+            )
             await conn.execute(
                 statement(
                     self._schema, "DELETE FROM {s}.leases WHERE client_id = %s AND owner = %s"
