@@ -221,21 +221,23 @@ async def test_a_fenced_publish_is_neither_stored_nor_sent(make: Make, broker: A
         assert state is None or all(m.payload == b"before" for m in state.messages.values())
 
 
-def _reply_lost_after_the_server_acted(store: Any) -> None:
+def reply_lost_after_the_server_acted(store: Any) -> asyncio.Event:
     """Make ``store``'s next lease round trip reach the server and then hang, as when the
-    caller is cancelled after the request went out and before the reply came back."""
+    caller is cancelled after the request went out and before the reply came back. The
+    event is set once it hangs."""
+    hanging = asyncio.Event()
     leases = store._leases
     if hasattr(leases, "_run"):  # RedisStore: every lease script goes through _run
         run = leases._run
 
         async def hanging_run(script: Any, keys: Any, args: Any) -> Any:
+            leases._run = run  # only this round trip hangs
             await run(script, keys, args)
+            hanging.set()
             await asyncio.Event().wait()
 
         leases._run = hanging_run
     else:  # PostgresStore: the statement is executed on a borrowed connection
-        import contextlib
-
         connect = leases._connect
 
         class Hanging:
@@ -244,6 +246,7 @@ def _reply_lost_after_the_server_acted(store: Any) -> None:
 
             async def execute(self, *args: Any, **kwargs: Any) -> Any:
                 await self._conn.execute(*args, **kwargs)
+                hanging.set()
                 await asyncio.Event().wait()
 
         @contextlib.asynccontextmanager
@@ -253,6 +256,7 @@ def _reply_lost_after_the_server_acted(store: Any) -> None:
                 yield Hanging(conn)
 
         leases._connect = hanging_connect
+    return hanging
 
 
 async def test_an_acquire_cancelled_after_the_server_granted_it_leaves_no_lease(
@@ -262,7 +266,7 @@ async def test_an_acquire_cancelled_after_the_server_granted_it_leaves_no_lease(
     so a restarted client (another store) gets the session at once, not after lease_ttl."""
     cancelled, other = make(lease_ttl=60.0), make(lease_ttl=60.0)
     await cancelled.open()
-    _reply_lost_after_the_server_acted(cancelled)
+    reply_lost_after_the_server_acted(cancelled)
     with anyio.move_on_after(0.5) as scope:
         await cancelled.acquire("a")
     assert scope.cancelled_caught
