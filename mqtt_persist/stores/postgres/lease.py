@@ -15,7 +15,8 @@ moment a new owner took over, whatever the clocks say; so does a write after our
 must acquire again, so a paused owner never races a rival that saw the lapse.
 
 An acquire cancelled after its statement went out deletes the row if it carries that attempt's
-owner value (which names the moment it was made): the statement may have committed.
+owner value (which names the moment it was made): the statement may have committed, or may
+still be running (:meth:`PgLeases._abandon` waits for it).
 """
 
 from __future__ import annotations
