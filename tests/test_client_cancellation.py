@@ -473,6 +473,55 @@ async def test_enter_cancelled_while_the_lease_is_taken_releases_it(
     no_errors_logged(caplog)
 
 
+@FLAVOURS
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_enter_cancelled_after_a_shared_store_granted_the_lease_leaves_none(
+    flavour: Flavour,
+    kind: str,
+    broker_factory: BrokerFactory,
+    tmp_path: Path,
+) -> None:
+    """Cancelled after the server wrote the lease but before the reply came back: the store
+    takes it back, so a restarted client (a new store, the same id) starts at once instead
+    of being refused for lease_ttl (60 s here)."""
+    from tests.test_store_fencing import reply_lost_after_the_server_acted
+
+    broker = broker_factory()
+
+    def new_store() -> SessionStore:
+        if kind == "redis":
+            from mqtt_persist.stores.redis import RedisStore
+            from tests.support.redis_server import shared_redis_url, unique_prefix
+
+            return RedisStore(shared_redis_url(), prefix=unique_prefix(tmp_path), lease_ttl=60)
+        from mqtt_persist.stores.postgres import PostgresStore
+        from tests.support.postgres import shared_postgres_dsn, unique_schema
+
+        return PostgresStore(shared_postgres_dsn(), schema=unique_schema(tmp_path), lease_ttl=60)
+
+    store = new_store()
+    await store.open()
+    hanging = reply_lost_after_the_server_acted(store)
+
+    async def enter() -> None:
+        async with PersistentClient(
+            broker.host, broker.port, client_id="cx-shared", store=store, backoff=FAST
+        ):
+            pass
+
+    try:
+        await cancel_once_waiting(flavour, enter, hanging.is_set)
+    finally:
+        await store.close()
+    restarted = new_store()
+    with anyio.fail_after(10):
+        async with PersistentClient(
+            broker.host, broker.port, client_id="cx-shared", store=restarted, backoff=FAST
+        ) as client:
+            await client.wait_connected(5)
+    await restarted.close()
+
+
 # --- subscribing -----------------------------------------------------------------------------
 
 

@@ -11,12 +11,14 @@ SIGSTOP/SIGCONT is tests/test_handoff.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from mqtt_persist.errors import SessionFenced, SessionLocked
@@ -217,3 +219,89 @@ async def test_a_fenced_publish_is_neither_stored_nor_sent(make: Make, broker: A
         assert observer.payloads() == [b"before", b"sentinel"]
         state = await rival.load("fenced")
         assert state is None or all(m.payload == b"before" for m in state.messages.values())
+
+
+def reply_lost_after_the_server_acted(store: Any) -> asyncio.Event:
+    """Make ``store``'s next lease round trip reach the server and then hang, as when the
+    caller is cancelled after the request went out and before the reply came back. The
+    event is set once it hangs."""
+    hanging = asyncio.Event()
+    leases = store._leases
+    if hasattr(leases, "_run"):  # RedisStore: every lease script goes through _run
+        run = leases._run
+
+        async def hanging_run(script: Any, keys: Any, args: Any) -> Any:
+            leases._run = run  # only this round trip hangs
+            await run(script, keys, args)
+            hanging.set()
+            await asyncio.Event().wait()
+
+        leases._run = hanging_run
+    else:  # PostgresStore: the statement is executed on a borrowed connection
+        connect = leases._connect
+
+        class Hanging:
+            def __init__(self, conn: Any) -> None:
+                self._conn = conn
+
+            async def execute(self, *args: Any, **kwargs: Any) -> Any:
+                await self._conn.execute(*args, **kwargs)
+                hanging.set()
+                await asyncio.Event().wait()
+
+        @contextlib.asynccontextmanager
+        async def hanging_connect() -> Any:
+            leases._connect = connect  # only this round trip hangs
+            async with connect() as conn:
+                yield Hanging(conn)
+
+        leases._connect = hanging_connect
+    return hanging
+
+
+async def test_an_acquire_cancelled_after_the_server_granted_it_leaves_no_lease(
+    make: Make,
+) -> None:
+    """The lease was written but the reply never arrived: the cancelled acquire takes it back,
+    so a restarted client (another store) gets the session at once, not after lease_ttl."""
+    cancelled, other = make(lease_ttl=60.0), make(lease_ttl=60.0)
+    await cancelled.open()
+    reply_lost_after_the_server_acted(cancelled)
+    with anyio.move_on_after(0.5) as scope:
+        await cancelled.acquire("a")
+    assert scope.cancelled_caught
+    assert cancelled.fencing_token("a") is None
+    await other.acquire("a")  # SessionLocked for 60 s before the fix
+    await other.apply("a", [MessageAdded(msg(1))])
+
+
+@pytest.mark.parametrize("cancel", ["anyio", "asyncio"])
+async def test_an_acquire_cancelled_at_any_point_leaves_no_lease(make: Make, cancel: str) -> None:
+    """Cancelled anywhere in its round trip (tiny timeouts, growing), an acquire either got the
+    lease (and knows it) or left none: another store can always take it at once."""
+    other = make(lease_ttl=60.0)
+    got = lost = 0
+    for step in range(40):
+        store = make(lease_ttl=60.0)
+        await store.open()
+        delay = step * 0.00025
+        if cancel == "anyio":
+            with anyio.move_on_after(delay):
+                await store.acquire("a")
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await store.acquire("a")
+        if store.fencing_token("a") is not None:
+            got += 1
+            await store.release("a")
+        else:
+            lost += 1
+        await other.acquire("a")  # SessionLocked: the cancelled acquire left a lease
+        await other.release("a")
+        await store.close()
+    if cancel == "anyio":
+        # asyncio.timeout's one cancellation may be swallowed by redis-py, which then
+        # finishes the acquire (and the store knows it holds the lease); anyio repeats it.
+        assert lost, "no acquire was cancelled: the delays are too long for this machine"
+    assert got + lost == 40

@@ -8,9 +8,12 @@ following the disk) run over both in tests/test_store_write_path.py (fixture ``s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import gc
 import os
 import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -290,3 +293,102 @@ async def test_a_record_left_in_flight_by_a_loop_left_open_does_not_wedge_the_ne
         loops[0].close()
     async with FileStore(tmp_path / "s") as reopened:
         assert await reopened.load("a") == expected
+
+
+def _aio_resources() -> tuple[int, int]:
+    """(eventfds open, AIO contexts mapped) in this process."""
+    eventfds = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            eventfds += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]"
+    with open("/proc/self/maps") as maps:
+        contexts = sum("/[aio]" in line for line in maps)
+    return eventfds, contexts
+
+
+def test_a_close_cancelled_before_its_loop_closed_the_aio_still_releases_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() cancelled at once: its job still runs on the worker, which hands the AIO close
+    to the loop; the loop is closed without running it. The eventfd and the kernel's AIO
+    context go anyway (they leaked: one of each per such close)."""
+    use_sync_path(monkeypatch, "kernel")
+    store = FileStore(tmp_path / "s")
+    before = _aio_resources()
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(store.apply("a", publish(1)))  # a job on the worker: no AIO
+        loop.run_until_complete(store.apply("a", publish(2)))  # synced through this loop's AIO
+        assert _aio_resources() == (before[0] + 1, before[1] + 1)
+        # The close job waits until the loop stopped, as when close() is cancelled and the
+        # loop then ends before the worker is through.
+        stopped = threading.Event()
+        real_close_job = store._close_job
+
+        def close_job() -> None:
+            stopped.wait(10)
+            real_close_job()
+
+        monkeypatch.setattr(store, "_close_job", close_job)
+        close = loop.create_task(store.close())
+        loop.run_until_complete(asyncio.sleep(0))  # close() submitted its job and waits
+        close.cancel()
+        loop.run_until_complete(asyncio.wait({close}))
+        assert close.cancelled()
+        stopped.set()
+        worker = store._worker._thread
+        assert worker is not None
+        worker.join(10)  # the close job ran: the AIO close is queued on the stopped loop
+        assert not worker.is_alive()
+    finally:
+        loop.close()
+    del loop, close
+    gc.collect()
+    assert _aio_resources() == before
+
+
+@pytest.mark.parametrize("left", ["closed", "idle"])
+async def test_a_record_left_in_flight_by_another_loop_costs_the_next_job_no_fixed_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left: str
+) -> None:
+    """A job that must wait for a record a closed (or idle: not running) loop left syncing
+    settles it at once rather than after waiting half a second for that loop to."""
+    use_sync_path(monkeypatch, "aio")
+    store = FileStore(tmp_path / "s")
+    gate = SyncGate(monkeypatch, hold=True)
+    failures: list[BaseException] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def on_another_loop() -> None:
+        loop = asyncio.new_event_loop()
+        loops.append(loop)
+        try:
+            gate.open()
+            loop.run_until_complete(store.apply("a", publish(1)))
+            gate._open.clear()  # hold the next sync
+            gate.entered.clear()
+            applying = loop.create_task(store.apply("a", publish(2)))
+            loop.run_until_complete(gate.wait_entered())
+            applying.cancel()  # its record is written: the batch stands
+            loop.run_until_complete(asyncio.gather(applying, return_exceptions=True))
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            if left == "closed":
+                loop.close()
+
+    thread = threading.Thread(target=on_another_loop)
+    thread.start()
+    await asyncio.to_thread(thread.join, 30)
+    try:
+        assert not failures
+        gate.open()
+        await asyncio.sleep(0.05)  # the sync is done; only its loop could reap it
+        began = time.monotonic()
+        state = await asyncio.wait_for(store.load("a"), 30)  # a job: settles publish(2) first
+        took = time.monotonic() - began
+        assert state == replay("a", [publish(1), publish(2)])
+        assert took < 0.25, f"the job waited {took:.3f} s for the other loop's record"
+        await store.close()
+    finally:
+        loops[0].close()

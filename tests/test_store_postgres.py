@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from mqtt_persist.errors import (
@@ -284,6 +285,36 @@ async def _until_lapsed(store: PostgresStore) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the lease never lapsed")
+
+
+async def test_an_acquire_cancelled_while_its_takeover_waits_for_a_lock_leaves_no_lease(
+    dsn: str, schema: str, raw: Any
+) -> None:
+    """The former owner's lease lapsed, but a transaction of it still holds the lease row: a
+    takeover's statement waits for that lock on the server. Cancelled then by anyio (which
+    cancels again and again, so psycopg closes the connection instead of cancelling the
+    query), the statement still runs once the lock goes. The acquire's undo waits for it
+    too, and removes what it wrote: another store takes the session at once."""
+    former = PostgresStore(dsn, schema=schema, lease_ttl=0.3)
+    cancelled = PostgresStore(dsn, schema=schema, lease_ttl=60.0)
+    other = PostgresStore(dsn, schema=schema, lease_ttl=60.0)
+    try:
+        await former.acquire("c")
+        await former._leases.stop_renewal()
+        await _until_lapsed(other)
+        raw.execute("BEGIN")
+        raw.x("SELECT 1 FROM {s}.leases WHERE client_id = 'c' FOR SHARE")
+        # The lock goes while the cancelled acquire's undo runs (bounded at 2 s).
+        asyncio.get_running_loop().call_later(0.6, raw.execute, "COMMIT")
+        with anyio.move_on_after(0.3) as scope:
+            await cancelled.acquire("c")
+        assert scope.cancelled_caught
+        assert cancelled.fencing_token("c") is None
+        await asyncio.sleep(0.5)  # the lock is gone: the statement has run if it was to
+        await other.acquire("c")  # SessionLocked (for 60 s) before the undo waited
+    finally:
+        for store in (former, cancelled, other):
+            await store.close()
 
 
 async def test_save_keeps_created_at_ttl_and_a_growing_last_seq(dsn: str, schema: str) -> None:

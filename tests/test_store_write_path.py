@@ -421,12 +421,22 @@ async def test_a_failed_write_that_cannot_be_undone_is_repaired_on_the_next_call
     assert await reloaded(store, "a") == expected
 
 
+@pytest.mark.parametrize("where", ["loop", "worker"])
 async def test_a_syncer_thread_that_cannot_start_fails_the_apply_and_wedges_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_path: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_path: None, where: str
 ) -> None:
+    """The record is written, then no thread can sync it: the apply fails with StoreError
+    (not the thread's RuntimeError), the record is cut off again (a failed apply leaves
+    nothing, as a failed write does), and the next call reads the session from the file."""
     # Not the store fixture: were the worker wedged, closing the store would hang the test.
     store = FileStore(tmp_path / "s")
     await store.apply("a", publish(1))  # a new journal: a rewrite on the worker, no syncer
+    if where == "worker":
+        # A store that has not opened the session yet appends as a job on its worker.
+        await store.close()
+        store = FileStore(tmp_path / "s")
+    journal = store.journal_path("a")
+    before = journal_records(journal)
     real_start = threading.Thread.start
 
     def start(thread: threading.Thread) -> None:
@@ -435,17 +445,18 @@ async def test_a_syncer_thread_that_cannot_start_fails_the_apply_and_wedges_noth
         real_start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", start)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(StoreError, match=r"no thread to sync .*simulated.*nothing of it"):
         await store.apply("a", publish(2))
     monkeypatch.undo()
-    # The record was written but never handed to a syncer: the next job must not wait for it.
+    assert journal_records(journal) == before  # the disk does not hold the record either
+    # The record never reached a syncer: the next job must not wait for it.
     with anyio.fail_after(5):
         await store.apply("a", publish(3))
         state = await store.load("a")
-    # The session was read again from the file, which holds the unsynced record too.
-    assert state == replay("a", [publish(s) for s in (1, 2, 3)])
+    assert state == replay("a", [publish(1), publish(3)])
     with anyio.fail_after(5):
         await store.close()
+    assert await reloaded(store, "a") == state
 
 
 @pytest.mark.parametrize("kind", ["file", "sqlite"])
@@ -463,7 +474,7 @@ async def test_a_worker_thread_that_cannot_start_fails_the_call_and_wedges_nothi
         real_start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", start)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(StoreError, match=r"worker thread.*simulated"):
         await store.apply("a", publish(1))
     monkeypatch.undo()
     # The next call starts a thread of its own; the one that never ran is not waited for.

@@ -4,15 +4,19 @@ RedisStore and PostgresStore both fence a session with a lease that lapses unles
 (``lease_ttl``) and carries a fencing token. How a lease is taken, renewed and given back is
 each server's own (a Lua script, an SQL statement); what surrounds that is the same and lives
 here: the leases held, the one renewal task (every ``lease_ttl / 3``, started by the first
-lease and stopped with the last), releasing them all on close, and what a lease found taken
-over means (writes to it are refused until it is acquired again).
+lease and stopped with the last), releasing them all on close, what a lease found taken
+over means (writes to it are refused until it is acquired again), and taking back a lease that
+a cancelled acquire may have been granted (:meth:`RenewedLeases._undo_cancelled`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
+
+import anyio
 
 from mqtt_persist.errors import SessionLocked, StoreError
 
@@ -28,6 +32,10 @@ class HeldLease(Protocol):
 
 
 LeaseT = TypeVar("LeaseT", bound=HeldLease)
+
+#: Seconds a cancelled acquire may spend taking back the lease it may have been granted; past
+#: that the lease is left to lapse (``lease_ttl``), as before.
+UNDO_BOUND = 2.0
 
 
 class RenewedLeases(Generic[LeaseT]):
@@ -99,6 +107,35 @@ class RenewedLeases(Generic[LeaseT]):
         held = self._held.get(client_id)
         if held is not None and not held.lost:
             raise SessionLocked(f"session {client_id!r} is already acquired by this store")
+
+    async def _undo_cancelled(self, client_id: str, undo: Callable[[], Awaitable[object]]) -> None:
+        """An acquire was cancelled after its request may have reached the server: take back
+        the lease it may have been granted, shielded from the cancellation, within
+        :data:`UNDO_BOUND` seconds.
+
+        The server may have written the lease before the reply was lost; this store then does
+        not know it holds it, and the session stays locked, even for a restarted client of
+        the same id, until the lease lapses after ``lease_ttl``. ``undo`` deletes the lease only
+        if it carries the owner value of this very attempt, so it never touches anybody
+        else's. Failing or too slow, it is logged and the lease lapses as before.
+        """
+        with anyio.move_on_after(UNDO_BOUND, shield=True) as scope:
+            try:
+                await undo()
+            except Exception as exc:
+                logger.warning(
+                    "a cancelled acquire of session %r could not take back its lease (left to "
+                    "lapse): %s",
+                    client_id,
+                    exc,
+                )
+        if scope.cancelled_caught:
+            logger.warning(
+                "a cancelled acquire of session %r could not take back its lease within %.0f s "
+                "(left to lapse)",
+                client_id,
+                UNDO_BOUND,
+            )
 
     def _hold(self, client_id: str, lease: LeaseT) -> None:
         """A lease was taken: keep it, and renew it from now on."""

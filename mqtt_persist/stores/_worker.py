@@ -31,6 +31,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from mqtt_persist.errors import StoreError
+
 __all__ = ["Gather", "Outcome", "Worker"]
 
 _T = TypeVar("_T")
@@ -162,7 +164,10 @@ class Worker:
         thread = threading.Thread(
             target=_serve, args=(jobs, self._thread), name=self._name, daemon=True
         )
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of threads or memory
+            raise StoreError(f"could not start the store's worker thread ({exc})") from exc
         # Only once it runs: the next thread joins this one, and an unstarted one cannot be.
         self._thread = thread
         self._queue = jobs

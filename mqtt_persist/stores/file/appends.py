@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
-from mqtt_persist.errors import SessionCorrupt
+from mqtt_persist.errors import SessionCorrupt, StoreError
 from mqtt_persist.session.state import Operation, SessionState
 from mqtt_persist.stores.file import snapshot
 from mqtt_persist.stores.file.core import FileStoreCore
@@ -77,10 +77,17 @@ class FileAppends(FileStoreCore):
         settle = partial(session.index.apply_batch, tuple(ops), encoded, planned.ops_offset)
         try:
             self._syncer.submit(Commit(session, settle, committed.get_loop(), committed))
-        except BaseException:
-            # Written but never to be synced or indexed (no thread could start): the file is
-            # not what the index says, so the next call reads it again.
+        except BaseException as exc:
+            # Written but never to be synced or indexed (no thread could start): cut off
+            # again, so a failed apply leaves nothing, as a failed write does. The session's
+            # size and access times still count the record: the next call reads the file again.
+            session.cut_last(len(planned.record))
             session.broken = True
+            if isinstance(exc, Exception):
+                raise StoreError(
+                    f"no thread to sync the record for {session.paths.journal} ({exc}); "
+                    "nothing of it was stored"
+                ) from exc
             raise
         return True
 

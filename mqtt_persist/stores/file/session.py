@@ -206,6 +206,13 @@ class OpenSession:
             written = 0
         self.allocated = end + written
 
+    def cut_last(self, length: int) -> None:
+        """Cut off the last record appended (``length`` bytes), which was never synced nor
+        indexed: its sync could not be started. Sets :attr:`broken` if the file cannot be cut.
+        """
+        self.size -= length
+        self._undo_append()
+
     def _undo_append(self) -> None:
         # Nothing half-written may stay in the middle of the journal. No sync here: the cut
         # bytes were never synced, so until the next sync (which covers the cut) a power cut

@@ -162,8 +162,9 @@ class FileStore(FileAppends, FileLoading, FileExpiry):
         thread, as does any batch while another call for this session is queued there. An
         empty batch only counts as an access. Expiry is not checked: the caller holds the
         session. Raises :class:`~mqtt_persist.errors.StoreError` if the record could not be
-        written (nothing of it stays in the journal) or synced (the session is then refused
-        for the rest of the process: see ``writer``).
+        written or handed to a syncer thread (none could start; nothing of it stays in the
+        journal either way) or synced (the session is then refused for the rest of the
+        process: see ``writer``).
         """
         # The check is the encoding, kept: the index records where each operation lands.
         encoded = check_operations(ops)

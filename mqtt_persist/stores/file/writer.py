@@ -40,6 +40,7 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -185,13 +186,16 @@ class Syncer:
         failed). Called by the worker thread before a job that touches the session."""
         while True:
             with self._settled:
-                if session.settled >= session.submitted or self._settled.wait(0.5):
-                    if session.settled >= session.submitted:
-                        return
-                    continue
+                if session.settled >= session.submitted:
+                    return
             # Records synced through AIO are settled by their loop: one that was closed, or
-            # is not running (the store moved on to another), will not, so settle them here.
+            # is not running (the store moved on to another), will not, so settle them here,
+            # before waiting (waiting first cost such a job half a second). The rest are
+            # settled by a running loop or the thread, which notify.
             self._retire_idle_loops()
+            with self._settled:
+                if session.settled < session.submitted:
+                    self._settled.wait(0.5)
 
     def stop(self) -> None:
         """End the thread once the records submitted so far are settled (does not wait), and
@@ -401,6 +405,11 @@ class LoopSyncs:
         self._lock = threading.Lock()
         self.refused = False
         self._closed = False
+        # The context is closed by close(), which Syncer.stop queues on the loop (the loop must
+        # stop watching the eventfd first). A loop closed before it ran that drops the callback
+        # and its reader, and with them this object: then the finalizer closes the context.
+        self._release = weakref.finalize(self, context.close)
+        self._release.atexit = False
         loop.add_reader(context.eventfd, self._on_ready)
 
     def busy(self, session: OpenSession) -> bool:
@@ -483,4 +492,4 @@ class LoopSyncs:
         if not self._loop.is_closed():
             with contextlib.suppress(RuntimeError, ValueError):
                 self._loop.remove_reader(self._context.eventfd)
-        self._context.close()
+        self._release()

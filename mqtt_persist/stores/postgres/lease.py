@@ -13,6 +13,10 @@ in the write's own transaction, so a former owner's write fails (``SessionFenced
 moment a new owner took over, whatever the clocks say; so does a write after our lease lapsed
 (``expires_at`` passed before a renewal extended it): a lapsed lease is never renewed, the store
 must acquire again, so a paused owner never races a rival that saw the lapse.
+
+An acquire cancelled after its statement went out deletes the row if it carries that attempt's
+owner value (which names the moment it was made): the statement may have committed, or may
+still be running (:meth:`PgLeases._abandon` waits for it).
 """
 
 from __future__ import annotations
@@ -72,9 +76,24 @@ class PgLeases(RenewedLeases[PgLease]):
         self._check_free(client_id)
         cid = id_bytes(client_id)
         owner = owner_value(self._store_id).decode()
+        sent = [False]  # a statement went out: cancelled now, the lease may be ours
+        try:
+            token = await self._take(client_id, cid, owner, takeover, sent)
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and sent[0]:
+                await self._undo_cancelled(client_id, lambda: self._abandon(cid, owner))
+            raise
+        self._hold(client_id, PgLease(token))
+        return token
+
+    async def _take(
+        self, client_id: str, cid: bytes, owner: str, takeover: bool, sent: list[bool]
+    ) -> int:
+        """The round trips of :meth:`acquire`: the token of the lease taken."""
         expected: str | None = None
         for _ in range(5):
             async with self._connect() as conn:
+                sent[0] = True
                 cursor = await conn.execute(
                     statement(
                         self._schema,
@@ -132,8 +151,34 @@ class PgLeases(RenewedLeases[PgLease]):
             expected = holder_owner
         else:
             raise SessionLocked(f"session {client_id!r}: its lease keeps changing hands")
-        self._hold(client_id, PgLease(int(token)))
         return int(token)
+
+    async def _abandon(self, cid: bytes, owner: str) -> None:
+        """Delete the lease if it holds ``owner``, the owner value of one acquire attempt.
+
+        That attempt's statement may still be running on the server (psycopg closes a
+        connection it could not cancel the query of, and a takeover may be waiting for the row
+        lock of the former owner's write): an INSERT of the same key, locking the row ON
+        CONFLICT, first waits for whatever else writes the row (an insert in progress, a lock
+        holder), so the DELETE sees its outcome. Should no row exist, it inserts one with our
+        owner value, which the DELETE removes in the same transaction.
+        """
+        async with self._connect() as conn, conn.transaction():
+            await conn.execute(
+                statement(
+                    self._schema,
+                    "INSERT INTO {s}.leases AS l (client_id, token, owner, expires_at) "
+                    "VALUES (%s, 0, %s, clock_timestamp()) "
+                    "ON CONFLICT (client_id) DO UPDATE SET owner = l.owner WHERE false",
+                ),
+                (cid, owner),
+            )
+            await conn.execute(
+                statement(
+                    self._schema, "DELETE FROM {s}.leases WHERE client_id = %s AND owner = %s"
+                ),
+                (cid, owner),
+            )
 
     @property
     def _sequence(self) -> str:

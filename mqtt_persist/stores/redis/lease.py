@@ -16,6 +16,8 @@ write after our lease lapsed (the key expired before a renewal, every ``lease_tt
 ``lease_renew.lua``, extended it): a lapsed lease is never renewed, the store must acquire
 again, so a paused owner never races a rival that saw the lapse.
 :meth:`LeaseKeeper.release` deletes the lease if it is ours and the fence if it holds our token.
+An acquire cancelled in its round trip runs ``lease_abandon.lua``: the script may have run,
+so the lease goes if it holds that attempt's owner value (which names the moment it was made).
 """
 
 from __future__ import annotations
@@ -90,11 +92,18 @@ class LeaseKeeper(RenewedLeases[TokenLease]):
         owner = owner_value(self._store_id)
         dead = b""
         for _ in range(5):
-            reply = await self._run(
-                scripts.lease_acquire,
-                keys,
-                [owner, self._lease_ms, b"1" if takeover else b"0", dead],
-            )
+            try:
+                reply = await self._run(
+                    scripts.lease_acquire,
+                    keys,
+                    [owner, self._lease_ms, b"1" if takeover else b"0", dead],
+                )
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # cancelled: the script may have run
+                    await self._undo_cancelled(
+                        client_id, lambda: self._run(scripts.lease_abandon, keys[:2], [owner])
+                    )
+                raise
             if reply[0] == b"ok":
                 break
             holder = reply[1]

@@ -47,7 +47,13 @@ SESSION_SCRIPTS = (
     "migrate_1",
 )
 #: Scripts with keys of their own.
-STANDALONE_SCRIPTS = ("lease_acquire", "lease_renew", "lease_release", "format")
+STANDALONE_SCRIPTS = (
+    "lease_acquire",
+    "lease_renew",
+    "lease_release",
+    "lease_abandon",
+    "format",
+)
 
 
 @cache
@@ -77,6 +83,7 @@ class Scripts:
     lease_acquire: AsyncScript
     lease_renew: AsyncScript
     lease_release: AsyncScript
+    lease_abandon: AsyncScript
     format: AsyncScript
 
     @classmethod
