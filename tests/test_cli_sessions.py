@@ -330,3 +330,25 @@ def test_commands_that_only_read_or_remove_refuse_a_missing_store(
     exported.unlink()
     listed = run_cli("sessions", "list", "--store", url, "--json")
     assert listed.code == 0 and [r["client_id"] for r in listed.json()] == ["dev-1"], listed
+
+
+def test_a_session_skipped_as_damaged_is_not_reported_as_missing_alone(tmp_path: Path) -> None:
+    """The store's warning about the damaged journal came first, then "no session 'dev'"
+    as if there were none: the error now says why it may be missing."""
+    url = store_url("file", tmp_path)
+
+    async def setup(store: SessionStore) -> None:
+        for op in rich_session_ops(queued=3):  # one record each: damage in the middle
+            await store.apply("dev", [op])
+
+    with_store(url, setup)
+    (journal,) = (tmp_path / "a-sessions").glob("dev-*.journal")
+    data = bytearray(journal.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    journal.write_bytes(bytes(data))
+    result = run_cli("sessions", "show", "dev", "--store", url)
+    assert result.code == 4, result
+    warning, error = result.err.splitlines()
+    assert warning.startswith("mqtt-persist: WARNING: skipping damaged session"), result
+    assert error.startswith("mqtt-persist: error: no session 'dev' in this store"), result
+    assert "1 damaged session skipped (the warning above)" in error, result
