@@ -30,8 +30,9 @@ async def opened(store: SessionStore, *, create: bool = False) -> AsyncIterator[
     """The store, opened for the block and closed after it (releasing any lease taken).
 
     Unless ``create``, a file or SQLite store that does not exist is refused with
-    :attr:`ExitCode.USAGE` before anything is created. (A Redis or PostgreSQL server has no
-    such thing to check: its stores are keys and tables that come and go with the sessions.)
+    :attr:`ExitCode.USAGE` before anything is created. Redis and PostgreSQL stores are not
+    checked: there is no file to look for, and their ``open`` writes the format key under the
+    prefix, or creates the schema's tables, so a mistyped prefix or schema is still created.
     """
     if not create:
         _check_exists(store)
