@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -190,6 +191,24 @@ def test_demo_command_against_no_broker_says_so_in_one_line() -> None:
     assert len(lines) == 1, result
     assert lines[0].startswith(f"mqtt-persist: error: could not connect to 127.0.0.1:{port}")
     assert "within 1s" in lines[0] and "connection refused" in lines[0], lines
+
+
+def test_sub_says_once_that_it_waits_for_a_broker_that_is_down(tmp_path: Path) -> None:
+    """It waited silently, retrying, as if connected to a broker with nothing to say."""
+    with socket.socket() as bound:  # bound, never listening: every connection is refused
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        started = time.monotonic()
+        result = run_cli(
+            "sub", "--store", (tmp_path / "s").as_uri(), "-i", "w", "-t", "t",
+            "--port", str(port), "--timeout", "3",
+        )  # fmt: skip
+    assert result.code == 0 and result.out == "", result
+    assert time.monotonic() - started >= 3  # several attempts failed meanwhile (backoff 0.5 s..)
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result
+    assert lines[0].startswith(f"mqtt-persist: waiting for the broker 127.0.0.1:{port}"), result
+    assert "connection refused" in lines[0], result
 
 
 def test_a_refusing_broker_is_one_line_on_stderr(

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from mqtt_persist import store_from_url
+from mqtt_persist.cli.session_file import Header, encode_header
 from mqtt_persist.session.state import MessageAdded, SessionState, StoredMessage
 from mqtt_persist.stores.base import SessionStore
 from tests.support.cli import Result, rich_session_ops, run_cli
@@ -300,3 +301,54 @@ def test_delete_changes_nothing_when_one_of_the_sessions_is_held(tmp_path: Path)
     one_line_error(result, 3, "held")
     listed = with_store(store_url, lambda s: s.list_sessions())
     assert sorted(i.client_id for i in listed) == ["a", "held", "z"], result
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_commands_that_only_read_or_remove_refuse_a_missing_store(
+    kind: str, tmp_path: Path
+) -> None:
+    """A mistyped --store is refused by name, and not created (it was, then listed as empty)."""
+    missing = tmp_path / ("typo-sessions" if kind == "file" else "typo.db")
+    url = missing.as_uri() if kind == "file" else f"sqlite://{missing}"
+    for command in (
+        ["list"],
+        ["list", "--json"],
+        ["show", "dev-1"],
+        ["export", "dev-1"],
+        ["delete", "dev-1", "--yes"],
+        ["cleanup"],
+    ):
+        result = run_cli("sessions", *command, "--store", url)
+        one_line_error(result, 2, str(missing), "does not exist")
+        assert result.out == "", (command, result)
+        assert list(tmp_path.iterdir()) == [], (command, result)
+    # Import creates the store, as a client does.
+    exported = tmp_path / "dev-1.jsonl"
+    exported.write_bytes(encode_header(Header("dev-1", 5, None, 0, 1.0)))
+    assert run_cli("sessions", "import", exported, "--store", url).code == 0
+    assert missing.exists()
+    exported.unlink()
+    listed = run_cli("sessions", "list", "--store", url, "--json")
+    assert listed.code == 0 and [r["client_id"] for r in listed.json()] == ["dev-1"], listed
+
+
+def test_a_session_skipped_as_damaged_is_not_reported_as_missing_alone(tmp_path: Path) -> None:
+    """The store's warning about the damaged journal came first, then "no session 'dev'"
+    as if there were none: the error now says why it may be missing."""
+    url = store_url("file", tmp_path)
+
+    async def setup(store: SessionStore) -> None:
+        for op in rich_session_ops(queued=3):  # one record each: damage in the middle
+            await store.apply("dev", [op])
+
+    with_store(url, setup)
+    (journal,) = (tmp_path / "a-sessions").glob("dev-*.journal")
+    data = bytearray(journal.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    journal.write_bytes(bytes(data))
+    result = run_cli("sessions", "show", "dev", "--store", url)
+    assert result.code == 4, result
+    warning, error = result.err.splitlines()
+    assert warning.startswith("mqtt-persist: WARNING: skipping damaged session"), result
+    assert error.startswith("mqtt-persist: error: no session 'dev' in this store"), result
+    assert "1 damaged session skipped (the warning above)" in error, result

@@ -13,7 +13,9 @@ import io
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -61,6 +63,7 @@ class CountingStore(MemoryStore):
         self.loads: list[int | None] = []
         self.largest_read = 0
         self.fail_apply_at: int | None = None
+        self.fail_applies_from: int | None = None  # this apply and every later one fail
         self.applies = 0
 
     async def load(self, client_id: str, *, queued_limit: int | None = None) -> Any:
@@ -74,7 +77,9 @@ class CountingStore(MemoryStore):
 
     async def apply(self, client_id: str, ops: Sequence[Operation]) -> None:
         self.applies += 1
-        if self.applies == self.fail_apply_at:
+        if self.applies == self.fail_apply_at or (
+            self.fail_applies_from is not None and self.applies >= self.fail_applies_from
+        ):
             raise OSError("disk full")
         await super().apply(client_id, ops)
 
@@ -131,6 +136,77 @@ def test_a_failed_import_leaves_no_partial_session() -> None:
         asyncio.run(import_session(target, io.BytesIO(data), no_progress, replace=False))
     assert refused.value.code is ExitCode.SESSION_EXISTS
     assert asyncio.run(target.exists("dev"))
+
+
+def replaced_and_failing(fail: str) -> tuple[CountingStore, bytes, SessionState]:
+    """A store holding session "dev" (TTL 1 h), a file of another "dev" it fails to import
+    at its second batch (``fail``: ``once``, ``for good`` or ``never``), and the old state."""
+    old_ops = rich_session_ops(queued=5)
+    target = CountingStore()
+    asyncio.run(target.apply("dev", old_ops))
+    asyncio.run(target.update_ttl("dev", 3600))
+    source = MemoryStore()
+    asyncio.run(
+        source.apply(
+            "dev", [MessageAdded(StoredMessage(s, "n", b"new", 1)) for s in range(1, 3001)]
+        )
+    )
+    data = export_bytes(source, "dev")
+    target.applies = 0
+    if fail == "once":
+        target.fail_apply_at = 2
+    elif fail == "for good":
+        target.fail_applies_from = 2
+    old = SessionState("dev")
+    old.apply_all(old_ops)
+    return target, data, old
+
+
+def ttl(store: SessionStore, client_id: str) -> float | None:
+    info = {i.client_id: i for i in asyncio.run(store.list_sessions())}[client_id]
+    return None if info.expires_at is None else info.expires_at - info.last_access
+
+
+def test_a_failed_import_with_replace_leaves_the_session_it_would_replace() -> None:
+    """It was deleted first, then the import failed: no session at all was left."""
+    target, data, old = replaced_and_failing("once")
+    with pytest.raises(OSError, match="disk full"):
+        asyncio.run(import_session(target, io.BytesIO(data), no_progress, replace=True))
+    assert asyncio.run(target.load("dev")) == old
+    assert ttl(target, "dev") == pytest.approx(3600)
+
+
+def test_a_failed_import_with_replace_names_where_the_old_session_is_when_it_cannot_be_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    target, data, old = replaced_and_failing("for good")
+    with pytest.raises(CliError) as failed:
+        asyncio.run(import_session(target, io.BytesIO(data), no_progress, replace=True))
+    assert failed.value.code is ExitCode.FAILED
+    assert "disk full" in str(failed.value) and "--replace" in str(failed.value)
+    (kept,) = tmp_path.iterdir()
+    assert str(kept) in str(failed.value)
+    assert asyncio.run(target.list_sessions()) == []
+    restored = MemoryStore()
+    with kept.open("rb") as file:
+        asyncio.run(import_session(restored, file, no_progress, replace=False))
+    assert asyncio.run(restored.load("dev")) == old
+    assert ttl(restored, "dev") == pytest.approx(3600)
+
+
+def test_an_import_with_replace_leaves_no_backup_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for fail in ("once", "never"):
+        target, data, _ = replaced_and_failing(fail)
+        with contextlib.suppress(OSError):
+            asyncio.run(import_session(target, io.BytesIO(data), no_progress, replace=True))
+        assert list(tmp_path.iterdir()) == [], fail
+    state = asyncio.run(target.load("dev"))
+    assert state is not None and {m.topic for m in state.messages.values()} == {"n"}
+    assert len(state.messages) == 3000 and ttl(target, "dev") is None
 
 
 HEADER = encode_header(Header("dev", 4, None, 1, 1.0))

@@ -12,25 +12,44 @@ their JSON Lines format), ``broker`` (connection options), ``pub``, ``sub``, ``d
 SIGTERM).
 """
 
-from __future__ import annotations
-
 import sys
-from collections.abc import Sequence
+
+# As few imports as possible before main() can catch a Ctrl-C: none but sys (loaded already).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["main"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``mqtt-persist`` with ``argv`` (default: the process's arguments); the exit code."""
-    try:
-        import click  # noqa: F401  (only whether it is there)
-    except ImportError:
-        print(
-            "mqtt-persist: error: the command-line tool needs click; "
-            "install it with: pip install 'mqtt-persist[cli]'",
-            file=sys.stderr,
-        )
-        return 1
-    from mqtt_persist.cli.app import run
+def main(argv: "Sequence[str] | None" = None) -> int:
+    """Run ``mqtt-persist`` with ``argv`` (default: the process's arguments); the exit code.
 
-    return run(argv)
+    Ctrl-C at any point, the imports included, ends it with 130 and one line, no traceback.
+    """
+    # Everything but this module is imported in here (``import mqtt_persist`` imports
+    # nothing), so a Ctrl-C during the half second of imports is caught too.
+    try:
+        try:
+            import click  # noqa: F401  (only whether it is there)
+        except ImportError:
+            print(
+                "mqtt-persist: error: the command-line tool needs click; "
+                "install it with: pip install 'mqtt-persist[cli]'",
+                file=sys.stderr,
+            )
+            return 1
+        from mqtt_persist.cli.app import run
+
+        return run(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("mqtt-persist: error: interrupted\n")
+        return 130  # ExitCode.INTERRUPTED, whose module may be the one interrupted
+    finally:
+        if argv is None:
+            # The process's own run is over and its status decided: a Ctrl-C while Python
+            # exits would only turn that into a traceback or a death by SIGINT. (The commands
+            # imported signal already: this import costs nothing.)
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -96,6 +96,32 @@ class _StopRecords(logging.Filter):
 STOP_RECORDS = _StopRecords()
 
 
+class _DamagedSkipped(logging.Filter):
+    """Counts the stores' "skipping damaged session ..." warnings (every store words it so).
+
+    ``list_sessions`` leaves such a session out and warns; a command that then finds no
+    session says why it may be missing, in its own error line, rather than look unrelated
+    to the warning above it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always True: the record is shown, only counted."""
+        if (
+            record.levelno == logging.WARNING
+            and isinstance(record.msg, str)
+            and record.msg.startswith("skipping damaged session")
+        ):
+            self.count += 1
+        return True
+
+
+DAMAGED_SKIPPED = _DamagedSkipped()
+
+
 @click.group(context_settings={"max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show tracebacks and the library's debug log.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the library's informational log.")
@@ -116,7 +142,9 @@ def _configure_logging(level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     # Before ScrubFilter, which merges the error into the message.
     STOP_RECORDS.handler = handler
+    DAMAGED_SKIPPED.count = 0
     handler.addFilter(STOP_RECORDS)
+    handler.addFilter(DAMAGED_SKIPPED)
     handler.addFilter(ScrubFilter())
     handler.setFormatter(logging.Formatter("mqtt-persist: %(levelname)s: %(message)s"))
     logger = logging.getLogger(LOGGER_NAME)
@@ -221,6 +249,10 @@ def _fail_with(exc: Exception) -> int:
         code, message = ExitCode.FAILED, str(exc)
     else:
         code, message = ExitCode.FAILED, f"{type(exc).__name__}: {exc}"
+    if code == ExitCode.NO_SESSION and DAMAGED_SKIPPED.count:
+        skipped = DAMAGED_SKIPPED.count
+        message += f"; {skipped} damaged session{'s' if skipped > 1 else ''} skipped (the "
+        message += f"warning{'s' if skipped > 1 else ''} above)"
     if SETTINGS.debug:
         text = "".join(traceback.format_exception(exc))
         sys.stderr.write(SECRETS.scrub(text))

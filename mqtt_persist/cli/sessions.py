@@ -316,7 +316,7 @@ def import_command(
             source = spool
 
         async def run() -> tuple[int, str]:
-            async with opened(store):
+            async with opened(store, create=True):
                 header, target = await import_session(
                     store, source, bar, replace=replace, client_id=client_id
                 )

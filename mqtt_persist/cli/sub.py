@@ -11,10 +11,12 @@ nothing is lost when the command ends, whatever ends it: messages that arrived p
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import anyio
 import click
@@ -22,8 +24,10 @@ import click
 from mqtt_persist.cli.broker import BrokerOptions
 from mqtt_persist.cli.exits import CliError, ExitCode
 from mqtt_persist.cli.options import broker_options, client_id_option, store_option
+from mqtt_persist.cli.redaction import SECRETS
 from mqtt_persist.cli.running import Interrupted, run_async
 from mqtt_persist.client import PersistentClient
+from mqtt_persist.errors import ConnectTimeout
 from mqtt_persist.message import Message
 from mqtt_persist.stores.base import SessionStore
 
@@ -106,9 +110,12 @@ def sub_command(
 
     async def run() -> tuple[int, int]:
         printed = extra = 0
-        async with PersistentClient(
-            **broker.client_kwargs(), client_id=client_id, store=store, ack="manual"
-        ) as client:
+        async with (
+            PersistentClient(
+                **broker.client_kwargs(), client_id=client_id, store=store, ack="manual"
+            ) as client,
+            _saying_once_while_waiting(client, broker.address),
+        ):
             if topics:
                 await client.subscribe([(t, qos) for t in topics])
             messages = client.messages
@@ -142,6 +149,44 @@ def sub_command(
             f"{printed} of {count} message(s) arrived within {timeout:g} s", ExitCode.TIMEOUT
         )
     return ExitCode.OK
+
+
+#: Seconds without a connection after which ``sub`` says it waits, even if no attempt failed
+#: yet (one to an unreachable host may take --connect-timeout).
+SAY_WAITING_AFTER = 5.0
+
+
+@asynccontextmanager
+async def _saying_once_while_waiting(client: PersistentClient, address: str) -> AsyncIterator[None]:
+    """For the block: one stderr line once the broker is not reached, not one per retry.
+
+    The client retries for ever, so a broker that is down looked like a quiet one.
+    """
+    # A task, not a task group: the group would wrap the command's own error in an
+    # ExceptionGroup, and that error is what the command's one stderr line must say.
+    watcher = asyncio.create_task(_say_once_while_waiting(client, address))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        await asyncio.wait([watcher])
+
+
+async def _say_once_while_waiting(client: PersistentClient, address: str) -> None:
+    waited = 0.0
+    while True:
+        try:
+            await client.wait_connected(timeout=0.25)
+        except ConnectTimeout as exc:
+            waited += exc.waited
+            if not exc.attempts and waited < SAY_WAITING_AFTER:
+                continue
+            why = f"last error: {exc.last_error}" if exc.last_error else "no answer yet"
+            line = f"mqtt-persist: waiting for the broker {address} ({why}); retrying"
+            click.echo(SECRETS.scrub(line), err=True)
+        except Exception:  # the client stopped: the command reports why
+            pass
+        return
 
 
 async def _already_received(messages: AsyncIterator[Message]) -> int:

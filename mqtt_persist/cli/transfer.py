@@ -9,10 +9,13 @@ file never costs the session it would have replaced), then to store it.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import BinaryIO
 
 import anyio
@@ -31,7 +34,7 @@ from mqtt_persist.cli.session_file import (
     record_operations,
 )
 from mqtt_persist.session.state import Operation, ProtocolVersionSet, StoredMessage
-from mqtt_persist.stores.base import SessionStore
+from mqtt_persist.stores.base import SessionInfo, SessionStore
 
 __all__ = ["Progress", "check_file", "export_session", "import_session"]
 
@@ -48,35 +51,43 @@ async def export_session(
     """Write ``client_id``'s session to ``out`` in the session file format; its header."""
     info = await find_session(store, client_id)
     async with holding(store, client_id):
-        state = await store.load(client_id, queued_limit=0)
-        if state is None:
-            raise CliError(f"no session {client_id!r} in this store", ExitCode.NO_SESSION)
-        inflight = sorted(state.messages.values(), key=lambda m: m.seq)
-        set_aside = sorted(state.set_aside.values(), key=lambda a: a.message.seq)
-        tail: list[Record] = [InboundId(i) for i in sorted(state.inbound_qos2)]
-        tail += [state.subscriptions[f] for f in sorted(state.subscriptions)]
-        tail += [PendingUnsubscribe(f) for f in sorted(state.pending_unsubscribes)]
-        queued = state.queued_not_loaded
-        expiry = None
-        if info.expires_at is not None:
-            # The TTL, as the store keeps it (expiry = last access + TTL).
-            expiry = round(info.expires_at - info.last_access, 6)
-        header = Header(
-            client_id,
-            state.protocol_version,
-            expiry,
-            len(set_aside) + len(inflight) + queued + len(tail),
-            time.time(),
-        )
-        out.write(encode_header(header))
-        with progress(header.records) as advance:
-            _write(out, set_aside, advance)
-            read = 0
-            async for message in _messages(store, client_id, inflight):
-                out.write(encode_record(message))
-                read += message.packet_id is None
-                advance(1)
-            _write(out, tail, advance)
+        return await _export_held(store, info, out, progress)
+
+
+async def _export_held(
+    store: SessionStore, info: SessionInfo, out: BinaryIO, progress: Progress
+) -> Header:
+    """:func:`export_session` for a session whose lease the caller holds."""
+    client_id = info.client_id
+    state = await store.load(client_id, queued_limit=0)
+    if state is None:
+        raise CliError(f"no session {client_id!r} in this store", ExitCode.NO_SESSION)
+    inflight = sorted(state.messages.values(), key=lambda m: m.seq)
+    set_aside = sorted(state.set_aside.values(), key=lambda a: a.message.seq)
+    tail: list[Record] = [InboundId(i) for i in sorted(state.inbound_qos2)]
+    tail += [state.subscriptions[f] for f in sorted(state.subscriptions)]
+    tail += [PendingUnsubscribe(f) for f in sorted(state.pending_unsubscribes)]
+    queued = state.queued_not_loaded
+    expiry = None
+    if info.expires_at is not None:
+        # The TTL, as the store keeps it (expiry = last access + TTL).
+        expiry = round(info.expires_at - info.last_access, 6)
+    header = Header(
+        client_id,
+        state.protocol_version,
+        expiry,
+        len(set_aside) + len(inflight) + queued + len(tail),
+        time.time(),
+    )
+    out.write(encode_header(header))
+    with progress(header.records) as advance:
+        _write(out, set_aside, advance)
+        read = 0
+        async for message in _messages(store, client_id, inflight):
+            out.write(encode_record(message))
+            read += message.packet_id is None
+            advance(1)
+        _write(out, tail, advance)
     if read != queued:
         raise CliError(
             f"the store counted {queued} queued messages but {read} were read; the export is "
@@ -136,8 +147,9 @@ async def import_session(
 
     ``client_id`` stores it under another id than the file's. An existing session is refused
     (:attr:`ExitCode.SESSION_EXISTS`) unless ``replace``. If storing fails half way, what was
-    stored is removed again; only a killed process leaves a partial session (import again with
-    ``--replace``).
+    stored is removed again, and a session it replaced is stored back: it is first exported
+    to a temporary file, which is kept, and named in the error, if storing it back fails too.
+    Only a killed process leaves a partial session (import again with ``--replace``).
     """
     header = check_file(source)
     target = header.client_id if client_id is None else client_id
@@ -145,21 +157,84 @@ async def import_session(
         raise CliError("the client id must not be empty", ExitCode.USAGE)
     source.seek(0)
     async with holding(store, target):
-        if await store.exists(target) and not replace:
+        exists = await store.exists(target)
+        if exists and not replace:
             raise CliError(
                 f"session {target!r} exists in this store; --replace replaces it",
                 ExitCode.SESSION_EXISTS,
             )
-        # Also clears what an expired session (which exists() does not count) left behind.
-        await store.delete(target)
-        try:
-            await _store_records(store, target, source, progress)
-            await store.update_ttl(target, header.session_expiry)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await store.delete(target)
-            raise
+        with _Backup() as backup:
+            if exists:
+                # The store has no atomic replace for a session stored in batches: keep the
+                # old one aside (flat memory, like an export) until the new one is whole.
+                info = await find_session(store, target)
+                await _export_held(store, info, backup.open(), _silent)
+            # Also clears what an expired session (which exists() does not count) left behind.
+            await store.delete(target)
+            try:
+                await _store_records(store, target, source, progress)
+                await store.update_ttl(target, header.session_expiry)
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    await store.delete(target)
+                    if backup.file is not None:
+                        await _restore(store, target, backup, backup.file, exc)
+                raise
     return header, target
+
+
+@contextmanager
+def _silent(total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda steps: None
+
+
+class _Backup:
+    """A temporary file for the session an import replaces; removed unless :meth:`keep`."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.file: BinaryIO | None = None
+        self._kept = False
+
+    def open(self) -> BinaryIO:
+        """Create the file (only a replacing import needs one)."""
+        fd, name = tempfile.mkstemp(prefix="mqtt-persist-replaced-", suffix=".jsonl")
+        self.path = Path(name)
+        self.file = os.fdopen(fd, "w+b")
+        return self.file
+
+    def keep(self) -> None:
+        """Leave the file in place after the block."""
+        self._kept = True
+
+    def __enter__(self) -> _Backup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.path is not None and not self._kept:
+            self.path.unlink(missing_ok=True)
+
+
+async def _restore(
+    store: SessionStore, client_id: str, backup: _Backup, saved: BinaryIO, error: BaseException
+) -> None:
+    """Store the replaced session back; a :class:`CliError` naming the backup if that fails."""
+    saved.flush()
+    saved.seek(0)
+    try:
+        old = check_file(saved)
+        saved.seek(0)
+        await _store_records(store, client_id, saved, _silent)
+        await store.update_ttl(client_id, old.session_expiry)
+    except Exception as again:
+        await store.delete(client_id)
+        backup.keep()
+        raise CliError(
+            f"the import failed ({error}), and storing the session it replaced back failed "
+            f"too ({again}); that session is in {backup.path}: import it with --replace"
+        ) from error
 
 
 async def _store_records(
