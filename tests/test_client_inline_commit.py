@@ -28,7 +28,7 @@ from mqtt_persist import (
     StoreError,
 )
 from mqtt_persist.client.inline_commit import pairs_apply
-from mqtt_persist.session.state import Operation
+from mqtt_persist.session.state import MessageAdded, Operation
 from tests.support.apply_recorder import ApplyRecorder
 from tests.support.broker import MosquittoBroker
 from tests.support.observer import PahoObserver
@@ -246,3 +246,41 @@ async def test_a_publisher_that_never_waits_lets_the_loop_run(
     assert recorder.begun >= count // 2, f"only {recorder.begun} inline commits"
     assert during >= count // 16, f"the other task ran {during} times during {count} publishes"
     assert observer.payloads("inline/seq") == [b"%d" % i for i in range(count)]
+
+
+async def test_concurrent_publishers_share_the_flushers_commits(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Publishes started together (``gather``) must not pay a commit for whoever came first
+    plus one for the rest: once a commit served several callers, publishes wait for the
+    flusher's commits; a publisher alone again (one caller per commit) commits inline."""
+    store = FileStore(tmp_path / "sessions")
+    recorder = ApplyRecorder(store)
+    async with (
+        PahoObserver(broker.host, broker.port, "inline/#") as observer,
+        PersistentClient(
+            broker.host, broker.port, client_id="inline-gather", store=store, backoff=FAST
+        ) as client,
+    ):
+        await client.wait_connected(10)
+        await client.drain(10)
+        for round_ in range(5):
+            before = len(recorder.calls)
+            await asyncio.gather(
+                *(client.publish("inline/g", b"%d" % (round_ * 100 + i), qos=1) for i in range(100))
+            )
+            adding = [
+                ops
+                for ops in recorder.calls[before:]
+                if any(type(op) is MessageAdded for op in ops)
+            ]
+            if round_:
+                # A PUBACK's pass may take the outbox between two of the hundred: two at most.
+                assert len(adding) <= 2, f"round {round_}: {len(adding)} commits for one gather"
+        assert recorder.begun <= 1, f"{recorder.begun} inline commits among gathered publishes"
+        begun = recorder.begun
+        for i in range(20):
+            await client.publish("inline/g", b"s%d" % i, qos=1)
+        assert recorder.begun >= begun + 15, "a lone publisher did not commit inline again"
+        await client.drain(20)
+        assert await observer.await_count(520, 20)

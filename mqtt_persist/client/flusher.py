@@ -130,6 +130,10 @@ class Flusher:
         self._applying: asyncio.Task[None] | None = None
         # Inline commits in a row that took no await (_YIELD_EVERY).
         self._unyielded = 0
+        # Callers waiting for the next commit, and whether the last commit served several:
+        # then publishers come concurrently, and inline commits would split their batches.
+        self._ticket_callers = 0
+        self._concurrent = False
 
     # --- what the client's public calls use --------------------------------------------------
 
@@ -138,6 +142,7 @@ class Flusher:
         ticket = self._next_commit
         if ticket is None:
             ticket = self._next_commit = CommitTicket()
+        self._ticket_callers += 1
         self.wake.set()
         # ticket.wait(), one coroutine frame less on the hot path of every durable publish.
         await ticket.done.wait()
@@ -157,7 +162,8 @@ class Flusher:
     def can_commit_inline(self) -> bool:
         """Whether a durable ``publish()`` may commit from its own task now
         (:meth:`commit_inline`): on asyncio, with a store that starts commits without an
-        ``await``, while no pass or other commit is under way and no caller waits for one."""
+        ``await``, while no pass or other commit is under way and no caller waits for one,
+        and while publishers come one at a time (the last commit served one caller)."""
         begin = self._begin_apply
         if begin is None:
             begin = self._begin_apply = self._find_begin_apply()
@@ -166,6 +172,7 @@ class Flusher:
             and not self._busy
             and not self._inline_committing
             and self._next_commit is None
+            and not self._concurrent
             and not self._finishing
             and self._inline_error is None
             and not self._inline_failed
@@ -255,6 +262,11 @@ class Flusher:
         self._inline_committing = False
         self._inline_ended.set()
         self.wake.set()
+        if self._next_commit is not None:
+            # Callers came while it ran (a gather): one commit for all of them is cheaper
+            # than one of their own for whoever comes first. The flusher's commits decide
+            # when inline commits pay again (one caller per commit).
+            self._concurrent = True
         exc = durable.exception()
         if exc is not None:
             error = (
@@ -412,6 +424,10 @@ class Flusher:
             now = clock()
             outbox = session.take(now)
             ticket, self._next_commit = self._next_commit, None
+            if ticket is not None:
+                # One caller: a one-at-a-time publisher, whose next commit may be inline.
+                self._concurrent = self._ticket_callers > 1
+                self._ticket_callers = 0
             ops = outbox.ops
             if self._deferred_ops:
                 ops = self._deferred_ops + ops
