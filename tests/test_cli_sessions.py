@@ -352,3 +352,19 @@ def test_a_session_skipped_as_damaged_is_not_reported_as_missing_alone(tmp_path:
     assert warning.startswith("mqtt-persist: WARNING: skipping damaged session"), result
     assert error.startswith("mqtt-persist: error: no session 'dev' in this store"), result
     assert "1 damaged session skipped (the warning above)" in error, result
+
+
+def test_import_refuses_damaged_message_properties_before_storing(tmp_path: Path) -> None:
+    """A property identifier without its value ("AQ==") was stored as it was: the client
+    would fail to decode it when it came to send the message."""
+    url = store_url("file", tmp_path)
+    header = encode_header(Header("dev-1", 5, None, 2, 1.0))
+    record = (
+        '{"type":"message","seq":%d,"topic":"t","qos":1,"retain":false,"payload":"",'
+        '"properties":"%s","expires_at":null,"packet_id":null,"released":false}\n'
+    )
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_bytes(header + (record % (1, "AQE=") + record % (2, "AQ==")).encode())
+    result = run_cli("sessions", "import", damaged, "--store", url)
+    one_line_error(result, 2, "line 3: 'properties' of seq 2", "Payload Format Indicator")
+    assert with_store(url, lambda store: store.list_sessions()) == []

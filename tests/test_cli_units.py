@@ -38,11 +38,14 @@ from mqtt_persist.cli.session_file import (
 from mqtt_persist.cli.sub import FORMATS
 from mqtt_persist.cli.transfer import check_file, export_session, import_session
 from mqtt_persist.message import Message
+from mqtt_persist.protocol import PacketType, Properties, encode_properties
 from mqtt_persist.session.state import (
     MessageAdded,
     MessageRequeued,
+    MessageSetAside,
     Operation,
     PacketIdAssigned,
+    ProtocolVersionSet,
     SessionState,
     StoredMessage,
 )
@@ -257,6 +260,102 @@ def line(**changes: Any) -> bytes:
 def test_the_reader_refuses_what_is_not_a_valid_file(lines: list[bytes], message: str) -> None:
     with pytest.raises(FileFormatError, match=message):
         check_file(io.BytesIO(b"".join(lines)))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+SET_ASIDE = {k: v for k, v in MESSAGE.items() if k not in ("packet_id", "released")}
+SET_ASIDE |= {"type": "set_aside", "reason": "poison", "at": 1.0}
+
+
+@pytest.mark.parametrize("kind", ["message", "set_aside"])
+@pytest.mark.parametrize(
+    ("properties", "message"),
+    [
+        # A property identifier without its value: the client could not decode it to send.
+        (b"\x01", "property Payload Format Indicator: truncated value"),
+        (b"\x03\x00\x05ab", "property Content Type"),
+        (b"\x00", "unknown property identifier 0x00"),
+        (b"\x11\x00\x00\x00\x05", "Session Expiry Interval (0x11) is not allowed in PUBLISH"),
+        (b"\x01\x00\x01\x01", "Payload Format Indicator appears more than once"),
+        (b"\x01\x02", "value 2, must be 0 or 1"),
+        # Valid in a PUBLISH on the wire, but never what a client stores or may send.
+        (b"\x23\x00\x01", "must not set topic_alias"),
+        (b"\x0b\x01", "must not set subscription_identifiers"),
+        (b"\x02\x00\x00\x00\x3c", "Message Expiry Interval: 'expires_at' holds"),
+        (b"\x08\x00\x03a/#", "response_topic"),
+    ],
+)
+def test_the_reader_refuses_properties_the_client_could_not_send(
+    kind: str, properties: bytes, message: str
+) -> None:
+    record = (MESSAGE if kind == "message" else SET_ASIDE) | {"properties": b64(properties)}
+    data = HEADER + json.dumps(record).encode() + b"\n"
+    with pytest.raises(FileFormatError) as refused:
+        check_file(io.BytesIO(data))
+    text = str(refused.value)
+    assert text.startswith("line 2: 'properties' of seq 1 "), text
+    assert message in text and "\n" not in text, text
+
+
+def test_an_import_with_damaged_properties_stores_nothing() -> None:
+    """The file is refused before the store is touched: no session is created, and one that
+    --replace would replace stays as it was."""
+    source = MemoryStore()
+    asyncio.run(source.apply("dev", rich_session_ops(queued=3000)))
+    lines = export_bytes(source, "dev").splitlines(keepends=True)
+    # The last message record, past the first batch of the import.
+    at = max(i for i, line in enumerate(lines) if b'"type":"message"' in line)
+    lines[at] = json.dumps(json.loads(lines[at]) | {"properties": "AQ=="}).encode() + b"\n"
+    data = b"".join(lines)
+    for replace in (False, True):
+        target = CountingStore()
+        old = SessionState("dev")
+        if replace:
+            old_ops = rich_session_ops(queued=5)
+            asyncio.run(target.apply("dev", old_ops))
+            old.apply_all(old_ops)
+            target.applies = 0
+        with pytest.raises(FileFormatError, match=f"line {at + 1}: 'properties'"):
+            asyncio.run(import_session(target, io.BytesIO(data), no_progress, replace=replace))
+        assert target.applies == 0
+        assert asyncio.run(target.load("dev")) == (old if replace else None)
+
+
+def test_every_property_a_client_stores_round_trips() -> None:
+    """Export then import keeps each MQTT 5 PUBLISH property a message may be stored with,
+    in flight, queued and set aside."""
+    properties = encode_properties(
+        Properties(
+            payload_format_indicator=1,
+            content_type="application/json",
+            response_topic="replies/ä",
+            correlation_data=b"\x00\xffid",
+            user_properties=(("k", "v"), ("k", "again"), ("é", "")),
+        ),
+        PacketType.PUBLISH,
+    )
+    ops: list[Operation] = [
+        ProtocolVersionSet(5),
+        *(
+            MessageAdded(StoredMessage(s, "t", b"{}", 2, properties=properties))
+            for s in range(1, 4)
+        ),
+        PacketIdAssigned(1, 1),
+        MessageSetAside(3, "poison", 1.5),
+    ]
+    source, target = MemoryStore(), MemoryStore()
+    asyncio.run(source.apply("dev", ops))
+    data = export_bytes(source, "dev")
+    asyncio.run(import_session(target, io.BytesIO(data), no_progress, replace=False))
+    expected = SessionState("dev")
+    expected.apply_all(ops)
+    state = asyncio.run(target.load("dev"))
+    assert state == expected
+    assert state.messages[1].properties == state.set_aside[3].message.properties == properties
+    assert export_bytes(target, "dev").split(b"\n")[1:] == data.split(b"\n")[1:]
 
 
 def test_the_reader_refuses_records_out_of_order_and_duplicates() -> None:

@@ -9,8 +9,9 @@ then exactly ``records`` lines, one record each, in this order: set-aside messag
 (ascending ``seq``; queued ones have ``packet_id`` null), inbound QoS 2 packet IDs,
 subscriptions, pending unsubscribes. Payloads and MQTT 5 properties are base64. Every field is
 always written and always required: a reader refuses a missing, unknown or mistyped field, a
-line out of order, a duplicate, a count that does not match the header, or another format
-version, naming the line. A newer version of the format gets a new ``version`` number.
+line out of order, a duplicate, a count that does not match the header, another format
+version, or message properties the client could not decode or would not send, naming the
+line. A newer version of the format gets a new ``version`` number.
 
 This module only encodes and decodes; ``transfer.py`` reads and writes stores with it. It needs
 no click, so tools of your own can import it.
@@ -26,7 +27,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from mqtt_persist.errors import InvalidInput
+from mqtt_persist.errors import InvalidInput, MalformedPacket
+from mqtt_persist.protocol.packets import PacketType
+from mqtt_persist.protocol.properties import decode_properties
 from mqtt_persist.session.state import (
     InboundReceived,
     MessageAdded,
@@ -42,7 +45,11 @@ from mqtt_persist.session.state import (
     with_flow,
 )
 from mqtt_persist.stores.serialization import EncodeError, encode_operation
-from mqtt_persist.validation import validate_topic, validate_topic_filter
+from mqtt_persist.validation import (
+    validate_publish_properties,
+    validate_topic,
+    validate_topic_filter,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -335,13 +342,19 @@ class Reader:
         qos = fields.integer("qos")
         if qos not in (1, 2):
             raise self._fail(f"a stored message has QoS 1 or 2, not {qos}")
+        payload = fields.base64("payload")
+        retain = fields.boolean("retain")
+        properties = fields.base64("properties")
+        problem = _properties_problem(properties)
+        if problem is not None:
+            raise self._fail(f"'properties' of seq {seq} {problem}")
         return StoredMessage(
             seq,
             topic,
-            fields.base64("payload"),
+            payload,
             qos,
-            fields.boolean("retain"),
-            properties=fields.base64("properties"),
+            retain,
+            properties=properties,
             expires_at=fields.optional("expires_at", fields.number),
         )
 
@@ -438,6 +451,35 @@ class _Fields:
         extra = sorted(set(self._document) - self._used - also)
         if extra:
             raise self._fail(f"unknown field {extra[0]!r}")
+
+
+def _properties_problem(data: bytes) -> str | None:
+    """What is wrong with a stored message's encoded MQTT 5 properties, or None.
+
+    The stores keep them as bytes, and the client decodes them only when it sends the message:
+    a file must not put there what it could not decode or would have refused to publish.
+    """
+    if not data:
+        return None
+    try:
+        properties = decode_properties(data, PacketType.PUBLISH)
+    except MalformedPacket as exc:
+        # The decoder's messages start with what it decodes ("properties").
+        detail = str(exc).removeprefix("properties").lstrip(": ")
+        return f"are not valid MQTT 5 PUBLISH properties: {detail}"
+    if properties.message_expiry_interval is not None:
+        # The client keeps the expiry in expires_at and computes the interval at each send;
+        # one stored here would be resent unchanged, never counting down.
+        return "must not carry a Message Expiry Interval: 'expires_at' holds the expiry"
+    try:
+        # Topic Alias, Subscription Identifier, a Response Topic MQTT refuses, as for a
+        # publish. The payload is not given: a Payload Format Indicator that does not match
+        # it is no protocol error (a broker may refuse the message), and stores may hold such
+        # messages, which an export must be able to move.
+        validate_publish_properties(properties, b"")
+    except InvalidInput as exc:
+        return f"are refused: {exc}"
+    return None
 
 
 def _check_stored_packet_id(packet_id: int, fail: Callable[[str], FileFormatError]) -> None:
