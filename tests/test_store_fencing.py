@@ -300,8 +300,41 @@ async def test_an_acquire_cancelled_at_any_point_leaves_no_lease(make: Make, can
         await other.acquire("a")  # SessionLocked: the cancelled acquire left a lease
         await other.release("a")
         await store.close()
-    if cancel == "anyio":
-        # asyncio.timeout's one cancellation may be swallowed by redis-py, which then
-        # finishes the acquire (and the store knows it holds the lease); anyio repeats it.
-        assert lost, "no acquire was cancelled: the delays are too long for this machine"
+    assert lost, "no acquire was cancelled: the delays are too long for this machine"
     assert got + lost == 40
+
+
+@pytest.mark.parametrize("opened", [True, False], ids=["opened", "connecting"])
+async def test_an_asyncio_timeout_around_acquire_fires_or_was_not_due(
+    make: Make, opened: bool
+) -> None:
+    """``asyncio.timeout`` (it cancels once, never again) around acquire, tiny and growing:
+    either it fires (TimeoutError, and the cancelled acquire left no lease) or acquire
+    finished before the deadline (the timeout never expired). Python 3.11's
+    ``asyncio.wait_for``, which redis-py wraps around every send and PostgresStore wrapped
+    around connecting, returns the finished call's result when the cancellation arrives as
+    the call ends: the timeout expired, never raised, and the store held the lease."""
+    other = make(lease_ttl=60.0)
+    task = asyncio.current_task()
+    assert task is not None
+    timed_out = 0
+    for step in range(40):
+        store = make(lease_ttl=60.0)
+        if opened:
+            await store.open()
+        delay = step * 0.00015
+        try:
+            async with asyncio.timeout(delay) as cm:
+                await store.acquire("a")
+        except TimeoutError:
+            timed_out += 1
+            assert store.fencing_token("a") is None
+        else:
+            assert not cm.expired(), f"a {delay * 1000:.2f} ms timeout expired and did not fire"
+            assert store.fencing_token("a") is not None
+            await store.release("a")
+        assert task.cancelling() == 0
+        await other.acquire("a")  # SessionLocked: the cancelled acquire left a lease
+        await other.release("a")
+        await store.close()
+    assert timed_out, "no acquire timed out: the delays are too long for this machine"

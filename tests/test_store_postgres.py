@@ -42,6 +42,7 @@ psycopg = pytest.importorskip("psycopg", reason="pip install mqtt-persist[postgr
 from psycopg import sql  # noqa: E402
 
 from mqtt_persist.stores.postgres import FORMAT_VERSION, PostgresStore  # noqa: E402
+from mqtt_persist.stores.postgres import connection as pg_connection  # noqa: E402
 from mqtt_persist.stores.postgres import operations as pg_operations  # noqa: E402
 from mqtt_persist.stores.postgres import schema as pg_schema  # noqa: E402
 
@@ -315,6 +316,33 @@ async def test_an_acquire_cancelled_while_its_takeover_waits_for_a_lock_leaves_n
     finally:
         for store in (former, cancelled, other):
             await store.close()
+
+
+async def test_a_cancellation_as_a_connection_opens_is_not_lost(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller is cancelled just as connecting ends. Python 3.11's asyncio.wait_for, which
+    the pool wrapped around connecting, then returned the connection and dropped the
+    cancellation: the call went on, and a caller's asyncio.timeout never fired."""
+    pool = pg_connection.Pool(dsn, 1, idle_timeout_ms=10_000, connect_timeout=10.0)
+    caller = asyncio.current_task()
+    assert caller is not None
+    connect = pg_connection.AsyncConnection.connect
+
+    async def connect_then_cancel(*args: Any, **kwargs: Any) -> Any:
+        conn = await connect(*args, **kwargs)
+        caller.cancel()
+        return conn
+
+    monkeypatch.setattr(pg_connection.AsyncConnection, "connect", connect_then_cancel)
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            async with pool.connection():
+                pass
+        assert caller.uncancel() == 0
+        assert pool._open == 0  # the connection was closed, not kept
+    finally:
+        await pool.close()
 
 
 async def test_save_keeps_created_at_ttl_and_a_growing_last_seq(dsn: str, schema: str) -> None:

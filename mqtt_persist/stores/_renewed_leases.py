@@ -90,8 +90,8 @@ class RenewedLeases(Generic[LeaseT]):
         if task is not None and not task.done():
             task.cancel()
             # Bounded: a driver may swallow the cancellation of a call in flight (seen with
-            # redis-py); the loop then ends by itself at its next turn (it is no longer the
-            # renewal task), and a close must not wait for that.
+            # redis-py, before keep_cancellation); the loop then ends by itself at its next
+            # turn (it is no longer the renewal task), and a close must not wait for that.
             await asyncio.wait({task}, timeout=1.0)
 
     async def renew(self) -> None:

@@ -99,9 +99,10 @@ class Pool:
         kwargs: dict[str, Any] = {"autocommit": True}
         if self._application_name is not None:
             kwargs["application_name"] = self._application_name
-        conn = await asyncio.wait_for(
-            AsyncConnection.connect(self._dsn, **kwargs), self._connect_timeout
-        )
+        # Not asyncio.wait_for: on Python 3.11 it returns the connection when the caller is
+        # cancelled just as connecting ends, and the caller's asyncio.timeout never fires.
+        async with asyncio.timeout(self._connect_timeout):
+            conn = await AsyncConnection.connect(self._dsn, **kwargs)
         try:
             await conn.execute(
                 f"SET idle_in_transaction_session_timeout = {int(self._idle_timeout_ms)}"

@@ -28,6 +28,7 @@ from mqtt_persist.errors import (
     StoreError,
     UnsupportedFormatVersion,
 )
+from mqtt_persist.stores._cancellation import keep_cancellation
 from mqtt_persist.stores._owners import describe_owner, fenced_error
 from mqtt_persist.stores._quarantine import quarantine_stamp
 from mqtt_persist.stores.base import StoreContext
@@ -136,7 +137,7 @@ class RedisStoreCore(StoreContext):
 
     async def _eval(self, script: AsyncScript, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         with self._errors():
-            return await script(keys=keys, args=args)
+            return await keep_cancellation(script(keys=keys, args=args))
 
     def _token(self, client_id: str) -> bytes:
         return self._leases.token(client_id)

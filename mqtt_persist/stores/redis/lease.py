@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from mqtt_persist.errors import SessionLocked, StoreError
+from mqtt_persist.stores._cancellation import keep_cancellation
 from mqtt_persist.stores._owners import describe_owner, owner_is_dead, owner_value
 from mqtt_persist.stores._renewed_leases import RenewedLeases
 from mqtt_persist.stores.redis.keys import KeyLayout, text
@@ -125,7 +126,7 @@ class LeaseKeeper(RenewedLeases[TokenLease]):
 
     async def _run(self, script: AsyncScript, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         with self._errors():
-            return await script(keys=keys, args=args)
+            return await keep_cancellation(script(keys=keys, args=args))
 
     async def _give_back(self, client_id: str, lease: TokenLease) -> None:
         """Delete the lease if it is ours and the fence if it holds our token."""

@@ -19,6 +19,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from mqtt_persist.errors import SessionCorrupt, UnsupportedFormatVersion
+from mqtt_persist.stores._cancellation import keep_cancellation
 from mqtt_persist.stores.redis.keys import text
 from mqtt_persist.stores.redis.scripts import Scripts
 
@@ -47,7 +48,7 @@ MIGRATIONS: dict[int, Callable[[Scripts], AsyncScript]] = {1: attrgetter("migrat
 async def check_prefix_format(scripts: Scripts, key: bytes, prefix: str) -> None:
     """Record our format version under the prefix, or refuse a newer one (or a damaged key)."""
     try:
-        found = await scripts.format(keys=[key], args=[FORMAT_VERSION])
+        found = await keep_cancellation(scripts.format(keys=[key], args=[FORMAT_VERSION]))
     except ResponseError as exc:
         if "WRONGTYPE" in str(exc):
             raise SessionCorrupt("not a string", location=text(key)) from exc
@@ -73,7 +74,7 @@ async def check_prefix_format(scripts: Scripts, key: bytes, prefix: str) -> None
 async def warn_if_evicting(client: Redis) -> None:
     """Log a warning when the server may evict keys (session data) under memory pressure."""
     try:
-        config: dict[Any, Any] = await client.config_get("maxmemory-policy")
+        config: dict[Any, Any] = await keep_cancellation(client.config_get("maxmemory-policy"))
     except RedisError:
         return  # CONFIG is often disabled on managed servers: nothing to check then
     policy = config.get(b"maxmemory-policy", config.get("maxmemory-policy"))

@@ -74,6 +74,7 @@ from mqtt_persist.errors import (
     StoreError,
 )
 from mqtt_persist.session.state import Operation, SessionState, StoredMessage
+from mqtt_persist.stores._cancellation import keep_cancellation
 from mqtt_persist.stores._checks import check_operations, check_queued_limit, check_read_limit
 from mqtt_persist.stores._expiry import is_expired, ttl_from
 from mqtt_persist.stores.base import SessionInfo
@@ -321,7 +322,9 @@ class RedisStore(RedisStoreCore):
         meta = self._keys(client_id).meta
         try:
             with self._errors():
-                last_access, ttl = await client.hmget(meta, [b"last_access", b"ttl"])
+                last_access, ttl = await keep_cancellation(
+                    client.hmget(meta, [b"last_access", b"ttl"])
+                )
         except StoreError as exc:
             if isinstance(exc.__cause__, ResponseError) and "WRONGTYPE" in str(exc.__cause__):
                 return True
@@ -343,7 +346,10 @@ class RedisStore(RedisStoreCore):
         """
         client, _ = await self._ready()
         with self._errors():
-            members = typing.cast(set[bytes], await client.smembers(self._layout.key(b"sessions")))
+            members = typing.cast(
+                set[bytes],
+                await keep_cancellation(client.smembers(self._layout.key(b"sessions"))),
+            )
         ids = sorted(member.decode("utf-8", "surrogatepass") for member in members)
         infos: list[SessionInfo] = []
         for start in range(0, len(ids), _CHUNK):
@@ -356,7 +362,7 @@ class RedisStore(RedisStoreCore):
                         pipe.hlen(keys.inflight)
                         pipe.zcard(keys.queue)
                         pipe.hlen(keys.aside)
-                    results = await pipe.execute(raise_on_error=False)
+                    results = await keep_cancellation(pipe.execute(raise_on_error=False))
             for n, client_id in enumerate(chunk):
                 keys = self._keys(client_id)
                 try:
@@ -396,7 +402,9 @@ class RedisStore(RedisStoreCore):
         with self._errors():
             due = typing.cast(
                 list[bytes],
-                await client.zrangebyscore(self._layout.key(b"expiry"), "-inf", repr(float(now))),
+                await keep_cancellation(
+                    client.zrangebyscore(self._layout.key(b"expiry"), "-inf", repr(float(now)))
+                ),
             )
         removed = 0
         for member in due:
