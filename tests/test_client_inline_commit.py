@@ -13,7 +13,8 @@ messages leave in order.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -25,6 +26,7 @@ from mqtt_persist import (
     FileStore,
     MemoryStore,
     PersistentClient,
+    SessionStore,
     StoreError,
 )
 from mqtt_persist.client.inline_commit import pairs_apply
@@ -37,6 +39,22 @@ from tests.support.waiting import until
 pytestmark = pytest.mark.broker
 
 FAST = Backoff(initial=0.05, maximum=0.2, minimum=0.01)
+
+
+@contextlib.asynccontextmanager
+async def observed_client(
+    broker: MosquittoBroker, client_id: str, store: SessionStore
+) -> AsyncIterator[tuple[PahoObserver, PersistentClient]]:
+    """A paho subscriber to ``inline/#`` and a client, connected, its own commits done."""
+    async with (
+        PahoObserver(broker.host, broker.port, "inline/#") as observer,
+        PersistentClient(
+            broker.host, broker.port, client_id=client_id, store=store, backoff=FAST
+        ) as client,
+    ):
+        await client.wait_connected(10)
+        await client.drain(10)
+        yield observer, client
 
 
 class DurableMemory(MemoryStore):
@@ -103,14 +121,7 @@ async def test_a_publish_cancelled_during_its_inline_commit_is_sent_once_it_ende
     ``begin=False`` the store declines the inline start and the batch goes through ``apply``,
     which a native ``task.cancel()`` must not cut short either."""
     store = HeldStore(begin=begin)
-    async with (
-        PahoObserver(broker.host, broker.port, "inline/#") as observer,
-        PersistentClient(
-            broker.host, broker.port, client_id=f"inline-cx-{flavour}", store=store, backoff=FAST
-        ) as client,
-    ):
-        await client.wait_connected(10)
-        await client.drain(10)
+    async with observed_client(broker, f"inline-cx-{flavour}", store) as (observer, client):
         store.begun = store.applied = 0  # the connection's own commits
         store.gate.clear()
         finished: list[object] = []
@@ -164,14 +175,7 @@ async def test_a_commit_begin_apply_refuses_stops_the_client(broker: MosquittoBr
             return super().begin_apply(client_id, ops, durable)
 
     store = Refusing()
-    async with (
-        PahoObserver(broker.host, broker.port, "inline/#") as observer,
-        PersistentClient(
-            broker.host, broker.port, client_id="inline-refused", store=store, backoff=FAST
-        ) as client,
-    ):
-        await client.wait_connected(10)
-        await client.drain(10)
+    async with observed_client(broker, "inline-refused", store) as (observer, client):
         store.refuse = True
         with anyio.fail_after(5), pytest.raises(StoreError, match="No space left"):
             await client.publish("inline/t", b"refused", qos=1)
@@ -226,13 +230,7 @@ async def test_a_publisher_that_never_waits_lets_the_loop_run(
             turns += 1
             await asyncio.sleep(0)
 
-    async with (
-        PahoObserver(broker.host, broker.port, "inline/#") as observer,
-        PersistentClient(
-            broker.host, broker.port, client_id="inline-nofsync", store=store, backoff=FAST
-        ) as client,
-    ):
-        await client.wait_connected(10)
+    async with observed_client(broker, "inline-nofsync", store) as (observer, client):
         other = asyncio.ensure_future(other_task())
         await asyncio.sleep(0)
         turns = 0
@@ -256,14 +254,7 @@ async def test_concurrent_publishers_share_the_flushers_commits(
     flusher's commits; a publisher alone again (one caller per commit) commits inline."""
     store = FileStore(tmp_path / "sessions")
     recorder = ApplyRecorder(store)
-    async with (
-        PahoObserver(broker.host, broker.port, "inline/#") as observer,
-        PersistentClient(
-            broker.host, broker.port, client_id="inline-gather", store=store, backoff=FAST
-        ) as client,
-    ):
-        await client.wait_connected(10)
-        await client.drain(10)
+    async with observed_client(broker, "inline-gather", store) as (observer, client):
         for round_ in range(5):
             before = len(recorder.calls)
             await asyncio.gather(

@@ -260,29 +260,8 @@ async def test_a_record_left_in_flight_by_a_loop_left_open_does_not_wedge_the_ne
     use_sync_path(monkeypatch, "aio")
     store = FileStore(tmp_path / "s")
     gate = SyncGate(monkeypatch, hold=True)
-    failures: list[BaseException] = []
-    loops: list[asyncio.AbstractEventLoop] = []
-
-    def on_another_loop() -> None:
-        loop = asyncio.new_event_loop()
-        loops.append(loop)
-        try:
-            gate.open()
-            loop.run_until_complete(store.apply("a", publish(1)))
-            gate._open.clear()  # hold the next sync
-            gate.entered.clear()
-            applying = loop.create_task(store.apply("a", publish(2)))
-            loop.run_until_complete(gate.wait_entered())
-            applying.cancel()  # its record is written: the batch stands
-            loop.run_until_complete(asyncio.gather(applying, return_exceptions=True))
-        except BaseException as exc:
-            failures.append(exc)
-
-    thread = threading.Thread(target=on_another_loop)
-    thread.start()
-    await asyncio.to_thread(thread.join, 30)
+    loop = await _leave_a_record_syncing(store, gate, close=False)
     try:
-        assert not failures
         gate.open()
         expected = replay("a", [publish(s) for s in (1, 2, 3)])
         with anyio.fail_after(5):
@@ -290,7 +269,7 @@ async def test_a_record_left_in_flight_by_a_loop_left_open_does_not_wedge_the_ne
             assert await store.load("a") == expected
             await store.close()
     finally:
-        loops[0].close()
+        loop.close()
     async with FileStore(tmp_path / "s") as reopened:
         assert await reopened.load("a") == expected
 
@@ -356,6 +335,26 @@ async def test_a_record_left_in_flight_by_another_loop_costs_the_next_job_no_fix
     use_sync_path(monkeypatch, "aio")
     store = FileStore(tmp_path / "s")
     gate = SyncGate(monkeypatch, hold=True)
+    loop = await _leave_a_record_syncing(store, gate, close=left == "closed")
+    try:
+        gate.open()
+        await asyncio.sleep(0.05)  # the sync is done; only its loop could reap it
+        began = time.monotonic()
+        state = await asyncio.wait_for(store.load("a"), 30)  # a job: settles publish(2) first
+        took = time.monotonic() - began
+        assert state == replay("a", [publish(1), publish(2)])
+        assert took < 0.25, f"the job waited {took:.3f} s for the other loop's record"
+        await store.close()
+    finally:
+        loop.close()
+
+
+async def _leave_a_record_syncing(
+    store: FileStore, gate: SyncGate, *, close: bool
+) -> asyncio.AbstractEventLoop:
+    """On a loop of another thread: publish(1) is applied, then publish(2)'s record is written
+    and its sync held at ``gate`` while its caller is cancelled (the batch stands). That loop
+    is then left, closed or (``close=False``) open and idle; it is returned either way."""
     failures: list[BaseException] = []
     loops: list[asyncio.AbstractEventLoop] = []
 
@@ -374,21 +373,11 @@ async def test_a_record_left_in_flight_by_another_loop_costs_the_next_job_no_fix
         except BaseException as exc:
             failures.append(exc)
         finally:
-            if left == "closed":
+            if close:
                 loop.close()
 
     thread = threading.Thread(target=on_another_loop)
     thread.start()
     await asyncio.to_thread(thread.join, 30)
-    try:
-        assert not failures
-        gate.open()
-        await asyncio.sleep(0.05)  # the sync is done; only its loop could reap it
-        began = time.monotonic()
-        state = await asyncio.wait_for(store.load("a"), 30)  # a job: settles publish(2) first
-        took = time.monotonic() - began
-        assert state == replay("a", [publish(1), publish(2)])
-        assert took < 0.25, f"the job waited {took:.3f} s for the other loop's record"
-        await store.close()
-    finally:
-        loops[0].close()
+    assert not failures
+    return loops[0]
