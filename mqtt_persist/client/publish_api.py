@@ -33,8 +33,11 @@ class PublishAPI(ClientBase):
         For QoS 1/2 it returns once the message is durable in the store, before any byte of it
         is written to the connection (write-ahead). It does not wait for the broker and never
         raises because the broker is unreachable; ``await`` the delivery to wait for the broker's
-        acknowledgement. Bad input raises an :class:`~mqtt_persist.errors.InvalidInput` subclass
-        before anything is stored. With a full queue it waits (``queue_full="block"``), raises
+        acknowledgement. Cancelled while its commit is under way, it raises the cancellation
+        once that commit ended (at most one sync later); if the commit succeeded, the message
+        is stored and will be sent. Bad input raises an
+        :class:`~mqtt_persist.errors.InvalidInput` subclass before anything is stored. With a
+        full queue it waits (``queue_full="block"``), raises
         :class:`~mqtt_persist.errors.QueueFull` (``"error"``) or drops the oldest queued message
         (``"drop_oldest"``, counted in :attr:`stats` and logged).
 
