@@ -28,6 +28,8 @@ from mqtt_persist.websocket import WebSocketSettings, websocket_handshake, webso
 #: Reading pauses while this much received data waits for the reader, and resumes below LOW.
 _READ_HIGH = 256 * 1024
 _READ_LOW = 64 * 1024
+#: :meth:`TcpStream.send_nowait` takes bytes while at most this much waits to be written.
+_NOWAIT_LIMIT = 64 * 1024
 
 
 async def open_stream(
@@ -233,6 +235,27 @@ class TcpStream(ByteStream):
             raise anyio.ClosedResourceError
         if protocol.lost and protocol.exception is not None:
             raise anyio.BrokenResourceError from protocol.exception
+
+    def send_nowait(self, item: bytes) -> bool:
+        """Hand ``item`` to the transport without waiting; it goes out as the peer reads.
+
+        For the WebSocket reader's pongs (:class:`~mqtt_persist.websocket.WebSocketStream`),
+        which must not wait for the peer to read while the peer may wait for us to read.
+        False, and nothing written, while a send waits (it owns the stream), once the stream
+        is closed or lost, or while more than ``_NOWAIT_LIMIT`` bytes already wait to be
+        written: what the peer does not read must not pile up here.
+        """
+        protocol = self._protocol
+        if (
+            self._closed
+            or protocol.writer is not None
+            or protocol.lost
+            or self._transport.is_closing()
+            or self._transport.get_write_buffer_size() > _NOWAIT_LIMIT
+        ):
+            return False
+        self._transport.write(item)
+        return True
 
     async def send_eof(self) -> None:
         with contextlib.suppress(OSError):

@@ -180,7 +180,11 @@ class WebSocketStream(ByteStream):
 
     Only one task may receive at a time, as with any anyio stream; sends are serialised here,
     since :meth:`receive` answers pings on the same underlying stream. The reader never waits
-    for a send under way: its answers go out right after that send.
+    for a send under way: its answers go out with the next write. Over plain TCP on asyncio
+    (:class:`~mqtt_persist.transport.TcpStream`) it never waits for a write of its own either:
+    it hands its answers to the transport without waiting, or leaves them to the next write
+    when much is still unwritten (the peer is not reading). Over other streams (TLS, other
+    event loops), with no send under way, it writes them itself.
     """
 
     def __init__(self, stream: ByteStream, ws: WSConnection, url: str) -> None:
@@ -189,10 +193,15 @@ class WebSocketStream(ByteStream):
         self.url = url
         self._buffer = bytearray()
         self._send_lock = anyio.Lock()
-        # Control frames (a pong, the answer to the server's close) from the reader while a
-        # send was under way: that send writes them after its own. Waiting for it instead
-        # would stop the reading while the server may be the one waiting for us to read.
+        # Control frames (a pong, the answer to the server's close) from the reader that a
+        # send under way, or a full buffer, kept it from writing: the next write takes them.
+        # Waiting to write them instead would stop the reading while the server may be the
+        # one waiting for us to read. Only the latest pong is kept (RFC 6455 §5.5.3), so a
+        # server that pings without reading cannot make them pile up.
+        self._pong = b""
         self._control: list[bytes] = []
+        # TcpStream's write that never waits; None: the stream has none.
+        self._send_nowait: Callable[[bytes], bool] | None = getattr(stream, "send_nowait", None)
         self._peer_closed = False
         self._receiving = False
         # What came in the same read as the server's 101 (a ping, say) waits in wsproto.
@@ -215,6 +224,7 @@ class WebSocketStream(ByteStream):
                 data = await self._stream.receive(_READ_SIZE)
                 self._ws.receive_data(data)
                 await self._handle_events()
+                self._flush_control_nowait()  # left over while the server was not reading
         finally:
             self._receiving = False
         chunk = bytes(self._buffer[:max_bytes])
@@ -232,13 +242,15 @@ class WebSocketStream(ByteStream):
                 # Not once our close frame is out (aclose() from another task): wsproto
                 # refuses a pong then, and the server expects only its close answered.
                 if self._ws.state is ConnectionState.OPEN:
-                    await self._send_control(self._ws.send(event.response()))
+                    self._pong = self._ws.send(event.response())
+                    await self._send_control()
             elif isinstance(event, CloseConnection):
                 self._peer_closed = True
                 if self._can_send():
                     # Answer the server's close: the closing handshake is then complete.
                     with contextlib.suppress(Exception):
-                        await self._send_control(self._ws.send(event.response()))
+                        self._control.append(self._ws.send(event.response()))
+                        await self._send_control()
             elif isinstance(event, TextMessage):
                 raise ProtocolError(f"{self.url} sent a text frame; MQTT over WebSockets is binary")
 
@@ -247,23 +259,45 @@ class WebSocketStream(ByteStream):
 
         return self._ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
 
-    async def _send_control(self, data: bytes) -> None:
+    async def _send_control(self) -> None:
+        """Write the pending control frames, unless that could mean waiting for the server."""
         if self._send_lock.locked():
-            self._control.append(data)  # the send under way writes it next
+            return  # the send under way writes them next
+        if self._send_nowait is not None:
+            self._flush_control_nowait()  # what stays pending goes with the next write
         else:
-            await self._send_raw(data)
+            async with self._send_lock:
+                await self._send_pending_control()
+
+    def _flush_control_nowait(self) -> None:
+        if self._send_nowait is None or self._send_lock.locked():
+            return
+        control = self._pending_control()
+        if control and self._send_nowait(control):
+            self._pong = b""
+            self._control.clear()
+
+    def _pending_control(self) -> bytes:
+        # The pong first: once the answer to the server's close is queued, no pong follows.
+        return self._pong + b"".join(self._control)
+
+    def _take_control(self) -> bytes:
+        control = self._pending_control()
+        self._pong = b""
+        self._control.clear()
+        return control
 
     async def _send_raw(self, data: bytes) -> None:
         async with self._send_lock:
-            await self._stream.send(data)
+            # Pending control frames first, in the same write: they have waited long enough.
+            control = self._take_control()
+            await self._stream.send(control + data if control else data)
             await self._send_pending_control()
 
     async def _send_pending_control(self) -> None:
         """With the send lock held. No checkpoint between the last look and the lock's
         release: nothing is left behind."""
-        while self._control:
-            control = b"".join(self._control)
-            self._control.clear()
+        while control := self._take_control():
             await self._stream.send(control)
 
     async def send(self, item: bytes) -> None:
@@ -292,8 +326,9 @@ class WebSocketStream(ByteStream):
                     while not self._receiving and not self._peer_closed:
                         self._ws.receive_data(await self._stream.receive(_READ_SIZE))
                         await self._handle_events()
-            elif self._control:
-                # The answer to the server's close waits behind a send under way: as long.
+            elif self._pending_control():
+                # The answer to the server's close waits behind a send under way, or for the
+                # server to read what it left unread: as long.
                 with anyio.move_on_after(_CLOSE_WAIT), contextlib.suppress(Exception):
                     async with self._send_lock:
                         await self._send_pending_control()

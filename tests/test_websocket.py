@@ -595,6 +595,57 @@ async def test_a_ping_while_a_send_waits_does_not_stop_the_reading() -> None:
     await stream.aclose()
 
 
+async def test_a_ping_after_a_send_gave_up_waiting_does_not_stop_the_reading() -> None:
+    # No send is under way, but what a cancelled one wrote still fills the socket's buffers
+    # (as does a send that ended with the kernel's buffer full). The reader used to write the
+    # pong itself and wait for the server to read it, reading nothing meanwhile: a deadlock
+    # with a server that waits for us to read first. The pong waits for the next writer.
+    async with _StallingServer() as server:
+        stream, ws, reader, writer = await _stalled_client(server)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(stream.send, _BLOCK * _BLOCKS)
+            await _until_the_send_waits(stream)
+            tasks.cancel_scope.cancel()
+        assert not stream._send_lock.locked()
+        writer.write(ws.send(Ping(b"there?")) + ws.send(BytesMessage(b"mqtt bytes")))
+        with anyio.fail_after(3):
+            assert await stream.receive() == b"mqtt bytes"
+        writer.write(ws.send(Ping(b"again?")) + ws.send(BytesMessage(b"more")))
+        with anyio.fail_after(3):
+            assert await stream.receive() == b"more"
+        # The server reads again: the cancelled send's frame, then with the next send the
+        # answer to the last ping (RFC 6455 5.5.3: earlier ones need none).
+        events = await _events_until(
+            ws,
+            reader,
+            lambda e: (
+                sum(len(x.data) for x in e if isinstance(x, BytesMessage)) == len(_BLOCK) * _BLOCKS
+            ),
+        )
+        with anyio.fail_after(3):
+            await stream.send(b"next")
+        events += await _events_until(
+            ws, reader, lambda e: any(isinstance(x, BytesMessage) for x in e)
+        )
+        assert [e for e in events if isinstance(e, Pong)] == [Pong(b"again?")]
+        assert events[-1] == BytesMessage(b"next")
+        writer.close()
+    await stream.aclose()
+
+
+async def test_over_tcp_the_reader_hands_its_pong_to_the_transport_without_waiting() -> None:
+    async with _StallingServer() as server:
+        stream, ws, reader, writer = await _stalled_client(server)
+        writer.write(ws.send(Ping(b"there?")) + ws.send(BytesMessage(b"mqtt bytes")))
+        with anyio.fail_after(3):
+            assert await stream.receive() == b"mqtt bytes"
+        # Written by the reader, with no send of ours to carry it.
+        events = await _events_until(ws, reader, lambda e: bool(e))
+        assert events == [Pong(b"there?")]
+        writer.close()
+    await stream.aclose()
+
+
 async def test_the_servers_close_while_a_send_waits_ends_the_reading() -> None:
     async with _StallingServer() as server, anyio.create_task_group() as tasks:
         stream, ws, reader, writer = await _stalled_client(server)
