@@ -126,7 +126,7 @@ class Flusher:
         self._inline_ended = Signal()
         self._to_send: deque[_Committed] = deque()
         self._inline_error: StoreError | None = None
-        self._inline_failed = False
+        self._inline_failed = False  # set for good once one failed
         self._applying: asyncio.Task[None] | None = None
         # Inline commits in a row that took no await (_YIELD_EVERY).
         self._unyielded = 0
@@ -174,7 +174,6 @@ class Flusher:
             and self._next_commit is None
             and not self._concurrent
             and not self._finishing
-            and self._inline_error is None
             and not self._inline_failed
             and not self._stopped.is_set()
         )
@@ -277,6 +276,7 @@ class Flusher:
             # Stopped now, as a failed pass stops it: nothing after this is accepted. The
             # flusher task drops the connection when it sees the error.
             self._inline_error = error
+            self._inline_failed = True
             self.fail_waiting(error)
             self._fail(error)
             return error
@@ -476,7 +476,6 @@ class Flusher:
         error = self._inline_error
         if error is not None:
             self._inline_error = None
-            self._inline_failed = True
             raise error
 
     async def _send_committed(self) -> None:

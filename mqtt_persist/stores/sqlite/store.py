@@ -181,9 +181,7 @@ class SQLiteStore(SQLiteWrites, SQLiteReads, SQLiteExpiry):
         :class:`~mqtt_persist.stores.serialization.EncodeError` (nothing applied) for an
         operation that cannot be stored.
         """
-        check_client_id(client_id)
-        batch = list(ops)
-        check_operations(batch)
+        batch = _checked_batch(client_id, ops)
         await self._worker.run_gathered(self._apply_gathered_job, client_id, batch)
 
     def begin_apply(
@@ -191,9 +189,7 @@ class SQLiteStore(SQLiteWrites, SQLiteReads, SQLiteExpiry):
     ) -> bool:
         """:meth:`apply` queued on the worker thread without an ``await``; ``durable`` gets
         its outcome (:class:`~mqtt_persist.stores.base.StartsCommits`). Always True."""
-        check_client_id(client_id)
-        batch = list(ops)
-        check_operations(batch)
+        batch = _checked_batch(client_id, ops)
         self._worker.start_gathered(durable, self._apply_gathered_job, client_id, batch)
         return True
 
@@ -231,3 +227,11 @@ class SQLiteStore(SQLiteWrites, SQLiteReads, SQLiteExpiry):
     async def cleanup_expired(self) -> int:
         """Remove every expired session nobody holds a lease on; returns how many."""
         return await self._run(self._cleanup_job)
+
+
+def _checked_batch(client_id: str, ops: Sequence[Operation]) -> list[Operation]:
+    """The batch of an apply, checked before it is queued (nothing applied if it fails)."""
+    check_client_id(client_id)
+    batch = list(ops)
+    check_operations(batch)
+    return batch
