@@ -2,8 +2,8 @@
 
 Shared by the crash tests, ``benchmarks/crash_figures.py`` and ``benchmarks/fault_matrix.py``.
 One run: start the child on a durable store, wait until it reported its first accepted message,
-kill it with SIGKILL once it reported a random number of accepted messages, start it again on
-the same store from the message after the last one it reported accepted, ``cycles`` times; then
+let it SIGKILL itself once it accepted a random number of messages, start it again on the same
+store from the message after the last one it reported accepted, ``cycles`` times; then
 let a last child finish and drain. Counting accepted messages (events, not time) makes every
 kill land while a child is publishing, however fast the child or slow the machine;
 ``accepted_per_kill`` records how many each killed child had accepted. Every message
@@ -84,24 +84,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-class _Target(threading.Event):
-    """Set once the child reported ``count`` accepted messages (or ended)."""
-
-    def __init__(self, count: int) -> None:
-        super().__init__()
-        self.count = count
-
-
-def _collect(stream: IO[bytes], into: list[int], first: threading.Event, reached: _Target) -> None:
+def _collect(stream: IO[bytes], into: list[int], first: threading.Event) -> None:
     for raw in stream:
         line = raw.decode().strip()
         if line.startswith("OK "):
             into.append(int(line[3:]))
             first.set()
-            if len(into) >= reached.count:
-                reached.set()
     first.set()  # EOF: the child is gone; nobody must wait for a first message any more
-    reached.set()
 
 
 def _out_of_order(payloads: list[bytes]) -> int:
@@ -124,29 +113,22 @@ def run_kill_cycles(
 ) -> CrashFigures:
     """Kill a publishing child ``cycles`` times (fewer if it finishes first); see the module.
 
-    Each kill lands once the child reported a randomly drawn number of accepted messages (on
-    average the share of the rest that leaves every cycle a kill; counted, not timed, so a
-    fast child or a slow machine changes neither how many kills land nor where), or after 10 s
-    of waiting for them. ``protocol`` (4 or 5) is the MQTT version the child speaks; None: the
-    client's default. ``transport="websockets"`` puts a WebSocket bridge
+    Each child kills itself with SIGKILL a drawn 0-3 ms after it accepted a randomly drawn
+    number of messages (on average the share of the rest that leaves every cycle a kill), from
+    a timer thread, so the kill lands wherever the child then is: counted in the child, not
+    timed by this process, whose proxy, bridge and observer threads would delay a kill of its
+    own (a parent that killed on the count it read let a fast child accept 680 more and finish
+    before half the kills). After 10 s without its kill the child is killed from here.
+    ``protocol`` (4 or 5) is the MQTT version the child speaks; None: the client's default.
+    ``transport="websockets"`` puts a WebSocket bridge
     (:class:`~tests.support.ws_bridge.ThreadedBridge`) between the children and the recording
     proxy, so the children speak MQTT over WebSockets.
     """
     rng = random.Random(seed)
-    # The proxy, the WebSocket bridge and the observer are threads of this process: with
-    # Python's 5 ms switch interval the thread that kills waited behind them for the GIL
-    # while a fast child accepted hundreds more (680 in one cycle), and the child finished
-    # before half the kills landed. A short interval keeps a kill near its drawn count.
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0002)
-    try:
-        return _kill_cycles(
-            host, port, store, rng, cycles=cycles, total=total, client_id=client_id,
-            first_message_timeout=first_message_timeout, protocol=protocol,
-            transport=transport,
-        )  # fmt: skip
-    finally:
-        sys.setswitchinterval(switch_interval)
+    return _kill_cycles(
+        host, port, store, rng, cycles=cycles, total=total, client_id=client_id,
+        first_message_timeout=first_message_timeout, protocol=protocol, transport=transport,
+    )  # fmt: skip
 
 
 def _kill_cycles(
@@ -177,8 +159,10 @@ def _kill_cycles(
     ):
         start = 0
         while figures.kills < cycles and start < total:
+            share = max(1, (total - start) // (cycles - figures.kills + 1))
+            die = ("--die-after", str(rng.randint(1, 2 * share)), f"{rng.uniform(0, 0.003):.6f}")
             child = subprocess.Popen(
-                _child(proxy.host, proxy.port, store, client_id, start, total, *extra),
+                _child(proxy.host, proxy.port, store, client_id, start, total, *die, *extra),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
             )  # fmt: skip
             assert child.stdout is not None and child.stderr is not None
@@ -187,17 +171,15 @@ def _kill_cycles(
                 raise RuntimeError(f"child did not start: {child.stderr.read().decode()}")
             lines: list[int] = []
             first = threading.Event()
-            share = max(1, (total - start) // (cycles - figures.kills + 1))
-            reached = _Target(rng.randint(1, 2 * share))
             reader = threading.Thread(
-                target=_collect, args=(child.stdout, lines, first, reached), daemon=True
+                target=_collect, args=(child.stdout, lines, first), daemon=True
             )
             reader.start()
             if not first.wait(first_message_timeout):
                 child.kill()
                 raise RuntimeError(f"child accepted nothing in {first_message_timeout}s")
-            # The reader says when the target is reached (or the child ended): no polling.
-            reached.wait(10.0)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(10.0)  # for its own kill
             child.send_signal(signal.SIGKILL)
             child.wait()
             reader.join()
